@@ -6,10 +6,15 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import config
+from .adaptation import AdaptationSettings
 from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS
+from .engine import MODES, ChatSettings
+from .evaluation import METHODS as EVAL_METHODS
+from .selection import METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,11 +49,61 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="the passages nearest to a query")
     search.add_argument("query")
     search.add_argument("-k", type=int, default=10, help="how many passages (default: %(default)s)")
+
+    chat = commands.add_parser("chat", help="ask a question (or, without one, chat interactively)")
+    chat.add_argument("prompt", nargs="?", help="the question; omit it for an interactive chat")
+    chat.add_argument("--method", default="sift", choices=METHODS, help="selection (default: %(default)s)")
+    chat.add_argument("--mode", default="fine-tune", choices=MODES,
+                      help="learn from the passages, put them in context, both, or neither (default: %(default)s)")
+    chat.add_argument("-n", "--passages", type=int, default=ChatSettings.passages,
+                      help="at most this many passages, one LoRA step each (default: %(default)s)")
+    chat.add_argument("--candidates", type=int, default=ChatSettings.candidates,
+                      help="K, pre-selected from the index (default: %(default)s)")
+    chat.add_argument("--lam", type=float, default=ChatSettings.lam, help="SIFT's λ (default: %(default)s)")
+    chat.add_argument("--min-reduction", type=float,
+                      help="stop when a pick removes less than this fraction of the prior σ²")
+    chat.add_argument("--alpha", type=float, help="stop by activeft's rule: keep pick n while α·n·σ_n ≤ 1")
+    chat.add_argument("--lr", type=float, default=AdaptationSettings.learning_rate,
+                      help="LoRA learning rate (default: %(default)s)")
+    chat.add_argument("--rank", type=int, default=AdaptationSettings.rank, help="LoRA rank (default: %(default)s)")
+    chat.add_argument("--top-layers", type=int, default=AdaptationSettings.top_layers,
+                      help="LoRA on the top L layers only (default: %(default)s)")
+    chat.add_argument("--max-new-tokens", type=int, default=ChatSettings.max_new_tokens)
+    chat.add_argument("--temperature", type=float, default=ChatSettings.temperature, help="0: greedy")
+    chat.add_argument("--seed", type=int, default=ChatSettings.seed)
+    chat.add_argument("--compare", action="store_true", help="NN and SIFT side by side on the same prompt")
+
+    evaluate = commands.add_parser("eval", help="bits per byte of held-out documents after test-time fine-tuning")
+    evaluate.add_argument("--corpus", required=True, help="a folder: split by document into pool and tests")
+    evaluate.add_argument("--include", action="append", default=[], metavar="GLOB",
+                          help="only files matching (e.g. '*.py'); repeatable")
+    evaluate.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                          help="leave out files or folders matching (e.g. 'test*'); repeatable")
+    evaluate.add_argument("--methods", default=",".join(EVAL_METHODS),
+                          help="comma-separated, from %(default)s")
+    evaluate.add_argument("--test-docs", type=int, default=20, help="held-out documents (default: %(default)s)")
+    evaluate.add_argument("--steps", type=int, default=8, help="passages selected, one step each (default: %(default)s)")
+    evaluate.add_argument("--prompt-tokens", type=int, default=128)
+    evaluate.add_argument("--target-tokens", type=int, default=256)
+    evaluate.add_argument("--candidates", type=int, default=200)
+    evaluate.add_argument("--lam", type=float, default=0.01)
+    evaluate.add_argument("--duplicate", type=int, default=1, help="repeat every pool passage K times")
+    evaluate.add_argument("--lr", type=float, default=AdaptationSettings.learning_rate)
+    evaluate.add_argument("--rank", type=int, default=AdaptationSettings.rank)
+    evaluate.add_argument("--top-layers", type=int, default=AdaptationSettings.top_layers)
+    evaluate.add_argument("--targets", default="attention", help="LoRA targets: attention or all-linear")
+    evaluate.add_argument("--max-passage-tokens", type=int, default=AdaptationSettings.max_passage_tokens)
+    evaluate.add_argument("--passage-tokens", type=int, default=DEFAULT_PASSAGE_TOKENS,
+                          help="embedder tokens per pool passage")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", default="eval-results", help="folder for results.md/.json and the plot")
+    evaluate.add_argument("--quiet", action="store_true")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations, not the user's concern
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -148,9 +203,126 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from .engine import Engine
+
+    settings = ChatSettings(method=args.method, mode=args.mode, passages=args.passages,
+                            candidates=args.candidates, lam=args.lam, min_reduction=args.min_reduction,
+                            alpha=args.alpha, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, seed=args.seed)
+    adaptation = AdaptationSettings(learning_rate=args.lr, rank=args.rank, top_layers=args.top_layers,
+                                    seed=args.seed)
+    engine = Engine.load(args.data_dir, embedder=args.embedder, chat_model=args.chat_model,
+                         device=args.device, adaptation=adaptation)
+    if args.compare:
+        if not args.prompt:
+            print("error: --compare needs a prompt", file=sys.stderr)
+            return 2
+        return _compare(engine, args.prompt, settings)
+    chat_id = engine.store.create_chat(_one_line(args.prompt or "interactive chat", 60))
+    if args.prompt:
+        return _answer(engine, args.prompt, [], settings, chat_id)
+    print("Chat with your documents. Ctrl-D to leave.")
+    history: list[dict] = []
+    while True:
+        try:
+            prompt = input("\n> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not prompt:
+            continue
+        if _answer(engine, prompt, history, settings, chat_id) == 0:
+            history = [{"role": m["role"], "content": m["content"]} for m in engine.store.messages(chat_id)]
+
+
+def _answer(engine, prompt: str, history: list[dict], settings: ChatSettings, chat_id: int | None) -> int:
+    """Stream one answer with its selection and steps; 0 when it was answered and recorded."""
+    from .engine import Done, Notice, Selected, Stage, Step, Token
+
+    try:
+        for event in engine.respond(prompt, history, settings, chat_id):
+            if isinstance(event, Notice):
+                print(f"note: {event.message}", file=sys.stderr)
+            elif isinstance(event, Selected):
+                print(_selection_table(event))
+            elif isinstance(event, Step):
+                print(f"  fine-tune step {event.index}/{event.total}: loss {event.loss:.3f}", file=sys.stderr)
+            elif isinstance(event, Stage) and event.name == "generate" and event.state == "started":
+                print()
+            elif isinstance(event, Token):
+                print(event.text, end="", flush=True)
+            elif isinstance(event, Done):
+                timings = " · ".join(f"{name.replace('_', ' ')} {value:.1f} s"
+                                     for name, value in event.record["seconds"].items())
+                print(f"\n\n[{timings}]")
+    except KeyboardInterrupt:
+        print("\ninterrupted: the model is back at base and nothing was recorded", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _selection_table(selected, marked: set[int] | None = None) -> str:
+    """The picks with their uncertainty reduction; repeats and (in a comparison) shared picks marked."""
+    lines = [f"{selected.method.upper()}: σ² {selected.prior_variance:.3f} → {selected.final_variance:.3f} "
+             f"after {len(selected.picks)} picks (stopped: {selected.stop_reason})"]
+    for pick in selected.picks:
+        flags = (" (repeat)" if pick.repeat else "") + (" *" if marked and pick.passage.id in marked else "")
+        lines.append(f"  {pick.step:>2}. −{pick.uncertainty_reduction:.3f} σ² → {pick.posterior_variance:.3f}  "
+                     f"sim {pick.similarity:.2f}  {Path(pick.passage.path).name}:{pick.passage.start_char}"
+                     f"{flags}\n      {_one_line(pick.passage.text, 120)}")
+    return "\n".join(lines)
+
+
+def _compare(engine, prompt: str, settings: ChatSettings) -> int:
+    from dataclasses import replace
+
+    query = engine.embed(prompt)
+    selections = {m: engine.select(query, settings, m) for m in ("nn", "sift")}
+    ids = {m: {p.passage.id for p in s.picks} for m, s in selections.items()}
+    shared = ids["nn"] & ids["sift"]
+    for method, selected in selections.items():
+        print(_selection_table(selected, shared) + "\n")
+    print("(* picked by both)")
+    for method in ("nn", "sift"):
+        print(f"\n=== answer after fine-tuning on the {method.upper()} picks ===")
+        code = _answer(engine, prompt, [], replace(settings, method=method), None)
+        if code:
+            return code
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import EvalSettings, markdown, run_evaluation, write_report
+    from .models import load_chat_model
+
+    settings = EvalSettings(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                            test_documents=args.test_docs, steps=args.steps, prompt_tokens=args.prompt_tokens,
+                            target_tokens=args.target_tokens, candidates=args.candidates, lam=args.lam,
+                            duplicate=args.duplicate, seed=args.seed)
+    adaptation = AdaptationSettings(learning_rate=args.lr, rank=args.rank, top_layers=args.top_layers,
+                                    target_modules=args.targets, max_passage_tokens=args.max_passage_tokens,
+                                    seed=args.seed)
+    home = config.data_dir(args.data_dir)
+    name = config.embedder_name(args.embedder)
+    model, tokenizer = load_chat_model(args.chat_model, args.device, home / "models")
+    rows, split = run_evaluation(Path(args.corpus), settings, adaptation, embedder=_embedder(args),
+                                 embedder_name=name, model=model, tokenizer=tokenizer,
+                                 work_dir=home / "eval", include=args.include, exclude=args.exclude,
+                                 passage_tokens=args.passage_tokens, progress=not args.quiet)
+    title = (f"{Path(args.corpus).name}: {len(split.test)} test documents, pool of {len(split.pool)}, "
+             f"{settings.steps} steps, lr {adaptation.learning_rate}, λ {settings.lam}"
+             + (f", every passage ×{settings.duplicate}" if settings.duplicate > 1 else ""))
+    summary = write_report(rows, settings, adaptation, Path(args.out), title)
+    print(markdown(summary, title))
+    print(f"\nwritten to {args.out}/results.md, results.json and bpb-by-steps.png")
+    return 0
+
+
 def _one_line(text: str, width: int = 160) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-COMMANDS = {"ingest": cmd_ingest, "rm": cmd_rm, "stats": cmd_stats, "search": cmd_search}
+COMMANDS = {"ingest": cmd_ingest, "rm": cmd_rm, "stats": cmd_stats, "search": cmd_search, "chat": cmd_chat,
+            "eval": cmd_eval}

@@ -14,8 +14,8 @@ fully in or absent.
 
 from __future__ import annotations
 
+import json
 import os
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +52,37 @@ CREATE TABLE IF NOT EXISTS passages (
     embedding BLOB NOT NULL  -- float32, L2-normalised
 );
 CREATE INDEX IF NOT EXISTS passages_by_document ON passages(document_id);
+CREATE TABLE IF NOT EXISTS chats (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner TEXT NOT NULL DEFAULT '',  -- whose chat: '' on the CLI, a browser's private key in the app
+    title TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,        -- "user" or "assistant"
+    content TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    record TEXT                -- JSON, on answers: settings, seed, σ² traces, losses, seconds per stage
+);
+CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id);
+CREATE TABLE IF NOT EXISTS selections (  -- one row per pick of the passages an answer learned from
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    passage_id INTEGER NOT NULL,  -- no foreign key: the log outlives a removed document
+    similarity REAL NOT NULL,
+    posterior_variance REAL NOT NULL,
+    uncertainty_reduction REAL NOT NULL,
+    loss REAL,
+    PRIMARY KEY (message_id, step)
+);
 """
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 class StoreError(RuntimeError):
@@ -210,7 +240,7 @@ class Store:
                     "INSERT INTO documents (path, content_hash, size, mtime, passage_count, ingested_at) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     [document.path, document.content_hash, document.size, document.mtime,
-                     len(document.passages), time.strftime("%Y-%m-%dT%H:%M:%S")],
+                     len(document.passages), _now()],
                 )
                 document_id = cursor.lastrowid
                 vectors = np.ascontiguousarray(document.embeddings, dtype=np.float32)
@@ -341,6 +371,54 @@ class Store:
         for old in [*self.folder.glob("index-*.hnsw"), *self.folder.glob("index-*.tmp")]:
             if old != target:
                 old.unlink(missing_ok=True)  # older versions, and what a killed save left
+
+    # -- chats ----------------------------------------------------------------------------
+
+    def create_chat(self, title: str, owner: str = "") -> int:
+        now = _now()
+        with self.db.atomic():
+            cursor = self.db.execute(
+                "INSERT INTO chats (owner, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                [owner, title, now, now])
+        return cursor.lastrowid
+
+    def chats(self, owner: str = "") -> list[dict]:
+        """One owner's chats, the most recently used first."""
+        return list(self.db.query("SELECT * FROM chats WHERE owner = ? ORDER BY updated_at DESC, id DESC",
+                                  [owner]))
+
+    def chat(self, chat_id: int) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM chats WHERE id = ?", [chat_id]))
+        return rows[0] if rows else None
+
+    def rename_chat(self, chat_id: int, title: str) -> None:
+        with self.db.atomic():
+            self.db.execute("UPDATE chats SET title = ? WHERE id = ?", [title, chat_id])
+
+    def delete_chat(self, chat_id: int) -> None:
+        with self.db.atomic():
+            self.db.execute("DELETE FROM chats WHERE id = ?", [chat_id])
+
+    def messages(self, chat_id: int) -> list[dict]:
+        return list(self.db.query("SELECT * FROM messages WHERE chat_id = ? ORDER BY id", [chat_id]))
+
+    def selection_rows(self, message_id: int) -> list[dict]:
+        return list(self.db.query("SELECT * FROM selections WHERE message_id = ? ORDER BY step", [message_id]))
+
+    def record_exchange(self, chat_id: int, prompt: str, answer: str, record: dict,
+                        picks: list[dict]) -> int:
+        """The prompt, the answer (with its record) and its picks, in one transaction; the answer's id."""
+        now = _now()
+        with self.db.atomic():
+            self.db.execute("INSERT INTO messages (chat_id, role, content, created_at) VALUES (?, ?, ?, ?)",
+                            [chat_id, "user", prompt, now])
+            cursor = self.db.execute(
+                "INSERT INTO messages (chat_id, role, content, created_at, record) VALUES (?, ?, ?, ?, ?)",
+                [chat_id, "assistant", answer, now, json.dumps(record)])
+            message_id = cursor.lastrowid
+            self.db["selections"].insert_all({"message_id": message_id, **pick} for pick in picks)
+            self.db.execute("UPDATE chats SET updated_at = ? WHERE id = ?", [now, chat_id])
+        return message_id
 
     # -- search ---------------------------------------------------------------------------
 

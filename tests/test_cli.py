@@ -63,3 +63,50 @@ def test_clear_errors(run, tmp_path):
     assert code == 2 and "give files or folders" in err
     code, _, err = run("rm", str(tmp_path / "never-ingested.txt"))
     assert code == 1 and "not in the store" in err
+
+
+@pytest.fixture
+def tiny_chat(run, tmp_path):
+    from .tiny import save_tiny_chat_model
+
+    run("ingest", "--quiet", str(SAMPLE))
+    folder = save_tiny_chat_model(tmp_path / "tiny-model")
+
+    def chat(*argv):
+        return run("--chat-model", folder, "chat", *argv)
+
+    return chat
+
+
+def test_chat_one_shot_shows_the_selection_and_steps_then_the_answer(tiny_chat, tmp_path):
+    code, out, err = tiny_chat("Who founded Brindlemoor and who keeps the lighthouse?", "-n", "3",
+                               "--max-new-tokens", "5")
+    assert code == 0
+    assert out.startswith("SIFT: σ² 1.000 → ") and "after 3 picks (stopped: max_steps)" in out
+    assert "lighthouse.md" in out and out.count("σ² → ") == 3
+    assert [line.split(":")[0].strip() for line in err.splitlines() if "fine-tune step" in line] == [
+        "fine-tune step 1/3", "fine-tune step 2/3", "fine-tune step 3/3"]
+    assert "[embed" in out and "first token" in out
+
+    from sift_chat.store import Store
+
+    with Store(tmp_path / "home" / "store") as store:  # the exchange is in the log
+        [chat] = store.chats()
+        assert [m["role"] for m in store.messages(chat["id"])] == ["user", "assistant"]
+
+
+def test_chat_compare_marks_the_overlap_and_answers_twice(tiny_chat):
+    code, out, _ = tiny_chat("Who founded Brindlemoor and who keeps the lighthouse?", "--compare", "-n", "3",
+                             "--max-new-tokens", "4")
+    assert code == 0
+    nn, sift = out.split("SIFT: ")[0], out.split("SIFT: ")[1].split("(* picked by both)")[0]
+    assert nn.startswith("NN: ") and nn.count("(repeat)") == 0
+    assert nn.count(" *") == 1 and sift.count(" *") == 1  # they share only the first founding note
+    assert "answer after fine-tuning on the NN picks" in out and "answer after fine-tuning on the SIFT picks" in out
+
+
+def test_chat_rejects_bad_settings_in_one_line(tiny_chat):
+    code, _, err = tiny_chat("question", "--lam", "0")
+    assert code == 2 and err.strip() == "error: invalid chat setting: lam must be a number > 0, got 0.0"
+    code, _, err = tiny_chat("question", "--lr", "-1")
+    assert code == 2 and err.startswith("error: invalid adaptation setting: learning_rate")

