@@ -1,0 +1,107 @@
+"""The evaluation: the bits-per-byte metric, a split without leakage, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sift_chat.cli import main
+from sift_chat.evaluation import (EvalSettings, Row, bits_per_byte, make_test_document, mean_and_error,
+                                  split_corpus, summarise)
+
+from .tiny import save_tiny_chat_model, tiny_model, tiny_tokenizer
+
+SAMPLE = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
+TEXT = "The quick brown fox jumps over the lazy dog. Test-time fine-tuning takes one gradient step per passage."
+
+
+def test_bits_per_byte_matches_a_hand_computed_value():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    document = make_test_document(TEXT, tokenizer, prompt_tokens=6, target_tokens=10)
+    assert len(document.target_ids) == 10 and document.prompt_ids[0] == tokenizer.bos_token_id
+    assert len(document.prompt_ids) == 1 + 6  # BOS, then the prompt
+
+    ids = document.prompt_ids + document.target_ids
+    bits = 0.0
+    for position in range(len(document.prompt_ids), len(ids)):  # one forward pass per token
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids[:position]])).logits[0, -1]
+        bits -= torch.log_softmax(logits.double(), -1)[ids[position]].item() / math.log(2)
+    target_text = tokenizer.decode(document.target_ids)
+    assert document.target_bytes == len(target_text.encode("utf-8"))
+    assert document.prompt_text + target_text == TEXT[: len(document.prompt_text) + len(target_text)]
+    assert bits_per_byte(model, document) == pytest.approx(bits / document.target_bytes, rel=1e-5)
+
+
+def test_a_document_too_short_for_prompt_and_target_is_not_a_test():
+    assert make_test_document("short", tiny_tokenizer(), prompt_tokens=6, target_tokens=10) is None
+
+
+def test_the_split_leaks_no_test_text_into_the_pool(tmp_path):
+    for i in range(12):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * (i + 1))
+    (tmp_path / "copy-of-doc11.txt").write_text((tmp_path / "doc11.txt").read_text())
+    files = sorted(tmp_path.iterdir())
+    eligible = lambda path: len(path.read_text()) > 40  # noqa: E731
+    split = split_corpus(files, eligible, test_documents=4, seed=1)
+    assert len(split.test) == 4 and all(eligible(p) for p in split.test)
+    assert not set(split.test) & set(split.pool)
+    test_texts = {p.read_text() for p in split.test}
+    assert not any(p.read_text() in test_texts for p in split.pool)  # identical copies stay out too
+    assert split == split_corpus(files, eligible, test_documents=4, seed=1)
+    assert split != split_corpus(files, eligible, test_documents=4, seed=2)
+
+
+def test_summary_is_relative_to_none_and_paired_per_document():
+    rows = [Row("a", "", "none", 0, 1.0), Row("a", "", "nn", 2, 0.9, 0.5), Row("a", "", "sift", 2, 0.8, 0.4),
+            Row("b", "", "none", 0, 2.0), Row("b", "", "nn", 2, 2.0, 0.6), Row("b", "", "sift", 2, 1.9, 0.3)]
+    summary = summarise(rows, ("none", "nn", "sift"))
+    assert summary["overall"]["nn"]["relative_percent"] == pytest.approx(mean_and_error([-10.0, 0.0]))
+    assert summary["overall"]["sift"]["relative_percent"] == pytest.approx(mean_and_error([-20.0, -5.0]))
+    assert summary["paired"]["sift-nn"]["points"] == pytest.approx(mean_and_error([-10.0, -5.0]))
+    assert summary["paired"]["sift-nn"]["wins"] == 2
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown method"):
+        EvalSettings(methods=("sift", "random"))
+    with pytest.raises(ValueError, match="duplicate must be"):
+        EvalSettings(duplicate=0)
+
+
+def run_eval(tmp_path, out, *extra):
+    model = tmp_path / "tiny-model"
+    if not model.exists():
+        save_tiny_chat_model(model)
+    code = main(["--data-dir", str(tmp_path / "home"), "--chat-model", str(model), "eval",
+                 "--corpus", str(SAMPLE), "--test-docs", "3", "--steps", "3", "--prompt-tokens", "12",
+                 "--target-tokens", "20", "--lr", "0.01", "--out", str(out), "--quiet", *extra])
+    assert code == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_eval_runs_end_to_end_and_the_same_seed_gives_the_same_result(tmp_path, capsys):
+    first = run_eval(tmp_path, tmp_path / "first")
+    rows = first["rows"]
+    assert {r["method"] for r in rows} == {"none", "us", "nn", "nnf", "sift"}
+    assert len({r["path"] for r in rows}) == 3
+    finals = [r for r in rows if r["method"] != "none" and r["steps"] == 3]
+    assert len(finals) == 12 and all(len(r["losses"]) == 3 for r in finals)
+    nnf = [r for r in finals if r["method"] == "nnf"]
+    assert all(len(set(r["passage_ids"])) == 1 for r in nnf)  # the nearest passage, three times
+    table = (tmp_path / "first" / "results.md").read_text()
+    assert "| sift | 3 |" in table and "sift − nn" in table
+    assert (tmp_path / "first" / "bpb-by-steps.png").stat().st_size > 1000
+    assert "bits per byte" in capsys.readouterr().out
+
+    second = run_eval(tmp_path, tmp_path / "second")
+    assert second["rows"] == rows  # same seed, same numbers
+
+    duplicated = run_eval(tmp_path, tmp_path / "dup", "--duplicate", "2", "--methods", "nn,sift")
+    nn = [r for r in duplicated["rows"] if r["method"] == "nn" and r["steps"] == 3]
+    assert any(len(set(r["passage_ids"])) < 3 for r in nn)  # NN now picks copies
