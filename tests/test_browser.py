@@ -1,0 +1,184 @@
+"""The app in a real browser: `app.py` on a free port, headless Chromium (Debian's) driven by
+Playwright. Ingest the sample corpus, send a message, see the answer and the selection panel.
+
+The chat model is the tiny random Llama of tests/tiny.py saved as a folder, with every token but
+plain words silenced so that its (meaningless) answer is visible text. The embedder is the real
+default. Skipped only where Chromium or Playwright is absent, and never on CI, which installs both
+(`make test`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from .tiny import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
+
+
+def _browser_or_skip():
+    missing = []
+    if not os.access(CHROMIUM, os.X_OK):
+        missing.append(f"{CHROMIUM} (apt-get install chromium; `make test` does it)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing.append("playwright (pip install -r requirements-dev.txt)")
+        sync_playwright = None
+    if missing:
+        reason = "the browser test needs " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(reason + ": CI must have it")
+        pytest.skip(reason)
+    return sync_playwright
+
+
+def _save_tiny_chat_model(folder: Path) -> Path:
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    with torch.no_grad():  # a zero embedding row (tied head) gives logit 0: only words win the argmax
+        for token_id in range(len(tokenizer)):
+            if not tokenizer.decode([token_id], skip_special_tokens=True).strip().isalpha():
+                model.get_input_embeddings().weight[token_id] = 0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_serving(url: str, process: subprocess.Popen, log: Path, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"app.py did not serve {url} within {seconds:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def browser_driver():
+    return _browser_or_skip()
+
+
+@pytest.fixture
+def app_url(tmp_path, browser_driver):
+    model = _save_tiny_chat_model(tmp_path / "tiny-chat-model")
+    port = _free_port()
+    log = tmp_path / "app.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("SPACE_ID", None)
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port),
+             "--chat-model", str(model), "--data-dir", str(tmp_path / "data"), "--device", "cpu"],
+            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_serving(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_ingest_the_sample_ask_and_see_the_answer_and_its_passages(tmp_path, browser_driver, app_url):
+    from playwright.sync_api import expect
+
+    profile = tmp_path / "chromium-profile"  # fresh every run
+    screenshot = tmp_path / "app.png"
+    with browser_driver() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1000})
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(app_url)
+
+            # the sample corpus is offered on an empty store
+            page.get_by_role("tab", name="Corpus").click()
+            expect(page.locator("#corpus-summary")).to_contain_text("The corpus is empty")
+            page.get_by_role("button", name="Add the sample corpus").click()
+            expect(page.locator("#corpus-summary")).to_contain_text("10 documents, 10 passages", timeout=120_000)
+            expect(page.locator("#documents")).to_contain_text("lighthouse.md")
+
+            # an empty message gets a visible message
+            page.get_by_role("tab", name="Chat").click()
+            page.locator("#send").click()
+            expect(page.locator("#status")).to_contain_text("The message is empty")
+
+            page.locator("#message textarea").fill(QUESTION)
+            page.locator("#send").click()
+            expect(page.locator("#status")).to_contain_text("Answered in", timeout=120_000)
+
+            chat = page.locator("#chatbot")
+            expect(chat).to_contain_text(QUESTION)
+            answer = chat.locator("[data-testid='bot']").last
+            assert re.search(r"\w{3}", answer.inner_text()) and "no answer" not in answer.inner_text()
+
+            panel = page.locator("#passages")
+            expect(panel.locator(".sc-pick").first).to_be_visible()
+            cards = panel.locator(".sc-pick")
+            assert cards.count() == 8  # the default number of passages
+            text = panel.inner_text()
+            reductions = [float(x) for x in re.findall(r"−(\d\.\d{3}) σ²", text)]
+            assert len(reductions) == 8 and reductions[0] > reductions[-1] > 0
+            assert "town-history.txt" in text and "lighthouse.md" in text
+            expect(page.locator("#coverage")).to_contain_text("How well your documents cover this prompt")
+            expect(page.locator("#timings")).to_contain_text("fine-tune")
+            expect(page.locator("#variance-chart")).to_contain_text("SIFT")
+
+            # the chat is listed, and reopens after "New chat"
+            expect(page.locator("#chat-list")).to_contain_text(QUESTION)
+            page.locator("#new-chat").click()
+            expect(chat).not_to_contain_text(QUESTION)
+            page.locator("#chat-list").get_by_text(QUESTION).click()
+            expect(chat).to_contain_text(QUESTION)
+            expect(panel.locator(".sc-pick")).to_have_count(8)
+            page.screenshot(path=str(screenshot), full_page=True)
+
+            # uploads: a note is ingested, a binary file is reported and skipped
+            (tmp_path / "harbour.md").write_text("The harbour master of Skellport is Ada Quill.")
+            (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+            page.get_by_role("tab", name="Corpus").click()
+            page.locator("#uploads input[type=file]").set_input_files(
+                [str(tmp_path / "harbour.md"), str(tmp_path / "blob.bin")])
+            expect(page.locator("#uploads")).to_contain_text("blob")  # uploaded (shown as "blob .bin")
+            page.locator("#ingest").click()
+            expect(page.locator("#ingest-report")).to_contain_text("1 added", timeout=60_000)
+            expect(page.locator("#ingest-report")).to_contain_text("blob.bin: binary file")
+            expect(page.locator("#corpus-summary")).to_contain_text("11 documents")
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get("SIFT_CHAT_SCREENSHOT"):  # keep a copy to look at
+        shutil.copyfile(screenshot, os.environ["SIFT_CHAT_SCREENSHOT"])

