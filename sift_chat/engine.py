@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 from . import config
-from .adaptation import AdaptationSettings, Adapter
+from .adaptation import AdaptationSettings, Adapter, decoder_layers
 from .selection import METHODS, Selection, select
 from .store import Passage, Store
 
@@ -165,6 +165,32 @@ class Engine:
     @property
     def model(self):
         return self.adapter.model
+
+    @property
+    def layer_count(self) -> int:
+        return decoder_layers(self.model)[1]
+
+    def configure(self, adaptation: AdaptationSettings) -> None:
+        """Adapt later messages with these settings. What only the optimizer or the data sees
+        (learning rate, optimizer, seed, passage length) takes a fresh optimizer; another LoRA
+        shape (rank, targets, layers) rebuilds the adapter on the base model, or keeps the old
+        one when the new settings do not fit the model."""
+        with self.lock:
+            current = self.adapter.settings
+            if adaptation == current:
+                return
+            same_shape = replace(adaptation, learning_rate=current.learning_rate, optimizer=current.optimizer,
+                                 seed=current.seed, max_passage_tokens=current.max_passage_tokens) == current
+            if same_shape:
+                self.adapter.settings = adaptation
+                self.adapter.reset()
+                return
+            base = self.adapter.model.unload()  # the base model, LoRA layers removed
+            try:
+                self.adapter = Adapter(base, self.tokenizer, adaptation)
+            except Exception:
+                self.adapter = Adapter(base, self.tokenizer, current)
+                raise
 
     # -- stages -----------------------------------------------------------------------------
 

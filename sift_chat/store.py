@@ -14,8 +14,11 @@ fully in or absent.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,13 +124,30 @@ class Passage:
     text: str
 
 
+def _serialized(method):
+    """Run `method` holding the store's lock: one connection serves every thread (the app's
+    workers), and a transaction must not interleave with another thread's statements."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Store:
-    """Documents and passages in SQLite, their vectors in an hnswlib index kept in step."""
+    """Documents and passages in SQLite, their vectors in an hnswlib index kept in step.
+
+    One Store may be shared by threads: its methods are serialized by `lock`.
+    """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite_utils.Database(self.folder / "store.db")
+        self.lock = threading.RLock()
+        connection = sqlite3.connect(self.folder / "store.db", check_same_thread=False)
+        self.db = sqlite_utils.Database(connection)
         self.db.execute("PRAGMA foreign_keys = ON")
         self.db.execute("PRAGMA busy_timeout = 30000")
         self.db.enable_wal()  # readers (the app) go on while a writer (an ingest) works
@@ -140,10 +160,12 @@ class Store:
 
     # -- meta -----------------------------------------------------------------------------
 
+    @_serialized
     def meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
         return row[0] if row else None
 
+    @_serialized
     def set_meta(self, **values) -> None:
         self.db["meta"].upsert_all(
             [{"key": key, "value": str(value)} for key, value in values.items()], pk="key"
@@ -162,6 +184,7 @@ class Store:
         value = self.meta("dimension")
         return int(value) if value else None
 
+    @_serialized
     def check_embedder(self, name: str, dimension: int) -> None:
         """Refuse to mix vectors of two embedding models in one store."""
         if self.embedder is None or self.passage_count() == 0:
@@ -175,19 +198,24 @@ class Store:
 
     # -- counts and reads -----------------------------------------------------------------
 
+    @_serialized
     def document_count(self) -> int:
         return self.db.execute("SELECT count(*) FROM documents").fetchone()[0]
 
+    @_serialized
     def passage_count(self) -> int:
         return self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
 
+    @_serialized
     def document(self, path: str) -> dict | None:
         rows = list(self.db.query("SELECT * FROM documents WHERE path = ?", [path]))
         return rows[0] if rows else None
 
+    @_serialized
     def documents(self) -> list[dict]:
         return list(self.db.query("SELECT * FROM documents ORDER BY path"))
 
+    @_serialized
     def passages(self, ids: Iterable[int]) -> dict[int, Passage]:
         """The passages with these ids (missing ids are left out), by id."""
         ids = [int(i) for i in ids]
@@ -205,6 +233,7 @@ class Store:
                 found[row["id"]] = Passage(**row)
         return found
 
+    @_serialized
     def embeddings(self, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) from SQLite, for the given ids or for every passage, in id order."""
         dimension = self.dimension or 0
@@ -225,6 +254,7 @@ class Store:
 
     # -- writes ---------------------------------------------------------------------------
 
+    @_serialized
     def write_documents(self, documents: list[NewDocument], embedder: str) -> None:
         """Insert or replace these documents and their passages, all in one transaction."""
         if not documents:
@@ -258,11 +288,13 @@ class Store:
                           passages_version=self.passages_version + 1)
         self._apply_to_index(removed, added)
 
+    @_serialized
     def touch_document(self, path: str, mtime: float) -> None:
         """Record a new mtime for a document whose content did not change."""
         self.db.execute("UPDATE documents SET mtime = ? WHERE path = ?", [mtime, path])
         self.db.conn.commit()
 
+    @_serialized
     def remove(self, paths: Iterable[str]) -> list[str]:
         """Remove these documents, their passages and their vectors; return the paths removed."""
         removed_paths, removed_ids = [], []
@@ -278,6 +310,7 @@ class Store:
             self._apply_to_index(removed_ids, [])
         return removed_paths
 
+    @_serialized
     def replace_embeddings(self, ids: np.ndarray, vectors: np.ndarray, embedder: str) -> None:
         """Swap every passage's vector for one from another embedder (re-embedding), atomically."""
         with self.db.atomic():
@@ -374,6 +407,7 @@ class Store:
 
     # -- chats ----------------------------------------------------------------------------
 
+    @_serialized
     def create_chat(self, title: str, owner: str = "") -> int:
         now = _now()
         with self.db.atomic():
@@ -382,29 +416,36 @@ class Store:
                 [owner, title, now, now])
         return cursor.lastrowid
 
+    @_serialized
     def chats(self, owner: str = "") -> list[dict]:
         """One owner's chats, the most recently used first."""
         return list(self.db.query("SELECT * FROM chats WHERE owner = ? ORDER BY updated_at DESC, id DESC",
                                   [owner]))
 
+    @_serialized
     def chat(self, chat_id: int) -> dict | None:
         rows = list(self.db.query("SELECT * FROM chats WHERE id = ?", [chat_id]))
         return rows[0] if rows else None
 
+    @_serialized
     def rename_chat(self, chat_id: int, title: str) -> None:
         with self.db.atomic():
             self.db.execute("UPDATE chats SET title = ? WHERE id = ?", [title, chat_id])
 
+    @_serialized
     def delete_chat(self, chat_id: int) -> None:
         with self.db.atomic():
             self.db.execute("DELETE FROM chats WHERE id = ?", [chat_id])
 
+    @_serialized
     def messages(self, chat_id: int) -> list[dict]:
         return list(self.db.query("SELECT * FROM messages WHERE chat_id = ? ORDER BY id", [chat_id]))
 
+    @_serialized
     def selection_rows(self, message_id: int) -> list[dict]:
         return list(self.db.query("SELECT * FROM selections WHERE message_id = ? ORDER BY step", [message_id]))
 
+    @_serialized
     def record_exchange(self, chat_id: int, prompt: str, answer: str, record: dict,
                         picks: list[dict]) -> int:
         """The prompt, the answer (with its record) and its picks, in one transaction; the answer's id."""
@@ -422,6 +463,7 @@ class Store:
 
     # -- search ---------------------------------------------------------------------------
 
+    @_serialized
     def nearest(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The k passages most similar to `query` (cosine): (ids, similarities, vectors), best first.
 
@@ -445,6 +487,7 @@ class Store:
         vectors = np.asarray(self.index.get_items(ids, return_type="numpy"), dtype=np.float32)
         return ids, (1.0 - distances[0]).astype(np.float32), vectors
 
+    @_serialized
     def close(self) -> None:
         self.db.close()
 

@@ -31,3 +31,25 @@ def test_deleting_a_chat_deletes_its_messages_and_selections(store):
     store.delete_chat(chat)
     assert store.chat(chat) is None and store.messages(chat) == []
     assert store.selection_rows(answer) == []
+
+
+def test_one_store_serves_many_threads(store):
+    """The app's workers share one Store: writes from threads neither fail nor interleave."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chat = store.create_chat("busy")
+
+    def exchange(i):
+        return store.record_exchange(chat, f"question {i}", f"answer {i}", {}, [
+            {"step": 1, "passage_id": i, "similarity": 0.5, "posterior_variance": 0.5,
+             "uncertainty_reduction": 0.5, "loss": 1.0}])
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(exchange, range(40)))
+    messages = store.messages(chat)
+    assert len(messages) == 80 and len(set(answers)) == 40
+    for answer in answers:  # each answer directly follows its own question
+        position = [m["id"] for m in messages].index(answer)
+        i = messages[position]["content"].split()[-1]
+        assert messages[position - 1]["content"] == f"question {i}"
+        assert [r["passage_id"] for r in store.selection_rows(answer)] == [int(i)]
