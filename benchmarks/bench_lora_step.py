@@ -1,0 +1,192 @@
+"""Seconds per LoRA step of the default chat model, against the machine's own fp32 matmul rate.
+
+    .venv/bin/python benchmarks/bench_lora_step.py [--json] [--device cpu|cuda|all] [--tokens 128 256]
+                                                   [--top-layers all 8 4] [--threads N] [--attn sdpa|eager]
+
+A step is what `Adapter.step` does for one passage: tokenise, forward, next-token loss, backward,
+optimizer step. It is timed after warm-up on one passage of T tokens: median and best of a few
+steps (on a shared machine the best is the cleaner number). The matmul rate is torch.mm of two
+2048×2048 fp32 matrices (4096 on CUDA), median of repeats, measured in the same run before and
+after the steps (a busy machine shows as a gap between the two); the better one is the reference.
+
+FLOPs of a step, with N decoder layers of P linear weights each, the top L of them adapted
+(L = N for full depth), hidden size d, vocabulary V (the head is tied to the embeddings and
+frozen), attention width A = heads·head_dim, and LoRA modules of rank r on (in → out) linears:
+
+    forward  = 2·T·N·P + 2·(T−1)·V·d + 4·T²·A·N + F_lora            F_lora = 2·T·r·Σ(in + out)
+    backward = 2·T·(L·P − P_qkv) + 2·(T−1)·V·d + 8·T²·A·L + 2·F_lora
+
+The head runs on the T−1 positions that predict a token. The backward computes input gradients
+through the head and the top L layers only (nothing below is recorded by autograd), weight
+gradients for the LoRA matrices only, and none for the q/k/v projections of the lowest adapted
+layer, whose input needs none (P_qkv). Attention is counted as full T×T like
+torch.utils.flop_counter (a causal kernel may skip half). The count is cross-checked with
+FlopCounterMode on one step run with eager attention (CPU SDPA kernels are not counted there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sift_chat.adaptation import AdaptationSettings, Adapter, next_token_loss  # noqa: E402
+from sift_chat.models import load_chat_model  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn, device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of fn, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_rate(device: torch.device, n: int, repeats: int = 10) -> float:
+    """fp32 GFLOP/s of torch.mm on two n×n matrices (2·n³ FLOPs), median of repeats."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n**3 / statistics.median(seconds(lambda: torch.mm(a, b), device, repeats, warmup=3)) / 1e9
+
+
+def step_flops(adapter: Adapter, tokens: int) -> float:
+    """The FLOPs of one step on `tokens` tokens, by the formula in the module docstring."""
+    model = adapter.model.get_base_model()
+    config, layers, t = model.config, model.model.layers, tokens
+
+    def base_weights(module: nn.Module, names=None) -> int:
+        return sum(
+            m.weight.numel()
+            for name, m in module.named_modules()
+            if isinstance(m, nn.Linear) and "lora_" not in name and (names is None or any(n in name for n in names))
+        )
+
+    n, d, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    attention = config.num_attention_heads * (getattr(config, "head_dim", None) or d // config.num_attention_heads)
+    adapted = sorted({int(name.split(".layers.")[1].split(".")[0]) for name in adapter.lora_modules})
+    p, p_qkv = base_weights(layers[0]), base_weights(layers[adapted[0]], ("q_proj", "k_proj", "v_proj"))
+    lora = 2 * t * sum(a.weight.numel() + b.weight.numel() for a, b in adapter.lora_modules.values())
+    head = 2 * (t - 1) * vocab * d
+    forward = 2 * t * n * p + head + 4 * t**2 * attention * n + lora
+    backward = 2 * t * (len(adapted) * p - p_qkv) + head + 8 * t**2 * attention * len(adapted) + 2 * lora
+    return float(forward + backward)
+
+
+def counted_flops(adapter: Adapter, text: str) -> float:
+    """FLOPs of one step as FlopCounterMode counts them, with eager attention so that it sees them."""
+    base = adapter.model.get_base_model()
+    previous = base.config._attn_implementation
+    base.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as counter:
+            adapter.step(text)
+    finally:
+        base.set_attn_implementation(previous)
+    return float(counter.get_total_flops())
+
+
+def bench_config(model, tokenizer, device, text, tokens, top_layers, steps, warmup):
+    settings = AdaptationSettings(max_passage_tokens=tokens, top_layers=top_layers)
+    adapter = Adapter(model, tokenizer, settings)
+    try:
+        assert adapter.tokens(text).shape[1] == tokens
+        step_times = seconds(lambda: adapter.step(text), device, steps, warmup)
+        ids = adapter.tokens(text)
+        with torch.no_grad():
+            forward = statistics.median(seconds(lambda: next_token_loss(adapter.model, ids), device, steps, 1))
+        counted = counted_flops(adapter, text)
+        flops = step_flops(adapter, tokens)
+    finally:
+        adapter.reset()
+        model = adapter.model.unload()  # the plain model again, for the next configuration
+    return model, dict(tokens=tokens, lora_layers=top_layers or model.config.num_hidden_layers,
+                       seconds=statistics.median(step_times), best_seconds=min(step_times), forward_seconds=forward, gflop=flops / 1e9, counted_gflop=counted / 1e9)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="all", help="cpu, cuda, or all (cpu, and cuda when present)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--top-layers", nargs="+", default=["all", "8", "4"], help="'all' or a layer count")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per configuration (median)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--model", default=None, help="chat model (default: the packaged SmolLM2)")
+    parser.add_argument("--cache-dir", default=None, help="where the converted model is kept")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [torch.device(d) for d in devices if d != "cuda" or torch.cuda.is_available()]
+    tops = [None if t == "all" else int(t) for t in args.top_layers]
+    text = inspect.getsource(argparse) * 2  # a long real text that every machine has
+
+    rows, machine = [], []
+    for device in devices:
+        model, tokenizer = load_chat_model(args.model, device=device, cache_dir=args.cache_dir)
+        model.set_attn_implementation(args.attn)
+        n = 4096 if device.type == "cuda" else 2048
+        rate_before = matmul_rate(device, n)
+        results = []
+        for tokens in args.tokens:
+            for top in tops:
+                model, row = bench_config(model, tokenizer, device, text, tokens, top, args.steps, args.warmup)
+                results.append(row)
+        rate_after = matmul_rate(device, n)
+        model_layers = model.config.num_hidden_layers
+        rate = max(rate_before, rate_after)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+        machine.append(dict(device=str(device), name=name, threads=torch.get_num_threads(), attn=args.attn,
+                            matmul_n=n, matmul_gflops_before=rate_before, matmul_gflops_after=rate_after,
+                            load_average=os.getloadavg()[0]))
+        full = {r["tokens"]: r["best_seconds"] for r in results if r["lora_layers"] == model_layers}
+        for row in results:  # speed-up of top-L over all layers, best steps (the less noisy ones)
+            row["speedup"] = full[row["tokens"]] / row["best_seconds"] if row["tokens"] in full else None
+            row.update(device=str(device), gflops=row["gflop"] / row["seconds"], of_matmul=row["gflop"] / row["seconds"] / rate,
+                       best_of_matmul=row["gflop"] / row["best_seconds"] / rate)
+            rows.append(row)
+        del model
+
+    if args.json:
+        print(json.dumps(dict(machine=machine, steps=rows), indent=2))
+        return
+    for m in machine:
+        print(f"- {m['device']} ({m['name']}), {m['threads']} threads, attention {m['attn']}: fp32 mm {m['matmul_n']}² "
+              f"{m['matmul_gflops_before']:.0f} GFLOP/s before, {m['matmul_gflops_after']:.0f} after; load average {m['load_average']:.2f}")
+    print()
+    print("| device | tokens | LoRA layers | s/step | best | best vs all layers | s forward (no grad) | GFLOP/step | counted "
+          "| GFLOP/s | of matmul rate | best step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        speedup = f"{r['speedup']:.2f}×" if r["speedup"] else "—"
+        print(f"| {r['device']} | {r['tokens']} | {r['lora_layers']} | {r['seconds']:.3f} | {r['best_seconds']:.3f} | {speedup} "
+              f"| {r['forward_seconds']:.3f} | {r['gflop']:.1f} | {r['counted_gflop']:.1f} | {r['gflops']:.0f} "
+              f"| {100 * r['of_matmul']:.0f}% | {100 * r['best_of_matmul']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
