@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--methods", default=",".join(EVAL_METHODS),
                           help="comma-separated, from %(default)s")
     evaluate.add_argument("--test-docs", type=int, default=20, help="held-out documents (default: %(default)s)")
+    evaluate.add_argument("--measure-first", type=int,
+                          help="measure only the first M test documents (same split and pool: for sweeps)")
     evaluate.add_argument("--steps", type=int, default=8, help="passages selected, one step each (default: %(default)s)")
     evaluate.add_argument("--prompt-tokens", type=int, default=128)
     evaluate.add_argument("--target-tokens", type=int, default=256)
@@ -299,7 +301,7 @@ def cmd_eval(args) -> int:
     settings = EvalSettings(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                             test_documents=args.test_docs, steps=args.steps, prompt_tokens=args.prompt_tokens,
                             target_tokens=args.target_tokens, candidates=args.candidates, lam=args.lam,
-                            duplicate=args.duplicate, seed=args.seed)
+                            duplicate=args.duplicate, seed=args.seed, measure_first=args.measure_first)
     adaptation = AdaptationSettings(learning_rate=args.lr, rank=args.rank, top_layers=args.top_layers,
                                     target_modules=args.targets, max_passage_tokens=args.max_passage_tokens,
                                     seed=args.seed)
@@ -310,7 +312,8 @@ def cmd_eval(args) -> int:
                                  embedder_name=name, model=model, tokenizer=tokenizer,
                                  work_dir=home / "eval", include=args.include, exclude=args.exclude,
                                  passage_tokens=args.passage_tokens, progress=not args.quiet)
-    title = (f"{Path(args.corpus).name}: {len(split.test)} test documents, pool of {len(split.pool)}, "
+    measured = len({row.path for row in rows})
+    title = (f"{Path(args.corpus).name}: {measured} test documents, pool of {len(split.pool)}, "
              f"{settings.steps} steps, lr {adaptation.learning_rate}, λ {settings.lam}"
              + (f", every passage ×{settings.duplicate}" if settings.duplicate > 1 else ""))
     summary = write_report(rows, settings, adaptation, Path(args.out), title)

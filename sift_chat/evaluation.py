@@ -142,6 +142,7 @@ class EvalSettings:
     duplicate: int = 1  # every pool passage appears this many times among the candidates
     checkpoints: tuple[int, ...] = (1, 2, 4)  # also measure after these many steps (the plot)
     seed: int = 0
+    measure_first: int | None = None  # measure only the first M test documents (same split and pool)
 
     def __post_init__(self):
         unknown = set(self.methods) - set(METHODS)
@@ -365,8 +366,9 @@ def run_evaluation(root: Path, settings: EvalSettings, adaptation: AdaptationSet
     with Store(Path(work_dir) / f"pool-{key.hexdigest()[:12]}") as store:
         ingest(store, embedder, split.pool, embedder_name=embedder_name, passage_tokens=passage_tokens,
                progress=progress)
-        bar = tqdm(total=len(split.test) * len(settings.methods), unit="run", desc="eval", disable=not progress)
-        for path in split.test:
+        measured = split.test[: settings.measure_first] if settings.measure_first else split.test
+        bar = tqdm(total=len(measured) * len(settings.methods), unit="run", desc="eval", disable=not progress)
+        for path in measured:
             document = documents[path]
             query = embedder.encode(document.prompt_text, normalize_embeddings=True, convert_to_tensor=True)
             ids, _, vectors = store.nearest(query.float().cpu().numpy(), settings.candidates)

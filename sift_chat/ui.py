@@ -346,6 +346,16 @@ class Handlers:
 
     # -- one message -----------------------------------------------------------------------
 
+    def _checked(self, text, settings: dict, what: str) -> tuple[str, ChatSettings, AdaptationSettings]:
+        """The stripped text and the parsed settings, or ValueError saying what to fix."""
+        text = (text or "").strip()
+        if not text:
+            raise ValueError(f"The {what} is empty: type a question.")
+        try:
+            return text, *parse_settings(settings, self.base_adaptation)
+        except ValueError as error:
+            raise ValueError(f"Check the settings: {error}") from None
+
     def respond(self, message: str, chat_id, owner, settings: dict) -> Iterator[dict]:
         """Answer `message` in the chat (a new one when chat_id is None), yielding updates:
         history, status, message (the input box), chat_id, chats, panel, error, and owner when
@@ -354,14 +364,10 @@ class Handlers:
         The exchange is stored only when the answer is complete; on a failure the message goes
         back into the input box and the chat is as it was.
         """
-        message = (message or "").strip()
-        if not message:
-            yield _failure("The message is empty: type a question.")
-            return
         try:
-            chat_settings, adaptation = parse_settings(settings, self.base_adaptation)
+            message, chat_settings, adaptation = self._checked(message, settings, "message")
         except ValueError as error:
-            yield _failure(f"Check the settings: {error}")
+            yield _failure(str(error))
             return
         new_owner = {} if self.valid_owner(owner) else {"owner": (owner := self.new_owner())}
 
@@ -441,14 +447,10 @@ class Handlers:
         """NN and SIFT on one prompt: both selections (with the passages both picked), both σ²
         curves, then both answers, streamed. Nothing is stored. Yields updates: nn, sift (Panels),
         shared (passage ids), nn_answer, sift_answer, status, error."""
-        prompt = (prompt or "").strip()
-        if not prompt:
-            yield _failure("The prompt is empty: type a question.")
-            return
         try:
-            chat_settings, adaptation = parse_settings(settings, self.base_adaptation)
+            prompt, chat_settings, adaptation = self._checked(prompt, settings, "prompt")
         except ValueError as error:
-            yield _failure(f"Check the settings: {error}")
+            yield _failure(str(error))
             return
         if self.store.passage_count() == 0:
             yield _failure("The corpus is empty: add documents in the Corpus tab first.")
