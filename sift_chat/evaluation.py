@@ -140,7 +140,7 @@ class EvalSettings:
     candidates: int = 200
     lam: float = 0.01
     duplicate: int = 1  # every pool passage appears this many times among the candidates
-    checkpoints: tuple[int, ...] = (1, 2, 4)  # also measure after these many steps (the plot)
+    checkpoints: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # also measure after these many steps (the plot)
     seed: int = 0
     measure_first: int | None = None  # measure only the first M test documents (same split and pool)
 
