@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--candidates", type=int, default=200)
     evaluate.add_argument("--lam", type=float, default=0.01)
     evaluate.add_argument("--duplicate", type=int, default=1, help="repeat every pool passage K times")
+    evaluate.add_argument("--min-reduction", type=float, help="adaptive stopping, as in chat")
+    evaluate.add_argument("--alpha", type=float, help="adaptive stopping by activeft's rule, as in chat")
     evaluate.add_argument("--lr", type=float, default=AdaptationSettings.learning_rate)
     evaluate.add_argument("--rank", type=int, default=AdaptationSettings.rank)
     evaluate.add_argument("--top-layers", type=int, default=AdaptationSettings.top_layers)
@@ -301,7 +303,8 @@ def cmd_eval(args) -> int:
     settings = EvalSettings(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                             test_documents=args.test_docs, steps=args.steps, prompt_tokens=args.prompt_tokens,
                             target_tokens=args.target_tokens, candidates=args.candidates, lam=args.lam,
-                            duplicate=args.duplicate, seed=args.seed, measure_first=args.measure_first)
+                            duplicate=args.duplicate, min_reduction=args.min_reduction, alpha=args.alpha,
+                            seed=args.seed, measure_first=args.measure_first)
     adaptation = AdaptationSettings(learning_rate=args.lr, rank=args.rank, top_layers=args.top_layers,
                                     target_modules=args.targets, max_passage_tokens=args.max_passage_tokens,
                                     seed=args.seed)

@@ -140,6 +140,8 @@ class EvalSettings:
     candidates: int = 200
     lam: float = 0.01
     duplicate: int = 1  # every pool passage appears this many times among the candidates
+    min_reduction: float | None = None  # adaptive stopping, as in the engine (see selection.select)
+    alpha: float | None = None
     checkpoints: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # also measure after these many steps (the plot)
     seed: int = 0
     measure_first: int | None = None  # measure only the first M test documents (same split and pool)
@@ -182,7 +184,8 @@ def evaluate_document(document: TestDocument, query: torch.Tensor, candidate_ids
             if method == "none":
                 rows.append(Row(document.path, document.group, "none", 0, base))
                 continue
-            selection = select(query, candidates, method, settings.steps, settings.lam)
+            selection = select(query, candidates, method, settings.steps, settings.lam,
+                               settings.min_reduction, settings.alpha)
             ids = [int(candidate_ids[i]) for i in selection.indices.tolist()]
             losses = []
             for step, passage_id in enumerate(ids, 1):

@@ -105,6 +105,9 @@ def test_eval_runs_end_to_end_and_the_same_seed_gives_the_same_result(tmp_path, 
     first_only = run_eval(tmp_path, tmp_path / "one", "--measure-first", "1", "--methods", "none,sift")
     assert first_only["rows"] == [r for r in rows if r["path"] == rows[0]["path"] and r["method"] in ("none", "sift")]
 
+    adaptive = run_eval(tmp_path, tmp_path / "adaptive", "--methods", "sift", "--min-reduction", "0.5")
+    assert all(r["steps"] < 3 for r in adaptive["rows"])  # no pick removes half of σ₀²: stops early
+
     duplicated = run_eval(tmp_path, tmp_path / "dup", "--duplicate", "2", "--methods", "nn,sift")
     nn = [r for r in duplicated["rows"] if r["method"] == "nn" and r["steps"] == 3]
     assert any(len(set(r["passage_ids"])) < 3 for r in nn)  # NN now picks copies
