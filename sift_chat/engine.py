@@ -29,7 +29,7 @@ MODES = ("fine-tune", "context", "both", "off")
 
 @dataclass(frozen=True)
 class ChatSettings:
-    """What one message does. Defaults are provisional until the evaluation issue measures them."""
+    """What one message does. 8 passages and λ = 0.01 are the evaluation's measured choice (README)."""
 
     method: str = "sift"  # sift, nn, nnf, us
     mode: str = "fine-tune"  # fine-tune, context, both, off

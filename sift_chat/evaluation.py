@@ -304,7 +304,7 @@ def plot(summary: dict, path: Path) -> bool:
             continue
         steps = [0, *curve] if base is not None else list(curve)
         values = [base, *curve.values()] if base is not None else list(curve.values())
-        axes.plot(steps, values, marker="o", label=method.upper())
+        axes.plot(steps, values, marker="o", label={"nnf": "NN-F"}.get(method, method.upper()))
     if base is not None:
         axes.axhline(base, color="grey", linestyle="--", label="none")
     axes.set_xlabel("test-time fine-tuning steps")
