@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--rank", type=int, default=AdaptationSettings.rank, help="LoRA rank (default: %(default)s)")
     chat.add_argument("--top-layers", type=int, default=AdaptationSettings.top_layers,
                       help="LoRA on the top L layers only (default: %(default)s)")
+    chat.add_argument("--targets", default=AdaptationSettings.target_modules,
+                      help="LoRA targets: all-linear or attention (default: %(default)s)")
     chat.add_argument("--max-new-tokens", type=int, default=ChatSettings.max_new_tokens)
     chat.add_argument("--temperature", type=float, default=ChatSettings.temperature, help="0: greedy")
     chat.add_argument("--seed", type=int, default=ChatSettings.seed)
@@ -95,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--lr", type=float, default=AdaptationSettings.learning_rate)
     evaluate.add_argument("--rank", type=int, default=AdaptationSettings.rank)
     evaluate.add_argument("--top-layers", type=int, default=AdaptationSettings.top_layers)
-    evaluate.add_argument("--targets", default="attention", help="LoRA targets: attention or all-linear")
+    evaluate.add_argument("--targets", default=AdaptationSettings.target_modules,
+                          help="LoRA targets: all-linear or attention (default: %(default)s)")
     evaluate.add_argument("--max-passage-tokens", type=int, default=AdaptationSettings.max_passage_tokens)
     evaluate.add_argument("--passage-tokens", type=int, default=DEFAULT_PASSAGE_TOKENS,
                           help="embedder tokens per pool passage")
@@ -215,7 +218,7 @@ def cmd_chat(args) -> int:
                             alpha=args.alpha, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, seed=args.seed)
     adaptation = AdaptationSettings(learning_rate=args.lr, rank=args.rank, top_layers=args.top_layers,
-                                    seed=args.seed)
+                                    target_modules=args.targets, seed=args.seed)
     engine = Engine.load(args.data_dir, embedder=args.embedder, chat_model=args.chat_model,
                          device=args.device, adaptation=adaptation)
     if args.compare:

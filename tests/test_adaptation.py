@@ -267,7 +267,7 @@ def lora_layer_indices(adapter):
 
 def test_top_layers_only_get_lora_and_backward_stops_there(setup):
     model, make, _, _ = setup
-    adapter = make(top_layers=2)
+    adapter = make(top_layers=2, target_modules="attention")
     assert lora_layer_indices(adapter) == [2, 3]
     assert {name.rsplit(".", 1)[-1] for name in adapter.lora_modules} == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
@@ -358,7 +358,7 @@ def test_invalid_settings(bad):
 def test_settings_defaults_and_list_targets():
     s = AdaptationSettings()
     assert (s.rank, s.alpha, s.dropout, s.target_modules, s.optimizer, s.max_passage_tokens, s.top_layers) == (
-        8, 16.0, 0.0, "attention", "adam", 256, None,
+        8, 16.0, 0.0, "all-linear", "adam", 256, None,
     )
     assert AdaptationSettings(target_modules=["q_proj", "v_proj"]).target_modules == ("q_proj", "v_proj")
 
