@@ -84,6 +84,13 @@ CREATE TABLE IF NOT EXISTS selections (  -- one row per pick of the passages an 
 """
 
 
+def _in_chunks(ids: list[int], size: int = 500):
+    """(chunk, "?,?,…") pairs for `WHERE id IN (…)`: SQLite caps the number of parameters."""
+    for start in range(0, len(ids), size):
+        chunk = ids[start : start + size]
+        yield chunk, ",".join("?" * len(chunk))
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
@@ -222,9 +229,7 @@ class Store:
         if not ids:
             return {}
         found: dict[int, Passage] = {}
-        for chunk_start in range(0, len(ids), 500):  # SQLite caps the number of parameters
-            chunk = ids[chunk_start : chunk_start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_chunks(ids):
             for row in self.db.query(
                 "SELECT p.id, p.document_id, d.path, p.position, p.start_char, p.end_char, p.text "
                 f"FROM passages p JOIN documents d ON d.id = p.document_id WHERE p.id IN ({marks})",
@@ -242,9 +247,7 @@ class Store:
         else:
             wanted = sorted(int(i) for i in ids)
             rows = []
-            for chunk_start in range(0, len(wanted), 500):
-                chunk = wanted[chunk_start : chunk_start + 500]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _in_chunks(wanted):
                 rows += self.db.execute(
                     f"SELECT id, embedding FROM passages WHERE id IN ({marks}) ORDER BY id", chunk
                 ).fetchall()
