@@ -215,6 +215,7 @@ def ingest(
     own_folder = store.folder.resolve()
     files = [path for path in iter_files(paths) if own_folder not in path.parents]
     pending: list[tuple[str, str, int, float, list[NewPassage]]] = []
+    pending_passages = 0
     bar = tqdm(total=len(files), unit="file", disable=not progress, desc="ingest")
 
     def flush() -> None:
@@ -257,8 +258,10 @@ def ingest(
                 on_progress(number, len(files))
         (report.updated if known else report.added).append(key)
         pending.append((key, content_hash, len(data), stat.st_mtime, passages))
-        if sum(len(p[-1]) for p in pending) >= batch_passages:
+        pending_passages += len(passages)
+        if pending_passages >= batch_passages:
             flush()
+            pending_passages = 0
     if pending:
         flush()
     bar.close()

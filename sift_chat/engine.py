@@ -144,9 +144,11 @@ class Engine:
     def __init__(self, store: Store, embedder, model, tokenizer, *, embedder_name: str,
                  adaptation: AdaptationSettings | None = None):
         self.store = store
+        store.check_embedder(embedder_name, embedder.get_embedding_dimension())
         self.embedder = embedder
         self.embedder_name = embedder_name
         self.tokenizer = tokenizer
+        self.stop_ids = _stop_ids(tokenizer)
         self.adapter = Adapter(model, tokenizer, adaptation or AdaptationSettings())
         self.lock = threading.Lock()  # one adaptation at a time per loaded model
 
@@ -363,10 +365,6 @@ class Engine:
         model = self.model
         device = self.adapter.device
         input_ids = input_ids.to(device)
-        stop = set(_as_list(self.tokenizer.eos_token_id))
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tokenizer.get_vocab() else None
-        if im_end is not None:
-            stop.add(im_end)
         generated: list[int] = []
         emitted = ""
         cache, next_input = None, input_ids
@@ -379,7 +377,7 @@ class Engine:
                 token = int(torch.multinomial(torch.softmax(logits / settings.temperature, -1), 1))
             else:
                 token = int(logits.argmax())
-            if token in stop:
+            if token in self.stop_ids:
                 break
             generated.append(token)
             next_input = torch.tensor([[token]], device=device)
@@ -402,7 +400,11 @@ def _distinct(picks: list[Picked]) -> list[Passage]:
     return [p.passage for p in picks if not p.repeat]
 
 
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple, set)) else [value]
+def _stop_ids(tokenizer) -> set[int]:
+    """The tokens that end an answer: EOS, and ChatML's end of turn where the vocabulary has it."""
+    eos = tokenizer.eos_token_id
+    stop = set(eos) if isinstance(eos, (list, tuple, set)) else {eos} - {None}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if im_end is not None and im_end != tokenizer.unk_token_id:
+        stop.add(im_end)
+    return stop

@@ -174,15 +174,12 @@ def evaluate_document(document: TestDocument, query: torch.Tensor, candidate_ids
                       settings: EvalSettings) -> list[Row]:
     """Every method on one test document; the adapter is reset before and after each."""
     rows = []
-    base = None
     for method in settings.methods:
         adapter.reset()
         try:
-            if method == "none" or (base is None and method != "none"):
-                with adapter.disabled() as model:
-                    base = bits_per_byte(model, document) if base is None else base
             if method == "none":
-                rows.append(Row(document.path, document.group, "none", 0, base))
+                with adapter.disabled() as model:
+                    rows.append(Row(document.path, document.group, "none", 0, bits_per_byte(model, document)))
                 continue
             selection = select(query, candidates, method, settings.steps, settings.lam,
                                settings.min_reduction, settings.alpha)

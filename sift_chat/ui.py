@@ -420,8 +420,6 @@ class Handlers:
                         "panel": panel, "seconds": seconds, "chats": self.chat_choices(owner)}
         except Exception as error:  # the engine left the model at base and stored nothing
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            if stream is not None:
-                stream.close()
             if created:
                 self._drop_if_empty(chat_id, owner)
             yield {**_failure(f"The answer failed: {reason}. Nothing was stored; your message is back in "
@@ -893,20 +891,6 @@ def build(handlers: Handlers, *, secret: str | None = None):
 # -- loading and serving -----------------------------------------------------------------------
 
 
-def load_engine(data_dir: str | Path | None = None, *, embedder: str | None = None,
-                chat_model: str | None = None, device: str | None = None) -> Engine:
-    """The engine, over the store of `data_dir` (shared by the app's worker threads)."""
-    from .models import load_chat_model, load_embedder
-
-    home = config.data_dir(data_dir)
-    embedder_name = config.embedder_name(embedder)
-    store = Store(home / "store")
-    model, tokenizer = load_chat_model(chat_model, device, home / "models")
-    embedding_model = load_embedder(embedder_name, device)
-    store.check_embedder(embedder_name, embedding_model.get_embedding_dimension())
-    return Engine(store, embedding_model, model, tokenizer, embedder_name=embedder_name)
-
-
 def app_secret(data_dir: Path) -> str:
     """The key that encrypts each browser's private chat key in its localStorage: kept in the data
     folder, so a browser keeps its chats across restarts."""
@@ -928,7 +912,7 @@ def create_app(data_dir: str | Path | None = None, *, embedder: str | None = Non
                device: str | None = None, allow_server_paths: bool = True):
     """Load the models and the store, and build the app (not yet serving)."""
     home = config.data_dir(data_dir)
-    engine = load_engine(home, embedder=embedder, chat_model=chat_model, device=device)
+    engine = Engine.load(home, embedder=embedder, chat_model=chat_model, device=device)
     handlers = Handlers(engine, home, allow_server_paths=allow_server_paths)
     return build(handlers, secret=app_secret(home))
 
