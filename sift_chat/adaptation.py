@@ -6,7 +6,7 @@ For every message the engine does
         answer = adapter.model.generate(...)      # the adapted model
     # here the model equals the base model again, whatever happened inside
 
-The adapter is wrapped around the causal LM once (peft), and re-initialised before and after
+LoRA layers (`sift_chat.lora`) are put into the causal LM once, and re-initialised before and after
 every message: LoRA B = 0, so the model computes exactly what the base model computes, and A is
 re-drawn from the seed, so two messages on the same passages take the same steps. The optimizer
 is new for every message.
@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora import add_lora, remove_lora
+
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-ADAPTER_NAME = "default"
 
 StepCallback = Callable[[int, int, float], None]  # on_step(i, n, loss): step i of n (1-based) took `loss`
 
@@ -114,15 +115,14 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     targets = input_ids[0, 1:]
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
-    head = causal_lm.get_output_embeddings()
+    head = model.get_output_embeddings()
     if (
-        getattr(causal_lm.config, "model_type", None) in PLAIN_HEAD_MODELS
+        getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS
         and isinstance(head, nn.Linear)
         and head.bias is None
         and not head.weight.requires_grad
     ):
-        hidden = causal_lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+        hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
         return head_loss(hidden[0, :-1], head.weight, targets)
     logits = model(input_ids=input_ids, use_cache=False).logits
     return F.cross_entropy(logits[0, :-1].float(), targets)
@@ -209,46 +209,40 @@ def decoder_layers(model: nn.Module) -> tuple[str, int]:
 
 
 class Adapter:
-    """A causal LM wrapped once with a LoRA adapter, for one optimizer step per passage.
+    """A causal LM with LoRA layers in it, for one optimizer step per passage.
 
-    `model` is the peft model: use it for generation (inside `adapted`, for the adapted model).
-    peft injects the LoRA layers into the model it was given, so that object carries them too.
-    The model is in eval mode except during a step. One message at a time: the engine serialises
-    messages on an adapter. The device is the model's; on the CPU a step uses torch's threads.
+    `model` is the model it was given, now carrying the LoRA layers: use it for generation (inside
+    `adapted`, it is the adapted model); `remove()` takes the layers out again. The model is in
+    eval mode except during a step. One message at a time: the engine serialises messages on an
+    adapter. The device is the model's; on the CPU a step uses torch's threads.
     """
 
     def __init__(self, model: nn.Module, tokenizer, settings: AdaptationSettings | None = None):
-        from peft import LoraConfig, get_peft_model
-
         self.settings = settings = settings or AdaptationSettings()
         self.tokenizer = tokenizer
-        layers_pattern, layers_to_transform = None, None
+        layers = None
         if settings.top_layers is not None:
-            layers_pattern, count = decoder_layers(model)
+            layers_name, count = decoder_layers(model)
             if settings.top_layers > count:
                 raise ValueError(f"invalid adaptation setting: top_layers={settings.top_layers} but the model has {count} layers")
-            layers_to_transform = list(range(count - settings.top_layers, count))
-        lora_config = LoraConfig(
-            r=settings.rank,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=lora_target_names(model, settings.target_modules),
-            layers_to_transform=layers_to_transform,
-            layers_pattern=layers_pattern,
-            bias="none",
-            task_type="CAUSAL_LM",
+            layers = (layers_name, set(range(count - settings.top_layers, count)))
+        self.model = model
+        self.lora_modules = add_lora(  # name -> LoRA layer, in a fixed order for the seeded init
+            model,
+            lora_target_names(model, settings.target_modules),
+            rank=settings.rank,
+            alpha=settings.alpha,
+            dropout=settings.dropout,
+            layers=layers,
         )
-        self.model = get_peft_model(model, lora_config, adapter_name=ADAPTER_NAME)
-        self.lora_modules = {  # name -> (lora_A, lora_B), in a fixed order for the seeded init
-            name: (m.lora_A[ADAPTER_NAME], m.lora_B[ADAPTER_NAME])
-            for name, m in self.model.named_modules()
-            if hasattr(m, "lora_A") and ADAPTER_NAME in m.lora_A
-        }
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        assert self.trainable and all("lora_" in n for n, p in self.model.named_parameters() if p.requires_grad)
+        self.trainable = [p for m in self.lora_modules.values() for p in (m.lora_A, m.lora_B)]
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps = 0
         self.reset()
+
+    def remove(self) -> nn.Module:
+        """Take the LoRA layers out of the model and return it, as it was given."""
+        return remove_lora(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -262,11 +256,11 @@ class Adapter:
         it (Kaiming-uniform, a = √5), on the CPU so the draw is the same on every device; a new
         optimizer; eval mode."""
         generator = torch.Generator().manual_seed(self.settings.seed)
-        for lora_a, lora_b in self.lora_modules.values():
-            a = torch.empty(lora_a.weight.shape, dtype=lora_a.weight.dtype)
+        for layer in self.lora_modules.values():
+            a = torch.empty(layer.lora_A.shape, dtype=layer.lora_A.dtype)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            lora_a.weight.copy_(a)
-            lora_b.weight.zero_()
+            layer.lora_A.copy_(a)
+            layer.lora_B.zero_()
         for p in self.trainable:
             p.grad = None
         self.optimizer = self._new_optimizer()
@@ -331,5 +325,10 @@ class Adapter:
     @contextmanager
     def disabled(self) -> Iterator[nn.Module]:
         """The base model, whatever the adapter holds (for the "off" and "context" modes)."""
-        with self.model.disable_adapter():
+        for layer in self.lora_modules.values():
+            layer.enabled = False
+        try:
             yield self.model
+        finally:
+            for layer in self.lora_modules.values():
+                layer.enabled = True

@@ -187,7 +187,7 @@ class Engine:
                 self.adapter.settings = adaptation
                 self.adapter.reset()
                 return
-            base = self.adapter.model.unload()  # the base model, LoRA layers removed
+            base = self.adapter.remove()  # the base model, LoRA layers taken out
             try:
                 self.adapter = Adapter(base, self.tokenizer, adaptation)
             except Exception:

@@ -83,8 +83,8 @@ def test_fresh_adapter_equals_base(setup):
     model, make, ids, base = setup
     adapter = make()
     assert torch.equal(logits(adapter.model, ids), base)
-    assert torch.equal(logits(model, ids), base)  # peft injects into the model it was given
-    assert all(torch.count_nonzero(b.weight) == 0 for _, b in adapter.lora_modules.values())
+    assert adapter.model is model and torch.equal(logits(model, ids), base)  # LoRA layers go into the model given
+    assert all(torch.count_nonzero(m.lora_B) == 0 for m in adapter.lora_modules.values())
 
 
 def test_adapted_changes_the_model_and_exit_restores_base(setup):
@@ -197,7 +197,7 @@ def test_modes_train_during_steps_eval_otherwise(setup):
     _, make, _, _ = setup
     adapter = make()
     modes = []
-    layer = adapter.model.get_base_model().model.layers[-1]
+    layer = adapter.model.model.layers[-1]
     hook = layer.register_forward_hook(lambda m, i, o: modes.append(m.training))
     try:
         assert not adapter.model.training
@@ -229,7 +229,7 @@ def test_generate_inside_and_outside(setup, tokenizer):
 def test_reset_is_deterministic(setup):
     _, make, _, _ = setup
     adapter = make(optimizer="adam")
-    a_fresh = [a.weight.clone() for a, _ in adapter.lora_modules.values()]
+    a_fresh = [m.lora_A.clone() for m in adapter.lora_modules.values()]
     with adapter.adapted(PASSAGES) as first:
         pass
     with adapter.adapted(PASSAGES) as second:
@@ -239,14 +239,14 @@ def test_reset_is_deterministic(setup):
         pass
     assert reordered != first[::-1]  # a second passage is taken from an adapted model
     adapter.reset()
-    assert all(torch.equal(a.weight, w) for (a, _), w in zip(adapter.lora_modules.values(), a_fresh))
+    assert all(torch.equal(m.lora_A, w) for m, w in zip(adapter.lora_modules.values(), a_fresh))
 
 
 def test_seed_changes_the_lora_a_draw(setup, tokenizer):
     _, make, _, _ = setup
-    first = [a.weight.clone() for a, _ in make(seed=0).lora_modules.values()]
+    first = [m.lora_A.clone() for m in make(seed=0).lora_modules.values()]
     other = Adapter(tiny_model(tokenizer), tokenizer, AdaptationSettings(seed=1))
-    assert not torch.equal(first[0], next(iter(other.lora_modules.values()))[0].weight)
+    assert not torch.equal(first[0], next(iter(other.lora_modules.values())).lora_A)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
@@ -388,6 +388,6 @@ def test_default_model_end_to_end(chat_model):  # conftest: the packaged model, 
         assert out.shape == (1, probe.shape[1] + 2)
         assert torch.equal(logits(adapter.model, probe), base)
     finally:
-        adapter.model.unload()  # the session's model is shared: give it back without LoRA layers
+        adapter.remove()  # the session's model is shared: give it back without LoRA layers
     assert not any("lora_" in name for name, _ in model.named_modules())
     assert torch.equal(logits(model, probe), base)

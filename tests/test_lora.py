@@ -1,0 +1,139 @@
+"""The LoRA layer: its written-out backward against autograd, peft's LoRA, and putting layers in and out."""
+
+import pytest
+import torch
+from torch import nn
+
+from sift_chat.lora import LoRALinear, _LoRALinearFunction, add_lora, layer_index, remove_lora
+from tests.tiny import logits, tiny_model, tiny_tokenizer
+
+
+def random_layer(inputs=12, outputs=20, rank=4, bias=True, dtype=torch.float64, seed=0) -> LoRALinear:
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(inputs, outputs, bias=bias, dtype=dtype), rank=rank, alpha=8.0)
+    layer.base.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()  # non-zero, so every term of the backward is exercised
+    return layer
+
+
+def composite(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer by the formula, through plain autograd: x Wᵀ + b + s (x Aᵀ) Bᵀ."""
+    return layer.base(x) + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 12), (2, 5, 12)])
+def test_backward_equals_autograd_of_the_formula(bias, shape):
+    layer = random_layer(bias=bias)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(*shape[:-1], 20, dtype=torch.float64)
+
+    def grads(forward):
+        layer.zero_grad()
+        x.grad = None
+        y = forward(x)
+        (y * upstream).sum().backward()
+        return y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+    ours, reference = grads(layer), grads(lambda v: composite(layer, v))
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert layer.base.weight.grad is None and (layer.base.bias is None or layer.base.bias.grad is None)
+
+
+def test_gradcheck():
+    layer = random_layer(inputs=5, outputs=6, rank=3)
+    x = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    weight, bias = layer.base.weight, layer.base.bias
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: _LoRALinearFunction.apply(x, weight, bias, a, b, layer.scaling), (x, layer.lora_A, layer.lora_B)
+    )
+
+
+def test_no_input_gradient_when_the_input_needs_none():
+    layer = random_layer()
+    x = torch.randn(3, 12, dtype=torch.float64)  # e.g. the embeddings below the lowest adapted layer
+    layer(x).sum().backward()
+    assert x.grad is None and layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
+def test_zero_b_is_the_base_layer_bit_for_bit():
+    layer = random_layer(dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.zero_()
+    x = torch.randn(3, 9, 12)
+    assert torch.equal(layer(x), layer.base(x))
+    layer.enabled = False
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    assert torch.equal(layer(x), layer.base(x))
+
+
+def test_dropout_applies_to_the_lora_branch_in_training_only():
+    layer = random_layer(dtype=torch.float32)
+    layer.dropout = 0.5
+    x = torch.randn(4, 12)
+    layer.eval()
+    torch.testing.assert_close(layer(x), composite(layer, x))
+    layer.train()
+    torch.manual_seed(1)
+    dropped = layer(x)
+    assert not torch.allclose(dropped, composite(layer, x))
+    dropped.sum().backward()
+    assert layer.lora_A.grad is not None
+
+
+def test_same_outputs_and_gradients_as_peft():
+    peft = pytest.importorskip("peft")
+    tokenizer = tiny_tokenizer()
+    ours, theirs = tiny_model(tokenizer), tiny_model(tokenizer)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    layers = add_lora(ours, targets, rank=4, alpha=8.0)
+    wrapped = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=targets, lora_dropout=0.0))
+    torch.manual_seed(3)
+    for name, layer in layers.items():
+        peft_layer = wrapped.get_submodule("base_model.model." + name)
+        with torch.no_grad():
+            layer.lora_A.normal_(std=0.1)
+            layer.lora_B.normal_(std=0.1)
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    loss_ours = ours(input_ids=ids, labels=ids).loss
+    loss_theirs = wrapped(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-6, atol=1e-6)
+    loss_ours.backward()
+    loss_theirs.backward()
+    for name, layer in layers.items():
+        peft_layer = wrapped.get_submodule("base_model.model." + name)
+        torch.testing.assert_close(layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_add_and_remove_layers():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    ids = torch.tensor([tokenizer("The quick brown fox.")["input_ids"]])
+    base = logits(model, ids)
+    q_proj = model.model.layers[2].self_attn.q_proj
+    layers = add_lora(model, ["q_proj", "up_proj"], rank=2, alpha=4.0, layers=("layers", {2, 3}))
+    assert sorted(layers) == [f"model.layers.{i}.{m}" for i in (2, 3) for m in ("mlp.up_proj", "self_attn.q_proj")]
+    assert model.model.layers[2].self_attn.q_proj.base is q_proj
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{m}" for n in layers for m in "AB"}
+    assert torch.equal(logits(model, ids), base)  # A and B start at zero
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        add_lora(model, ["k_proj"], rank=2, alpha=4.0)
+    assert remove_lora(model) is model
+    assert model.model.layers[2].self_attn.q_proj is q_proj
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    with pytest.raises(ValueError, match="no linear layer"):
+        add_lora(model, ["no_such_proj"], rank=2, alpha=4.0)
+
+
+def test_layer_index():
+    assert layer_index("model.layers.12.mlp.up_proj", "layers") == 12
+    assert layer_index("lm_head", "layers") is None
+    assert layer_index("model.h.3.attn.c_attn", "h") == 3
