@@ -22,6 +22,10 @@ gradients for the LoRA matrices only, and none for the q/k/v projections of the 
 layer, whose input needs none (P_qkv). Attention is counted as full T×T like
 torch.utils.flop_counter (a causal kernel may skip half). The count is cross-checked with
 FlopCounterMode on one step run with eager attention (CPU SDPA kernels are not counted there).
+
+"Kernels alone" runs the step's big kernels back to back with nothing between them (every
+weight matmul, the head's, attention; see `kernel_floor`): the fastest a step could be here,
+as a fraction of the matmul rate it is the ceiling for the step's own fraction.
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sift_chat.adaptation import AdaptationSettings, Adapter, next_token_loss  # noqa: E402
+from sift_chat.adaptation import HEAD_CHUNK_ELEMENTS, AdaptationSettings, Adapter, next_token_loss  # noqa: E402
 from sift_chat.models import load_chat_model  # noqa: E402
 
 
@@ -107,6 +112,55 @@ def counted_flops(adapter: Adapter, text: str) -> float:
     return float(counter.get_total_flops())
 
 
+def kernel_floor(adapter: Adapter, tokens: int, device: torch.device, repeats: int) -> float:
+    """Median seconds of the step's own big kernels run back to back with nothing between them:
+    every base-weight matmul of the forward (T rows), the input-gradient matmul through each
+    adapted layer's weights (none for the lowest one's q/k/v, as in the FLOP count), the head's
+    forward and backward matmuls in the chunks `head_loss` uses, and causal SDPA attention
+    (forward and backward in adapted layers). No LoRA products, norms, activations or autograd:
+    the fastest a step with these kernels could be on this machine."""
+    model, t = adapter.model, tokens
+    config, layers = model.config, model.model.layers
+    adapted = sorted({int(name.split(".layers.")[1].split(".")[0]) for name in adapter.lora_modules})
+    weights = [[m.weight for name, m in layer.named_modules() if isinstance(m, nn.Linear)] for layer in layers]
+    backward = [
+        [w for w, (name, _) in zip(ws, [(n, m) for n, m in layers[i].named_modules() if isinstance(m, nn.Linear)])
+         if i != adapted[0] or not any(p in name for p in ("q_proj", "k_proj", "v_proj"))]
+        for i, ws in enumerate(weights) if i in adapted
+    ]
+    inputs = {w.shape[1]: torch.randn(t, w.shape[1], device=device) for ws in weights for w in ws}
+    grads = {w.shape[0]: torch.randn(t, w.shape[0], device=device) for ws in weights for w in ws}
+    head = model.get_output_embeddings().weight
+    vocab, d = head.shape
+    chunks = max(1, -(-(t - 1) * vocab // HEAD_CHUNK_ELEMENTS))
+    rows = [(t - 1) * (i + 1) // chunks - (t - 1) * i // chunks for i in range(chunks)]
+    hidden = {r: torch.randn(r, d, device=device) for r in rows}
+    probs = {r: torch.randn(r, vocab, device=device) for r in rows}
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    q, k, v = (torch.randn(1, heads, t, head_dim, device=device, requires_grad=True) for _ in range(3))
+    attention_grad = torch.randn(1, heads, t, head_dim, device=device)
+
+    def run():
+        for i, ws in enumerate(weights):
+            for w in ws:
+                F.linear(inputs[w.shape[1]], w)
+            if i in adapted:
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(attention_grad)
+            else:
+                with torch.no_grad():
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        for r in rows:
+            hidden[r] @ head.T
+        for r in rows:
+            probs[r] @ head
+        for ws in reversed(backward):
+            for w in reversed(ws):
+                grads[w.shape[0]] @ w
+
+    return statistics.median(seconds(run, device, repeats, warmup=2))
+
+
 def bench_config(model, tokenizer, device, source, tokens, top_layers, steps, warmup):
     settings = AdaptationSettings(max_passage_tokens=tokens, top_layers=top_layers)
     # a passage about as long as the step reads, as the engine's are (a 200 kB text would add
@@ -121,11 +175,13 @@ def bench_config(model, tokenizer, device, source, tokens, top_layers, steps, wa
             forward = statistics.median(seconds(lambda: next_token_loss(adapter.model, ids), device, steps, 1))
         counted = counted_flops(adapter, text)
         flops = step_flops(adapter, tokens)
+        floor = kernel_floor(adapter, tokens, device, steps)
     finally:
         adapter.reset()
         model = adapter.remove()  # the plain model again, for the next configuration
     return model, dict(tokens=tokens, lora_layers=top_layers or model.config.num_hidden_layers,
-                       seconds=statistics.median(step_times), best_seconds=min(step_times), forward_seconds=forward, gflop=flops / 1e9, counted_gflop=counted / 1e9)
+                       seconds=statistics.median(step_times), best_seconds=min(step_times), forward_seconds=forward, floor_seconds=floor, gflop=flops / 1e9,
+                       counted_gflop=counted / 1e9)
 
 
 def main(argv=None):
@@ -170,7 +226,7 @@ def main(argv=None):
         for row in results:  # speed-up of top-L over all layers, best steps (the less noisy ones)
             row["speedup"] = full[row["tokens"]] / row["best_seconds"] if row["tokens"] in full else None
             row.update(device=str(device), gflops=row["gflop"] / row["seconds"], of_matmul=row["gflop"] / row["seconds"] / rate,
-                       best_of_matmul=row["gflop"] / row["best_seconds"] / rate)
+                       best_of_matmul=row["gflop"] / row["best_seconds"] / rate, floor_of_matmul=row["gflop"] / row["floor_seconds"] / rate)
             rows.append(row)
         del model
 
@@ -182,13 +238,14 @@ def main(argv=None):
               f"{m['matmul_gflops_before']:.0f} GFLOP/s before, {m['matmul_gflops_after']:.0f} after; load average {m['load_average']:.2f}")
     print()
     print("| device | tokens | LoRA layers | s/step | best | best vs all layers | s forward (no grad) | GFLOP/step | counted "
-          "| GFLOP/s | of matmul rate | best step |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| GFLOP/s | of matmul rate | best step | s kernels alone | kernels alone, of matmul rate |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         speedup = f"{r['speedup']:.2f}×" if r["speedup"] else "—"
         print(f"| {r['device']} | {r['tokens']} | {r['lora_layers']} | {r['seconds']:.3f} | {r['best_seconds']:.3f} | {speedup} "
               f"| {r['forward_seconds']:.3f} | {r['gflop']:.1f} | {r['counted_gflop']:.1f} | {r['gflops']:.0f} "
-              f"| {100 * r['of_matmul']:.0f}% | {100 * r['best_of_matmul']:.0f}% |")
+              f"| {100 * r['of_matmul']:.0f}% | {100 * r['best_of_matmul']:.0f}% | {r['floor_seconds']:.3f} "
+              f"| {100 * r['floor_of_matmul']:.0f}% |")
 
 
 if __name__ == "__main__":
