@@ -14,6 +14,7 @@ from .adaptation import AdaptationSettings
 from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS
 from .engine import MODES, ChatSettings
 from .evaluation import METHODS as EVAL_METHODS
+from .evaluation import SETTINGS as EVAL_SETTINGS
 from .selection import METHODS
 
 
@@ -83,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="leave out files or folders matching (e.g. 'test*'); repeatable")
     evaluate.add_argument("--methods", default=",".join(EVAL_METHODS),
                           help="comma-separated, from %(default)s")
-    evaluate.add_argument("--test-docs", type=int, default=20, help="held-out documents (default: %(default)s)")
+    evaluate.add_argument("--test-docs", type=int, default=20, help="test documents (default: %(default)s)")
+    evaluate.add_argument("--setting", choices=EVAL_SETTINGS, default="held-out",
+                          help="held-out: no test text in the pool (the paper's setting); personal: the test "
+                               "documents stay in the pool, as a user's own documents do (default: %(default)s)")
     evaluate.add_argument("--measure-first", type=int,
                           help="measure only the first M test documents (same split and pool: for sweeps)")
     evaluate.add_argument("--steps", type=int, default=8, help="passages selected, one step each (default: %(default)s)")
@@ -303,7 +307,7 @@ def cmd_eval(args) -> int:
     from .evaluation import EvalSettings, markdown, run_evaluation, write_report
     from .models import load_chat_model
 
-    settings = EvalSettings(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+    settings = EvalSettings(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), setting=args.setting,
                             test_documents=args.test_docs, steps=args.steps, prompt_tokens=args.prompt_tokens,
                             target_tokens=args.target_tokens, candidates=args.candidates, lam=args.lam,
                             duplicate=args.duplicate, min_reduction=args.min_reduction, alpha=args.alpha,
@@ -321,7 +325,8 @@ def cmd_eval(args) -> int:
     measured = len({row.path for row in rows})
     title = (f"{Path(args.corpus).name}: {measured} test documents, pool of {len(split.pool)}, "
              f"{settings.steps} steps, lr {adaptation.learning_rate}, λ {settings.lam}"
-             + (f", every passage ×{settings.duplicate}" if settings.duplicate > 1 else ""))
+             + (f", every passage ×{settings.duplicate}" if settings.duplicate > 1 else "")
+             + (", personal documents (test documents in the pool)" if settings.setting == "personal" else ""))
     summary = write_report(rows, settings, adaptation, Path(args.out), title)
     print(markdown(summary, title))
     print(f"\nwritten to {args.out}/results.md, results.json and bpb-by-steps.png")

@@ -4,6 +4,9 @@ This is the experiment of the SIFT paper (Hübotter et al., ICLR 2025, table 1) 
 
 1. Split the corpus *by document* into a pool and held-out test documents. Files whose content
    equals a test document's are left out of the pool too, so no test text is in the pool.
+   In the **personal-documents** setting (`setting="personal"`) the test documents stay in the
+   pool, as a user's own documents do: the text the target asks for is there to be found, and
+   each row counts the picks whose characters overlap the target's.
 2. For each test document, tokenised with the chat model's tokenizer: the **prompt** is its
    first P tokens, the **target** the next T tokens. The prompt's embedding is the query.
 3. For each method (none, US, NN, NN-F, SIFT): pre-select K candidates from the pool's index,
@@ -29,7 +32,7 @@ import random
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from .adaptation import AdaptationSettings, Adapter
 from .corpus import UnreadableFile, iter_files, read_text
 from .selection import select
+from .store import Passage
 
 METHODS = ("none", "us", "nn", "nnf", "sift")
 
@@ -52,6 +56,7 @@ class TestDocument:
     target_ids: list[int]  # the next T tokens
     prompt_text: str
     target_bytes: int  # UTF-8 bytes of the target's text
+    target_chars: tuple[int, int] = (0, 0)  # the target's [start, end) characters in the document
 
 
 def make_test_document(text: str, tokenizer, prompt_tokens: int, target_tokens: int,
@@ -68,7 +73,13 @@ def make_test_document(text: str, tokenizer, prompt_tokens: int, target_tokens: 
     cut, end = special + prompt_tokens, special + prompt_tokens + target_tokens
     target_text = text[offsets[cut][0] : offsets[end - 1][1]]
     return TestDocument(path, group, ids[:cut], ids[cut:end], text[offsets[special][0] : offsets[cut][0]],
-                        len(target_text.encode("utf-8")))
+                        len(target_text.encode("utf-8")), (offsets[cut][0], offsets[end - 1][1]))
+
+
+def covers_target(passage, document: TestDocument) -> bool:
+    """Whether a passage (path and [start_char, end_char)) holds some of the target's text."""
+    start, end = document.target_chars
+    return passage.path == document.path and passage.start_char < end and passage.end_char > start
 
 
 @torch.no_grad()
@@ -107,9 +118,10 @@ def corpus_files(root: Path, include: Sequence[str], exclude: Sequence[str]) -> 
 
 
 def split_corpus(files: Sequence[Path], eligible: Callable[[Path], bool], test_documents: int,
-                 seed: int) -> Split:
+                 seed: int, tests_in_pool: bool = False) -> Split:
     """Draw `test_documents` eligible files at random (seeded) as tests; the rest is the pool,
-    less any file with the same content as a test file."""
+    less any file with the same content as a test file. With `tests_in_pool` (the personal-
+    documents setting) the pool is every file."""
     order = sorted(files)
     random.Random(seed).shuffle(order)
     test = []
@@ -118,6 +130,8 @@ def split_corpus(files: Sequence[Path], eligible: Callable[[Path], bool], test_d
             break
         if eligible(path):
             test.append(path)
+    if tests_in_pool:
+        return Split(pool=sorted(files), test=sorted(test))
     test_hashes = {_content_hash(p) for p in test}
     pool = [p for p in sorted(files) if p not in set(test) and _content_hash(p) not in test_hashes]
     return Split(pool=pool, test=sorted(test))
@@ -130,9 +144,13 @@ def _content_hash(path: Path) -> str:
 # -- one run ------------------------------------------------------------------------------
 
 
+SETTINGS = ("held-out", "personal")
+
+
 @dataclass
 class EvalSettings:
     methods: tuple[str, ...] = METHODS
+    setting: str = "held-out"  # or "personal": the test documents stay in the pool
     test_documents: int = 20
     steps: int = 8  # N: passages selected, one step each
     prompt_tokens: int = 128
@@ -150,6 +168,8 @@ class EvalSettings:
         unknown = set(self.methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}: use {', '.join(METHODS)}")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"unknown setting {self.setting!r}: use {' or '.join(SETTINGS)}")
         for name in ("test_documents", "steps", "prompt_tokens", "target_tokens", "candidates", "duplicate"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -167,11 +187,11 @@ class Row:
     final_variance: float | None = None
     passage_ids: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    target_picks: int | None = None  # picks holding some of the target's text (0 when held out)
 
 
 def evaluate_document(document: TestDocument, query: torch.Tensor, candidate_ids, candidates: torch.Tensor,
-                      passage_text: Callable[[int], str], adapter: Adapter,
-                      settings: EvalSettings) -> list[Row]:
+                      passages: Mapping[int, Passage], adapter: Adapter, settings: EvalSettings) -> list[Row]:
     """Every method on one test document; the adapter is reset before and after each."""
     rows = []
     for method in settings.methods:
@@ -186,12 +206,13 @@ def evaluate_document(document: TestDocument, query: torch.Tensor, candidate_ids
             ids = [int(candidate_ids[i]) for i in selection.indices.tolist()]
             losses = []
             for step, passage_id in enumerate(ids, 1):
-                losses.append(adapter.step(passage_text(passage_id)))
+                losses.append(adapter.step(passages[passage_id].text))
                 if step in settings.checkpoints and step < len(ids):
                     rows.append(Row(document.path, document.group, method, step,
                                     bits_per_byte(adapter.model, document)))
             rows.append(Row(document.path, document.group, method, len(ids), bits_per_byte(adapter.model, document),
-                            selection.final_variance, ids, losses))
+                            selection.final_variance, ids, losses,
+                            sum(covers_target(passages[i], document) for i in ids)))
         finally:
             adapter.reset()
     return rows
@@ -230,11 +251,14 @@ def summarise(rows: list[Row], methods: Sequence[str]) -> dict:
                 continue
             variances = [final[(p, method)].final_variance for p in present
                          if final[(p, method)].final_variance is not None]
+            target_picks = [final[(p, method)].target_picks for p in present
+                            if final[(p, method)].target_picks is not None]
             out[method] = {
                 "documents": len(present),
                 "bpb": mean_and_error(final[(p, method)].bpb for p in present),
                 "relative_percent": mean_and_error(relative(method, present)),
                 "final_variance": mean_and_error(variances) if variances else None,
+                "target_picks": mean_and_error(target_picks) if target_picks else None,
             }
         return out
 
@@ -265,10 +289,12 @@ def markdown(summary: dict, title: str) -> str:
         return "—" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
     def method_table(table):
-        lines = ["| method | documents | bits per byte | vs none (%) | σ² after selection |", "|---|---|---|---|---|"]
+        lines = ["| method | documents | bits per byte | vs none (%) | σ² after selection | picks from the target |",
+                 "|---|---|---|---|---|---|"]
         for method, entry in table.items():
             lines.append(f"| {method} | {entry['documents']} | {fmt(entry['bpb'])} | "
-                         f"{fmt(entry['relative_percent'], 2)} | {fmt(entry['final_variance'], 2)} |")
+                         f"{fmt(entry['relative_percent'], 2)} | {fmt(entry['final_variance'], 2)} | "
+                         f"{fmt(entry.get('target_picks'), 1)} |")
         return lines
 
     lines = [f"### {title}", "", *method_table(summary["overall"]), ""]
@@ -355,7 +381,8 @@ def run_evaluation(root: Path, settings: EvalSettings, adaptation: AdaptationSet
         documents[path] = test_document_for(path, root, tokenizer, settings)
         return documents[path] is not None
 
-    split = split_corpus(corpus_files(root, include, exclude), eligible, settings.test_documents, settings.seed)
+    split = split_corpus(corpus_files(root, include, exclude), eligible, settings.test_documents, settings.seed,
+                         tests_in_pool=settings.setting == "personal")
     if not split.test:
         raise ValueError(f"no document in {root} has the {settings.prompt_tokens} + {settings.target_tokens} "
                          "tokens a test needs")
@@ -373,9 +400,8 @@ def run_evaluation(root: Path, settings: EvalSettings, adaptation: AdaptationSet
             query = embedder.encode(document.prompt_text, normalize_embeddings=True, convert_to_tensor=True)
             ids, _, vectors = store.nearest(query.float().cpu().numpy(), settings.candidates)
             ids, vectors = np.repeat(ids, settings.duplicate), np.repeat(vectors, settings.duplicate, axis=0)
-            texts = {i: p.text for i, p in store.passages(set(ids.tolist())).items()}
             rows += evaluate_document(document, query.float().cpu(), ids, torch.from_numpy(vectors),
-                                      texts.__getitem__, adapter, settings)
+                                      store.passages(set(ids.tolist())), adapter, settings)
             bar.update(len(settings.methods))
         bar.close()
     return rows, split

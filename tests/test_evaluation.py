@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from sift_chat.cli import main
-from sift_chat.evaluation import (EvalSettings, Row, bits_per_byte, make_test_document, mean_and_error,
-                                  split_corpus, summarise)
+from sift_chat.evaluation import (EvalSettings, Row, bits_per_byte, covers_target, make_test_document,
+                                  mean_and_error, split_corpus, summarise)
+from sift_chat.store import Passage
 
 from .tiny import save_tiny_chat_model, tiny_model, tiny_tokenizer
 
@@ -56,6 +57,22 @@ def test_the_split_leaks_no_test_text_into_the_pool(tmp_path):
     assert split == split_corpus(files, eligible, test_documents=4, seed=1)
     assert split != split_corpus(files, eligible, test_documents=4, seed=2)
 
+    personal = split_corpus(files, eligible, test_documents=4, seed=1, tests_in_pool=True)
+    assert personal.test == split.test and personal.pool == files  # a user's own documents: all of them
+
+
+def test_target_characters_and_which_passages_cover_them():
+    document = make_test_document(TEXT, tiny_tokenizer(), prompt_tokens=6, target_tokens=10, path="/a.txt")
+    start, end = document.target_chars
+    assert len(TEXT[start:end].encode("utf-8")) == document.target_bytes
+    assert TEXT[:start].startswith(document.prompt_text.strip())
+    passage = lambda path, s, e: Passage(0, 0, path, 0, s, e, TEXT[s:e])  # noqa: E731
+    assert covers_target(passage("/a.txt", 0, start + 1), document)
+    assert covers_target(passage("/a.txt", end - 1, len(TEXT)), document)
+    assert not covers_target(passage("/a.txt", 0, start), document)  # the prompt only
+    assert not covers_target(passage("/a.txt", end, len(TEXT)), document)  # after the target
+    assert not covers_target(passage("/b.txt", 0, len(TEXT)), document)  # another document
+
 
 def test_summary_is_relative_to_none_and_paired_per_document():
     rows = [Row("a", "", "none", 0, 1.0), Row("a", "", "nn", 2, 0.9, 0.5), Row("a", "", "sift", 2, 0.8, 0.4),
@@ -72,6 +89,8 @@ def test_invalid_settings_are_refused():
         EvalSettings(methods=("sift", "random"))
     with pytest.raises(ValueError, match="duplicate must be"):
         EvalSettings(duplicate=0)
+    with pytest.raises(ValueError, match="unknown setting"):
+        EvalSettings(setting="private")
 
 
 def run_eval(tmp_path, out, *extra):
@@ -107,6 +126,13 @@ def test_eval_runs_end_to_end_and_the_same_seed_gives_the_same_result(tmp_path, 
 
     adaptive = run_eval(tmp_path, tmp_path / "adaptive", "--methods", "sift", "--min-reduction", "0.5")
     assert all(r["steps"] < 3 for r in adaptive["rows"])  # no pick removes half of σ₀²: stops early
+
+    assert all(r["target_picks"] == 0 for r in finals)  # held out: no pick holds the target's text
+    personal = run_eval(tmp_path, tmp_path / "personal", "--setting", "personal", "--methods", "none,nn,sift")
+    assert {r["path"] for r in personal["rows"]} == {r["path"] for r in rows}  # the same test documents
+    nn_picks = [r["target_picks"] for r in personal["rows"] if r["method"] == "nn" and r["steps"] == 3]
+    assert len(nn_picks) == 3 and sum(nn_picks) > 0  # their own text is in the pool now, and found
+    assert "picks from the target" in (tmp_path / "personal" / "results.md").read_text()
 
     duplicated = run_eval(tmp_path, tmp_path / "dup", "--duplicate", "2", "--methods", "nn,sift")
     nn = [r for r in duplicated["rows"] if r["method"] == "nn" and r["steps"] == 3]
