@@ -14,6 +14,7 @@ from .adaptation import AdaptationSettings
 from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS
 from .engine import MODES, ChatSettings
 from .evaluation import METHODS as EVAL_METHODS
+from .evaluation import MODES as EVAL_MODES
 from .evaluation import SETTINGS as EVAL_SETTINGS
 from .selection import METHODS
 
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="leave out files or folders matching (e.g. 'test*'); repeatable")
     evaluate.add_argument("--methods", default=",".join(EVAL_METHODS),
                           help="comma-separated, from %(default)s")
+    evaluate.add_argument("--mode", choices=EVAL_MODES, default="fine-tune",
+                          help="fine-tune on the picks, put them in context before the prompt, or both "
+                               "(default: %(default)s)")
+    evaluate.add_argument("--context-passages", type=int, default=4,
+                          help="distinct picks put in context in the context modes (default: %(default)s)")
     evaluate.add_argument("--test-docs", type=int, default=20, help="test documents (default: %(default)s)")
     evaluate.add_argument("--setting", choices=EVAL_SETTINGS, default="held-out",
                           help="held-out: no test text in the pool (the paper's setting); personal: the test "
@@ -308,6 +314,7 @@ def cmd_eval(args) -> int:
     from .models import load_chat_model
 
     settings = EvalSettings(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), setting=args.setting,
+                            mode=args.mode, context_passages=args.context_passages,
                             test_documents=args.test_docs, steps=args.steps, prompt_tokens=args.prompt_tokens,
                             target_tokens=args.target_tokens, candidates=args.candidates, lam=args.lam,
                             duplicate=args.duplicate, min_reduction=args.min_reduction, alpha=args.alpha,
@@ -324,12 +331,16 @@ def cmd_eval(args) -> int:
                                  passage_tokens=args.passage_tokens, progress=not args.quiet)
     measured = len({row.path for row in rows})
     title = (f"{Path(args.corpus).name}: {measured} test documents, pool of {len(split.pool)}, "
-             f"{settings.steps} steps, lr {adaptation.learning_rate}, λ {settings.lam}"
+             f"{settings.steps} {'picks' if settings.mode == 'context' else 'steps'}, lr {adaptation.learning_rate}, "
+             f"λ {settings.lam}"
              + (f", every passage ×{settings.duplicate}" if settings.duplicate > 1 else "")
-             + (", personal documents (test documents in the pool)" if settings.setting == "personal" else ""))
+             + (", personal documents (test documents in the pool)" if settings.setting == "personal" else "")
+             + (f", mode {settings.mode} ({settings.context_passages} passages in context)"
+                if settings.mode != "fine-tune" else ""))
     summary = write_report(rows, settings, adaptation, Path(args.out), title)
     print(markdown(summary, title))
-    print(f"\nwritten to {args.out}/results.md, results.json and bpb-by-steps.png")
+    plotted = " and bpb-by-steps.png" if settings.mode != "context" else ""
+    print(f"\nwritten to {args.out}/results.md, results.json{plotted}")
     return 0
 
 

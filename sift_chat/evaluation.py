@@ -12,13 +12,16 @@ This is the experiment of the SIFT paper (Hübotter et al., ICLR 2025, table 1) 
 3. For each method (none, US, NN, NN-F, SIFT): pre-select K candidates from the pool's index,
    select N passages, take one LoRA step per passage exactly as the engine does (fresh adapter,
    fresh optimizer), and measure the target's bits per byte given the prompt; then reset.
+   As in the engine's modes, `mode="context"` instead puts the first C distinct picks before the
+   prompt (their texts, each followed by a blank line) and takes no step, and `mode="both"` does
+   both; "none" is always the base model without context.
 
 Bits per byte of the target, given the prompt::
 
     bpb = Σ_{t ∈ target} −log₂ p(x_t | x_<t)  /  UTF-8 bytes of the target's text
 
-where x_<t is the tokenizer's special prefix (BOS, when it adds one), the prompt and the target
-tokens before t, and the target's text is the document's characters that the T target tokens
+where x_<t is the tokenizer's special prefix (BOS, when it adds one), the context passages (in
+the context modes), the prompt and the target tokens before t, and the target's text is the document's characters that the T target tokens
 cover (from the first one's start offset to the last one's end offset).
 """
 
@@ -53,6 +56,7 @@ class TestDocument:
     path: str
     group: str  # the subfolder it belongs to, for the per-folder table
     prompt_ids: list[int]  # the special prefix plus the first P tokens
+    prefix: int  # how many of prompt_ids are the tokenizer's special prefix
     target_ids: list[int]  # the next T tokens
     prompt_text: str
     target_bytes: int  # UTF-8 bytes of the target's text
@@ -72,7 +76,7 @@ def make_test_document(text: str, tokenizer, prompt_tokens: int, target_tokens: 
         return None
     cut, end = special + prompt_tokens, special + prompt_tokens + target_tokens
     target_text = text[offsets[cut][0] : offsets[end - 1][1]]
-    return TestDocument(path, group, ids[:cut], ids[cut:end], text[offsets[special][0] : offsets[cut][0]],
+    return TestDocument(path, group, ids[:cut], special, ids[cut:end], text[offsets[special][0] : offsets[cut][0]],
                         len(target_text.encode("utf-8")), (offsets[cut][0], offsets[end - 1][1]))
 
 
@@ -83,12 +87,14 @@ def covers_target(passage, document: TestDocument) -> bool:
 
 
 @torch.no_grad()
-def bits_per_byte(model, document: TestDocument) -> float:
-    """Σ −log₂ p(target token | everything before it) / UTF-8 bytes of the target's text."""
+def bits_per_byte(model, document: TestDocument, context_ids: Sequence[int] = ()) -> float:
+    """Σ −log₂ p(target token | everything before it) / UTF-8 bytes of the target's text, with
+    `context_ids` between the special prefix and the prompt."""
     device = next(model.parameters()).device
-    ids = torch.tensor([document.prompt_ids + document.target_ids], device=device)
+    prefix, prompt = document.prompt_ids[: document.prefix], document.prompt_ids[document.prefix :]
+    ids = torch.tensor([prefix + list(context_ids) + prompt + document.target_ids], device=device)
     logits = model(input_ids=ids, use_cache=False).logits[0].float()
-    start = len(document.prompt_ids)
+    start = len(document.prompt_ids) + len(context_ids)
     # logits at position t predict token t + 1
     nats = F.cross_entropy(logits[start - 1 : -1], ids[0, start:], reduction="sum")
     return float(nats) / math.log(2) / document.target_bytes
@@ -145,12 +151,16 @@ def _content_hash(path: Path) -> str:
 
 
 SETTINGS = ("held-out", "personal")
+MODES = ("fine-tune", "context", "both")
 
 
 @dataclass
 class EvalSettings:
     methods: tuple[str, ...] = METHODS
     setting: str = "held-out"  # or "personal": the test documents stay in the pool
+    mode: str = "fine-tune"  # or "context" (picks in the prompt, no steps) or "both"
+    context_passages: int = 4  # C: distinct picks put before the prompt, as the engine does
+    context_tokens: int = 1024  # at most this many context tokens (the passages' start is kept)
     test_documents: int = 20
     steps: int = 8  # N: passages selected, one step each
     prompt_tokens: int = 128
@@ -170,7 +180,10 @@ class EvalSettings:
             raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}: use {', '.join(METHODS)}")
         if self.setting not in SETTINGS:
             raise ValueError(f"unknown setting {self.setting!r}: use {' or '.join(SETTINGS)}")
-        for name in ("test_documents", "steps", "prompt_tokens", "target_tokens", "candidates", "duplicate"):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}: use {', '.join(MODES)}")
+        for name in ("test_documents", "steps", "prompt_tokens", "target_tokens", "candidates", "duplicate",
+                     "context_passages", "context_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
 
@@ -204,18 +217,28 @@ def evaluate_document(document: TestDocument, query: torch.Tensor, candidate_ids
             selection = select(query, candidates, method, settings.steps, settings.lam,
                                settings.min_reduction, settings.alpha)
             ids = [int(candidate_ids[i]) for i in selection.indices.tolist()]
+            context = context_ids(adapter.tokenizer, [passages[i].text for i in dict.fromkeys(ids)], settings) \
+                if settings.mode in ("context", "both") else []
             losses = []
-            for step, passage_id in enumerate(ids, 1):
-                losses.append(adapter.step(passages[passage_id].text))
-                if step in settings.checkpoints and step < len(ids):
-                    rows.append(Row(document.path, document.group, method, step,
-                                    bits_per_byte(adapter.model, document)))
-            rows.append(Row(document.path, document.group, method, len(ids), bits_per_byte(adapter.model, document),
-                            selection.final_variance, ids, losses,
+            if settings.mode != "context":
+                for step, passage_id in enumerate(ids, 1):
+                    losses.append(adapter.step(passages[passage_id].text))
+                    if step in settings.checkpoints and step < len(ids):
+                        rows.append(Row(document.path, document.group, method, step,
+                                        bits_per_byte(adapter.model, document, context)))
+            rows.append(Row(document.path, document.group, method, len(losses),
+                            bits_per_byte(adapter.model, document, context), selection.final_variance, ids, losses,
                             sum(covers_target(passages[i], document) for i in ids)))
         finally:
             adapter.reset()
     return rows
+
+
+def context_ids(tokenizer, texts: Sequence[str], settings: EvalSettings) -> list[int]:
+    """The first C distinct passages as the model reads them before the prompt: each text and a
+    blank line, at most `context_tokens` tokens."""
+    text = "".join(t.strip() + "\n\n" for t in texts[: settings.context_passages])
+    return tokenizer(text, add_special_tokens=False)["input_ids"][: settings.context_tokens]
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -347,7 +370,8 @@ def write_report(rows: list[Row], settings: EvalSettings, adaptation: Adaptation
         {"settings": asdict(settings), "adaptation": asdict(adaptation), "summary": summary,
          "rows": [asdict(r) for r in rows]}, indent=1))
     (out / "results.md").write_text(markdown(summary, title) + "\n")
-    plot(summary, out / "bpb-by-steps.png")
+    if settings.mode != "context":  # no steps to plot against
+        plot(summary, out / "bpb-by-steps.png")
     return summary
 
 

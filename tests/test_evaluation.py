@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,17 @@ def test_bits_per_byte_matches_a_hand_computed_value():
     assert document.target_bytes == len(target_text.encode("utf-8"))
     assert document.prompt_text + target_text == TEXT[: len(document.prompt_text) + len(target_text)]
     assert bits_per_byte(model, document) == pytest.approx(bits / document.target_bytes, rel=1e-5)
+
+
+def test_context_goes_between_the_special_prefix_and_the_prompt():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    document = make_test_document(TEXT, tokenizer, prompt_tokens=6, target_tokens=10)
+    context = tokenizer("Nearest neighbours retrieve passages.\n\n", add_special_tokens=False)["input_ids"]
+    assert document.prefix == 1 and bits_per_byte(model, document, []) == bits_per_byte(model, document)
+    with_context = replace(document, prompt_ids=document.prompt_ids[:1] + context + document.prompt_ids[1:])
+    assert bits_per_byte(model, document, context) == pytest.approx(bits_per_byte(model, with_context), rel=1e-6)
+    assert bits_per_byte(model, document, context) != bits_per_byte(model, document)  # the context is read
 
 
 def test_a_document_too_short_for_prompt_and_target_is_not_a_test():
@@ -91,6 +103,8 @@ def test_invalid_settings_are_refused():
         EvalSettings(duplicate=0)
     with pytest.raises(ValueError, match="unknown setting"):
         EvalSettings(setting="private")
+    with pytest.raises(ValueError, match="unknown mode"):
+        EvalSettings(mode="rag")
 
 
 def run_eval(tmp_path, out, *extra):
@@ -133,6 +147,23 @@ def test_eval_runs_end_to_end_and_the_same_seed_gives_the_same_result(tmp_path, 
     nn_picks = [r["target_picks"] for r in personal["rows"] if r["method"] == "nn" and r["steps"] == 3]
     assert len(nn_picks) == 3 and sum(nn_picks) > 0  # their own text is in the pool now, and found
     assert "picks from the target" in (tmp_path / "personal" / "results.md").read_text()
+
+    def finals_of(result, method="sift"):
+        return {r["path"]: r for r in result["rows"] if r["method"] == method and r["steps"] == len(r["losses"])
+                and (r["losses"] or r["passage_ids"])}
+
+    fine_tuned = finals_of(first)
+    in_context = run_eval(tmp_path, tmp_path / "context", "--mode", "context", "--methods", "none,sift")
+    context_rows = finals_of(in_context)
+    assert context_rows.keys() == fine_tuned.keys()
+    for path, row in context_rows.items():  # the same picks, no step, another loss
+        assert row["losses"] == [] and row["passage_ids"] == fine_tuned[path]["passage_ids"]
+        assert row["bpb"] != fine_tuned[path]["bpb"]
+    assert not (tmp_path / "context" / "bpb-by-steps.png").exists()
+    both = finals_of(run_eval(tmp_path, tmp_path / "both", "--mode", "both", "--methods", "none,sift"))
+    for path, row in both.items():  # the same steps, measured with the passages in context
+        assert row["losses"] == fine_tuned[path]["losses"] and row["bpb"] not in (fine_tuned[path]["bpb"],
+                                                                                    context_rows[path]["bpb"])
 
     duplicated = run_eval(tmp_path, tmp_path / "dup", "--duplicate", "2", "--methods", "nn,sift")
     nn = [r for r in duplicated["rows"] if r["method"] == "nn" and r["steps"] == 3]
