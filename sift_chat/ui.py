@@ -641,7 +641,7 @@ HELP = {
     "mode": "Fine-tune: one LoRA step per passage, then answer. Context: put the passages in the "
             "prompt. Both, or off (the base model).",
     "passages": "At most this many passages, one fine-tuning step each (0: none).",
-    "lam": "SIFT's λ: small favours diverse passages, large favours the most similar ones (λ→∞ is NN).",
+    "lam": "SIFT's λ: small favours diverse passages, large the most similar ones (λ→∞ repeats the nearest, as NN-F).",
     "adaptive": "Stop selecting once another passage would remove little uncertainty.",
     "min_reduction": "…when a pick removes less than this share of the prompt's initial uncertainty.",
     "learning_rate": "Step size of each LoRA step: larger learns more from each passage, and risks more.",
