@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("prompt", nargs="?", help="the question; omit it for an interactive chat")
     chat.add_argument("--method", default="sift", choices=METHODS, help="selection (default: %(default)s)")
     chat.add_argument("--mode", default="fine-tune", choices=MODES,
-                      help="learn from the passages, put them in context, both, or neither (default: %(default)s)")
+                      help="learn from the passages, put them in context, both (the best in the evaluation), "
+                           "or neither (default: %(default)s)")
     chat.add_argument("-n", "--passages", type=int, default=ChatSettings.passages,
                       help="at most this many passages, one LoRA step each (default: %(default)s)")
     chat.add_argument("--candidates", type=int, default=ChatSettings.candidates,

@@ -639,7 +639,7 @@ HELP = {
     "method": "SIFT picks passages that each remove the most remaining uncertainty, skipping what "
               "an earlier pick already said. NN takes the most similar ones, duplicates included.",
     "mode": "Fine-tune: one LoRA step per passage, then answer. Context: put the passages in the "
-            "prompt. Both, or off (the base model).",
+            "prompt. Both (the best in the evaluation, with a longer prompt), or off (the base model).",
     "passages": "At most this many passages, one fine-tuning step each (0: none).",
     "lam": "SIFT's λ: small favours diverse passages, large the most similar ones (λ→∞ repeats the nearest, as NN-F).",
     "adaptive": "Stop selecting once another passage would remove little uncertainty.",
