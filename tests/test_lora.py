@@ -137,3 +137,13 @@ def test_layer_index():
     assert layer_index("model.layers.12.mlp.up_proj", "layers") == 12
     assert layer_index("lm_head", "layers") is None
     assert layer_index("model.h.3.attn.c_attn", "h") == 3
+
+
+def test_generation_path_computes_what_the_training_path_computes():
+    layer = random_layer(dtype=torch.float32)
+    x = torch.randn(2, 7, 12)
+    with torch.no_grad():
+        generating = layer(x)  # no autograd node: the path generation takes
+    training = layer(x)
+    assert training.grad_fn is not None and generating.grad_fn is None
+    assert torch.equal(generating, training.detach())
