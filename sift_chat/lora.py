@@ -7,7 +7,7 @@ A [r, in] and B [out, r], and the scaling s = alpha / r:
 
 Its backward is written out, so that a layer is one autograd node that saves x and h = x Aᵀ
 and makes no scaled copy of the [T, out] activations (peft's composite layer records six nodes
-and two of those copies; the step is 1.2× faster this way, README: LoRA step):
+and two of those copies; a 256-token step is about 1.08× faster this way, README: Benchmarks):
 
     ∂L/∂B = s · (∂L/∂y)ᵀ h          [out, r]
     ∂L/∂h = s · (∂L/∂y) B           [T, r]
