@@ -122,12 +122,10 @@ def kernel_floor(adapter: Adapter, tokens: int, device: torch.device, repeats: i
     model, t = adapter.model, tokens
     config, layers = model.config, model.model.layers
     adapted = sorted({int(name.split(".layers.")[1].split(".")[0]) for name in adapter.lora_modules})
-    weights = [[m.weight for name, m in layer.named_modules() if isinstance(m, nn.Linear)] for layer in layers]
-    backward = [
-        [w for w, (name, _) in zip(ws, [(n, m) for n, m in layers[i].named_modules() if isinstance(m, nn.Linear)])
-         if i != adapted[0] or not any(p in name for p in ("q_proj", "k_proj", "v_proj"))]
-        for i, ws in enumerate(weights) if i in adapted
-    ]
+    linears = [[(name, m.weight) for name, m in layer.named_modules() if isinstance(m, nn.Linear)] for layer in layers]
+    weights = [[w for _, w in named] for named in linears]
+    qkv = ("q_proj", "k_proj", "v_proj")
+    backward = [[w for name, w in linears[i] if i != adapted[0] or not any(p in name for p in qkv)] for i in adapted]
     inputs = {w.shape[1]: torch.randn(t, w.shape[1], device=device) for ws in weights for w in ws}
     grads = {w.shape[0]: torch.randn(t, w.shape[0], device=device) for ws in weights for w in ws}
     head = model.get_output_embeddings().weight
