@@ -21,8 +21,9 @@ Bits per byte of the target, given the prompt::
     bpb = Σ_{t ∈ target} −log₂ p(x_t | x_<t)  /  UTF-8 bytes of the target's text
 
 where x_<t is the tokenizer's special prefix (BOS, when it adds one), the context passages (in
-the context modes), the prompt and the target tokens before t, and the target's text is the document's characters that the T target tokens
-cover (from the first one's start offset to the last one's end offset).
+the context modes), the prompt and the target tokens before t, and the target's text is the
+document's characters that the T target tokens cover (from the first one's start offset to the
+last one's end offset).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class TestDocument:
     target_ids: list[int]  # the next T tokens
     prompt_text: str
     target_bytes: int  # UTF-8 bytes of the target's text
-    target_chars: tuple[int, int] = (0, 0)  # the target's [start, end) characters in the document
+    target_chars: tuple[int, int]  # the target's [start, end) characters in the document
 
 
 def make_test_document(text: str, tokenizer, prompt_tokens: int, target_tokens: int,
@@ -80,7 +81,7 @@ def make_test_document(text: str, tokenizer, prompt_tokens: int, target_tokens: 
                         len(target_text.encode("utf-8")), (offsets[cut][0], offsets[end - 1][1]))
 
 
-def covers_target(passage, document: TestDocument) -> bool:
+def covers_target(passage: Passage, document: TestDocument) -> bool:
     """Whether a passage (path and [start_char, end_char)) holds some of the target's text."""
     start, end = document.target_chars
     return passage.path == document.path and passage.start_char < end and passage.end_char > start
