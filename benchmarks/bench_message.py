@@ -1,6 +1,6 @@
 """Message latency by stage with the default settings, on the sample corpus and the default models.
 
-    .venv/bin/python benchmarks/bench_message.py [--corpus stdlib] [--prompts N] [--json PATH]
+    .venv/bin/python benchmarks/bench_message.py [--corpus stdlib] [--mode both] [--prompts N] [--json PATH]
 
 On the sample corpus the passages are short (about 50 tokens); `--corpus stdlib` uses 60 files of
 the Python standard library instead, whose passages are full length (192 embedder tokens).
@@ -49,10 +49,11 @@ def main() -> None:
     parser.add_argument("--corpus", choices=("sample", "stdlib"), default="sample")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS))
     parser.add_argument("--device", default=None)
+    parser.add_argument("--mode", default=ChatSettings.mode, help="chat mode (default: %(default)s)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    settings = ChatSettings()
+    settings = ChatSettings(mode=args.mode)
     embedder = load_embedder(config.DEFAULT_EMBEDDER, args.device)
     model, tokenizer = load_chat_model(config.DEFAULT_CHAT_MODEL, args.device, config.data_dir() / "models")
     with tempfile.TemporaryDirectory() as folder, Store(folder) as store:
@@ -74,7 +75,7 @@ def main() -> None:
     stages = ["embed", "select", "fine-tune", "first_token", "generate"]
     medians = {stage: statistics.median(run.get(stage, 0.0) for run in runs) for stage in stages}
     adaptation = engine.adapter.settings
-    print(f"corpus {args.corpus} ({store_size} passages); defaults: {settings.passages} passages ({settings.method}), LoRA rank {adaptation.rank} on "
+    print(f"corpus {args.corpus} ({store_size} passages); mode {settings.mode}, {settings.passages} passages ({settings.method}), LoRA rank {adaptation.rank} on "
           f"{adaptation.top_layers or 'all'} layers, {adaptation.max_passage_tokens} tokens/passage, "
           f"{settings.max_new_tokens} new tokens max; median of {len(runs)} prompts, device "
           f"{engine.adapter.device}")
