@@ -90,7 +90,7 @@ def step_flops(adapter: Adapter, tokens: int) -> float:
 
     n, d, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
     attention = config.num_attention_heads * (getattr(config, "head_dim", None) or d // config.num_attention_heads)
-    adapted = sorted({int(name.split(".layers.")[1].split(".")[0]) for name in adapter.lora_modules})
+    adapted = adapter.adapted_layers
     p, p_qkv = base_weights(layers[0]), base_weights(layers[adapted[0]], ("q_proj", "k_proj", "v_proj"))
     lora = 2 * t * sum(m.lora_A.numel() + m.lora_B.numel() for m in adapter.lora_modules.values())
     head = 2 * (t - 1) * vocab * d
@@ -121,7 +121,7 @@ def kernel_floor(adapter: Adapter, tokens: int, device: torch.device, repeats: i
     the fastest a step with these kernels could be on this machine."""
     model, t = adapter.model, tokens
     config, layers = model.config, model.model.layers
-    adapted = sorted({int(name.split(".layers.")[1].split(".")[0]) for name in adapter.lora_modules})
+    adapted = adapter.adapted_layers
     linears = [[(name, m.weight) for name, m in layer.named_modules() if isinstance(m, nn.Linear)] for layer in layers]
     weights = [[w for _, w in named] for named in linears]
     qkv = ("q_proj", "k_proj", "v_proj")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import add_lora, remove_lora
+from .lora import add_lora, layer_index, remove_lora
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -243,6 +243,12 @@ class Adapter:
     def remove(self) -> nn.Module:
         """Take the LoRA layers out of the model and return it, as it was given."""
         return remove_lora(self.model)
+
+    @property
+    def adapted_layers(self) -> list[int]:
+        """The indices of the decoder layers that carry LoRA layers, in order."""
+        layers_name, _ = decoder_layers(self.model)
+        return sorted({layer_index(name, layers_name) for name in self.lora_modules})
 
     @property
     def device(self) -> torch.device:

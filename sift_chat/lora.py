@@ -48,20 +48,20 @@ class LoRALinear(nn.Module):
             lora = F.linear(F.linear(F.dropout(x, self.dropout), self.lora_A), self.lora_B)
             return self.base(x) + self.scaling * lora
         if not torch.is_grad_enabled():  # generation: the same ops without autograd's bookkeeping
-            return _lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
+            return _lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)[0]
         return _LoRALinearFunction.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
 
     def extra_repr(self) -> str:
         return f"rank={self.lora_A.shape[0]}, scaling={self.scaling:g}, enabled={self.enabled}"
 
 
-def _lora_linear(x, weight, bias, lora_a, lora_b, scaling, with_h: bool = False):
-    """y = x Wᵀ + b + s (x Aᵀ) Bᵀ (and the input rows and h = x Aᵀ, for the backward)."""
+def _lora_linear(x, weight, bias, lora_a, lora_b, scaling):
+    """(y, rows, h): y = x Wᵀ + b + s (x Aᵀ) Bᵀ, and x as rows and h = x Aᵀ for the backward."""
     rows = x.reshape(-1, x.shape[-1])
     y = F.linear(x, weight, bias)  # the base layer's own op, so that B = 0 gives its output bit for bit
     h = rows @ lora_a.T
     y.view(-1, y.shape[-1]).addmm_(h, lora_b.T, alpha=scaling)
-    return (y, rows, h) if with_h else y
+    return y, rows, h
 
 
 class _LoRALinearFunction(torch.autograd.Function):
@@ -69,7 +69,7 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
-        y, rows, h = _lora_linear(x, weight, bias, lora_a, lora_b, scaling, with_h=True)
+        y, rows, h = _lora_linear(x, weight, bias, lora_a, lora_b, scaling)
         ctx.save_for_backward(rows, h, weight, lora_a, lora_b)
         ctx.scaling = scaling
         ctx.x_shape = x.shape

@@ -262,7 +262,7 @@ def test_every_optimizer_steps(setup, optimizer):
 
 
 def lora_layer_indices(adapter):
-    return sorted({int(name.split(".layers.")[1].split(".")[0]) for name in adapter.lora_modules})
+    return adapter.adapted_layers
 
 
 def test_top_layers_only_get_lora_and_backward_stops_there(setup):

@@ -330,12 +330,17 @@ def test_same_trace_as_activeft_vtl_with_exact_copies():
 # ---------------------------------------------------------------- dtypes, devices, serialisation
 
 
+def assert_same_selection(a, b, atol):
+    """The same picks, in order, and σ² traces equal to `atol`."""
+    assert a.indices.tolist() == b.indices.tolist()
+    torch.testing.assert_close(a.posterior_variance, b.posterior_variance, atol=atol, rtol=0)
+
+
 def test_float32_and_float64_agree():
     q32, c32 = random_problem(12, K=300, d=32)
     s32 = select(q32, c32, "sift", n=25)
     s64 = select(q32.double(), c32.double(), "sift", n=25)
-    assert s32.indices.tolist() == s64.indices.tolist()
-    torch.testing.assert_close(s32.posterior_variance, s64.posterior_variance, atol=1e-9, rtol=0)
+    assert_same_selection(s32, s64, atol=1e-9)
     for s in (s32, s64):
         assert s.indices.dtype == torch.int64 and s.posterior_variance.dtype == torch.float64
         assert s.indices.device.type == "cpu"
@@ -356,8 +361,7 @@ def test_cuda_matches_cpu():
     query, candidates = random_problem(14, K=500, d=32)
     cpu = select(query, candidates, "sift", n=20)
     gpu = select(query.cuda(), candidates.cuda(), "sift", n=20)
-    assert gpu.indices.tolist() == cpu.indices.tolist()
-    torch.testing.assert_close(gpu.posterior_variance, cpu.posterior_variance, atol=1e-6, rtol=0)
+    assert_same_selection(gpu, cpu, atol=1e-6)
 
 
 def test_to_dict_is_plain_json_and_round_trips():
