@@ -69,7 +69,7 @@ def main() -> None:
         runs = []
         for prompt in [prompts[0], *prompts[: args.prompts]]:  # the first one warms up
             done = [e for e in engine.respond(prompt, settings=settings) if isinstance(e, Done)][0]
-            runs.append(done.record["seconds"] | {"steps": len(done.record["losses"])})
+            runs.append(done.record.seconds | {"steps": len(done.record.losses)})
         runs = runs[1:]
         store_size = store.passage_count()
     stages = ["embed", "select", "fine-tune", "first_token", "generate"]

@@ -1,4 +1,5 @@
-"""The command line: `python -m sift_chat ingest|rm|stats|search ...`. A thin shell over the stages."""
+"""The command line: `python -m sift_chat ingest|rm|stats|search|chat|eval|serve ...`. A thin shell
+over the stages and the application layer (`sift_chat.service`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from pathlib import Path
 from . import config
 from .adaptation import AdaptationSettings
 from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS
-from .engine import MODES, ChatSettings
-from .evaluation import METHODS as EVAL_METHODS
-from .evaluation import MODES as EVAL_MODES
+from .engine import ChatSettings
 from .evaluation import SETTINGS as EVAL_SETTINGS
-from .selection import METHODS
+from .vocabulary import EVAL_METHODS, EVAL_MODES, METHODS, MODES, method_label
+
+CLI_OWNER = ""  # the owner of chats made on the command line (the app's browsers have keys)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,6 +224,7 @@ def cmd_search(args) -> int:
 
 def cmd_chat(args) -> int:
     from .engine import Engine
+    from .service import Service
 
     settings = ChatSettings(method=args.method, mode=args.mode, passages=args.passages,
                             candidates=args.candidates, lam=args.lam, min_reduction=args.min_reduction,
@@ -232,57 +234,65 @@ def cmd_chat(args) -> int:
                                     target_modules=args.targets, seed=args.seed)
     engine = Engine.load(args.data_dir, embedder=args.embedder, chat_model=args.chat_model,
                          device=args.device, adaptation=adaptation)
+    service = Service(engine, config.data_dir(args.data_dir))
     if args.compare:
         if not args.prompt:
             print("error: --compare needs a prompt", file=sys.stderr)
             return 2
-        return _compare(engine, args.prompt, settings)
-    chat_id = engine.store.create_chat(_one_line(args.prompt or "interactive chat", 60))
+        return _compare(service, args.prompt, settings, adaptation)
     if args.prompt:
-        return _answer(engine, args.prompt, [], settings, chat_id)
+        return _answer(service, args.prompt, None, settings, adaptation)[0]
     print("Chat with your documents. Ctrl-D to leave.")
-    history: list[dict] = []
+    chat_id = None  # created with its first answer
     while True:
         try:
             prompt = input("\n> ").strip()
         except EOFError:
             print()
             return 0
-        if not prompt:
-            continue
-        if _answer(engine, prompt, history, settings, chat_id) == 0:
-            history = [{"role": m["role"], "content": m["content"]} for m in engine.store.messages(chat_id)]
+        if prompt:
+            chat_id = _answer(service, prompt, chat_id, settings, adaptation)[1] or chat_id
 
 
-def _answer(engine, prompt: str, history: list[dict], settings: ChatSettings, chat_id: int | None) -> int:
-    """Stream one answer with its selection and steps; 0 when it was answered and recorded."""
-    from .engine import Done, Notice, Selected, Stage, Step, Token
-
+def _answer(service, prompt: str, chat_id: int | None, settings: ChatSettings,
+            adaptation: AdaptationSettings) -> tuple[int, int | None]:
+    """Stream one answer with its selection and steps into the CLI's chat `chat_id` (a new one when
+    None): (0 when it was answered and recorded, else 130; the chat's id)."""
     try:
-        for event in engine.respond(prompt, history, settings, chat_id):
-            if isinstance(event, Notice):
-                print(f"note: {event.message}", file=sys.stderr)
-            elif isinstance(event, Selected):
-                print(_selection_table(event))
-            elif isinstance(event, Step):
-                print(f"  fine-tune step {event.index}/{event.total}: loss {event.loss:.3f}", file=sys.stderr)
-            elif isinstance(event, Stage) and event.name == "generate" and event.state == "started":
-                print()
-            elif isinstance(event, Token):
-                print(event.text, end="", flush=True)
-            elif isinstance(event, Done):
-                timings = " · ".join(f"{name.replace('_', ' ')} {value:.1f} s"
-                                     for name, value in event.record["seconds"].items())
-                print(f"\n\n[{timings}]")
+        for event in service.chat_turn(service.new_turn(CLI_OWNER), prompt, chat_id, CLI_OWNER, settings,
+                                       adaptation):
+            if _show(event):
+                return 0, event.chat_id
     except KeyboardInterrupt:
         print("\ninterrupted: the model is back at base and nothing was recorded", file=sys.stderr)
-        return 130
-    return 0
+        return 130, None
+    return 0, None
+
+
+def _show(event) -> bool:
+    """Print one event of a turn; True when it was the last (the exchange was stored)."""
+    from .engine import Notice, Selected, Stage, Step, Token
+    from .service import Answered, Stored
+
+    if isinstance(event, Notice):
+        print(f"note: {event.message}", file=sys.stderr)
+    elif isinstance(event, Selected):
+        print(_selection_table(event))
+    elif isinstance(event, Step):
+        print(f"  fine-tune step {event.index}/{event.total}: loss {event.loss:.3f}", file=sys.stderr)
+    elif isinstance(event, Stage) and event.name == "generate" and event.state == "started":
+        print()
+    elif isinstance(event, Token):
+        print(event.text, end="", flush=True)
+    elif isinstance(event, Answered):
+        timings = " · ".join(f"{name.replace('_', ' ')} {value:.1f} s" for name, value in event.record.seconds.items())
+        print(f"\n\n[{timings}]")
+    return isinstance(event, Stored)
 
 
 def _selection_table(selected, marked: set[int] | None = None) -> str:
     """The picks with their uncertainty reduction; repeats and (in a comparison) shared picks marked."""
-    lines = [f"{selected.method.upper()}: σ² {selected.prior_variance:.3f} → {selected.final_variance:.3f} "
+    lines = [f"{method_label(selected.method)}: σ² {selected.prior_variance:.3f} → {selected.final_variance:.3f} "
              f"after {len(selected.picks)} picks (stopped: {selected.stop_reason})"]
     for pick in selected.picks:
         flags = (" (repeat)" if pick.repeat else "") + (" *" if marked and pick.passage.id in marked else "")
@@ -292,21 +302,31 @@ def _selection_table(selected, marked: set[int] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _compare(engine, prompt: str, settings: ChatSettings) -> int:
-    from dataclasses import replace
+def _compare(service, prompt: str, settings: ChatSettings, adaptation: AdaptationSettings) -> int:
+    """Both selections (each made once) with the shared picks marked, then both answers."""
+    from .engine import Selected
+    from .service import Answered
 
-    query = engine.embed(prompt)
-    selections = {m: engine.select(query, settings, m) for m in ("nn", "sift")}
-    ids = {m: {p.passage.id for p in s.picks} for m, s in selections.items()}
-    shared = ids["nn"] & ids["sift"]
-    for method, selected in selections.items():
-        print(_selection_table(selected, shared) + "\n")
-    print("(* picked by both)")
-    for method in ("nn", "sift"):
-        print(f"\n=== answer after fine-tuning on the {method.upper()} picks ===")
-        code = _answer(engine, prompt, [], replace(settings, method=method), None)
-        if code:
-            return code
+    selections: dict[str, Selected] = {}
+    try:
+        for method, event in service.compare(service.new_turn(CLI_OWNER), prompt, settings, adaptation):
+            if isinstance(event, Selected) and method not in selections:
+                selections[method] = event
+                if len(selections) == 2:
+                    ids = {m: {p.passage.id for p in s.picks} for m, s in selections.items()}
+                    for selected in selections.values():
+                        print(_selection_table(selected, ids["nn"] & ids["sift"]) + "\n")
+                    print("(* picked by both)")
+                    print(f"\n=== answer after fine-tuning on the {method_label('nn')} picks ===")
+            elif isinstance(event, Selected):
+                continue  # the answer's own copy of the selection shown above
+            else:
+                _show(event)
+                if isinstance(event, Answered) and method == "nn":
+                    print(f"\n=== answer after fine-tuning on the {method_label('sift')} picks ===")
+    except KeyboardInterrupt:
+        print("\ninterrupted: the model is back at base", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -346,8 +366,9 @@ def cmd_eval(args) -> int:
 
 
 def _one_line(text: str, width: int = 160) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    from .service import one_line
+
+    return one_line(text, width)
 
 
 COMMANDS = {"ingest": cmd_ingest, "rm": cmd_rm, "stats": cmd_stats, "search": cmd_search, "chat": cmd_chat,

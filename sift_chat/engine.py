@@ -4,16 +4,18 @@
            ─adapt (fresh LoRA, one step per passage)─▶ generate, streamed ─▶ record in SQLite
 
 `Engine.respond` is a generator of events (stages, the selection, each step's loss, tokens,
-notices, and finally the stored answer), which the CLI, the app and the benchmarks consume. It
-holds no UI code. The adapter is reset before and after every message, also when the consumer
-stops early or a step fails, so no message ever sees another one's adaptation.
+notices, and finally the answer with its record), which the application layer
+(`sift_chat.service`) and the benchmarks consume. It holds no UI code and stores nothing. The
+settings of a message travel with it: the adaptation settings are applied under the engine's lock
+for that message only. The adapter is reset before and after every message, also when the
+consumer stops early or a step fails, so no message ever sees another one's adaptation.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -21,10 +23,10 @@ import torch
 
 from . import config
 from .adaptation import AdaptationSettings, Adapter, decoder_layers
-from .selection import METHODS, Selection, select
+from .record import AnswerRecord, SelectionRecord
+from .selection import Selection, select
 from .store import Passage, Store
-
-MODES = ("fine-tune", "context", "both", "off")
+from .vocabulary import METHODS, MODES
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,7 @@ class Notice:
 @dataclass(frozen=True)
 class Done:
     answer: str
-    message_id: int | None  # the stored answer (None when nothing was recorded)
-    record: dict = field(repr=False)
+    record: AnswerRecord
 
 
 Event = Stage | Selected | Step | Token | Notice | Done
@@ -149,7 +150,8 @@ class Engine:
         self.embedder_name = embedder_name
         self.tokenizer = tokenizer
         self.stop_ids = _stop_ids(tokenizer)
-        self.adapter = Adapter(model, tokenizer, adaptation or AdaptationSettings())
+        self.default_adaptation = adaptation or AdaptationSettings()  # for a message that names none
+        self.adapter = Adapter(model, tokenizer, self.default_adaptation)
         self.lock = threading.Lock()  # one adaptation at a time per loaded model
 
     @classmethod
@@ -172,27 +174,27 @@ class Engine:
     def layer_count(self) -> int:
         return decoder_layers(self.model)[1]
 
-    def configure(self, adaptation: AdaptationSettings) -> None:
-        """Adapt later messages with these settings. What only the optimizer or the data sees
-        (learning rate, optimizer, seed, passage length) takes a fresh optimizer; another LoRA
-        shape (rank, targets, layers) rebuilds the adapter on the base model, or keeps the old
-        one when the new settings do not fit the model."""
-        with self.lock:
-            current = self.adapter.settings
-            if adaptation == current:
-                return
-            same_shape = replace(adaptation, learning_rate=current.learning_rate, optimizer=current.optimizer,
-                                 seed=current.seed, max_passage_tokens=current.max_passage_tokens) == current
-            if same_shape:
-                self.adapter.settings = adaptation
-                self.adapter.reset()
-                return
-            base = self.adapter.remove()  # the base model, LoRA layers taken out
-            try:
-                self.adapter = Adapter(base, self.tokenizer, adaptation)
-            except Exception:
-                self.adapter = Adapter(base, self.tokenizer, current)
-                raise
+    def _use(self, adaptation: AdaptationSettings) -> None:
+        """Adapt this message with these settings (called holding the lock). What only the
+        optimizer or the data sees (learning rate, optimizer, seed, passage length) takes a fresh
+        optimizer; another LoRA shape (rank, targets, layers) rebuilds the adapter on the base
+        model, or keeps the old one when the new settings do not fit the model. The adapter's
+        shape is a cache: the next message states its own settings again."""
+        current = self.adapter.settings
+        if adaptation == current:
+            return
+        same_shape = replace(adaptation, learning_rate=current.learning_rate, optimizer=current.optimizer,
+                             seed=current.seed, max_passage_tokens=current.max_passage_tokens) == current
+        if same_shape:
+            self.adapter.settings = adaptation
+            self.adapter.reset()
+            return
+        base = self.adapter.remove()  # the base model, LoRA layers taken out
+        try:
+            self.adapter = Adapter(base, self.tokenizer, adaptation)
+        except Exception:
+            self.adapter = Adapter(base, self.tokenizer, current)
+            raise
 
     # -- stages -----------------------------------------------------------------------------
 
@@ -228,25 +230,27 @@ class Engine:
 
     # -- one message ------------------------------------------------------------------------
 
-    def respond(self, prompt: str, history: Sequence[dict] = (), settings: ChatSettings | None = None,
-                chat_id: int | None = None) -> Iterator[Event]:
+    def respond(self, prompt: str, history: Sequence[dict] = (), settings: ChatSettings | None = None, *,
+                adaptation: AdaptationSettings | None = None, selected: Selected | None = None) -> Iterator[Event]:
         """Answer `prompt` (after `history`, a list of {"role", "content"}), yielding events.
 
-        The exchange is recorded in `chat_id` only when the answer is complete; an interrupted
-        or failed message leaves the store as it was and the model at base.
+        `adaptation` is this message's (default: the engine's own); `selected`, a selection made
+        already for this prompt (a comparison selects once), skips embedding and selecting. An
+        interrupted or failed message leaves the model at base; nothing is stored here.
         """
         settings = settings or ChatSettings()
         prompt = prompt.strip() if isinstance(prompt, str) else ""
         if not prompt:
             raise ValueError("the message is empty: type a question")
         with self.lock:
-            yield from self._respond(prompt, list(history), settings, chat_id)
+            self._use(adaptation or self.default_adaptation)
+            yield from self._respond(prompt, list(history), settings, selected)
 
-    def _respond(self, prompt, history, settings, chat_id) -> Iterator[Event]:
+    def _respond(self, prompt, history, settings, selected) -> Iterator[Event]:
         seconds: dict[str, float] = {}
         message_started = time.perf_counter()
-        record = {"settings": asdict(settings), "adaptation": asdict(self.adapter.settings)}
-        selected, losses = None, []
+        adaptation = asdict(self.adapter.settings)
+        losses = []
         torch.manual_seed(settings.seed)
 
         wants_passages = settings.fine_tunes or settings.uses_context
@@ -256,8 +260,12 @@ class Engine:
         elif wants_passages and settings.passages == 0:
             yield Notice("0 passages asked for: answering with the base model")
             wants_passages = False
+        if not wants_passages:
+            selected = None
 
-        if wants_passages:
+        if selected is not None:
+            yield selected
+        elif wants_passages:
             yield Stage("embed", "started")
             started = time.perf_counter()
             query = self.embed(prompt)
@@ -270,8 +278,8 @@ class Engine:
             seconds["select"] = time.perf_counter() - started
             yield selected
             yield Stage("select", "finished", seconds["select"])
-            if not selected.picks:
-                yield Notice(f"no passage was selected ({selected.stop_reason}): answering with the base model")
+        if selected is not None and not selected.picks:
+            yield Notice(f"no passage was selected ({selected.stop_reason}): answering with the base model")
 
         self.adapter.reset()
         try:
@@ -303,24 +311,10 @@ class Engine:
             self.adapter.reset()
 
         answer = "".join(pieces).strip()
-        record.update(seconds=seconds, losses=losses)
-        if selected is not None:
-            record["selection"] = {
-                "method": selected.method, "prior_variance": selected.prior_variance,
-                "final_variance": selected.final_variance, "stop_reason": selected.stop_reason,
-                "nn_posterior_variance": selected.nn_posterior_variance,
-            }
-        message_id = None
-        if chat_id is not None:
-            picks = [
-                {"step": p.step, "passage_id": p.passage.id, "similarity": p.similarity,
-                 "posterior_variance": p.posterior_variance,
-                 "uncertainty_reduction": p.uncertainty_reduction,
-                 "loss": losses[p.step - 1] if p.step <= len(losses) else None}
-                for p in (selected.picks if selected else [])
-            ]
-            message_id = self.store.record_exchange(chat_id, prompt, answer, record, picks)
-        yield Done(answer, message_id, record)
+        summary = None if selected is None else SelectionRecord(
+            selected.method, selected.prior_variance, selected.final_variance, selected.stop_reason,
+            list(selected.nn_posterior_variance))
+        yield Done(answer, AnswerRecord(asdict(settings), adaptation, seconds, losses, summary))
 
     # -- generation -------------------------------------------------------------------------
 

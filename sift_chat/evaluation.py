@@ -45,8 +45,8 @@ from .adaptation import AdaptationSettings, Adapter
 from .corpus import UnreadableFile, iter_files, read_text
 from .selection import select
 from .store import Passage
-
-METHODS = ("none", "us", "nn", "nnf", "sift")
+from .vocabulary import EVAL_METHODS as METHODS
+from .vocabulary import EVAL_MODES as MODES
 
 
 # -- the metric ---------------------------------------------------------------------------
@@ -152,7 +152,6 @@ def _content_hash(path: Path) -> str:
 
 
 SETTINGS = ("held-out", "personal")
-MODES = ("fine-tune", "context", "both")
 
 
 @dataclass

@@ -67,7 +67,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("sift", "nn", "nnf", "us")
+from .vocabulary import METHODS
+
 STOP_REASONS = ("max_steps", "min_reduction", "alpha", "no_candidates")
 
 

@@ -452,16 +452,31 @@ class Store:
     def record_exchange(self, chat_id: int, prompt: str, answer: str, record: dict,
                         picks: list[dict]) -> int:
         """The prompt, the answer (with its record) and its picks, in one transaction; the answer's id."""
+        with self.db.atomic():
+            return self._insert_exchange(chat_id, prompt, answer, record, picks)
+
+    @_serialized
+    def start_chat(self, title: str, owner: str, prompt: str, answer: str, record: dict,
+                   picks: list[dict]) -> tuple[int, int]:
+        """A new chat and its first exchange, in one transaction (a chat never exists empty):
+        (the chat's id, the answer's id)."""
         now = _now()
         with self.db.atomic():
-            self.db.execute("INSERT INTO messages (chat_id, role, content, created_at) VALUES (?, ?, ?, ?)",
-                            [chat_id, "user", prompt, now])
-            cursor = self.db.execute(
-                "INSERT INTO messages (chat_id, role, content, created_at, record) VALUES (?, ?, ?, ?, ?)",
-                [chat_id, "assistant", answer, now, json.dumps(record)])
-            message_id = cursor.lastrowid
-            self.db["selections"].insert_all({"message_id": message_id, **pick} for pick in picks)
-            self.db.execute("UPDATE chats SET updated_at = ? WHERE id = ?", [now, chat_id])
+            chat_id = self.db.execute(
+                "INSERT INTO chats (owner, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                [owner, title, now, now]).lastrowid
+            return chat_id, self._insert_exchange(chat_id, prompt, answer, record, picks)
+
+    def _insert_exchange(self, chat_id, prompt, answer, record, picks) -> int:
+        now = _now()
+        self.db.execute("INSERT INTO messages (chat_id, role, content, created_at) VALUES (?, ?, ?, ?)",
+                        [chat_id, "user", prompt, now])
+        cursor = self.db.execute(
+            "INSERT INTO messages (chat_id, role, content, created_at, record) VALUES (?, ?, ?, ?, ?)",
+            [chat_id, "assistant", answer, now, json.dumps(record)])
+        message_id = cursor.lastrowid
+        self.db["selections"].insert_all({"message_id": message_id, **pick} for pick in picks)
+        self.db.execute("UPDATE chats SET updated_at = ? WHERE id = ?", [now, chat_id])
         return message_id
 
     # -- search ---------------------------------------------------------------------------

@@ -1,28 +1,25 @@
-"""The app: a Gradio shell over the engine, the store and the corpus stage.
+"""The app: a Gradio shell over the application layer (`sift_chat.service`).
 
     Handlers   plain functions (methods) that take and return plain values: strings, lists, dicts,
-               `Panel`s. They call the Engine, the Store and `corpus.ingest`; no selection math and
-               no training code lives here. Tested as they are (tests/test_ui.py).
+               `Panel`s. They render what the Service does; no chat, selection or training logic
+               lives here. Tested as they are (tests/test_ui.py).
     render_*   turn a `Panel` (one answer's selection) into what the side panel shows.
     build      the layout, and the wiring of components to handlers (Gradio-specific, thin).
     create_app load the models and the store, build the Blocks; `launch` serves it.
 
 Each browser gets a random private key, kept in its localStorage (gr.BrowserState), and its chats
 are stored under that key: one visitor never lists, opens, renames or deletes another's chats.
-Chat, compare and ingest share one queue slot ("model"): one adaptation at a time per loaded model,
-and a waiting user sees their place in the queue.
+Chat, compare and ingest share one queue slot ("model"), and messages wait in the Service's line
+for the model with the API's requests: one adaptation at a time per loaded model, and a waiting
+user sees their place. Stop is the Service's stop switch for this browser's message, not a
+cancelled request: the message ends where it is, and reports whether anything was stored.
 """
 
 from __future__ import annotations
 
 import html
-import json
 import math
-import re
 import secrets
-import shutil
-import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,110 +27,19 @@ import gradio as gr
 
 from . import config
 from .adaptation import AdaptationSettings
-from .corpus import DEFAULT_MAX_FILE_BYTES, ingest
-from .engine import ChatSettings, Done, Engine, Notice, Selected, Stage, Step, Token
+from .engine import ChatSettings, Engine, Notice, Selected, Stage, Step, Token
+from .panel import SETTING_NAMES, Panel, default_settings, parse_settings
+from .service import (MAX_UPLOAD_BYTES, Answered, IngestOutcome, Service, Stopped, Stored, Waiting,
+                      first_line)
 from .store import Store
+from .turns import Turn
+from .vocabulary import METHOD_LABELS, METHODS, MODE_LABELS, MODES
 
-SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
-MAX_UPLOAD_BYTES = DEFAULT_MAX_FILE_BYTES  # 32 MiB, as the corpus stage reads at most
 DEMO_QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
-METHOD_LABELS = {"sift": "SIFT", "nn": "NN", "nnf": "NN-F", "us": "US"}
 NO_ANSWER = "*(no answer: the model stopped at once)*"
-SETTING_NAMES = ("method", "mode", "passages", "lam", "adaptive", "min_reduction",
-                 "learning_rate", "lora_layers", "max_new_tokens")
-
-
-# -- settings --------------------------------------------------------------------------------
-
-
-def default_settings() -> dict:
-    """The settings panel's starting values: the engine's own defaults."""
-    chat, adaptation = ChatSettings(), AdaptationSettings()
-    return {"method": chat.method, "mode": chat.mode, "passages": chat.passages, "lam": chat.lam,
-            "adaptive": chat.min_reduction is not None, "min_reduction": chat.min_reduction or 0.02,
-            "learning_rate": adaptation.learning_rate, "lora_layers": adaptation.top_layers or 0,
-            "max_new_tokens": chat.max_new_tokens}
-
-
-def parse_settings(values: dict, base: AdaptationSettings) -> tuple[ChatSettings, AdaptationSettings]:
-    """The settings panel's values as engine settings; ValueError with a readable message.
-    A value left empty (None) takes its default."""
-    values = {**default_settings(), **{k: v for k, v in values.items() if v is not None}}
-
-    def number(name: str, kind=float):
-        try:
-            value = kind(values[name])
-        except (TypeError, ValueError):
-            raise ValueError(f"{name.replace('_', ' ')} must be a number, got {values[name]!r}") from None
-        if kind is float and not math.isfinite(value):
-            raise ValueError(f"{name.replace('_', ' ')} must be a finite number")
-        return value
-
-    chat = ChatSettings(
-        method=values["method"], mode=values["mode"], passages=number("passages", int),
-        lam=number("lam"), min_reduction=number("min_reduction") if values["adaptive"] else None,
-        max_new_tokens=number("max_new_tokens", int),
-    )
-    layers = number("lora_layers", int)
-    adaptation = replace(base, learning_rate=number("learning_rate"), top_layers=layers if layers > 0 else None)
-    return chat, adaptation
 
 
 # -- one answer's selection, as the side panel shows it ---------------------------------------
-
-
-@dataclass
-class Panel:
-    """What one answer learned from: the picks, σ² after each, NN's σ² for the same prompt,
-    the loss of each step and the seconds of each stage."""
-
-    method: str
-    prior_variance: float
-    picks: list[dict]  # step, passage_id, path, text, similarity, posterior_variance, uncertainty_reduction, repeat
-    nn_variance: list[float]
-    stop_reason: str
-    losses: list[float | None] = field(default_factory=list)
-    seconds: dict = field(default_factory=dict)
-
-    @property
-    def final_variance(self) -> float:
-        return self.picks[-1]["posterior_variance"] if self.picks else self.prior_variance
-
-    @property
-    def passage_ids(self) -> set[int]:
-        return {p["passage_id"] for p in self.picks}
-
-    @classmethod
-    def from_selected(cls, selected: Selected) -> "Panel":
-        picks = [{"step": p.step, "passage_id": p.passage.id, "path": p.passage.path, "text": p.passage.text,
-                  "similarity": p.similarity, "posterior_variance": p.posterior_variance,
-                  "uncertainty_reduction": p.uncertainty_reduction, "repeat": p.repeat}
-                 for p in selected.picks]
-        return cls(selected.method, selected.prior_variance, picks, list(selected.nn_posterior_variance),
-                   selected.stop_reason)
-
-    @classmethod
-    def from_stored(cls, record: dict | None, rows: list[dict], passages: dict) -> "Panel | None":
-        """From an answer's stored record and selection rows (a removed document's passage keeps
-        its numbers, without its text)."""
-        record = record or {}
-        selection = record.get("selection")
-        if not selection:
-            return None
-        picks, seen = [], set()
-        for row in rows:
-            passage = passages.get(row["passage_id"])
-            picks.append({"step": row["step"], "passage_id": row["passage_id"],
-                          "path": passage.path if passage else "(removed document)",
-                          "text": passage.text if passage else "",
-                          "similarity": row["similarity"], "posterior_variance": row["posterior_variance"],
-                          "uncertainty_reduction": row["uncertainty_reduction"],
-                          "repeat": row["passage_id"] in seen})
-            seen.add(row["passage_id"])
-        losses = record.get("losses") or [row.get("loss") for row in rows]
-        return cls(selection["method"], selection["prior_variance"], picks,
-                   list(selection.get("nn_posterior_variance") or []), selection.get("stop_reason", ""),
-                   list(losses), dict(record.get("seconds") or {}))
 
 
 def coverage_verdict(prior: float, final: float) -> str:
@@ -235,11 +141,6 @@ def render_timings(panel: Panel | None, seconds: dict | None = None) -> str:
 # -- the handlers ----------------------------------------------------------------------------
 
 
-def _one_line(text: str, width: int) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _shown(content: str) -> str:
     return content if content.strip() else NO_ANSWER
 
@@ -254,28 +155,30 @@ def _failure(message: str) -> dict:
 
 
 class Handlers:
-    """Everything the app does, as plain functions over one engine (one per process)."""
+    """What the app shows, as plain functions over the application layer (one per process).
 
-    def __init__(self, engine: Engine, data_dir: str | Path, *, allow_server_paths: bool = True,
-                 sample_corpus: Path | None = SAMPLE_CORPUS, max_upload_bytes: int = MAX_UPLOAD_BYTES):
-        self.engine = engine
-        self.data_dir = Path(data_dir)
-        self.uploads = self.data_dir / "uploads"
-        self.allow_server_paths = allow_server_paths
-        self.sample_corpus = sample_corpus if sample_corpus and Path(sample_corpus).is_dir() else None
-        self.max_upload_bytes = max_upload_bytes
-        self.base_adaptation = engine.adapter.settings
+    Every handler takes and returns plain values (strings, lists, dicts, `Panel`s); the work is
+    the Service's. Browser keys are checked here: a key shorter than 16 characters owns nothing.
+    """
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    @property
+    def engine(self) -> Engine:
+        return self.service.engine
 
     @property
     def store(self) -> Store:
-        return self.engine.store
+        return self.service.store
+
+    @property
+    def base_adaptation(self) -> AdaptationSettings:
+        return self.service.base_adaptation
 
     # -- owners and chats ------------------------------------------------------------------
 
-    @staticmethod
-    def new_owner() -> str:
-        """A random private key for one browser: the owner of its chats."""
-        return secrets.token_urlsafe(24)
+    new_owner = staticmethod(Service.new_owner)
 
     @staticmethod
     def valid_owner(owner) -> bool:
@@ -283,66 +186,33 @@ class Handlers:
 
     def chat_choices(self, owner: str) -> list[tuple[str, int]]:
         """(title, id) of the owner's chats, the most recently used first."""
-        if not self.valid_owner(owner):
-            return []
-        return [(chat["title"], chat["id"]) for chat in self.store.chats(owner)]
+        return self.service.chats(owner) if self.valid_owner(owner) else []
 
     def own_chat(self, chat_id, owner) -> dict | None:
-        """The chat if it exists and belongs to `owner`, else None."""
-        if chat_id is None or not self.valid_owner(owner):
-            return None
-        try:
-            chat = self.store.chat(int(chat_id))
-        except (TypeError, ValueError):
-            return None
-        return chat if chat and chat["owner"] == owner else None
+        return self.service.own_chat(chat_id, owner) if self.valid_owner(owner) else None
 
     def open_chat(self, chat_id, owner) -> dict:
         """{history, title, panel, chat_id, error}: the chat's messages and its last answer's panel."""
-        chat = self.own_chat(chat_id, owner)
-        if chat is None:
+        view = self.service.open_chat(chat_id, owner) if self.valid_owner(owner) else None
+        if view is None:
             return {"history": [], "title": "", "panel": None, "chat_id": None,
                     "error": "This chat does not exist (any more)." if chat_id is not None else ""}
-        messages = self.store.messages(chat["id"])
-        answers = [m for m in messages if m["role"] == "assistant"]
-        return {"history": [{"role": m["role"], "content": _shown(m["content"]) if m["role"] == "assistant"
-                             else m["content"]} for m in messages],
-                "title": chat["title"], "chat_id": chat["id"], "error": "",
-                "panel": self.answer_panel(answers[-1]) if answers else None}
-
-    def answer_panel(self, message: dict) -> Panel | None:
-        record = json.loads(message["record"]) if message.get("record") else None
-        rows = self.store.selection_rows(message["id"])
-        return Panel.from_stored(record, rows, self.store.passages(r["passage_id"] for r in rows))
+        return {"history": _history(view.messages), "title": view.title, "chat_id": view.chat_id, "error": "",
+                "panel": view.panel}
 
     def message_panel(self, chat_id, owner, index: int) -> Panel | None:
-        """The panel of the answer at position `index` of the chat (a clicked message); for a
-        question, the answer that follows it."""
-        chat = self.own_chat(chat_id, owner)
-        if chat is None:
-            return None
-        messages = self.store.messages(chat["id"])
-        for message in messages[max(int(index), 0):]:
-            if message["role"] == "assistant":
-                return self.answer_panel(message)
-        return None
+        """The panel of the answer at position `index` of the chat (a clicked message)."""
+        return self.service.message_panel(chat_id, owner, index) if self.valid_owner(owner) else None
 
     def rename_chat(self, chat_id, title: str, owner) -> str:
         """'' when renamed, else why not."""
-        title = _one_line(title or "", 80)
-        if not title:
-            return "Give the chat a title."
-        if self.own_chat(chat_id, owner) is None:
+        if not self.valid_owner(owner) and (title or "").strip():
             return "Open one of your chats first."
-        self.store.rename_chat(int(chat_id), title)
-        return ""
+        return self.service.rename_chat(chat_id, title, owner)
 
     def delete_chat(self, chat_id, owner) -> str:
         """'' when deleted, else why not."""
-        if self.own_chat(chat_id, owner) is None:
-            return "Open one of your chats first."
-        self.store.delete_chat(int(chat_id))
-        return ""
+        return self.service.delete_chat(chat_id, owner) if self.valid_owner(owner) else "Open one of your chats first."
 
     # -- one message -----------------------------------------------------------------------
 
@@ -356,13 +226,30 @@ class Handlers:
         except ValueError as error:
             raise ValueError(f"Check the settings: {error}") from None
 
-    def respond(self, message: str, chat_id, owner, settings: dict) -> Iterator[dict]:
+    def new_turn(self, owner) -> Turn:
+        """A ticket for the message about to be sent: Stop works from now on, even while it waits."""
+        return self.service.new_turn(owner if self.valid_owner(owner) else None)
+
+    def stop(self, owner) -> str:
+        """Stop this browser's message; the status line for the click (the message itself then
+        reports where it stopped)."""
+        if not self.valid_owner(owner):
+            return "Nothing to stop."
+        stopped, kept = self.service.stop(owner)
+        if stopped:
+            return "Stopping…"
+        if kept is not None:
+            return "Too late to stop: the answer was complete, and it is stored."
+        return "Nothing to stop."
+
+    def respond(self, message: str, chat_id, owner, settings: dict, turn: Turn | None = None) -> Iterator[dict]:
         """Answer `message` in the chat (a new one when chat_id is None), yielding updates:
         history, status, message (the input box), chat_id, chats, panel, error, and owner when
         the browser had no key yet (a message sent before the page finished loading).
 
-        The exchange is stored only when the answer is complete; on a failure the message goes
-        back into the input box and the chat is as it was.
+        The exchange is stored only when the answer is complete and was not stopped; a new chat
+        is created with it. On a failure or a stop the message goes back into the input box and
+        the chat is as it was.
         """
         try:
             message, chat_settings, adaptation = self._checked(message, settings, "message")
@@ -370,14 +257,13 @@ class Handlers:
             yield _failure(str(error))
             return
         new_owner = {} if self.valid_owner(owner) else {"owner": (owner := self.new_owner())}
+        turn = turn if turn is not None and turn.owner in (owner, None) else self.service.new_turn(owner)
+        turn.owner = owner
 
         chat = self.own_chat(chat_id, owner)
-        created = chat is None
-        chat_id = chat["id"] if chat else self.store.create_chat(_one_line(message, 60), owner)
-        history = [{"role": m["role"], "content": m["content"]} for m in self.store.messages(chat_id)]
-        shown = [{"role": m["role"], "content": _shown(m["content"]) if m["role"] == "assistant" else m["content"]}
-                 for m in history]
-        answer, notes, panel, finished, current = "", [], None, False, "Starting…"
+        chat_id = chat["id"] if chat else None
+        shown = _history(self.store.messages(chat_id)) if chat else []
+        answer, notes, panel, current = "", [], None, "Starting…"
 
         def view(status: str | None = None, **more) -> dict:
             nonlocal current
@@ -386,16 +272,18 @@ class Handlers:
                                 {"role": "assistant", "content": answer or "…"}],
                     "status": current + "".join(f"\n\n*Note: {n}*" for n in notes), **more}
 
-        yield view("Starting…", message="", chat_id=chat_id, chats=self.chat_choices(owner), panel=None,
-                   **new_owner)
-        stream = None
+        def undone(status: str, **more) -> dict:  # the chat as it was, the message back in the box
+            return {"history": shown, "status": status, "message": message, "panel": None, "chat_id": chat_id,
+                    "chats": self.chat_choices(owner), **more}
+
+        yield view("Starting…", message="", chat_id=chat_id, panel=None, **new_owner)
         try:
-            self.engine.configure(adaptation)
-            stream = self.engine.respond(message, history, chat_settings, chat_id)
-            for event in stream:
+            for event in self.service.chat_turn(turn, message, chat_id, owner, chat_settings, adaptation):
                 if isinstance(event, Token):
                     answer += event.text
                     yield view("Generating the answer…")
+                elif isinstance(event, Waiting):
+                    yield view(f"Waiting for the model: {event.ahead} ahead of yours…")
                 elif isinstance(event, Stage) and event.state == "started":
                     yield view(_stage_text(event.name, chat_settings))
                 elif isinstance(event, Selected):
@@ -408,40 +296,25 @@ class Handlers:
                 elif isinstance(event, Notice):
                     notes.append(event.message)
                     yield view()
-                elif isinstance(event, Done):
-                    finished = True
-                    answer = event.answer
-                    seconds = event.record.get("seconds", {})
-                    if panel is not None:
-                        panel.seconds = dict(seconds)
+                elif isinstance(event, Answered):
+                    answer, panel = event.answer, event.panel
+                elif isinstance(event, Stored):
+                    seconds = dict(panel.seconds) if panel else {}
                     total = sum(v for k, v in seconds.items() if k != "first_token")
                     yield {**view(f"Answered in {total:.1f} s."), "history": [
                         *shown, {"role": "user", "content": message}, {"role": "assistant", "content": _shown(answer)}],
-                        "panel": panel, "seconds": seconds, "chats": self.chat_choices(owner)}
+                        "panel": panel, "seconds": seconds, "chat_id": event.chat_id,
+                        "chats": self.chat_choices(owner)}
+                elif isinstance(event, Stopped):
+                    yield undone(f"Stopped {event.where}: the model is back at base and nothing of this "
+                                 "message was stored; it is back in the box.")
         except Exception as error:  # the engine left the model at base and stored nothing
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            if created:
-                self._drop_if_empty(chat_id, owner)
-            yield {**_failure(f"The answer failed: {reason}. Nothing was stored; your message is back in "
-                              "the box to try again."),
-                   "history": shown, "message": message, "panel": None,
-                   "chat_id": None if created else chat_id, "chats": self.chat_choices(owner)}
-        finally:
-            if stream is not None:
-                stream.close()
-            if created and not finished:
-                self._drop_if_empty(chat_id, owner)
-
-    def _drop_if_empty(self, chat_id: int, owner: str) -> None:
-        try:
-            if self.own_chat(chat_id, owner) and not self.store.messages(chat_id):
-                self.store.delete_chat(chat_id)
-        except Exception:
-            pass  # best effort: an empty chat left behind is harmless
+            yield {**undone(""), **_failure(f"The answer failed: {first_line(error)}. Nothing was stored; "
+                                            "your message is back in the box to try again.")}
 
     # -- compare ---------------------------------------------------------------------------
 
-    def compare(self, prompt: str, settings: dict) -> Iterator[dict]:
+    def compare(self, prompt: str, settings: dict, owner=None) -> Iterator[dict]:
         """NN and SIFT on one prompt: both selections (with the passages both picked), both σ²
         curves, then both answers, streamed. Nothing is stored. Yields updates: nn, sift (Panels),
         shared (passage ids), nn_answer, sift_answer, status, error."""
@@ -453,8 +326,6 @@ class Handlers:
         if self.store.passage_count() == 0:
             yield _failure("The corpus is empty: add documents in the Corpus tab first.")
             return
-        if chat_settings.mode == "off":
-            chat_settings = replace(chat_settings, mode="fine-tune")
         panels: dict[str, Panel] = {}
         answers = {"nn": "", "sift": ""}
 
@@ -463,38 +334,32 @@ class Handlers:
             return {"nn": panels.get("nn"), "sift": panels.get("sift"), "shared": shared,
                     "nn_answer": answers["nn"], "sift_answer": answers["sift"], "status": status}
 
-        stream = None
+        turn = self.service.new_turn(owner if self.valid_owner(owner) else None)
         try:
-            self.engine.configure(adaptation)
-            with self.engine.lock:
-                query = self.engine.embed(prompt)
-                for method in ("nn", "sift"):
-                    panels[method] = Panel.from_selected(self.engine.select(query, chat_settings, method))
-            yield view("Selected both; now fine-tuning on the NN picks…")
-            for method in ("nn", "sift"):
-                label = METHOD_LABELS[method]
-                stream = self.engine.respond(prompt, [], replace(chat_settings, method=method), None)
-                for event in stream:
-                    if isinstance(event, Token):
-                        answers[method] += event.text
-                        yield view(f"{label}: generating…")
-                    elif isinstance(event, Selected):
-                        panels[method] = Panel.from_selected(event)
-                    elif isinstance(event, Step):
-                        panels[method].losses.append(event.loss)
-                        yield view(f"{label}: fine-tuning step {event.index} of {event.total} · loss {event.loss:.3f}")
-                    elif isinstance(event, Done):
-                        answers[method] = _shown(event.answer)
-                        if method in panels:
-                            panels[method].seconds = dict(event.record.get("seconds", {}))
-                stream = None
+            for method, event in self.service.compare(turn, prompt, chat_settings, adaptation):
+                label = METHOD_LABELS.get(method, method)
+                if isinstance(event, Selected):
+                    panels[method] = Panel.from_selected(event)
+                    if len(panels) == 2:
+                        yield view("Selected both; now fine-tuning on the NN picks…")
+                elif isinstance(event, Waiting):
+                    yield view(f"Waiting for the model: {event.ahead} ahead of yours…")
+                elif isinstance(event, Token):
+                    answers[method] += event.text
+                    yield view(f"{label}: generating…")
+                elif isinstance(event, Step):
+                    panels[method].losses.append(event.loss)
+                    yield view(f"{label}: fine-tuning step {event.index} of {event.total} · loss {event.loss:.3f}")
+                elif isinstance(event, Answered):
+                    answers[method] = _shown(event.answer)
+                    if event.panel is not None:
+                        panels[method] = event.panel
+                elif isinstance(event, Stopped):
+                    yield view(f"Stopped {event.where}.")
+                    return
             yield view("Done: ★ marks the passages both methods picked.")
         except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            yield {**view(""), **_failure(f"The comparison failed: {reason}")}
-        finally:
-            if stream is not None:
-                stream.close()
+            yield {**view(""), **_failure(f"The comparison failed: {first_line(error)}")}
 
     # -- the corpus ------------------------------------------------------------------------
 
@@ -506,7 +371,7 @@ class Handlers:
                 f"`{self.store.embedder or self.engine.embedder_name}`.")
 
     def offers_sample(self) -> bool:
-        return self.sample_corpus is not None and self.store.passage_count() == 0
+        return self.service.offers_sample()
 
     def documents(self) -> list[list]:
         """[name, folder, passages, size, added] for every document."""
@@ -518,74 +383,40 @@ class Handlers:
 
     def ingest(self, uploads: list | None = None, folder: str | None = None,
                progress: Callable[[float, str], None] | None = None) -> dict:
-        """Ingest uploaded files (copied into the data folder first) and a server folder or
-        file. Returns {report, error}: a readable report of what was added, skipped and why."""
-        uploads = [u for u in (uploads or []) if u]
-        folder = (folder or "").strip()
-        if not uploads and not folder:
-            return _ingest_failure("Choose files to upload (or give a folder) first.")
-        paths, skipped = [], []
-        for upload in uploads:
-            source = Path(getattr(upload, "name", upload))
-            name = _safe_name(source.name)
-            try:
-                size = source.stat().st_size
-                if size > self.max_upload_bytes:
-                    skipped.append((name, f"too large ({size / 2**20:.1f} MiB > {self.max_upload_bytes / 2**20:.0f} MiB)"))
-                    continue
-                self.uploads.mkdir(parents=True, exist_ok=True)
-                target = self.uploads / name
-                shutil.copyfile(source, target)
-                paths.append(target)
-            except OSError as error:
-                skipped.append((name, f"cannot read the upload: {error.strerror or error}"))
-        if folder:
-            if not self.allow_server_paths:
-                return _ingest_failure("Ingesting folders on the server is turned off here: upload files instead.")
-            path = Path(folder).expanduser()
-            if not path.exists():
-                return _ingest_failure(f"No such file or folder: {folder}")
-            paths.append(path)
-        return self._ingest(paths, skipped, progress)
+        """Ingest uploaded files and a server folder or file. Returns {report, error}: a readable
+        report of what was added, skipped and why."""
+        return _ingest_view(self.service.ingest(uploads, folder, _progress(progress)))
 
     def add_sample(self, progress: Callable[[float, str], None] | None = None) -> dict:
-        if self.sample_corpus is None:
-            return _ingest_failure("The sample corpus is not here.")
-        return self._ingest([self.sample_corpus], [], progress)
-
-    def _ingest(self, paths: list[Path], skipped: list[tuple[str, str]], progress) -> dict:
-        def on_progress(done: int, total: int) -> None:
-            if progress:
-                progress(done / max(total, 1), f"read {done} of {total} files")
-
-        if not paths:
-            return {"report": _report(None, skipped), "error": "Nothing could be ingested."}
-        try:
-            if progress:
-                progress(0.0, "reading files")
-            report = ingest(self.store, self.engine.embedder, paths, embedder_name=self.engine.embedder_name,
-                            progress=False, on_progress=on_progress)
-        except Exception as error:  # each document is written in one transaction: nothing half-stored
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            return _ingest_failure(f"The ingest failed: {reason}. Documents stored before are kept.")
-        for path, _ in report.skipped:  # an unreadable upload is not kept
-            if Path(path).parent == self.uploads.resolve():
-                Path(path).unlink(missing_ok=True)
-        nothing = report.ingested == 0 and not report.unchanged
-        return {"report": _report(report, skipped), "error": "Nothing could be ingested." if nothing else ""}
+        return _ingest_view(self.service.add_sample(_progress(progress)))
 
     def remove_document(self, path: str | None) -> str:
         """A readable result of removing the document (its passages and vectors go with it)."""
         if not path:
             return _error("Choose a document to remove.")
-        removed = self.store.remove([path])
-        if removed and Path(path).parent == self.uploads.resolve():
-            Path(path).unlink(missing_ok=True)  # an uploaded copy goes with its document
-        return f"Removed {Path(path).name}." if removed else _error(f"{Path(path).name} is not in the corpus.")
+        if self.service.remove_document(path):
+            return f"Removed {Path(path).name}."
+        return _error(f"{Path(path).name} is not in the corpus.")
 
 
-def _ingest_failure(message: str) -> dict:
-    return {"report": _error(message), "error": message}
+def _history(messages: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": _shown(m["content"]) if m["role"] == "assistant" else m["content"]}
+            for m in messages]
+
+
+def _progress(progress: Callable[[float, str], None] | None) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    progress(0.0, "reading files")
+    return lambda done, total: progress(done / max(total, 1), f"read {done} of {total} files")
+
+
+def _ingest_view(outcome: IngestOutcome) -> dict:
+    if outcome.report is None and not outcome.skipped:
+        return {"report": _error(outcome.error), "error": outcome.error}
+    if outcome.report is None and outcome.error != "Nothing could be ingested.":
+        return {"report": _error(outcome.error), "error": outcome.error}
+    return {"report": _report(outcome.report, outcome.skipped), "error": outcome.error}
 
 
 def _stage_text(name: str, settings: ChatSettings) -> str:
@@ -593,11 +424,6 @@ def _stage_text(name: str, settings: ChatSettings) -> str:
             "select": f"Selecting passages ({METHOD_LABELS.get(settings.method, settings.method)})…",
             "fine-tune": "Fine-tuning on the selected passages…",
             "generate": "Generating the answer…"}.get(name, f"{name}…")
-
-
-def _safe_name(name: str) -> str:
-    name = re.sub(r"[^\w.\- ]+", "_", Path(name).name).strip(" .") or "upload"
-    return name[:120]
 
 
 def _size(size: int) -> str:
@@ -659,6 +485,7 @@ def build(handlers: Handlers, *, secret: str | None = None):
     with gr.Blocks(title="sift-chat", fill_height=True) as demo:
         owner = gr.BrowserState(None, storage_key="sift-chat-owner", secret=secret)
         chat_id = gr.State(None)
+        turn = gr.State(None)  # the ticket of the message being sent: what Stop stops
 
         with gr.Sidebar(label="Chats", open=True, width=300):
             new_chat = gr.Button("New chat", variant="primary", elem_id="new-chat")
@@ -669,11 +496,10 @@ def build(handlers: Handlers, *, secret: str | None = None):
                     rename = gr.Button("Rename", size="sm")
                     delete = gr.Button("Delete", size="sm", variant="stop")
             with gr.Accordion("Settings", open=False, elem_id="settings"):
-                method = gr.Radio([("SIFT", "sift"), ("NN", "nn"), ("NN-F (repeats)", "nnf"), ("US", "us")],
+                method = gr.Radio([(METHOD_LABELS[m] + (" (repeats)" if m == "nnf" else ""), m) for m in METHODS],
                                   value=defaults["method"], label="Selection", info=HELP["method"])
-                mode = gr.Radio([("Fine-tune", "fine-tune"), ("Context", "context"), ("Both", "both"),
-                                 ("Off", "off")], value=defaults["mode"], label="Use the passages to",
-                                info=HELP["mode"])
+                mode = gr.Radio([(MODE_LABELS[m], m) for m in MODES], value=defaults["mode"],
+                                label="Use the passages to", info=HELP["mode"])
                 passages = gr.Slider(0, 32, value=defaults["passages"], step=1, label="Passages",
                                      info=HELP["passages"])
                 lam = gr.Number(value=defaults["lam"], label="λ", minimum=1e-6, info=HELP["lam"])
@@ -747,7 +573,7 @@ def build(handlers: Handlers, *, secret: str | None = None):
                 uploads = gr.File(label="Upload files (text, Markdown, HTML, source code, PDF; "
                                   f"at most {MAX_UPLOAD_BYTES // 2**20} MiB each)",
                                   file_count="multiple", type="filepath", elem_id="uploads")
-                folder = gr.Textbox(label="Or a folder or file on this machine", visible=h.allow_server_paths,
+                folder = gr.Textbox(label="Or a folder or file on this machine", visible=h.service.allow_server_paths,
                                     placeholder="~/notes", max_lines=1, elem_id="folder")
                 ingest_go = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_report = gr.Markdown(elem_id="ingest-report")
@@ -784,8 +610,11 @@ def build(handlers: Handlers, *, secret: str | None = None):
         demo.load(on_load, inputs=[owner], outputs=[owner, chat_list, *corpus_outputs])
 
         # chat
-        def on_send(text, current, owner_key, *values):
-            for update in h.respond(text, current, owner_key, dict(zip(SETTING_NAMES, values))):
+        def on_ticket(owner_key):
+            return h.new_turn(owner_key)
+
+        def on_send(text, current, owner_key, ticket, *values):
+            for update in h.respond(text, current, owner_key, dict(zip(SETTING_NAMES, values)), ticket):
                 if update.get("error"):
                     gr.Warning(update["error"])
                 panel = (show_panel(update["panel"], "", update.get("seconds")) if "panel" in update
@@ -796,18 +625,13 @@ def build(handlers: Handlers, *, secret: str | None = None):
                        *panel]
 
         chat_outputs = [chatbot, status, message, chat_id, owner, chat_list, *panel_outputs]
-        sending = [send.click(on_send, [message, chat_id, owner, *settings], chat_outputs,
-                              concurrency_id="model", concurrency_limit=1, show_progress_on=[chatbot]),
-                   message.submit(on_send, [message, chat_id, owner, *settings], chat_outputs,
-                                  concurrency_id="model", concurrency_limit=1, show_progress_on=[chatbot])]
+        # the ticket first, outside the model's queue, so that Stop reaches a message still waiting
+        for trigger in (send.click, message.submit):
+            trigger(on_ticket, [owner], [turn], queue=False).then(
+                on_send, [message, chat_id, owner, turn, *settings], chat_outputs,
+                concurrency_id="model", concurrency_limit=1, show_progress_on=[chatbot])
 
-        def on_stopped(current, owner_key):
-            time.sleep(0.5)  # after the last streamed update of the cancelled message has landed
-            current = current if h.own_chat(current, owner_key) else None  # a new chat is dropped unanswered
-            return ["Stopped: the model is back at base and nothing of this message was stored.",
-                    current, chats_update(owner_key, current)]
-
-        stop.click(None, None, None, cancels=sending).then(on_stopped, [chat_id, owner], [status, chat_id, chat_list])
+        stop.click(h.stop, [owner], [status], queue=False)
 
         def on_open(selected, owner_key):
             view = h.open_chat(selected, owner_key)
@@ -848,8 +672,8 @@ def build(handlers: Handlers, *, secret: str | None = None):
         chatbot.select(on_pick_message, [chat_id, owner], panel_outputs)
 
         # compare
-        def on_compare(prompt, *values):
-            for update in h.compare(prompt, dict(zip(SETTING_NAMES, values))):
+        def on_compare(prompt, owner_key, *values):
+            for update in h.compare(prompt, dict(zip(SETTING_NAMES, values)), owner_key):
                 if update.get("error"):
                     gr.Warning(update["error"])
                 nn, sift, shared = update.get("nn"), update.get("sift"), update.get("shared", set())
@@ -857,7 +681,7 @@ def build(handlers: Handlers, *, secret: str | None = None):
                        render_coverage(nn, " "), render_passages(nn, shared), update.get("nn_answer", ""),
                        render_coverage(sift, " "), render_passages(sift, shared), update.get("sift_answer", "")]
 
-        compare_go.click(on_compare, [compare_prompt, *settings],
+        compare_go.click(on_compare, [compare_prompt, owner, *settings],
                          [compare_status, compare_chart, nn_coverage, nn_picks, nn_answer,
                           sift_coverage, sift_picks, sift_answer],
                          concurrency_id="model", concurrency_limit=1, show_progress_on=[compare_status])
@@ -913,8 +737,7 @@ def create_app(data_dir: str | Path | None = None, *, embedder: str | None = Non
     """Load the models and the store, and build the app (not yet serving)."""
     home = config.data_dir(data_dir)
     engine = Engine.load(home, embedder=embedder, chat_model=chat_model, device=device)
-    handlers = Handlers(engine, home, allow_server_paths=allow_server_paths)
-    return build(handlers, secret=app_secret(home))
+    return build(Handlers(Service(engine, home, allow_server_paths=allow_server_paths)), secret=app_secret(home))
 
 
 def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs):

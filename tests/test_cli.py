@@ -110,3 +110,38 @@ def test_chat_rejects_bad_settings_in_one_line(tiny_chat):
     assert code == 2 and err.strip() == "error: invalid chat setting: lam must be a number > 0, got 0.0"
     code, _, err = tiny_chat("question", "--lr", "-1")
     assert code == 2 and err.startswith("error: invalid adaptation setting: learning_rate")
+
+
+def test_ctrl_c_during_a_chat_leaves_no_chat_behind(tiny_chat, tmp_path, monkeypatch):
+    from sift_chat.adaptation import Adapter
+    from sift_chat.store import Store
+
+    step = Adapter.step
+    calls = []
+
+    def interrupted(self, text):
+        calls.append(text)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C during the second step
+        return step(self, text)
+
+    monkeypatch.setattr(Adapter, "step", interrupted)
+    code, _, err = tiny_chat("Who keeps the lighthouse?", "-n", "3", "--max-new-tokens", "4")
+    assert code == 130 and "nothing was recorded" in err
+    with Store(tmp_path / "home" / "store") as store:
+        assert store.chats() == []  # no empty chat row either
+
+
+def test_interactive_chat_keeps_one_chat_with_its_history(tiny_chat, tmp_path, monkeypatch):
+    import io
+
+    from sift_chat.store import Store
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Who keeps the lighthouse?\n\nWhen is the lantern festival?\n"))
+    code, out, _ = tiny_chat("-n", "2", "--max-new-tokens", "3")
+    assert code == 0 and out.count("SIFT: σ²") == 2
+    with Store(tmp_path / "home" / "store") as store:
+        [chat] = store.chats()
+        assert chat["title"] == "Who keeps the lighthouse?"
+        assert [m["content"] for m in store.messages(chat["id"]) if m["role"] == "user"] == [
+            "Who keeps the lighthouse?", "When is the lantern festival?"]

@@ -13,6 +13,7 @@ import torch
 
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import Engine
+from sift_chat.service import Service
 from sift_chat.store import Store
 from sift_chat.ui import (NO_ANSWER, Handlers, Panel, build, parse_settings, render_coverage,
                           render_passages, render_timings, render_variance)
@@ -30,7 +31,7 @@ def handlers(tmp_path, embedder):
     tokenizer = tiny_tokenizer()
     engine = Engine(Store(tmp_path / "data" / "store"), embedder, tiny_model(tokenizer), tokenizer,
                     embedder_name=EMBEDDER, adaptation=AdaptationSettings(max_passage_tokens=64))
-    yield Handlers(engine, tmp_path / "data", sample_corpus=SAMPLE)
+    yield Handlers(Service(engine, tmp_path / "data", sample_corpus=SAMPLE))
     engine.store.close()
 
 
@@ -199,7 +200,7 @@ def test_a_message_on_an_empty_corpus_answers_with_the_base_model(handlers):
 
 def test_uploads_and_folders_are_ingested_and_bad_files_reported(handlers, tmp_path):
     h = handlers
-    h.max_upload_bytes = 1000
+    h.service.max_upload_bytes = 1000
     uploads = tmp_path / "uploads-from-browser"
     uploads.mkdir()
     (uploads / "notes.md").write_text("The harbour master of Skellport is Ada Quill.")
@@ -210,14 +211,14 @@ def test_uploads_and_folders_are_ingested_and_bad_files_reported(handlers, tmp_p
     assert result["error"] == "" and "1 added" in report
     assert "blob.bin: binary file" in report and "big.txt: too large" in report
     [row] = h.documents()
-    assert row[0] == "notes.md" and Path(h.document_paths()[0]).parent == h.uploads  # kept in the data folder
+    assert row[0] == "notes.md" and Path(h.document_paths()[0]).parent == h.service.uploads  # kept in the data folder
 
     assert "No such file or folder" in h.ingest([], "/nonexistent/folder")["report"]
     assert "Choose files" in h.ingest([], "")["report"]
     assert "Nothing could be ingested" in h.ingest([str(uploads / "blob.bin")])["report"]
-    assert sorted(p.name for p in h.uploads.iterdir()) == ["notes.md"]  # unreadable uploads are not kept
+    assert sorted(p.name for p in h.service.uploads.iterdir()) == ["notes.md"]  # unreadable uploads are not kept
     assert "10 added" in h.ingest(None, str(SAMPLE))["report"]
-    h.allow_server_paths = False
+    h.service.allow_server_paths = False
     assert "turned off" in h.ingest([], str(SAMPLE))["report"]
 
     def failing(*args, **kwargs):
@@ -227,8 +228,8 @@ def test_uploads_and_folders_are_ingested_and_bad_files_reported(handlers, tmp_p
     (uploads / "more.md").write_text("The ferry to Holm is painted blue.")
     result = h.ingest([str(uploads / "more.md")])
     assert "The ingest failed: disk full" in result["report"] and len(h.documents()) == 11
-    assert h.remove_document(str(h.uploads.resolve() / "notes.md")) == "Removed notes.md."
-    assert not (h.uploads / "notes.md").exists()
+    assert h.remove_document(str(h.service.uploads.resolve() / "notes.md")) == "Removed notes.md."
+    assert not (h.service.uploads / "notes.md").exists()
 
 
 def test_removing_a_document_removes_its_passages(sample):
@@ -252,7 +253,10 @@ def test_compare_shows_both_selections_curves_and_answers_and_stores_nothing(sam
     assert "lighthouse.md" in {Path(p["path"]).name for p in sift.picks}
     assert sift.final_variance < nn.final_variance
     assert len(nn.losses) == len(sift.losses) == 3
-    assert final["nn_answer"] and final["sift_answer"]
+    for method in ("nn", "sift"):  # each answer is the one a message with that method gets
+        chat, adaptation = parse_settings({**FAST, "method": method}, h.base_adaptation)
+        alone = list(h.service.run(h.service.new_turn(), QUESTION, [], chat, adaptation))[-1]
+        assert final[f"{method}_answer"] == (alone.answer or NO_ANSWER)
     assert set(render_variance(sift, nn).method) == {"SIFT", "NN"}
     assert h.store.db.execute("SELECT count(*) FROM chats").fetchone()[0] == 0
     assert "empty" in list(h.compare(" ", FAST))[-1]["status"]
@@ -270,8 +274,8 @@ def test_settings_become_engine_settings_and_the_adapter_follows_them(sample):
     chat, adaptation = parse_settings({"adaptive": False, "lora_layers": 0}, h.base_adaptation)
     assert chat.min_reduction is None and adaptation.top_layers is None
 
-    h.engine.configure(adaptation.__class__(**{**adaptation.__dict__, "learning_rate": 0.02}))
-    assert h.engine.adapter.optimizer.param_groups[0]["lr"] == 0.02
+    list(h.respond(QUESTION, None, h.new_owner(), {**FAST, "learning_rate": 0.02}))
+    assert h.engine.adapter.optimizer.param_groups[0]["lr"] == 0.02  # this message's learning rate
     updates = list(h.respond(QUESTION, None, h.new_owner(), {**FAST, "lora_layers": 2}))
     assert h.engine.adapter.settings.top_layers == 2
     names = [n for n in h.engine.adapter.lora_modules]

@@ -1,0 +1,131 @@
+"""The settings a request carries, and what one answer learned from (the side panel's data).
+
+Both are shared by the app, the CLI and the API: the same names and checks for the settings, the
+same picks, σ² and timings for a panel, a terminal table or a JSON extension field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from .adaptation import AdaptationSettings
+from .engine import ChatSettings, Selected
+from .record import AnswerRecord
+
+SETTING_NAMES = ("method", "mode", "passages", "lam", "adaptive", "min_reduction",
+                 "learning_rate", "lora_layers", "max_new_tokens")
+
+
+def default_settings() -> dict:
+    """The settings panel's starting values: the engine's own defaults."""
+    chat, adaptation = ChatSettings(), AdaptationSettings()
+    return {"method": chat.method, "mode": chat.mode, "passages": chat.passages, "lam": chat.lam,
+            "adaptive": chat.min_reduction is not None, "min_reduction": chat.min_reduction or 0.02,
+            "learning_rate": adaptation.learning_rate, "lora_layers": adaptation.top_layers or 0,
+            "max_new_tokens": chat.max_new_tokens}
+
+
+def parse_settings(values: dict, base: AdaptationSettings,
+                   chat_base: ChatSettings | None = None) -> tuple[ChatSettings, AdaptationSettings]:
+    """Settings by name (SETTING_NAMES) as the engine's settings; ValueError with a readable
+    message. A value left empty (None) takes its default; what `values` does not name comes from
+    `chat_base` and `base`."""
+    unknown = set(values) - set(SETTING_NAMES)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(sorted(map(str, unknown)))}: "
+                         f"use {', '.join(SETTING_NAMES)}")
+    values = {**default_settings(), **{k: v for k, v in values.items() if v is not None}}
+
+    def number(name: str, kind=float):
+        value = values[name]
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{name.replace('_', ' ')} must be {'an integer' if kind is int else 'a number'}, "
+                             f"got {value!r}")
+        try:
+            value = kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{name.replace('_', ' ')} must be a number, got {values[name]!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"{name.replace('_', ' ')} must be a finite number")
+        return value
+
+    chat = replace(
+        chat_base or ChatSettings(),
+        method=values["method"], mode=values["mode"], passages=number("passages", int),
+        lam=number("lam"), min_reduction=number("min_reduction") if values["adaptive"] else None,
+        max_new_tokens=number("max_new_tokens", int),
+    )
+    layers = number("lora_layers", int)
+    adaptation = replace(base, learning_rate=number("learning_rate"), top_layers=layers if layers > 0 else None)
+    return chat, adaptation
+
+
+@dataclass
+class Panel:
+    """What one answer learned from: the picks, σ² after each, NN's σ² for the same prompt,
+    the loss of each step and the seconds of each stage."""
+
+    method: str
+    prior_variance: float
+    picks: list[dict]  # step, passage_id, path, start_char, end_char, text, similarity, posterior_variance, uncertainty_reduction, repeat
+    nn_variance: list[float]
+    stop_reason: str
+    losses: list[float | None] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def final_variance(self) -> float:
+        return self.picks[-1]["posterior_variance"] if self.picks else self.prior_variance
+
+    @property
+    def passage_ids(self) -> set[int]:
+        return {p["passage_id"] for p in self.picks}
+
+    @classmethod
+    def from_selected(cls, selected: Selected) -> "Panel":
+        picks = [{"step": p.step, "passage_id": p.passage.id, "path": p.passage.path,
+                  "start_char": p.passage.start_char, "end_char": p.passage.end_char, "text": p.passage.text,
+                  "similarity": p.similarity, "posterior_variance": p.posterior_variance,
+                  "uncertainty_reduction": p.uncertainty_reduction, "repeat": p.repeat}
+                 for p in selected.picks]
+        return cls(selected.method, selected.prior_variance, picks, list(selected.nn_posterior_variance),
+                   selected.stop_reason)
+
+    @classmethod
+    def from_stored(cls, record: AnswerRecord | None, rows: list[dict], passages: dict) -> "Panel | None":
+        """From an answer's stored record and selection rows (a removed document's passage keeps
+        its numbers, without its text)."""
+        if record is None or record.selection is None:
+            return None
+        picks, seen = [], set()
+        for row in rows:
+            passage = passages.get(row["passage_id"])
+            picks.append({"step": row["step"], "passage_id": row["passage_id"],
+                          "path": passage.path if passage else "(removed document)",
+                          "start_char": passage.start_char if passage else None,
+                          "end_char": passage.end_char if passage else None,
+                          "text": passage.text if passage else "",
+                          "similarity": row["similarity"], "posterior_variance": row["posterior_variance"],
+                          "uncertainty_reduction": row["uncertainty_reduction"],
+                          "repeat": row["passage_id"] in seen})
+            seen.add(row["passage_id"])
+        selection = record.selection
+        losses = record.losses or [row["loss"] for row in rows]
+        return cls(selection.method, selection.prior_variance, picks, list(selection.nn_posterior_variance),
+                   selection.stop_reason, list(losses), dict(record.seconds))
+
+    def to_json(self) -> dict:
+        """The panel as JSON: each pick with its source, offsets, σ² after it, reduction and loss."""
+        picks = [{**{k: pick[k] for k in ("step", "passage_id", "path", "start_char", "end_char",
+                                           "similarity", "posterior_variance", "uncertainty_reduction",
+                                           "repeat", "text")},
+                  "loss": _finite(self.losses[pick["step"] - 1]) if pick["step"] <= len(self.losses) else None}
+                 for pick in self.picks]
+        return {"method": self.method, "prior_variance": self.prior_variance,
+                "final_variance": self.final_variance, "stop_reason": self.stop_reason,
+                "nn_posterior_variance": self.nn_variance, "picks": picks}
+
+
+def _finite(value):
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None

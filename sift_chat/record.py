@@ -1,0 +1,44 @@
+"""What is kept of one answer: a typed record, written by the engine, stored as JSON with the
+answer, and read back as the same type (never as a dict picked apart with .get)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class SelectionRecord:
+    """The selection an answer learned from, in summary (the picks themselves are rows of their own)."""
+
+    method: str
+    prior_variance: float
+    final_variance: float
+    stop_reason: str
+    nn_posterior_variance: list[float]  # NN's σ² after each of its picks, for the same prompt
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """The settings an answer was made with, its selection, the loss of each step and the seconds
+    of each stage (embed, select, fine-tune, generate, first_token)."""
+
+    settings: dict  # ChatSettings, as given
+    adaptation: dict  # AdaptationSettings, as used
+    seconds: dict[str, float] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    selection: SelectionRecord | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "AnswerRecord | None":
+        """The record stored with an answer; None for an answer stored without one."""
+        if not text:
+            return None
+        data = json.loads(text)
+        selection = data.get("selection")
+        return cls(settings=data.get("settings", {}), adaptation=data.get("adaptation", {}),
+                   seconds=dict(data.get("seconds", {})), losses=list(data.get("losses", [])),
+                   selection=SelectionRecord(**selection) if selection else None)

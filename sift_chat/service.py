@@ -1,0 +1,388 @@
+"""The application layer: what sift-chat does, whichever shell asks (the app, the CLI, the API).
+
+    chats      create (with their first answer), list, open, rename, delete; each owned by one owner
+    turns      one message: wait in the line for the model, run the engine with this request's
+               settings, store the exchange only when it is complete and not stopped
+    compare    one prompt, NN and SIFT: selected once each, both answers, nothing stored
+    ingest     uploads and folders into the corpus, with a report of what was skipped and why
+
+The shells turn the events below into what they show; nothing here knows about Gradio, argparse
+or HTTP. The engine holds no per-request state: settings travel with each call.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .adaptation import AdaptationSettings
+from .corpus import DEFAULT_MAX_FILE_BYTES, IngestReport, ingest
+from .engine import ChatSettings, Done, Engine, Event, Notice, Selected, Stage, Step, Token
+from .panel import Panel
+from .record import AnswerRecord
+from .store import Store
+from .turns import Kept, Turn, TurnQueue
+
+SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
+MAX_UPLOAD_BYTES = DEFAULT_MAX_FILE_BYTES  # 32 MiB, as the corpus stage reads at most
+TITLE_CHARACTERS = 60
+
+
+# -- what a turn reports, besides the engine's own events --------------------------------------
+
+
+@dataclass(frozen=True)
+class Waiting:
+    ahead: int  # turns before this one in the line for the model
+
+
+@dataclass(frozen=True)
+class Answered:
+    """The complete answer, before it is stored."""
+
+    answer: str
+    record: AnswerRecord
+    panel: Panel | None
+    notices: list[str]
+
+
+@dataclass(frozen=True)
+class Stored:
+    chat_id: int
+    message_id: int
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The turn was stopped: the model is at base and nothing of it was stored."""
+
+    where: str  # what it was doing: "before it started", "while selecting", "at step 2 of 8", …
+
+
+TurnEvent = Event | Waiting | Answered | Stored | Stopped
+
+
+@dataclass
+class ChatView:
+    chat_id: int
+    title: str
+    messages: list[dict]  # role, content, id
+    panel: Panel | None  # the last answer's
+
+
+@dataclass
+class IngestOutcome:
+    report: IngestReport | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason), before reading
+    error: str = ""
+
+
+def one_line(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+class Service:
+    """Everything sift-chat does, over one engine (one per process) and one line for it."""
+
+    def __init__(self, engine: Engine, data_dir: str | Path, *, allow_server_paths: bool = True,
+                 sample_corpus: Path | None = SAMPLE_CORPUS, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+                 max_waiting: int = 16):
+        self.engine = engine
+        self.data_dir = Path(data_dir)
+        self.uploads = self.data_dir / "uploads"
+        self.allow_server_paths = allow_server_paths
+        self.sample_corpus = sample_corpus if sample_corpus and Path(sample_corpus).is_dir() else None
+        self.max_upload_bytes = max_upload_bytes
+        self.queue = TurnQueue(max_waiting)
+        self.last_turn: dict[str, Turn] = {}  # each owner's latest finished turn, for Stop's answer
+
+    @property
+    def store(self) -> Store:
+        return self.engine.store
+
+    @property
+    def base_adaptation(self) -> AdaptationSettings:
+        return self.engine.default_adaptation
+
+    # -- owners and chats ------------------------------------------------------------------
+
+    @staticmethod
+    def new_owner() -> str:
+        """A random private key: the owner of a browser's chats."""
+        return secrets.token_urlsafe(24)
+
+    def chats(self, owner: str) -> list[tuple[str, int]]:
+        """(title, id) of the owner's chats, the most recently used first."""
+        return [(chat["title"], chat["id"]) for chat in self.store.chats(owner)] if isinstance(owner, str) else []
+
+    def own_chat(self, chat_id, owner) -> dict | None:
+        """The chat if it exists and belongs to `owner`, else None."""
+        if chat_id is None or not isinstance(owner, str):
+            return None
+        try:
+            chat = self.store.chat(int(chat_id))
+        except (TypeError, ValueError, OverflowError):
+            return None
+        return chat if chat and chat["owner"] == owner else None
+
+    def open_chat(self, chat_id, owner) -> ChatView | None:
+        chat = self.own_chat(chat_id, owner)
+        if chat is None:
+            return None
+        messages = self.store.messages(chat["id"])
+        answers = [m for m in messages if m["role"] == "assistant"]
+        return ChatView(chat["id"], chat["title"],
+                        [{"role": m["role"], "content": m["content"], "id": m["id"]} for m in messages],
+                        self.answer_panel(answers[-1]) if answers else None)
+
+    def answer_panel(self, message: dict) -> Panel | None:
+        rows = self.store.selection_rows(message["id"])
+        return Panel.from_stored(AnswerRecord.from_json(message.get("record")), rows,
+                                 self.store.passages(r["passage_id"] for r in rows))
+
+    def message_panel(self, chat_id, owner, index: int) -> Panel | None:
+        """The panel of the answer at position `index` of the chat; for a question, the answer after it."""
+        chat = self.own_chat(chat_id, owner)
+        if chat is None:
+            return None
+        for message in self.store.messages(chat["id"])[max(int(index), 0):]:
+            if message["role"] == "assistant":
+                return self.answer_panel(message)
+        return None
+
+    def rename_chat(self, chat_id, title: str, owner) -> str:
+        """'' when renamed, else why not."""
+        title = one_line(title or "", 80)
+        if not title:
+            return "Give the chat a title."
+        if self.own_chat(chat_id, owner) is None:
+            return "Open one of your chats first."
+        self.store.rename_chat(int(chat_id), title)
+        return ""
+
+    def delete_chat(self, chat_id, owner) -> str:
+        """'' when deleted, else why not."""
+        if self.own_chat(chat_id, owner) is None:
+            return "Open one of your chats first."
+        self.store.delete_chat(int(chat_id))
+        return ""
+
+    # -- turns -----------------------------------------------------------------------------
+
+    def new_turn(self, owner: str | None = None) -> Turn:
+        """A ticket for one request: from now on `stop(owner)` stops it, even before it runs."""
+        return self.queue.issue(owner)
+
+    def stop(self, owner: str) -> tuple[int, Kept | None]:
+        """Stop the owner's open turns: (how many were stopped before storing anything, what one
+        had stored already). A turn that finished a moment ago counts as stored too late to stop."""
+        turns = self.queue.open_turns(owner)
+        results = [turn.stop() for turn in turns]
+        kept = next((k for k in results if k is not None), None)
+        recent = self.last_turn.get(owner)
+        if not turns and recent is not None and recent.finished_at and time.monotonic() - recent.finished_at < 5:
+            kept = recent.kept
+        return sum(k is None for k in results), kept
+
+    def chat_turn(self, turn: Turn, prompt: str, chat_id, owner: str, chat: ChatSettings,
+                  adaptation: AdaptationSettings | None = None) -> Iterator[TurnEvent]:
+        """One message in the owner's chat `chat_id` (a new chat when it is None or not theirs):
+        the engine's events, then Answered and Stored; or Stopped, with nothing stored. A new
+        chat is created in the same transaction as its first exchange."""
+        existing = self.own_chat(chat_id, owner)
+        history = [{"role": m["role"], "content": m["content"]}
+                   for m in (self.store.messages(existing["id"]) if existing else [])]
+        answered = None
+        for event in self.run(turn, prompt, history, chat, adaptation):
+            if isinstance(event, Answered):
+                answered = event
+            yield event
+        if answered is None:
+            return
+        picks = [{"step": p["step"], "passage_id": p["passage_id"], "similarity": p["similarity"],
+                  "posterior_variance": p["posterior_variance"],
+                  "uncertainty_reduction": p["uncertainty_reduction"],
+                  "loss": answered.record.losses[p["step"] - 1] if p["step"] <= len(answered.record.losses) else None}
+                 for p in (answered.panel.picks if answered.panel else [])]
+        record = asdict(answered.record)
+
+        def store_it() -> Kept:
+            if existing:
+                return Kept(existing["id"], self.store.record_exchange(
+                    existing["id"], prompt.strip(), answered.answer, record, picks))
+            return Kept(*self.store.start_chat(one_line(prompt, TITLE_CHARACTERS), owner, prompt.strip(),
+                                               answered.answer, record, picks))
+
+        kept = turn.keep(store_it)
+        yield Stored(kept.chat_id, kept.message_id) if kept else Stopped("after the last word")
+
+    def run(self, turn: Turn, prompt: str, history: list[dict], chat: ChatSettings,
+            adaptation: AdaptationSettings | None = None) -> Iterator[TurnEvent]:
+        """Wait for the model, then answer: Waiting while in the line, the engine's events, and
+        Answered; or Stopped when the turn is stopped (checked after every event). The engine's
+        errors propagate. Always leaves the line, and the model at base."""
+        try:
+            for event in self._wait(turn):
+                yield event
+                if isinstance(event, Stopped):
+                    return
+            yield from self._answer(turn, prompt, history, chat, adaptation)
+        finally:
+            self._leave(turn)
+
+    def _wait(self, turn: Turn) -> Iterator[Waiting | Stopped]:
+        """Join the line and wait for the model: Waiting while others are ahead; Stopped (last)
+        when the turn was stopped meanwhile; nothing more once it has the model."""
+        self.queue.enter(turn)
+        while (ahead := self.queue.wait(turn, timeout=0.5)) > 0 and not turn.stopped:
+            yield Waiting(ahead)
+        if turn.stopped:
+            yield Stopped("before it started")
+
+    def _leave(self, turn: Turn) -> None:
+        self.queue.leave(turn)
+        if turn.owner is not None:
+            self.last_turn[turn.owner] = turn
+
+    def _answer(self, turn: Turn, prompt: str, history: list[dict], chat: ChatSettings,
+                adaptation: AdaptationSettings | None, selected: Selected | None = None) -> Iterator[TurnEvent]:
+        where = "before it started"
+        stream = self.engine.respond(prompt, history, chat, adaptation=adaptation, selected=selected)
+        panel, notices = None, []
+        try:
+            for event in stream:
+                if turn.stopped:  # seen at the next event: `where` is the last one the caller saw
+                    yield Stopped(where)
+                    return
+                if isinstance(event, Selected):
+                    panel = Panel.from_selected(event)
+                    where = "after selecting"
+                elif isinstance(event, Stage) and event.state == "started":
+                    where = {"embed": "while reading the question", "select": "while selecting",
+                             "fine-tune": "before the first step", "generate": "before the first word"
+                             }.get(event.name, f"while in {event.name}")
+                elif isinstance(event, Step):
+                    panel.losses.append(event.loss)
+                    where = f"after step {event.index} of {event.total}"
+                elif isinstance(event, Token):
+                    where = "while writing the answer"
+                elif isinstance(event, Notice):
+                    notices.append(event.message)
+                elif isinstance(event, Done):
+                    if panel is not None:
+                        panel.seconds = dict(event.record.seconds)
+                    event = Answered(event.answer, event.record, panel, notices)
+                yield event
+        finally:
+            stream.close()  # the engine resets the adapter and lets go of its lock
+
+    # -- compare ---------------------------------------------------------------------------
+
+    def compare(self, turn: Turn, prompt: str, chat: ChatSettings,
+                adaptation: AdaptationSettings | None = None) -> Iterator[tuple[str, TurnEvent]]:
+        """NN and SIFT on one prompt, as (method, event) pairs: both selections first (each made
+        once, shown side by side), then each answer made from its selection. Nothing is stored.
+        Mode "off" compares fine-tuning. Holds the model for the whole comparison."""
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise ValueError("the prompt is empty: type a question")
+        if self.store.passage_count() == 0:
+            raise ValueError("the corpus is empty: add documents first")
+        if chat.mode == "off":
+            chat = replace(chat, mode="fine-tune")
+        try:
+            for event in self._wait(turn):
+                yield "", event
+                if isinstance(event, Stopped):
+                    return
+            query = self.engine.embed(prompt)
+            selections = {method: self.engine.select(query, chat, method) for method in ("nn", "sift")}
+            for method, selected in selections.items():
+                yield method, selected
+            for method, selected in selections.items():
+                for event in self._answer(turn, prompt, [], replace(chat, method=method), adaptation, selected):
+                    yield method, event
+                    if isinstance(event, Stopped):
+                        return
+        finally:
+            self._leave(turn)
+
+    # -- the corpus ------------------------------------------------------------------------
+
+    def offers_sample(self) -> bool:
+        return self.sample_corpus is not None and self.store.passage_count() == 0
+
+    def ingest(self, uploads: list | None = None, folder: str | None = None,
+               progress: Callable[[int, int], None] | None = None) -> IngestOutcome:
+        """Ingest uploaded files (copied into the data folder first) and a folder or file on the
+        server (where that is allowed). Reads only what it was given."""
+        uploads = [u for u in (uploads or []) if u]
+        folder = (folder or "").strip()
+        if not uploads and not folder:
+            return IngestOutcome(None, error="Choose files to upload (or give a folder) first.")
+        paths, skipped = [], []
+        for upload in uploads:
+            source = Path(getattr(upload, "name", upload))
+            name = safe_name(source.name)
+            try:
+                size = source.stat().st_size
+                if size > self.max_upload_bytes:
+                    skipped.append((name, f"too large ({size / 2**20:.1f} MiB > {self.max_upload_bytes / 2**20:.0f} MiB)"))
+                    continue
+                self.uploads.mkdir(parents=True, exist_ok=True)
+                target = self.uploads / name
+                shutil.copyfile(source, target)
+                paths.append(target)
+            except OSError as error:
+                skipped.append((name, f"cannot read the upload: {error.strerror or error}"))
+        if folder:
+            if not self.allow_server_paths:
+                return IngestOutcome(None, error="Ingesting folders on the server is turned off here: upload files instead.")
+            path = Path(folder).expanduser()
+            if not path.exists():
+                return IngestOutcome(None, error=f"No such file or folder: {folder}")
+            paths.append(path)
+        return self._ingest(paths, skipped, progress)
+
+    def add_sample(self, progress: Callable[[int, int], None] | None = None) -> IngestOutcome:
+        if self.sample_corpus is None:
+            return IngestOutcome(None, error="The sample corpus is not here.")
+        return self._ingest([self.sample_corpus], [], progress)
+
+    def _ingest(self, paths: list[Path], skipped: list[tuple[str, str]], progress) -> IngestOutcome:
+        if not paths:
+            return IngestOutcome(None, skipped, "Nothing could be ingested.")
+        try:
+            report = ingest(self.store, self.engine.embedder, paths, embedder_name=self.engine.embedder_name,
+                            progress=False, on_progress=progress)
+        except Exception as error:  # each document is written in one transaction: nothing half-stored
+            return IngestOutcome(None, skipped, f"The ingest failed: {first_line(error)}. Documents stored before are kept.")
+        for path, _ in report.skipped:  # an unreadable upload is not kept
+            if Path(path).parent == self.uploads.resolve():
+                Path(path).unlink(missing_ok=True)
+        nothing = report.ingested == 0 and not report.unchanged
+        return IngestOutcome(report, skipped, "Nothing could be ingested." if nothing else "")
+
+    def remove_document(self, path: str) -> bool:
+        """Remove the document (its passages and vectors go with it, and an uploaded copy)."""
+        removed = self.store.remove([path])
+        if removed and Path(path).parent == self.uploads.resolve():
+            Path(path).unlink(missing_ok=True)
+        return bool(removed)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def safe_name(name: str) -> str:
+    import re
+
+    name = re.sub(r"[^\w.\- ]+", "_", Path(name).name).strip(" .") or "upload"
+    return name[:120]

@@ -1,0 +1,127 @@
+"""One line for the model: every chat turn, comparison and API request of the process waits in it.
+
+A `Turn` is one request's ticket: its place in the line (first come, first served), the switch
+that stops it, and what it stored. The line holds at most `max_waiting` turns behind the one
+that has the model; one more is refused (`QueueFull`: the API answers 429).
+
+Stopping is decided under the turn's lock, and so is storing: a turn either stores its exchange
+and cannot be stopped any more, or is stopped and stores nothing. `stop()` says which happened,
+so no status line has to guess.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+class QueueFull(RuntimeError):
+    """Too many turns are waiting for the model."""
+
+
+@dataclass
+class Kept:
+    """What a finished turn stored: its chat and its answer."""
+
+    chat_id: int
+    message_id: int
+
+
+class Turn:
+    """One request for the model: its arrival number, its stop switch, what it kept."""
+
+    def __init__(self, owner: str | None, number: int):
+        self.owner = owner
+        self.arrived = number  # arrival order in this process, from 1
+        self.started: int | None = None  # the order in which it got the model
+        self.created = time.monotonic()
+        self.lock = threading.Lock()
+        self.stopped = False
+        self.kept: Kept | None = None
+        self.finished_at: float | None = None  # time.monotonic() when it left the line
+
+    def stop(self) -> Kept | None:
+        """Stop this turn; returns what it had stored already (None: nothing, and now nothing will be)."""
+        with self.lock:
+            if self.kept is None:
+                self.stopped = True
+            return self.kept
+
+    def keep(self, store_it) -> Kept | None:
+        """Run `store_it()` (returning a `Kept`) unless the turn was stopped; what was kept."""
+        with self.lock:
+            if self.stopped:
+                return None
+            self.kept = store_it()
+            return self.kept
+
+
+class TurnQueue:
+    """A first-come, first-served line for the model (a fair lock that also tells each waiting
+    turn how many are ahead of it)."""
+
+    def __init__(self, max_waiting: int = 16):
+        self.max_waiting = max_waiting
+        self._changed = threading.Condition()
+        self._line: deque[Turn] = deque()  # the first holds the model
+        self._open: dict[int, Turn] = {}  # issued and not finished, by arrival number
+        self._arrivals = itertools.count(1)
+        self._starts = itertools.count(1)
+
+    def issue(self, owner: str | None = None) -> Turn:
+        """A ticket for a request that will join the line (its stop switch works from now on)."""
+        with self._changed:
+            turn = Turn(owner, next(self._arrivals))
+            self._open[turn.arrived] = turn
+            self._forget_stale()
+            return turn
+
+    def enter(self, turn: Turn) -> int:
+        """Join the line; how many are ahead. QueueFull when `max_waiting` are waiting already."""
+        with self._changed:
+            if turn in self._line:
+                return self._line.index(turn)
+            if len(self._line) > self.max_waiting:
+                self._open.pop(turn.arrived, None)
+                raise QueueFull(f"{len(self._line) - 1} requests are waiting for the model already: try again later")
+            self._line.append(turn)
+            return len(self._line) - 1
+
+    def wait(self, turn: Turn, timeout: float) -> int:
+        """Wait up to `timeout` seconds for the turn to reach the model (or be stopped); how many
+        are still ahead (0: it has the model)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._line[0] is turn or turn.stopped, timeout)
+            ahead = self._line.index(turn)
+            if ahead == 0 and turn.started is None:
+                turn.started = next(self._starts)
+            return ahead
+
+    def leave(self, turn: Turn) -> None:
+        """Out of the line (done, failed or stopped), letting the next one in."""
+        with self._changed:
+            if turn in self._line:
+                self._line.remove(turn)
+            turn.finished_at = time.monotonic()
+            self._open.pop(turn.arrived, None)
+            self._changed.notify_all()
+
+    def open_turns(self, owner: str) -> list[Turn]:
+        with self._changed:
+            return [t for t in self._open.values() if t.owner == owner]
+
+    @property
+    def waiting(self) -> int:
+        with self._changed:
+            return max(len(self._line) - 1, 0)
+
+    def _forget_stale(self, seconds: float = 3600) -> None:
+        """Drop tickets issued an hour ago that never joined the line (a page closed before its
+        turn ran): they hold nothing but memory."""
+        now = time.monotonic()
+        for number, turn in list(self._open.items()):
+            if turn not in self._line and now - turn.created > seconds:
+                del self._open[number]

@@ -1,0 +1,25 @@
+"""The names every shell and stage shares: selection methods and the ways a message uses its picks.
+
+Defined once here; the CLI's choices, the app's radio buttons, the API's validation and the
+evaluation's methods are read from these tuples.
+"""
+
+from __future__ import annotations
+
+# How passages are picked from the K candidates (sift_chat.selection implements each).
+METHODS = ("sift", "nn", "nnf", "us")
+METHOD_LABELS = {"sift": "SIFT", "nn": "NN", "nnf": "NN-F", "us": "US"}
+
+# What a message does with its picks: learn from them, read them in the prompt, both, or neither.
+MODES = ("fine-tune", "context", "both", "off")
+MODE_LABELS = {"fine-tune": "Fine-tune", "context": "Context", "both": "Both", "off": "Off"}
+
+# The evaluation's baseline: the base model, no selection. It is what mode "off" answers with in a
+# chat; the evaluation lists it as a method so that every table has its reference row.
+BASE_MODEL = "none"
+EVAL_METHODS = (BASE_MODEL, "us", "nn", "nnf", "sift")
+EVAL_MODES = ("fine-tune", "context", "both")  # "off" would only repeat the base model's row
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)

