@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("query")
     search.add_argument("-k", type=int, default=10, help="how many passages (default: %(default)s)")
 
+    commands.add_parser("serve", help="the app and the OpenAI-compatible API on one port (see serve --help)",
+                        add_help=False)
+
     chat = commands.add_parser("chat", help="ask a question (or, without one, chat interactively)")
     chat.add_argument("prompt", nargs="?", help="the question; omit it for an interactive chat")
     chat.add_argument("--method", default="sift", choices=METHODS, help="selection (default: %(default)s)")
@@ -123,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations, not the user's concern
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the app and the API: the flags of app.py
+        from .server import main as serve
+
+        return serve(argv[1:], prog="sift-chat serve")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -90,6 +90,12 @@ class TurnQueue:
             self._line.append(turn)
             return len(self._line) - 1
 
+    def check(self) -> None:
+        """QueueFull when one more turn would not be let in now."""
+        with self._changed:
+            if len(self._line) > self.max_waiting:
+                raise QueueFull(f"{len(self._line) - 1} requests are waiting for the model already: try again later")
+
     def wait(self, turn: Turn, timeout: float) -> int:
         """Wait up to `timeout` seconds for the turn to reach the model (or be stopped); how many
         are still ahead (0: it has the model)."""

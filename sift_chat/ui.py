@@ -740,9 +740,12 @@ def create_app(data_dir: str | Path | None = None, *, embedder: str | None = Non
     return build(Handlers(Service(engine, home, allow_server_paths=allow_server_paths)), secret=app_secret(home))
 
 
+THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                       font_mono=["ui-monospace", "SFMono-Regular", "monospace"])  # no web fonts: offline
+
+
 def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs):
-    """Serve the app (blocks until stopped unless prevent_thread_lock=True)."""
-    theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                           font_mono=["ui-monospace", "SFMono-Regular", "monospace"])  # no web fonts: offline
+    """Serve the app alone, through Gradio's own server (blocks until stopped unless
+    prevent_thread_lock=True). `sift_chat.server` serves it with the API instead."""
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_BYTES,
-                       show_error=True, theme=theme, css=CSS, **kwargs)
+                       show_error=True, theme=THEME, css=CSS, **kwargs)

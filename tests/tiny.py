@@ -56,3 +56,13 @@ def save_tiny_chat_model(folder) -> str:
     tiny_model(tokenizer).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@torch.no_grad()
+def words_only(model, tokenizer):
+    """The model with every token but plain words silenced (a zero embedding row, tied head: logit
+    0), so that its meaningless answers are visible words, never only whitespace."""
+    for token_id in range(len(tokenizer)):
+        if not tokenizer.decode([token_id], skip_special_tokens=True).strip().isalpha():
+            model.get_input_embeddings().weight[token_id] = 0
+    return model

@@ -1,0 +1,356 @@
+"""`/v1`: an OpenAI-compatible chat API over the application layer, served beside the app.
+
+    POST /v1/chat/completions   messages (with history), max_tokens, temperature, stop, seed, stream;
+                                and the extension "sift": {method, mode, passages, lam, min_reduction,
+                                learning_rate, lora_layers}, checked as the app's settings are
+    GET  /v1/models             the one model this server answers with
+
+Every answer learns at test time as in the app, waiting in the same line for the model. The
+response carries what the app's panel shows in an extension field "sift" (the picks with their
+source, offsets, σ² after each, reduction and loss; the seconds of each stage; the queue); a
+stream sends it in a last chunk before [DONE]. Errors are OpenAI-shaped JSON: 400 bad request,
+401 no or wrong key, 404 unknown model or path, 413 too large, 429 too many waiting, 503 the
+model is loading, 500 (without a traceback) for anything else. Nothing is stored: a request that
+ends early (the client went away) leaves the model at base and the line.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .engine import ChatSettings, Notice, Selected, Step, Token
+from .panel import Panel, parse_settings
+from .service import Answered, Service, Waiting, first_line
+from .turns import QueueFull, Turn
+
+MODEL_ID = "sift-chat"
+MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON: far more than any context this model reads
+EXTENSION_KEYS = ("method", "mode", "passages", "lam", "min_reduction", "learning_rate", "lora_layers")
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "5"} if self.status in (429, 503) else None
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status, headers=headers)
+
+
+@dataclass
+class ApiState:
+    """What the routes serve: the service once the models are loaded (None before: 503)."""
+
+    service: Service | None = None
+    api_key: str | None = None
+    key_required: bool = False  # serving beyond loopback: no key, no API
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+@dataclass
+class CompletionRequest:
+    prompt: str
+    history: list[dict]
+    chat: ChatSettings
+    adaptation: object
+    stop: list[str]
+    stream: bool
+    extension: dict = field(default_factory=dict)
+
+
+def create_router(state: ApiState) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/models")
+    async def models(request: Request):
+        try:
+            _service(state, request)
+        except ApiError as error:
+            return error.response()
+        return {"object": "list", "data": [_model_card()]}
+
+    @router.get("/models/{model}")
+    async def model(model: str, request: Request):
+        try:
+            _service(state, request)
+            _check_model(model)
+        except ApiError as error:
+            return error.response()
+        return _model_card()
+
+    @router.post("/chat/completions")
+    async def completions(request: Request):
+        try:
+            service = _service(state, request)
+            body = await _body(request, state.max_body_bytes)
+            parsed = _parse(body, service)
+            try:
+                service.queue.check()  # the turn joins the line when its answer starts
+            except QueueFull as error:
+                raise ApiError(429, str(error), "rate_limit_exceeded", code="queue_full") from None
+        except ApiError as error:
+            return error.response()
+        answer = _answer(service, service.new_turn(), parsed)
+        if parsed.stream:
+            return StreamingResponse(_sse(_chunks(answer), request), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            return JSONResponse(await run_in_threadpool(_complete, answer))
+        except ApiError as error:
+            return error.response()
+        except QueueFull as error:
+            return ApiError(429, str(error), "rate_limit_exceeded", code="queue_full").response()
+        except Exception as error:  # the model failed: say so, without a traceback
+            return ApiError(500, f"the answer failed: {first_line(error)}", "server_error").response()
+
+    @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    async def unknown(path: str):
+        return ApiError(404, f"no such endpoint: /v1/{path}", code="unknown_url").response()
+
+    return router
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def _service(state: ApiState, request: Request) -> Service:
+    """The caller may use the API (401 otherwise), and the model is loaded (503 otherwise)."""
+    if state.api_key or state.key_required:
+        given = request.headers.get("authorization", "")
+        token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+        if not state.api_key:
+            raise ApiError(401, "this server is reachable beyond this machine: start it with --api-key KEY "
+                                "to use the API", code="invalid_api_key")
+        if not token or not hmac.compare_digest(token.encode(), state.api_key.encode()):
+            raise ApiError(401, "no API key, or a wrong one: send 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+    if state.service is None:
+        raise ApiError(503, "the model is loading: try again in a few seconds", "server_error",
+                       code="model_loading")
+    return state.service
+
+
+async def _body(request: Request, limit: int) -> dict:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"the request is larger than {limit} bytes", code="request_too_large")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise ApiError(413, f"the request is larger than {limit} bytes", code="request_too_large")
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required", param="model")
+    if model != MODEL_ID:
+        raise ApiError(404, f"the model {model!r} does not exist here: use {MODEL_ID!r}", param="model",
+                       code="model_not_found")
+
+
+def _parse(body: dict, service: Service) -> CompletionRequest:
+    """The request as engine settings, or ApiError(400) naming the field to fix."""
+    _check_model(body.get("model"))
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}] needs a role ({', '.join(ROLES)})", param=f"messages[{i}].role")
+        turns.append({"role": message["role"], "content": _text(message.get("content"), i)})
+    if turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
+        raise ApiError(400, "the last message must be the user's, with text", param="messages")
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "n must be 1: one answer per request", param="n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false", param="stream")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "stop must be a string or a list of at most 4 non-empty strings", param="stop")
+
+    extension = body.get("sift") or {}
+    if not isinstance(extension, dict):
+        raise ApiError(400, "sift must be an object", param="sift")
+    unknown = set(extension) - set(EXTENSION_KEYS)
+    if unknown:
+        raise ApiError(400, f"unknown sift setting(s) {', '.join(sorted(map(str, unknown)))}: use "
+                            f"{', '.join(EXTENSION_KEYS)}", param="sift")
+    tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    values = {**extension, "adaptive": extension.get("min_reduction") is not None, "max_new_tokens": tokens}
+    try:
+        chat, adaptation = parse_settings(values, service.base_adaptation)
+        chat = ChatSettings(**{**chat.__dict__, **_sampling(body)})
+    except ValueError as error:
+        raise ApiError(400, str(error), param="sift" if "sift" in body else None) from None
+    history = [t for t in turns[:-1] if t["role"] in ("user", "assistant")]
+    return CompletionRequest(turns[-1]["content"], history, chat, adaptation, stop, stream, extension)
+
+
+def _text(content, i: int) -> str:
+    """A message's text: a string, or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    raise ApiError(400, f"messages[{i}].content must be text (a string or text parts)",
+                   param=f"messages[{i}].content")
+
+
+def _sampling(body: dict) -> dict:
+    out = {}
+    if body.get("temperature") is not None:
+        value = body["temperature"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
+            raise ValueError(f"temperature must be a number in [0, 2], got {value!r}")
+        out["temperature"] = float(value)
+    if body.get("seed") is not None:
+        if isinstance(body["seed"], bool) or not isinstance(body["seed"], int):
+            raise ValueError(f"seed must be an integer, got {body['seed']!r}")
+        out["seed"] = body["seed"]
+    return out
+
+
+# -- answering ---------------------------------------------------------------------------------
+
+
+def _answer(service: Service, turn: Turn, request: CompletionRequest) -> Iterator[tuple]:
+    """("wait", ahead)…, ("step", i, n)…, ("text", piece)…, then ("end", finish_reason, text,
+    extension). Cuts the answer at the first stop sequence (generation stops there too), holding
+    back the last few characters while they could still begin one."""
+    hold = max((len(s) for s in request.stop), default=1) - 1
+    text, sent, panel, notices = "", 0, None, []
+    run = service.run(turn, request.prompt, request.history, request.chat, request.adaptation)
+
+    def extension(answered: Answered | None = None) -> dict:
+        chat, adaptation = request.chat, request.adaptation
+        return {"method": chat.method, "mode": chat.mode, "passages": chat.passages, "lam": chat.lam,
+                "min_reduction": chat.min_reduction, "learning_rate": adaptation.learning_rate,
+                "lora_layers": adaptation.top_layers or 0,
+                "selection": panel.to_json() if panel else None,
+                "seconds": answered.record.seconds if answered else {}, "notices": notices,
+                "queue": {"arrived": turn.arrived, "started": turn.started}}
+
+    try:
+        for event in run:
+            if isinstance(event, Waiting):
+                yield "wait", event.ahead
+            elif isinstance(event, Selected):
+                panel = Panel.from_selected(event)
+            elif isinstance(event, Step):
+                panel.losses.append(event.loss)
+                yield "step", event.index, event.total
+            elif isinstance(event, Notice):
+                notices.append(event.message)
+            elif isinstance(event, Token):  # sent as the stored answer reads: without outer whitespace
+                text += event.text
+                shown = text.lstrip()
+                cut = min((i for i in (shown.find(s) for s in request.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    answer = shown[:cut].rstrip()
+                    yield "text", answer[sent:]
+                    yield "end", "stop", answer, extension()
+                    return
+                ready = len(shown.rstrip()) - hold
+                if ready > sent:
+                    yield "text", shown[sent:ready]
+                    sent = ready
+            elif isinstance(event, Answered):
+                answer, panel = event.answer, event.panel or panel
+                yield "text", answer[sent:]
+                tokens = len(service.engine.tokenizer(answer, add_special_tokens=False)["input_ids"])
+                yield "end", "length" if tokens >= request.chat.max_new_tokens else "stop", answer, extension(event)
+                return
+    finally:
+        run.close()  # the model back at base, out of the line
+
+
+def _complete(answer: Iterator[tuple]) -> dict:
+    try:
+        for item in answer:
+            if item[0] == "end":
+                _, reason, text, extension = item
+                return {**_envelope("chat.completion"),
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": reason, "logprobs": None}],
+                        "sift": extension}
+    finally:
+        answer.close()
+    raise ApiError(500, "the answer ended without a result", "server_error")
+
+
+def _chunks(answer: Iterator[tuple]) -> Iterator[str]:
+    """The answer as server-sent events: a role chunk, text chunks, the finish reason, then the
+    extension in a chunk of its own, and [DONE]. While waiting in line, SSE comments say the place."""
+    envelope = _envelope("chat.completion.chunk")
+
+    def event(choices: list, **more) -> str:
+        return f"data: {json.dumps({**envelope, 'choices': choices, **more})}\n\n"
+
+    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    try:
+        for item in answer:
+            if item[0] == "wait":
+                yield f": waiting for the model, {item[1]} ahead\n\n"
+            elif item[0] == "step":  # a comment (clients skip it) that also finds a client gone
+                yield f": fine-tuning, step {item[1]} of {item[2]}\n\n"
+            elif item[0] == "text" and item[1]:
+                yield event([{"index": 0, "delta": {"content": item[1]}, "finish_reason": None}])
+            elif item[0] == "end":
+                yield event([{"index": 0, "delta": {}, "finish_reason": item[1]}])
+                yield event([], sift=item[3])
+    except Exception as error:  # the headers are sent: the error goes into the stream, as OpenAI's does
+        failure = {"message": f"the answer failed: {first_line(error)}", "type": "server_error",
+                   "param": None, "code": None}
+        yield f"data: {json.dumps({'error': failure})}\n\n"
+    finally:
+        answer.close()
+    yield "data: [DONE]\n\n"
+
+
+async def _sse(chunks: Iterator[str], request: Request):
+    """Iterate a blocking generator in worker threads; when the client goes away, close it (the
+    model goes back to base, the turn leaves the line)."""
+    try:
+        while not await request.is_disconnected():
+            chunk = await anyio.to_thread.run_sync(next, chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(chunks.close)
+
+
+def _envelope(kind: str) -> dict:
+    return {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": kind, "created": int(time.time()),
+            "model": MODEL_ID}
+
+
+def _model_card() -> dict:
+    return {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "sift-chat"}

