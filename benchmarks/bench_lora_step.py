@@ -36,16 +36,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sift_chat.adaptation import HEAD_CHUNK_ELEMENTS, AdaptationSettings, Adapter, next_token_loss  # noqa: E402
 from sift_chat.models import load_chat_model  # noqa: E402

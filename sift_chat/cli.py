@@ -22,7 +22,7 @@ CLI_OWNER = ""  # the owner of chats made on the command line (the app's browser
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m sift_chat",
+        prog="sift-chat",
         description="Chat with your documents, learning at test time (SIFT + LoRA).",
     )
     parser.add_argument("--data-dir", help=f"store and model cache (default: ${config.ENV_HOME} "
