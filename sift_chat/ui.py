@@ -511,7 +511,8 @@ def build(handlers: Handlers, *, secret: str | None = None):
                 lora_layers = gr.Slider(0, h.engine.layer_count, value=defaults["lora_layers"], step=1,
                                         label="LoRA layers", info=HELP["lora_layers"])
                 max_new_tokens = gr.Slider(16, 1024, value=defaults["max_new_tokens"], step=16,
-                                           label="Maximum new tokens", info=HELP["max_new_tokens"])
+                                           label="Maximum new tokens", info=HELP["max_new_tokens"],
+                                           elem_id="max-new-tokens")
         settings = [method, mode, passages, lam, adaptive, min_reduction, learning_rate, lora_layers, max_new_tokens]
 
         gr.Markdown("# sift-chat\nChat with your documents. For every message the model picks the passages "
@@ -631,7 +632,11 @@ def build(handlers: Handlers, *, secret: str | None = None):
                 on_send, [message, chat_id, owner, turn, *settings], chat_outputs,
                 concurrency_id="model", concurrency_limit=1, show_progress_on=[chatbot])
 
-        stop.click(h.stop, [owner], [status], queue=False)
+        def on_stop(owner_key):  # a stopped message reports where it stopped in its own last update
+            said = h.stop(owner_key)
+            return skip() if said == "Stopping…" else said
+
+        stop.click(on_stop, [owner], [status], queue=False)
 
         def on_open(selected, owner_key):
             view = h.open_chat(selected, owner_key)

@@ -1,5 +1,6 @@
 """The app in a real browser: `app.py` on a free port, headless Chromium (Debian's) driven by
-Playwright. Ingest the sample corpus, send a message, see the answer and the selection panel.
+Playwright. Ingest the sample corpus, send a message, see the answer and the selection panel; stop
+a message mid-answer and see that nothing of it stayed.
 
 The chat model is the tiny random Llama of tests/tiny.py saved as a folder, with every token but
 plain words silenced so that its (meaningless) answer is visible text. The embedder is the real
@@ -165,6 +166,23 @@ def test_ingest_the_sample_ask_and_see_the_answer_and_its_passages(tmp_path, bro
             expect(chat).to_contain_text(QUESTION)
             expect(panel.locator(".sc-pick")).to_have_count(8)
             page.screenshot(path=str(screenshot), full_page=True)
+
+            # Stop mid-answer: nothing stored, no new chat listed, the message back in the box
+            page.locator("#new-chat").click()
+            page.locator("#settings").get_by_text("Settings").click()
+            tokens = page.locator("#max-new-tokens input[type=number]")
+            tokens.fill("1024")
+            tokens.press("Enter")
+            second = "When is the lantern festival?"
+            page.locator("#message textarea").fill(second)
+            page.locator("#send").click()
+            expect(page.locator("#status")).to_contain_text("Generating the answer", timeout=120_000)
+            page.locator("#stop").click()
+            expect(page.locator("#status")).to_contain_text("Stopped while writing the answer", timeout=60_000)
+            expect(page.locator("#status")).to_contain_text("nothing of this message was stored")
+            expect(page.locator("#message textarea")).to_have_value(second)
+            expect(page.locator("#chat-list")).not_to_contain_text(second)
+            expect(page.locator("#chat-list")).to_contain_text(QUESTION)  # the earlier chat stays
 
             # uploads: a note is ingested, a binary file is reported and skipped
             (tmp_path / "harbour.md").write_text("The harbour master of Skellport is Ada Quill.")
