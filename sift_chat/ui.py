@@ -5,7 +5,7 @@
                lives here. Tested as they are (tests/test_ui.py).
     render_*   turn a `Panel` (one answer's selection) into what the side panel shows.
     build      the layout, and the wiring of components to handlers (Gradio-specific, thin).
-    create_app load the models and the store, build the Blocks; `launch` serves it.
+    launch     serve the app alone (`sift_chat.server` serves it beside the API).
 
 Each browser gets a random private key, kept in its localStorage (gr.BrowserState), and its chats
 are stored under that key: one visitor never lists, opens, renames or deletes another's chats.
@@ -735,14 +735,6 @@ def app_secret(data_dir: Path) -> str:
     path.write_text(secret)
     path.chmod(0o600)
     return secret
-
-
-def create_app(data_dir: str | Path | None = None, *, embedder: str | None = None, chat_model: str | None = None,
-               device: str | None = None, allow_server_paths: bool = True):
-    """Load the models and the store, and build the app (not yet serving)."""
-    home = config.data_dir(data_dir)
-    engine = Engine.load(home, embedder=embedder, chat_model=chat_model, device=device)
-    return build(Handlers(Service(engine, home, allow_server_paths=allow_server_paths)), secret=app_secret(home))
 
 
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
