@@ -25,7 +25,6 @@ from typing import Callable, Iterator
 
 import gradio as gr
 
-from . import config
 from .adaptation import AdaptationSettings
 from .engine import ChatSettings, Engine, Notice, Selected, Stage, Step, Token
 from .panel import SETTING_NAMES, Panel, default_settings, parse_settings
