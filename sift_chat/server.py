@@ -57,22 +57,22 @@ def create_server(service, *, api_key: str | None = None, public: bool = False, 
     import gradio as gr
     from fastapi import FastAPI
 
-    from . import ui
+    from . import layout, ui
     from .api import ApiState, create_router
 
     app = FastAPI(title="sift-chat", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api = ApiState(service, api_key=api_key, key_required=public)
     app.include_router(create_router(app.state.api))
-    demo = ui.build(ui.Handlers(service), secret=secret)
-    return gr.mount_gradio_app(app, demo, path="/", max_file_size=ui.MAX_UPLOAD_BYTES, show_error=True,
-                               theme=ui.THEME, css=ui.CSS)
+    demo = layout.build(ui.Handlers(service), secret=secret)
+    return gr.mount_gradio_app(app, demo, path="/", max_file_size=layout.MAX_UPLOAD_BYTES, show_error=True,
+                               theme=layout.THEME, css=layout.CSS)
 
 
 def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     args = parse_args(argv, prog)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no calls home
 
-    from . import config, ui
+    from . import config, layout, ui
     from .engine import Engine
     from .service import Service
 
@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.share:
-        ui.launch(ui.build(ui.Handlers(service), secret=ui.app_secret(home)), host=args.host, port=args.port,
-                  share=True)
+        layout.launch(layout.build(ui.Handlers(service), secret=layout.app_secret(home)), host=args.host,
+                      port=args.port, share=True)
         return 0
     import uvicorn
 
-    app = create_server(service, api_key=args.api_key, public=public, secret=ui.app_secret(home))
+    app = create_server(service, api_key=args.api_key, public=public, secret=layout.app_secret(home))
     print(f"sift-chat: the app on http://{args.host}:{args.port}/ and the API on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -15,7 +15,8 @@ from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import Engine
 from sift_chat.service import Service
 from sift_chat.store import Store
-from sift_chat.ui import (NO_ANSWER, Handlers, Panel, build, parse_settings, render_coverage,
+from sift_chat.layout import build
+from sift_chat.ui import (NO_ANSWER, Handlers, Panel, parse_settings, render_coverage,
                           render_passages, render_timings, render_variance)
 
 from .tiny import logits, tiny_model, tiny_tokenizer

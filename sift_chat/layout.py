@@ -1,0 +1,320 @@
+"""The app's layout: the Gradio Blocks, and the wiring of its components to the handlers
+(`sift_chat.ui.Handlers`); Gradio-specific and thin. `sift_chat.server` mounts it beside the API.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import gradio as gr
+
+from .panel import SETTING_NAMES, default_settings
+from .service import MAX_UPLOAD_BYTES
+from .ui import DEMO_QUESTION, Handlers, render_coverage, render_passages, render_timings, render_variance
+from .vocabulary import METHOD_LABELS, METHODS, MODE_LABELS, MODES
+
+
+# -- the layout --------------------------------------------------------------------------------
+
+CSS = """
+.sc-picks { display: flex; flex-direction: column; gap: 8px; }
+.sc-caption { font-size: 0.85em; opacity: 0.75; }
+.sc-pick { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px 10px; }
+.sc-head { font-size: 0.9em; }
+.sc-reduction { font-weight: 600; color: var(--color-accent); }
+.sc-source { font-family: var(--font-mono); }
+.sc-badge { font-size: 0.75em; border-radius: 6px; padding: 1px 6px; margin-left: 4px;
+            background: var(--background-fill-secondary); border: 1px solid var(--border-color-primary); }
+.sc-shared { background: #fde68a; color: #1f2937; }
+.sc-bar { height: 4px; background: var(--background-fill-secondary); border-radius: 2px; margin: 4px 0; }
+.sc-bar span { display: block; height: 4px; background: var(--color-accent); border-radius: 2px; }
+.sc-text { font-size: 0.88em; white-space: pre-wrap; max-height: 9em; overflow: auto; }
+.sc-empty { opacity: 0.7; padding: 8px; }
+"""
+
+HELP = {
+    "method": "SIFT picks passages that each remove the most remaining uncertainty, skipping what "
+              "an earlier pick already said. NN takes the most similar ones, duplicates included.",
+    "mode": "Fine-tune: one LoRA step per passage, then answer. Context: put the passages in the "
+            "prompt. Both (the best in the evaluation, with a longer prompt), or off (the base model).",
+    "passages": "At most this many passages, one fine-tuning step each (0: none).",
+    "lam": "SIFT's λ: small favours diverse passages, large the most similar ones (λ→∞ repeats the nearest, as NN-F).",
+    "adaptive": "Stop selecting once another passage would remove little uncertainty.",
+    "min_reduction": "…when a pick removes less than this share of the prompt's initial uncertainty.",
+    "learning_rate": "Step size of each LoRA step: larger learns more from each passage, and risks more.",
+    "lora_layers": "Fine-tune only the top L layers (faster steps); 0 = all layers.",
+    "max_new_tokens": "The longest answer, in tokens.",
+}
+
+
+def build(handlers: Handlers, *, secret: str | None = None):
+    """The Gradio Blocks: chats and settings in the sidebar; Chat, Compare and Corpus tabs."""
+    h = handlers
+    defaults = default_settings()
+    skip = gr.skip
+
+    with gr.Blocks(title="sift-chat", fill_height=True) as demo:
+        owner = gr.BrowserState(None, storage_key="sift-chat-owner", secret=secret)
+        chat_id = gr.State(None)
+        turn = gr.State(None)  # the ticket of the message being sent: what Stop stops
+
+        with gr.Sidebar(label="Chats", open=True, width=300):
+            new_chat = gr.Button("New chat", variant="primary", elem_id="new-chat")
+            chat_list = gr.Radio(choices=[], label="Your chats", elem_id="chat-list")
+            with gr.Accordion("Rename or delete this chat", open=False):
+                title = gr.Textbox(label="Title", max_lines=1, elem_id="chat-title")
+                with gr.Row():
+                    rename = gr.Button("Rename", size="sm")
+                    delete = gr.Button("Delete", size="sm", variant="stop")
+            with gr.Accordion("Settings", open=False, elem_id="settings"):
+                method = gr.Radio([(METHOD_LABELS[m] + (" (repeats)" if m == "nnf" else ""), m) for m in METHODS],
+                                  value=defaults["method"], label="Selection", info=HELP["method"])
+                mode = gr.Radio([(MODE_LABELS[m], m) for m in MODES], value=defaults["mode"],
+                                label="Use the passages to", info=HELP["mode"])
+                passages = gr.Slider(0, 32, value=defaults["passages"], step=1, label="Passages",
+                                     info=HELP["passages"])
+                lam = gr.Number(value=defaults["lam"], label="λ", minimum=1e-6, info=HELP["lam"])
+                adaptive = gr.Checkbox(value=defaults["adaptive"], label="Adaptive stopping", info=HELP["adaptive"])
+                min_reduction = gr.Slider(0.001, 0.2, value=defaults["min_reduction"], step=0.001,
+                                          label="Minimum reduction", info=HELP["min_reduction"])
+                learning_rate = gr.Number(value=defaults["learning_rate"], label="Learning rate", minimum=0,
+                                          info=HELP["learning_rate"])
+                lora_layers = gr.Slider(0, h.engine.layer_count, value=defaults["lora_layers"], step=1,
+                                        label="LoRA layers", info=HELP["lora_layers"])
+                max_new_tokens = gr.Slider(16, 1024, value=defaults["max_new_tokens"], step=16,
+                                           label="Maximum new tokens", info=HELP["max_new_tokens"],
+                                           elem_id="max-new-tokens")
+        settings = [method, mode, passages, lam, adaptive, min_reduction, learning_rate, lora_layers, max_new_tokens]
+
+        gr.Markdown("# sift-chat\nChat with your documents. For every message the model picks the passages "
+                    "that most reduce its uncertainty about your question (SIFT), takes one fine-tuning "
+                    "step on each, and answers; then it forgets them again.")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chatbot",
+                                             feedback_options=None, buttons=["copy"])
+                        status = gr.Markdown(elem_id="status")
+                        with gr.Row():
+                            message = gr.Textbox(placeholder="Ask about your documents…", show_label=False,
+                                                 scale=6, max_lines=6, elem_id="message", autofocus=True)
+                            send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+                            stop = gr.Button("Stop", scale=1, min_width=80, elem_id="stop")
+                    with gr.Column(scale=2, elem_id="panel"):
+                        gr.Markdown("### What the model learned from\n<small>Click an answer to see its "
+                                    "passages.</small>")
+                        coverage = gr.Markdown(elem_id="coverage")
+                        gr.Markdown("**σ² after each step**, beside NN's for the same prompt")
+                        chart = gr.LinePlot(None, x="step", y="variance", color="method",
+                                            x_title="step (0 = the prior)", y_title="σ² (uncertainty)", color_title="",
+                                            y_lim=[0, 1.05], height=300, show_label=False,
+                                            elem_id="variance-chart")
+                        picked = gr.HTML(render_passages(None), elem_id="passages")
+                        timings = gr.Markdown(elem_id="timings")
+
+            with gr.Tab("Compare", id="compare"):
+                gr.Markdown("One prompt, **NN** and **SIFT** side by side, with the settings from the sidebar. "
+                            "★ marks a passage both picked. Nothing is stored.")
+                with gr.Row():
+                    compare_prompt = gr.Textbox(value=DEMO_QUESTION, show_label=False, scale=6,
+                                                elem_id="compare-prompt")
+                    compare_go = gr.Button("Compare", variant="primary", scale=1, elem_id="compare-go")
+                compare_status = gr.Markdown(elem_id="compare-status")
+                compare_chart = gr.LinePlot(None, x="step", y="variance", color="method",
+                                            x_title="step (0 = the prior)", y_title="σ² (uncertainty)", color_title="",
+                                            y_lim=[0, 1.05], height=300, show_label=False)
+                with gr.Row(equal_height=False):
+                    with gr.Column():
+                        gr.Markdown("### Nearest neighbours (NN)")
+                        nn_coverage = gr.Markdown()
+                        nn_picks = gr.HTML(render_passages(None), elem_id="nn-passages")
+                        nn_answer = gr.Markdown(label="NN answer", elem_id="nn-answer")
+                    with gr.Column():
+                        gr.Markdown("### SIFT")
+                        sift_coverage = gr.Markdown()
+                        sift_picks = gr.HTML(render_passages(None), elem_id="sift-passages")
+                        sift_answer = gr.Markdown(label="SIFT answer", elem_id="sift-answer")
+
+            with gr.Tab("Corpus", id="corpus"):
+                corpus_summary = gr.Markdown(elem_id="corpus-summary")
+                with gr.Row(visible=False) as sample_row:
+                    gr.Markdown("New here? Add a small sample corpus: notes about Brindlemoor, an invented "
+                                "harbour town, with some facts repeated in other words.")
+                    add_sample = gr.Button("Add the sample corpus", variant="primary", elem_id="add-sample")
+                uploads = gr.File(label="Upload files (text, Markdown, HTML, source code, PDF; "
+                                  f"at most {MAX_UPLOAD_BYTES // 2**20} MiB each)",
+                                  file_count="multiple", type="filepath", elem_id="uploads")
+                folder = gr.Textbox(label="Or a folder or file on this machine", visible=h.service.allow_server_paths,
+                                    placeholder="~/notes", max_lines=1, elem_id="folder")
+                ingest_go = gr.Button("Ingest", variant="primary", elem_id="ingest")
+                ingest_report = gr.Markdown(elem_id="ingest-report")
+                documents = gr.Dataframe(headers=["document", "folder", "passages", "size", "added"],
+                                         datatype=["str", "str", "number", "str", "str"], interactive=False,
+                                         label="Documents", elem_id="documents")
+                with gr.Row():
+                    document = gr.Dropdown(choices=[], label="Document", scale=4)
+                    remove = gr.Button("Remove from the corpus", variant="stop", scale=1)
+                remove_report = gr.Markdown()
+
+        panel_outputs = [coverage, chart, picked, timings]
+
+        def show_panel(panel, note: str = "", seconds: dict | None = None):
+            return [render_coverage(panel, note), render_variance(panel), render_passages(panel),
+                    render_timings(panel, seconds)]
+
+        def chats_update(owner_key, selected=None):
+            return gr.update(choices=h.chat_choices(owner_key), value=selected)
+
+        def corpus_view():
+            paths = h.document_paths()
+            return [h.corpus_summary(), gr.update(visible=h.offers_sample()), h.documents(),
+                    gr.update(choices=paths, value=None)]
+
+        corpus_outputs = [corpus_summary, sample_row, documents, document]
+
+        # page load: this browser's key, its chats, the corpus
+        def on_load(owner_key):
+            if not h.valid_owner(owner_key):
+                owner_key = h.new_owner()
+            return [owner_key, chats_update(owner_key), *corpus_view()]
+
+        demo.load(on_load, inputs=[owner], outputs=[owner, chat_list, *corpus_outputs])
+
+        # chat
+        def on_ticket(owner_key):
+            return h.new_turn(owner_key)
+
+        def on_send(text, current, owner_key, ticket, *values):
+            for update in h.respond(text, current, owner_key, dict(zip(SETTING_NAMES, values)), ticket):
+                if update.get("error"):
+                    gr.Warning(update["error"])
+                panel = (show_panel(update["panel"], "", update.get("seconds")) if "panel" in update
+                         else [skip()] * 4)
+                yield [update.get("history", skip()), update.get("status", skip()), update.get("message", skip()),
+                       update.get("chat_id", skip()), update.get("owner", skip()),
+                       gr.update(choices=update["chats"], value=update.get("chat_id")) if "chats" in update else skip(),
+                       *panel]
+
+        chat_outputs = [chatbot, status, message, chat_id, owner, chat_list, *panel_outputs]
+        # the ticket first, outside the model's queue, so that Stop reaches a message still waiting
+        for trigger in (send.click, message.submit):
+            trigger(on_ticket, [owner], [turn], queue=False).then(
+                on_send, [message, chat_id, owner, turn, *settings], chat_outputs,
+                concurrency_id="model", concurrency_limit=1, show_progress_on=[chatbot])
+
+        def on_stop(owner_key):  # a stopped message reports where it stopped in its own last update
+            said = h.stop(owner_key)
+            return skip() if said == "Stopping…" else said
+
+        stop.click(on_stop, [owner], [status], queue=False)
+
+        def on_open(selected, owner_key):
+            view = h.open_chat(selected, owner_key)
+            if view["error"]:
+                gr.Warning(view["error"])
+            return [view["history"], view["chat_id"], view["title"], "", *show_panel(view["panel"])]
+
+        chat_list.input(on_open, [chat_list, owner], [chatbot, chat_id, title, status, *panel_outputs])
+
+        def on_new(owner_key):
+            return [[], None, "", "", chats_update(owner_key), *show_panel(None)]
+
+        new_chat.click(on_new, [owner], [chatbot, chat_id, title, status, chat_list, *panel_outputs])
+        chatbot.clear(on_new, [owner], [chatbot, chat_id, title, status, chat_list, *panel_outputs])  # stays stored
+
+        def on_rename(current, new_title, owner_key):
+            problem = h.rename_chat(current, new_title, owner_key)
+            if problem:
+                gr.Warning(problem)
+            return chats_update(owner_key, current)
+
+        rename.click(on_rename, [chat_id, title, owner], [chat_list])
+
+        def on_delete(current, owner_key):
+            problem = h.delete_chat(current, owner_key)
+            if problem:
+                gr.Warning(problem)
+                return [skip(), skip(), skip(), skip(), chats_update(owner_key, current), *[skip()] * 4]
+            return on_new(owner_key)
+
+        delete.click(on_delete, [chat_id, owner], [chatbot, chat_id, title, status, chat_list, *panel_outputs])
+
+        def on_pick_message(current, owner_key, event: gr.SelectData):
+            index = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
+            return show_panel(h.message_panel(current, owner_key, int(index or 0)),
+                              "No passages were used for this answer.")
+
+        chatbot.select(on_pick_message, [chat_id, owner], panel_outputs)
+
+        # compare
+        def on_compare(prompt, owner_key, *values):
+            for update in h.compare(prompt, dict(zip(SETTING_NAMES, values)), owner_key):
+                if update.get("error"):
+                    gr.Warning(update["error"])
+                nn, sift, shared = update.get("nn"), update.get("sift"), update.get("shared", set())
+                yield [update.get("status", ""), render_variance(sift, nn),
+                       render_coverage(nn, " "), render_passages(nn, shared), update.get("nn_answer", ""),
+                       render_coverage(sift, " "), render_passages(sift, shared), update.get("sift_answer", "")]
+
+        compare_go.click(on_compare, [compare_prompt, owner, *settings],
+                         [compare_status, compare_chart, nn_coverage, nn_picks, nn_answer,
+                          sift_coverage, sift_picks, sift_answer],
+                         concurrency_id="model", concurrency_limit=1, show_progress_on=[compare_status])
+
+        # corpus
+        def on_ingest(files, path, progress=gr.Progress()):
+            result = h.ingest(files, path, lambda fraction, text: progress(fraction, desc=text))
+            if result["error"]:
+                gr.Warning(result["error"])
+            return [result["report"], None, *corpus_view()]
+
+        ingest_go.click(on_ingest, [uploads, folder], [ingest_report, uploads, *corpus_outputs],
+                        concurrency_id="model", concurrency_limit=1)
+
+        def on_sample(progress=gr.Progress()):
+            result = h.add_sample(lambda fraction, text: progress(fraction, desc=text))
+            return [result["report"], *corpus_view()]
+
+        add_sample.click(on_sample, None, [ingest_report, *corpus_outputs],
+                         concurrency_id="model", concurrency_limit=1)
+
+        def on_remove(path):
+            return [h.remove_document(path), *corpus_view()]
+
+        remove.click(on_remove, [document], [remove_report, *corpus_outputs])
+
+    demo.queue(default_concurrency_limit=4, max_size=64)
+    return demo
+
+
+# -- loading and serving -----------------------------------------------------------------------
+
+
+def app_secret(data_dir: Path) -> str:
+    """The key that encrypts each browser's private chat key in its localStorage: kept in the data
+    folder, so a browser keeps its chats across restarts."""
+    path = data_dir / "app-secret"
+    try:
+        secret = path.read_text().strip()
+        if len(secret) >= 16:
+            return secret
+    except OSError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    path.write_text(secret)
+    path.chmod(0o600)
+    return secret
+
+
+THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                       font_mono=["ui-monospace", "SFMono-Regular", "monospace"])  # no web fonts: offline
+
+
+def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs):
+    """Serve the app alone, through Gradio's own server (blocks until stopped unless
+    prevent_thread_lock=True). `sift_chat.server` serves it with the API instead."""
+    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_BYTES,
+                       show_error=True, theme=THEME, css=CSS, **kwargs)
