@@ -246,6 +246,9 @@ class Service:
 
     def _leave(self, turn: Turn) -> None:
         self.queue.leave(turn)
+        for owner, last in list(self.last_turn.items()):  # only a moment ago matters to Stop
+            if time.monotonic() - last.finished_at > 60:
+                self.last_turn.pop(owner, None)
         if turn.owner is not None:
             self.last_turn[turn.owner] = turn
 

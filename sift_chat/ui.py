@@ -248,6 +248,8 @@ class Handlers:
         try:
             message, chat_settings, adaptation = self._checked(message, settings, "message")
         except ValueError as error:
+            if turn is not None:
+                self.service.queue.leave(turn)  # the ticket is spent: Stop has nothing to stop
             yield _failure(str(error))
             return
         new_owner = {} if self.valid_owner(owner) else {"owner": (owner := self.new_owner())}
