@@ -52,6 +52,12 @@ def default_chat_model(explicit: str | None) -> str | None:
     return None
 
 
+def serves_publicly(args: argparse.Namespace) -> bool:
+    """Reachable beyond this machine (a share link, a non-loopback address, a Space): then folders
+    on the server cannot be ingested, and /v1 needs --api-key."""
+    return args.share or args.host not in LOOPBACK or bool(os.environ.get("SPACE_ID"))
+
+
 def create_server(service, *, api_key: str | None = None, public: bool = False, secret: str | None = None):
     """The FastAPI web app: /v1 (the API) and, mounted at /, the Gradio app; both over `service`."""
     import gradio as gr
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     from .engine import Engine
     from .service import Service
 
-    public = args.share or args.host not in LOOPBACK or bool(os.environ.get("SPACE_ID"))
+    public = serves_publicly(args)
     print("sift-chat: loading the models…", file=sys.stderr, flush=True)
     try:
         home = config.data_dir(args.data_dir)

@@ -205,6 +205,13 @@ def test_errors_are_openai_shaped_with_the_right_status(client, server):
         for turn in holders:
             queue.leave(turn)
 
+    server.state.key_required = True  # serving beyond loopback without --api-key: no API
+    try:
+        with pytest.raises(openai.AuthenticationError, match="start it with --api-key"):
+            client.models.list()
+    finally:
+        server.state.key_required = False
+
     service, server.state.service = server.state.service, None  # the models are still loading
     try:
         with pytest.raises(openai.InternalServerError) as caught:

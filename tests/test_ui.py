@@ -347,3 +347,16 @@ def test_app_arguments(monkeypatch):
     monkeypatch.delenv("SIFT_CHAT_MODEL", raising=False)
     monkeypatch.delenv("SPACE_ID", raising=False)
     assert app.default_chat_model(None) is None and app.default_chat_model("x") == "x"
+    from sift_chat.server import SPACE_CHAT_MODEL, serves_publicly
+
+    assert not serves_publicly(app.parse_args([])) and serves_publicly(app.parse_args(["--host", "0.0.0.0"]))
+    assert serves_publicly(app.parse_args(["--share"]))
+    monkeypatch.setenv("SPACE_ID", "someone/sift-chat")
+    assert serves_publicly(app.parse_args([]))  # a Space: no server folders, /v1 only with a key
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)  # the packaged model is not there
+    assert app.default_chat_model(None) == SPACE_CHAT_MODEL and app.default_chat_model("x") == "x"
