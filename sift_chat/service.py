@@ -197,29 +197,27 @@ class Service:
         existing = self.own_chat(chat_id, owner)
         history = [{"role": m["role"], "content": m["content"]}
                    for m in (self.store.messages(existing["id"]) if existing else [])]
-        answered = None
-        for event in self.run(turn, prompt, history, chat, adaptation):
-            if isinstance(event, Answered):
-                answered = event
-            yield event
-        if answered is None:
-            return
-        picks = [{"step": p["step"], "passage_id": p["passage_id"], "similarity": p["similarity"],
-                  "posterior_variance": p["posterior_variance"],
-                  "uncertainty_reduction": p["uncertainty_reduction"],
-                  "loss": answered.record.losses[p["step"] - 1] if p["step"] <= len(answered.record.losses) else None}
-                 for p in (answered.panel.picks if answered.panel else [])]
-        record = asdict(answered.record)
 
-        def store_it() -> Kept:
+        def store(answered: Answered) -> Kept:
+            record = asdict(answered.record)
+            picks = [{"step": p["step"], "passage_id": p["passage_id"], "similarity": p["similarity"],
+                      "posterior_variance": p["posterior_variance"],
+                      "uncertainty_reduction": p["uncertainty_reduction"],
+                      "loss": answered.record.losses[p["step"] - 1] if p["step"] <= len(answered.record.losses) else None}
+                     for p in (answered.panel.picks if answered.panel else [])]
             if existing:
                 return Kept(existing["id"], self.store.record_exchange(
                     existing["id"], prompt.strip(), answered.answer, record, picks))
             return Kept(*self.store.start_chat(one_line(prompt, TITLE_CHARACTERS), owner, prompt.strip(),
                                                answered.answer, record, picks))
 
-        kept = turn.keep(store_it)
-        yield Stored(kept.chat_id, kept.message_id) if kept else Stopped("after the last word")
+        for event in self.run(turn, prompt, history, chat, adaptation):
+            if isinstance(event, Answered):  # stored while the turn is still open: Stop sees it
+                kept = turn.keep(lambda: store(event))
+                yield event
+                yield Stored(kept.chat_id, kept.message_id) if kept else Stopped("after the last word")
+            else:
+                yield event
 
     def run(self, turn: Turn, prompt: str, history: list[dict], chat: ChatSettings,
             adaptation: AdaptationSettings | None = None) -> Iterator[TurnEvent]:

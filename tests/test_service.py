@@ -7,6 +7,7 @@ The tiny random Llama stands in for the chat model; the embedder is the real def
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -68,14 +69,16 @@ STOP_POINTS = {
     "after selecting": lambda event, seen: isinstance(event, Selected),
     "after step 2 of 3": lambda event, seen: isinstance(event, Step) and event.index == 2,
     "while writing the answer": lambda event, seen: isinstance(event, Token),
-    "after the last word": lambda event, seen: isinstance(event, Answered),
+    "after the last token": lambda event, seen: isinstance(event, Stage) and event.name == "generate"
+    and event.state == "finished",
 }
+WHERE = {"after the last token": "while writing the answer"}  # what the user saw last
 
 
 @pytest.mark.parametrize("point", STOP_POINTS)
 def test_stop_at_any_point_stores_nothing_and_says_where(service, point):
     """Stop lands before the turn runs, while it selects, after step i, mid-answer, or after the
-    last word (before the exchange is stored): no chat, no message, no panel, and it says where."""
+    last token (before the exchange is stored): no chat, no message, no panel, and it says where."""
     turn = service.new_turn(OWNER)
     seen = []
     if STOP_POINTS[point](None, seen):
@@ -85,9 +88,40 @@ def test_stop_at_any_point_stores_nothing_and_says_where(service, point):
         if STOP_POINTS[point](event, seen) and not turn.stopped:
             assert service.stop(OWNER) == (1, None)
     assert isinstance(seen[-1], Stopped) and not any(isinstance(e, Stored) for e in seen)
-    assert seen[-1].where == point
+    assert seen[-1].where == WHERE.get(point, point)
     assert nothing_left(service)
     assert list(service.chat_turn(service.new_turn(OWNER), QUESTION, None, OWNER, FAST))[-1].__class__ is Stored
+
+
+def test_storing_and_stopping_exclude_each_other():
+    """Decided under the turn's lock: stopped first, nothing is stored; stored first, Stop says so."""
+    from sift_chat.turns import Kept, Turn
+
+    stopped, stores = Turn("me", 1), []
+    assert stopped.stop() is None and stopped.keep(lambda: stores.append(1) or Kept(1, 2)) is None
+    assert stores == [] and stopped.kept is None
+    kept = Turn("me", 2)
+    assert kept.keep(lambda: Kept(3, 4)) == Kept(3, 4) and kept.stop() == Kept(3, 4) and not kept.stopped
+
+
+def test_a_stop_as_the_answer_is_stored_finds_it_stored(service, monkeypatch):
+    stop_answers = []
+    store = service.store.start_chat
+
+    def stop_while_storing(*args):  # Stop clicked while the exchange is being written
+        chat_and_message = store(*args)
+        threading.Thread(target=lambda: stop_answers.append(service.stop(OWNER))).start()
+        time.sleep(0.2)  # Stop waits for the write to finish, then finds it stored
+        return chat_and_message
+
+    monkeypatch.setattr(service.store, "start_chat", stop_while_storing)
+    events = list(service.chat_turn(service.new_turn(OWNER), QUESTION, None, OWNER, FAST))
+    assert isinstance(events[-1], Stored)
+    deadline = time.monotonic() + 10
+    while not stop_answers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    [(stopped, kept)] = stop_answers
+    assert stopped == 0 and kept.message_id == events[-1].message_id
 
 
 def test_a_stop_after_the_answer_was_stored_says_it_was_kept(service):
