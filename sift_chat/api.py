@@ -183,7 +183,7 @@ def _parse(body: dict, service: Service) -> CompletionRequest:
         turns.append({"role": message["role"], "content": _text(message.get("content"), i)})
     if turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
         raise ApiError(400, "the last message must be the user's, with text", param="messages")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise ApiError(400, "n must be 1: one answer per request", param="n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -204,9 +204,16 @@ def _parse(body: dict, service: Service) -> CompletionRequest:
     values = {**extension, "adaptive": extension.get("min_reduction") is not None, "max_new_tokens": tokens}
     try:
         chat, adaptation = parse_settings(values, service.base_adaptation)
+    except ValueError as error:
+        raise ApiError(400, str(error), param="sift") from None
+    layers = service.engine.layer_count
+    if adaptation.top_layers is not None and adaptation.top_layers > layers:
+        raise ApiError(400, f"lora_layers must be at most {layers}, the model's layers (0: all), "
+                            f"got {adaptation.top_layers}", param="sift")
+    try:
         chat = ChatSettings(**{**chat.__dict__, **_sampling(body)})
     except ValueError as error:
-        raise ApiError(400, str(error), param="sift" if "sift" in body else None) from None
+        raise ApiError(400, str(error)) from None
     history = [t for t in turns[:-1] if t["role"] in ("user", "assistant")]
     return CompletionRequest(turns[-1]["content"], history, chat, adaptation, stop, stream, extension)
 
