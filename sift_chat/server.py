@@ -5,7 +5,8 @@
     sift-chat serve [flags]
 
 The API's routes are FastAPI's, and the Gradio app is mounted on the same web app at "/" (one
-port, one process). Serving beyond loopback, the API needs `--api-key`.
+port, one process). The port opens at once: while the models load, every path answers 503 (the
+API's in OpenAI's shape). Serving beyond loopback, the API needs `--api-key`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import importlib.metadata
 import os
 import sys
+from typing import Any, Callable
 
 SPACE_CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the packaged default's source, on the Hub
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -74,6 +76,60 @@ def create_server(service, *, api_key: str | None = None, public: bool = False, 
                                theme=layout.THEME, css=layout.CSS)
 
 
+class WhileLoading:
+    """The web app while the models load: 503 on every path (OpenAI-shaped JSON on /v1, a page that
+    reloads itself elsewhere), then the real app, `load()`'s result, once it is ready. The port is
+    open from the first second; a client never waits on a closed one."""
+
+    def __init__(self, load: Callable[[], Any], on_failure: Callable[[Exception], None]):
+        self.load, self.on_failure = load, on_failure
+        self.app = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self._lifespan(receive, send)
+        if self.app is not None:
+            return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await send({"type": "websocket.close", "code": 1013})  # try again later
+        from fastapi.responses import HTMLResponse
+
+        from .api import ApiError
+
+        if scope["path"].startswith("/v1"):
+            response = ApiError(503, "the model is loading: try again in a few seconds", "server_error",
+                                code="model_loading").response()
+        else:
+            response = HTMLResponse("<meta http-equiv='refresh' content='2'><p>sift-chat is loading its "
+                                    "models…</p>", status_code=503, headers={"Retry-After": "2"})
+        await response(scope, receive, send)
+
+    async def _lifespan(self, receive, send):
+        import asyncio
+        import contextlib
+
+        await receive()  # startup
+        async with contextlib.AsyncExitStack() as started:
+            loading = asyncio.create_task(self._start(started))
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # shutdown
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _start(self, started) -> None:
+        import anyio
+
+        try:
+            app = await anyio.to_thread.run_sync(self.load)
+        except Exception as error:
+            self.on_failure(error)
+            return
+        await started.enter_async_context(app.router.lifespan_context(app))  # the mounted app's startup
+        self.app = app
+
+
 def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     args = parse_args(argv, prog)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no calls home
@@ -83,23 +139,44 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     from .service import Service
 
     public = serves_publicly(args)
-    print("sift-chat: loading the models…", file=sys.stderr, flush=True)
-    try:
-        home = config.data_dir(args.data_dir)
+    home = config.data_dir(args.data_dir)
+
+    def load_service() -> Service:
         engine = Engine.load(home, embedder=args.embedder, chat_model=default_chat_model(args.chat_model),
                              device=args.device)
-        service = Service(engine, home, allow_server_paths=not public, max_waiting=args.max_queue)
-    except (ValueError, RuntimeError) as error:  # our errors carry a one-line message
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.share:
+        return Service(engine, home, allow_server_paths=not public, max_waiting=args.max_queue)
+
+    print("sift-chat: loading the models…", file=sys.stderr, flush=True)
+    if args.share:  # Gradio's own server, for its share link: the app alone, once loaded
+        try:
+            service = load_service()
+        except (ValueError, RuntimeError) as error:  # our errors carry a one-line message
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         layout.launch(layout.build(ui.Handlers(service), secret=layout.app_secret(home)), host=args.host,
                       port=args.port, share=True)
         return 0
     import uvicorn
 
-    app = create_server(service, api_key=args.api_key, public=public, secret=layout.app_secret(home))
-    print(f"sift-chat: the app on http://{args.host}:{args.port}/ and the API on http://{args.host}:{args.port}/v1",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    def load() -> Any:
+        app = create_server(load_service(), api_key=args.api_key, public=public, secret=layout.app_secret(home))
+        print(f"sift-chat: the app on http://{args.host}:{args.port}/ and the API on "
+              f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        return app
+
+    failures: list[Exception] = []
+
+    def failed(error: Exception) -> None:
+        failures.append(error)
+        server.should_exit = True
+
+    server = uvicorn.Server(uvicorn.Config(WhileLoading(load, failed), host=args.host, port=args.port,
+                                           log_level="warning", lifespan="on"))
+    server.run()
+    if failures:
+        error = failures[0]
+        if not isinstance(error, (ValueError, RuntimeError)):
+            raise error
+        print(f"error: {error}", file=sys.stderr)  # our errors carry a one-line message
+        return 2
     return 0

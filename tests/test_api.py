@@ -301,17 +301,30 @@ def test_app_py_serves_the_app_and_the_api_on_one_port(tmp_path):
                                    env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     try:
         keyed = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k" * 20, max_retries=0, timeout=60)
-        deadline = time.monotonic() + 180
+        deadline, loading = time.monotonic() + 180, []
         while True:
             try:
                 assert [m.id for m in keyed.models.list()] == ["sift-chat"]
                 break
-            except openai.APIConnectionError:
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
+            except openai.APIConnectionError:  # not listening yet
+                pass
+            except openai.InternalServerError as error:  # listening, the models still loading
+                loading.append((error.status_code, error.body["code"]))
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert loading and set(loading) == {(503, "model_loading")}  # the port opens before the models are in
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).status_code == 200
         text, reason, extension = ask(keyed, sift={"mode": "off"}, max_tokens=3)
         assert reason in ("stop", "length") and extension["selection"] is None  # an empty corpus
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_app_py_says_why_it_cannot_load_and_exits(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "app.py"), "--port", str(free_port()), "--chat-model",
+                             str(tmp_path / "no-such-model"), "--data-dir", str(tmp_path / "data")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in result.stderr
