@@ -180,14 +180,14 @@ class Handlers:
 
     def chat_choices(self, owner: str) -> list[tuple[str, int]]:
         """(title, id) of the owner's chats, the most recently used first."""
-        return self.service.chats(owner) if self.valid_owner(owner) else []
+        return self.service.chats(self._key(owner))
 
     def own_chat(self, chat_id, owner) -> dict | None:
-        return self.service.own_chat(chat_id, owner) if self.valid_owner(owner) else None
+        return self.service.own_chat(chat_id, self._key(owner))
 
     def open_chat(self, chat_id, owner) -> dict:
         """{history, title, panel, chat_id, error}: the chat's messages and its last answer's panel."""
-        view = self.service.open_chat(chat_id, owner) if self.valid_owner(owner) else None
+        view = self.service.open_chat(chat_id, self._key(owner))
         if view is None:
             return {"history": [], "title": "", "panel": None, "chat_id": None,
                     "error": "This chat does not exist (any more)." if chat_id is not None else ""}
@@ -196,17 +196,19 @@ class Handlers:
 
     def message_panel(self, chat_id, owner, index: int) -> Panel | None:
         """The panel of the answer at position `index` of the chat (a clicked message)."""
-        return self.service.message_panel(chat_id, owner, index) if self.valid_owner(owner) else None
+        return self.service.message_panel(chat_id, self._key(owner), index)
 
     def rename_chat(self, chat_id, title: str, owner) -> str:
         """'' when renamed, else why not."""
-        if not self.valid_owner(owner) and (title or "").strip():
-            return "Open one of your chats first."
-        return self.service.rename_chat(chat_id, title, owner)
+        return self.service.rename_chat(chat_id, title, self._key(owner))
 
     def delete_chat(self, chat_id, owner) -> str:
         """'' when deleted, else why not."""
-        return self.service.delete_chat(chat_id, owner) if self.valid_owner(owner) else "Open one of your chats first."
+        return self.service.delete_chat(chat_id, self._key(owner))
+
+    def _key(self, owner) -> str | None:
+        """The browser's key if it is one (None owns nothing)."""
+        return owner if self.valid_owner(owner) else None
 
     # -- one message -----------------------------------------------------------------------
 
@@ -222,7 +224,7 @@ class Handlers:
 
     def new_turn(self, owner) -> Turn:
         """A ticket for the message about to be sent: Stop works from now on, even while it waits."""
-        return self.service.new_turn(owner if self.valid_owner(owner) else None)
+        return self.service.new_turn(self._key(owner))
 
     def stop(self, owner) -> str:
         """Stop this browser's message; the status line for the click (the message itself then
@@ -330,7 +332,7 @@ class Handlers:
             return {"nn": panels.get("nn"), "sift": panels.get("sift"), "shared": shared,
                     "nn_answer": answers["nn"], "sift_answer": answers["sift"], "status": status}
 
-        turn = self.service.new_turn(owner if self.valid_owner(owner) else None)
+        turn = self.service.new_turn(self._key(owner))
         try:
             for method, event in self.service.compare(turn, prompt, chat_settings, adaptation):
                 label = METHOD_LABELS.get(method, method)
