@@ -31,7 +31,7 @@ import gradio as gr
 from . import config
 from .adaptation import AdaptationSettings
 from .corpus import DEFAULT_MAX_FILE_BYTES, ingest
-from .engine import ChatSettings, Done, Engine, Notice, Selected, Stage, Step, Token
+from .engine import ChatSettings, Done, Engine, Notice, Prompted, Selected, Stage, Step, Token
 from .store import Store
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
@@ -84,16 +84,21 @@ def parse_settings(values: dict, base: AdaptationSettings) -> tuple[ChatSettings
 
 @dataclass
 class Panel:
-    """What one answer learned from: the picks, σ² after each, NN's σ² for the same prompt,
-    the loss of each step and the seconds of each stage."""
+    """What one answer used: the picks, σ² after each, NN's σ² for the same prompt, the loss of
+    each step, the passages read in the prompt, the ones the answer cites and the seconds of
+    each stage. Passages are numbered [1], [2] … in the order they were first picked, as the
+    answer cites them."""
 
     method: str
     prior_variance: float
-    picks: list[dict]  # step, passage_id, path, text, similarity, posterior_variance, uncertainty_reduction, repeat
+    picks: list[dict]  # step, passage_id, path, start, end, text, similarity, posterior_variance, uncertainty_reduction, repeat
     nn_variance: list[float]
     stop_reason: str
     losses: list[float | None] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+    mode: str = "fine-tune"
+    read: list[int] = field(default_factory=list)  # passage ids in the prompt
+    citations: list[int] = field(default_factory=list)  # numbers the answer cites
 
     @property
     def final_variance(self) -> float:
@@ -103,14 +108,27 @@ class Panel:
     def passage_ids(self) -> set[int]:
         return {p["passage_id"] for p in self.picks}
 
+    @property
+    def numbers(self) -> dict[int, int]:
+        """passage id -> its citation number."""
+        numbers: dict[int, int] = {}
+        for pick in self.picks:
+            numbers.setdefault(pick["passage_id"], len(numbers) + 1)
+        return numbers
+
+    @property
+    def learned(self) -> bool:
+        return self.mode in ("fine-tune", "both")
+
     @classmethod
-    def from_selected(cls, selected: Selected) -> "Panel":
-        picks = [{"step": p.step, "passage_id": p.passage.id, "path": p.passage.path, "text": p.passage.text,
+    def from_selected(cls, selected: Selected, mode: str = "fine-tune") -> "Panel":
+        picks = [{"step": p.step, "passage_id": p.passage.id, "path": p.passage.path,
+                  "start": p.passage.start_char, "end": p.passage.end_char, "text": p.passage.text,
                   "similarity": p.similarity, "posterior_variance": p.posterior_variance,
                   "uncertainty_reduction": p.uncertainty_reduction, "repeat": p.repeat}
                  for p in selected.picks]
         return cls(selected.method, selected.prior_variance, picks, list(selected.nn_posterior_variance),
-                   selected.stop_reason)
+                   selected.stop_reason, mode=mode)
 
     @classmethod
     def from_stored(cls, record: dict | None, rows: list[dict], passages: dict) -> "Panel | None":
@@ -125,6 +143,8 @@ class Panel:
             passage = passages.get(row["passage_id"])
             picks.append({"step": row["step"], "passage_id": row["passage_id"],
                           "path": passage.path if passage else "(removed document)",
+                          "start": passage.start_char if passage else None,
+                          "end": passage.end_char if passage else None,
                           "text": passage.text if passage else "",
                           "similarity": row["similarity"], "posterior_variance": row["posterior_variance"],
                           "uncertainty_reduction": row["uncertainty_reduction"],
@@ -133,17 +153,19 @@ class Panel:
         losses = record.get("losses") or [row.get("loss") for row in rows]
         return cls(selection["method"], selection["prior_variance"], picks,
                    list(selection.get("nn_posterior_variance") or []), selection.get("stop_reason", ""),
-                   list(losses), dict(record.get("seconds") or {}))
+                   list(losses), dict(record.get("seconds") or {}),
+                   mode=(record.get("settings") or {}).get("mode", "fine-tune"),
+                   read=list(record.get("read") or []), citations=list(record.get("citations") or []))
 
 
 def coverage_verdict(prior: float, final: float) -> str:
-    """How well the corpus covers a prompt, from the σ² its passages leave (rough bands)."""
+    """How much the documents say about a prompt, from the σ² their passages leave (rough bands)."""
     share = final / prior if prior > 0 else 1.0
     if share <= 0.5:
-        return "good"
+        return "a lot"
     if share <= 0.8:
-        return "partial"
-    return "poor"
+        return "something"
+    return "little"
 
 
 def render_coverage(panel: Panel | None, note: str = "") -> str:
@@ -155,11 +177,12 @@ def render_coverage(panel: Panel | None, note: str = "") -> str:
     removed = 1 - final / prior if prior > 0 else 0.0
     nn = (f" NN's {len(panel.nn_variance)} nearest passages would leave σ² {panel.nn_variance[-1]:.2f}."
           if panel.nn_variance and panel.method != "nn" else "")
-    return (f"**How well your documents cover this prompt: {coverage_verdict(prior, final)}**. "
+    return (f"**What your documents say about this question: {coverage_verdict(prior, final)}**. "
             f"σ² {prior:.2f} → {final:.2f} after {len(panel.picks)} {METHOD_LABELS.get(panel.method, panel.method)} "
             f"picks: {removed:.0%} of the uncertainty removed.{nn}\n\n"
-            "<small>σ² is the uncertainty about your prompt left by the chosen passages: 1 when your "
-            "documents say nothing about it, lower the better they cover it.</small>")
+            "<small>σ² is the uncertainty about your question that the chosen passages leave: 1 when your "
+            "documents say nothing related, lower the more they say. It describes your documents, not the "
+            "answer: check the answer against the passages it cites.</small>")
 
 
 def render_variance(panel: Panel | None, *others: Panel | None):
@@ -183,33 +206,55 @@ def render_variance(panel: Panel | None, *others: Panel | None):
     return pd.DataFrame(rows, columns=["step", "variance", "method"])
 
 
+def _usage(panel: Panel) -> str:
+    """What the model did with the passages, in the words of the panel's caption."""
+    read = len(panel.read)
+    steps = sum(1 for x in panel.losses if isinstance(x, (int, float)) and math.isfinite(x))
+    if panel.learned and read:
+        return (f"The model read passages [1]–[{read}] in its prompt and learned from {len(panel.picks)} "
+                f"(one fine-tuning step each, in this order).")
+    if panel.learned:
+        return (f"The model learned from these {len(panel.picks)} passages (one fine-tuning step each, in "
+                f"this order{'' if steps else '; the steps are still to come'}); it did not read them in its prompt.")
+    if read:
+        return (f"The model read passages [1]–[{read}] in its prompt; it learned from none "
+                f"({panel.mode} mode takes no fine-tuning step).")
+    return "Selected passages (the model has not used them yet)."
+
+
 def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozenset()) -> str:
-    """The picks as cards: step, uncertainty reduction (with a bar), σ² after, similarity, loss of
-    the step, source document, the passage text. Repeats and passages picked by both methods (in
-    a comparison) are marked."""
+    """The picks as cards: their citation number, step, uncertainty reduction (with a bar), σ²
+    after, similarity, loss of the step, source document and characters, the passage text; what
+    the model did with each (read, learned from, cited). Repeats and passages picked by both
+    methods (in a comparison) are marked."""
     if panel is None or not panel.picks:
         return "<div class='sc-empty'>No passages yet: ask a question.</div>"
-    cards = []
+    numbers, read, cards = panel.numbers, set(panel.read), []
     for pick in panel.picks:
-        step = pick["step"]
+        step, number = pick["step"], numbers[pick["passage_id"]]
         loss = panel.losses[step - 1] if step <= len(panel.losses) else None
         share = pick["uncertainty_reduction"] / panel.prior_variance if panel.prior_variance > 0 else 0
-        badges = ("<span class='sc-badge'>repeat</span>" if pick["repeat"] else "") + (
-            "<span class='sc-badge sc-shared'>★ both</span>" if pick["passage_id"] in shared else "")
+        badges = "".join(f"<span class='sc-badge {cls}'>{label}</span>" for label, cls, on in (
+            ("cited", "sc-cited", number in panel.citations and not pick["repeat"]),
+            ("read", "sc-read", pick["passage_id"] in read and not pick["repeat"]),
+            ("learned from", "sc-learned", panel.learned),
+            ("repeat", "", pick["repeat"]),
+            ("★ both", "sc-shared", pick["passage_id"] in shared)) if on)
         text = " ".join(pick["text"].split())
         text = text if len(text) <= 700 else text[:699] + "…"
         loss_text = f" · loss {loss:.3f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else ""
+        where = f":{pick['start']}–{pick['end']}" if pick.get("start") is not None else ""
         cards.append(
-            f"<div class='sc-pick' data-passage='{pick['passage_id']}'>"
-            f"<div class='sc-head'><b>{step}.</b> "
+            f"<div class='sc-pick' data-passage='{pick['passage_id']}' data-number='{number}'>"
+            f"<div class='sc-head'><b>[{number}]</b> step {step} · "
             f"<span class='sc-reduction'>−{pick['uncertainty_reduction']:.3f} σ²</span> "
             f"→ {pick['posterior_variance']:.3f} · similarity {pick['similarity']:.2f}{loss_text} · "
-            f"<span class='sc-source' title='{html.escape(pick['path'], quote=True)}'>"
-            f"{html.escape(Path(pick['path']).name)}</span> {badges}</div>"
+            f"<span class='sc-source' title='{html.escape(pick['path'], quote=True)}{where}'>"
+            f"{html.escape(Path(pick['path']).name)}{where}</span> {badges}</div>"
             f"<div class='sc-bar'><span style='width:{max(0.0, min(share, 1.0)) * 100:.1f}%'></span></div>"
             f"<div class='sc-text'>{html.escape(text)}</div></div>")
-    header = (f"<div class='sc-caption'>{len(panel.picks)} passages, in the order the model learned from "
-              f"them; −x σ² is how much uncertainty each removed (stopped: {html.escape(panel.stop_reason)})</div>")
+    header = (f"<div class='sc-caption'>{html.escape(_usage(panel))} [n] is how the answer cites a passage; "
+              f"−x σ² is how much uncertainty each removed (selection stopped: {html.escape(panel.stop_reason)}).</div>")
     return f"<div class='sc-picks'>{header}{''.join(cards)}</div>"
 
 
@@ -399,8 +444,10 @@ class Handlers:
                 elif isinstance(event, Stage) and event.state == "started":
                     yield view(_stage_text(event.name, chat_settings))
                 elif isinstance(event, Selected):
-                    panel = Panel.from_selected(event)
+                    panel = Panel.from_selected(event, chat_settings.mode)
                     yield view(f"Selected {len(panel.picks)} passages.", panel=panel)
+                elif isinstance(event, Prompted) and panel is not None:
+                    panel.read = [p.id for p in event.passages]
                 elif isinstance(event, Step):
                     panel.losses.append(event.loss)
                     yield view(f"Fine-tuning: step {event.index} of {event.total} · loss {event.loss:.3f}",
@@ -414,6 +461,7 @@ class Handlers:
                     seconds = event.record.get("seconds", {})
                     if panel is not None:
                         panel.seconds = dict(seconds)
+                        panel.citations = list(event.citations)
                     total = sum(v for k, v in seconds.items() if k != "first_token")
                     yield {**view(f"Answered in {total:.1f} s."), "history": [
                         *shown, {"role": "user", "content": message}, {"role": "assistant", "content": _shown(answer)}],
@@ -469,7 +517,8 @@ class Handlers:
             with self.engine.lock:
                 query = self.engine.embed(prompt)
                 for method in ("nn", "sift"):
-                    panels[method] = Panel.from_selected(self.engine.select(query, chat_settings, method))
+                    panels[method] = Panel.from_selected(self.engine.select(query, chat_settings, method),
+                                                         chat_settings.mode)
             yield view("Selected both; now fine-tuning on the NN picks…")
             for method in ("nn", "sift"):
                 label = METHOD_LABELS[method]
@@ -479,7 +528,9 @@ class Handlers:
                         answers[method] += event.text
                         yield view(f"{label}: generating…")
                     elif isinstance(event, Selected):
-                        panels[method] = Panel.from_selected(event)
+                        panels[method] = Panel.from_selected(event, chat_settings.mode)
+                    elif isinstance(event, Prompted):
+                        panels[method].read = [p.id for p in event.passages]
                     elif isinstance(event, Step):
                         panels[method].losses.append(event.loss)
                         yield view(f"{label}: fine-tuning step {event.index} of {event.total} · loss {event.loss:.3f}")
@@ -487,6 +538,7 @@ class Handlers:
                         answers[method] = _shown(event.answer)
                         if method in panels:
                             panels[method].seconds = dict(event.record.get("seconds", {}))
+                            panels[method].citations = list(event.citations)
                 stream = None
             yield view("Done: ★ marks the passages both methods picked.")
         except Exception as error:
@@ -629,6 +681,9 @@ CSS = """
 .sc-badge { font-size: 0.75em; border-radius: 6px; padding: 1px 6px; margin-left: 4px;
             background: var(--background-fill-secondary); border: 1px solid var(--border-color-primary); }
 .sc-shared { background: #fde68a; color: #1f2937; }
+.sc-cited { background: #bbf7d0; color: #14532d; }
+.sc-read { background: #bfdbfe; color: #1e3a8a; }
+.sc-learned { background: #e9d5ff; color: #4c1d95; }
 .sc-bar { height: 4px; background: var(--background-fill-secondary); border-radius: 2px; margin: 4px 0; }
 .sc-bar span { display: block; height: 4px; background: var(--color-accent); border-radius: 2px; }
 .sc-text { font-size: 0.88em; white-space: pre-wrap; max-height: 9em; overflow: auto; }
@@ -704,7 +759,7 @@ def build(handlers: Handlers, *, secret: str | None = None):
                             send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
                             stop = gr.Button("Stop", scale=1, min_width=80, elem_id="stop")
                     with gr.Column(scale=2, elem_id="panel"):
-                        gr.Markdown("### What the model learned from\n<small>Click an answer to see its "
+                        gr.Markdown("### The passages behind the answer\n<small>Click an answer to see its "
                                     "passages.</small>")
                         coverage = gr.Markdown(elem_id="coverage")
                         gr.Markdown("**σ² after each step**, beside NN's for the same prompt")
