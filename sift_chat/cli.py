@@ -286,12 +286,14 @@ def _answer(engine, prompt: str, history: list[dict], settings: ChatSettings, ch
     """Stream one answer with its selection and steps; 0 when it was answered and recorded."""
     from .engine import Done, Notice, Selected, Stage, Step, Token
 
+    numbered = []  # the distinct picks, as the answer cites them
     try:
         for event in engine.respond(prompt, history, settings, chat_id):
             if isinstance(event, Notice):
                 print(f"note: {event.message}", file=sys.stderr)
             elif isinstance(event, Selected):
                 print(_selection_table(event))
+                numbered = list({p.passage.id: p.passage for p in event.picks}.values())
             elif isinstance(event, Step):
                 print(f"  fine-tune step {event.index}/{event.total}: loss {event.loss:.3f}", file=sys.stderr)
             elif isinstance(event, Stage) and event.name == "generate" and event.state == "started":
@@ -299,9 +301,14 @@ def _answer(engine, prompt: str, history: list[dict], settings: ChatSettings, ch
             elif isinstance(event, Token):
                 print(event.text, end="", flush=True)
             elif isinstance(event, Done):
+                if event.citations:
+                    print(f"\n\ncited: {event.answer}")
+                    for number in event.citations:
+                        passage = numbered[number - 1]
+                        print(f"  [{number}] {_one_line(passage.path, 100)}:{passage.start_char}-{passage.end_char}")
                 timings = " · ".join(f"{name.replace('_', ' ')} {value:.1f} s"
                                      for name, value in event.record["seconds"].items())
-                print(f"\n\n[{timings}]")
+                print(f"\n[{timings}]")
     except KeyboardInterrupt:
         print("\ninterrupted: the model is back at base and nothing was recorded", file=sys.stderr)
         return 130

@@ -110,3 +110,21 @@ def test_chat_rejects_bad_settings_in_one_line(tiny_chat):
     assert code == 2 and err.strip() == "error: invalid chat setting: lam must be a number > 0, got 0.0"
     code, _, err = tiny_chat("question", "--lr", "-1")
     assert code == 2 and err.startswith("error: invalid adaptation setting: learning_rate")
+
+
+def test_chat_lists_the_passages_its_answer_cites(tiny_chat, monkeypatch):
+    from sift_chat.engine import Engine
+
+    said = "The lighthouse keeper is Matthias Orrey, since 1998."
+
+    def generate(self, input_ids, settings):  # a model that answers from the lighthouse note
+        yield said
+        return "end", said
+
+    monkeypatch.setattr(Engine, "generate", generate)
+    code, out, _ = tiny_chat("Who keeps the lighthouse?", "-n", "3", "--mode", "context")
+    assert code == 0
+    [cited] = [line for line in out.splitlines() if line.startswith("cited: ")]
+    number = int(cited.split("[")[1].split("]")[0])
+    assert cited == f"cited: The lighthouse keeper is Matthias Orrey, since 1998 [{number}]."
+    assert any(line.strip().startswith(f"[{number}] ") and "lighthouse.md:0-" in line for line in out.splitlines())
