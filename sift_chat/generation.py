@@ -2,8 +2,8 @@
 
 Pure functions over strings and token ids; the engine runs the token loop with them.
 
-    conversation   the chat messages the model reads: an instruction to answer briefly, the
-                   history, and the user's question after the passages read for it, numbered [1]…
+    conversation   the chat messages the model reads: an instruction to answer briefly with the
+                   passages read for this question, the history, and the question
     answer_processors  transformers' logits processors (repetition penalty, no repeated n-grams),
                    applied to the answer's own tokens only: copying a name from a passage is what
                    reading is for, saying the same thing twice is not
@@ -20,31 +20,30 @@ import torch
 from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 INSTRUCTION = "Answer the question in one or two short sentences."
-INSTRUCTION_WITH_PASSAGES = ("Answer the question in one or two short sentences, using the numbered "
-                             "passages from the user's documents.")
+INSTRUCTION_WITH_PASSAGES = ("Answer the question in one or two short sentences, using what the user's "
+                             "documents say:")
 
 
-def user_message(prompt: str, passages: Sequence[str]) -> str:
-    """The question after the passages read for it, numbered as the answer cites them."""
+def instruction(passages: Sequence[str]) -> str:
+    """The system message: how to answer, then the passages read for this question (whitespace
+    collapsed, one paragraph each). They sit apart from the user's question, with no numbers or
+    file names that an answer could recite."""
     if not passages:
-        return prompt
-    quoted = "\n\n".join(f"[{number}] {' '.join(text.split())}" for number, text in enumerate(passages, 1))
-    return f"{quoted}\n\nQuestion: {prompt}"
+        return INSTRUCTION
+    return "\n\n".join([INSTRUCTION_WITH_PASSAGES, *(" ".join(text.split()) for text in passages)])
 
 
 def conversation(prompt: str, history: Sequence[dict], passages: Sequence[str]) -> list[dict]:
-    """The messages of one turn: the instruction (as the system message), earlier turns, and the
-    question with its passages."""
-    system = INSTRUCTION_WITH_PASSAGES if passages else INSTRUCTION
-    return [{"role": "system", "content": system}, *history,
-            {"role": "user", "content": user_message(prompt, passages)}]
+    """The messages of one turn: the instruction with the passages (as the system message),
+    earlier turns, and the question."""
+    return [{"role": "system", "content": instruction(passages)}, *history, {"role": "user", "content": prompt}]
 
 
 def training_text(prompt: str, passage: str, training: str, render) -> tuple[str, str]:
     """(prefix, text): what a step on `passage` reads and what it learns, for the training format
     (`adaptation.TRAINING_FORMATS`): the passage alone; the passage as the answer to the question,
-    after the chat prompt; or the passage where the chat prompt puts it, as passage [1] before the
-    question. `render(messages, generation_prompt)` is the chat template as text."""
+    after the chat prompt; or the passage where the chat prompt puts it, in the instruction before
+    the question. `render(messages, generation_prompt)` is the chat template as text."""
     if training == "passage":
         return "", passage
     passage = " ".join(passage.split())  # as the chat prompt quotes it
@@ -52,7 +51,8 @@ def training_text(prompt: str, passage: str, training: str, render) -> tuple[str
         return render(conversation(prompt, [], []), True), passage
     marker = "\x00passage\x00"
     text = render(conversation(prompt, [], [marker]), False)
-    return text[: text.index(marker)].rstrip(" "), " " + passage
+    prefix = text[: text.index(marker)]
+    return (prefix[:-1], " " + passage) if prefix.endswith(" ") else (prefix, passage)
 
 
 def answer_processors(repetition_penalty: float, no_repeat_ngram: int) -> LogitsProcessorList:

@@ -14,11 +14,11 @@ LIGHTHOUSE = "The lighthouse on Gannet Point is painted in red and white spirals
 FERRY = "The ferry to the island of Holm leaves Brindlemoor harbour at 7:40 and 16:10 every day."
 
 
-def test_the_question_comes_after_its_numbered_passages_without_file_names():
+def test_the_passages_sit_in_the_instruction_apart_from_the_question():
     messages = conversation("Who keeps the lighthouse?", [], [FOUNDING, "  Its keeper,\n Matthias   Orrey. "])
-    assert messages[0] == {"role": "system", "content": INSTRUCTION_WITH_PASSAGES}
-    user = messages[-1]["content"]
-    assert user == f"[1] {FOUNDING}\n\n[2] Its keeper, Matthias Orrey.\n\nQuestion: Who keeps the lighthouse?"
+    assert messages == [
+        {"role": "system", "content": f"{INSTRUCTION_WITH_PASSAGES}\n\n{FOUNDING}\n\nIts keeper, Matthias Orrey."},
+        {"role": "user", "content": "Who keeps the lighthouse?"}]
     assert conversation("Hi?", [], []) == [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": "Hi?"}]
 
 
@@ -92,4 +92,5 @@ def test_training_text_reads_the_passage_where_the_chat_prompt_puts_it():
     assert question in prefix
     prefix, text = training_text(question, passage, "chat", render)
     read = render(conversation(question, [], [passage]), False)
-    assert read.startswith(prefix + text) and prefix.endswith("[1]") and question not in prefix
+    assert read.startswith(prefix + text) and prefix.endswith(INSTRUCTION_WITH_PASSAGES + "\n\n")
+    assert question not in prefix and text == "Its keeper, Matthias Orrey."
