@@ -45,7 +45,7 @@ class ChatSettings:
     no_repeat_ngram: int = 0  # no n-gram twice in an answer (0: off)
     loop_tokens: int = 12  # stop when the answer's last this many tokens repeat earlier ones (0: never)
     max_context_tokens: int = 2048  # prompt + history + passages in context
-    context_passages: int = 4  # distinct passages put in the prompt in "context"/"both"
+    context_passages: int = 1  # distinct passages read in the prompt in "context"/"both": the small model answers best from one (README)
     seed: int = 0
 
     def __post_init__(self):

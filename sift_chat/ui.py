@@ -208,17 +208,16 @@ def render_variance(panel: Panel | None, *others: Panel | None):
 
 def _usage(panel: Panel) -> str:
     """What the model did with the passages, in the words of the panel's caption."""
-    read = len(panel.read)
+    read = "passage [1]" if len(panel.read) == 1 else f"passages [1]–[{len(panel.read)}]"
     steps = sum(1 for x in panel.losses if isinstance(x, (int, float)) and math.isfinite(x))
-    if panel.learned and read:
-        return (f"The model read passages [1]–[{read}] in its prompt and learned from {len(panel.picks)} "
+    if panel.learned and panel.read:
+        return (f"The model read {read} in its prompt and learned from {len(panel.picks)} "
                 f"(one fine-tuning step each, in this order).")
     if panel.learned:
         return (f"The model learned from these {len(panel.picks)} passages (one fine-tuning step each, in "
                 f"this order{'' if steps else '; the steps are still to come'}); it did not read them in its prompt.")
-    if read:
-        return (f"The model read passages [1]–[{read}] in its prompt; it learned from none "
-                f"({panel.mode} mode takes no fine-tuning step).")
+    if panel.read:
+        return f"The model read {read} in its prompt; it learned from none ({panel.mode} mode takes no fine-tuning step)."
     return "Selected passages (the model has not used them yet)."
 
 

@@ -140,10 +140,11 @@ def test_each_mode_reads_and_learns_what_it_says(engine, probe, monkeypatch):
     assert not any(isinstance(e, (Selected, Step)) for e in off) and isinstance(off[-1], Done)
     assert stepped == [] and _prompted(off).passages == []
 
-    context = list(engine.respond(QUESTION, settings=ChatSettings(mode="context", passages=3, max_new_tokens=4)))
+    reading = ChatSettings(mode="context", passages=3, context_passages=2, max_new_tokens=4)
+    context = list(engine.respond(QUESTION, settings=reading))
     [selected] = [e for e in context if isinstance(e, Selected)]
     read = _prompted(context)
-    assert stepped == [] and read.passages == [p.passage for p in selected.picks if not p.repeat][:3]
+    assert stepped == [] and read.passages == [p.passage for p in selected.picks if not p.repeat][:2]
     text = " ".join(engine.tokenizer.decode(read.input_ids[0]).split())
     assert all(" ".join(p.text.split()) in text for p in read.passages)
     assert context[-1].record["read"] == [p.id for p in read.passages]
@@ -157,7 +158,7 @@ def test_each_mode_reads_and_learns_what_it_says(engine, probe, monkeypatch):
     both = list(engine.respond(QUESTION, settings=ChatSettings(mode="both", passages=2, max_new_tokens=4)))
     [selected] = [e for e in both if isinstance(e, Selected)]
     assert stepped == [p.passage.text for p in selected.picks]
-    assert _prompted(both).passages == [p.passage for p in selected.picks if not p.repeat]
+    assert _prompted(both).passages == [selected.picks[0].passage]  # by default the first pick alone is read
     assert_at_base(engine, probe)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sift_chat.adaptation import AdaptationSettings
-from sift_chat.engine import Engine
+from sift_chat.engine import ChatSettings, Engine
 from sift_chat.store import Store
 from sift_chat.ui import (NO_ANSWER, Handlers, Panel, build, parse_settings, render_coverage,
                           render_passages, render_timings, render_variance)
@@ -136,16 +136,18 @@ def test_the_panel_says_which_passages_were_read_and_which_learned_from(sample, 
     panel = last(updates, "panel")
     cards = render_passages(panel)
     distinct = list(dict.fromkeys(p["passage_id"] for p in panel.picks))
-    assert panel.read == (distinct[:4] if mode != "fine-tune" else [])
+    read = ChatSettings().context_passages
+    assert panel.read == (distinct[:read] if mode != "fine-tune" else [])
     assert cards.count("sc-badge sc-read") == len(panel.read)
     assert cards.count("sc-badge sc-learned") == (len(panel.picks) if mode != "context" else 0)
     caption = cards.split("</div>")[0]
+    said = "passage [1]" if read == 1 else f"passages [1]–[{min(read, len(distinct))}]"
     if mode == "context":
-        assert "learned from none" in caption and "read passages [1]–[3]" in caption
+        assert "learned from none" in caption and f"read {said}" in caption
     elif mode == "fine-tune":
         assert "learned from these 3 passages" in caption and "did not read them" in caption
     else:
-        assert "read passages [1]–[3] in its prompt and learned from 3" in caption
+        assert f"read {said} in its prompt and learned from 3" in caption
     for number, passage_id in enumerate(distinct, 1):  # numbered as the answer cites them, with its source
         assert f"data-passage='{passage_id}' data-number='{number}'" in cards
     pick = panel.picks[0]
