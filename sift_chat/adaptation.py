@@ -32,6 +32,9 @@ from .lora import add_lora, layer_index, remove_lora
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# What a step's loss is on: the passage alone; the passage as the answer to the question (in the chat
+# template, after the question); the passage inside the chat template as the model later reads it.
+TRAINING_FORMATS = ("passage", "answer", "chat")
 
 StepCallback = Callable[[int, int, float], None]  # on_step(i, n, loss): step i of n (1-based) took `loss`
 
@@ -52,6 +55,7 @@ class AdaptationSettings:
     optimizer: str = "adam"  # "adam", "adamw" or "sgd"
     max_passage_tokens: int = 256
     top_layers: int | None = None  # None: every decoder layer; L: only the top L layers
+    training: str = "passage"  # one of TRAINING_FORMATS
     seed: int = 0
 
     def __post_init__(self):
@@ -76,6 +80,8 @@ class AdaptationSettings:
             f"top_layers must be None (all layers) or an integer >= 1, got {self.top_layers!r}",
         )
         check(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        check(self.training in TRAINING_FORMATS,
+              f"training must be one of {', '.join(TRAINING_FORMATS)}, got {self.training!r}")
         targets = self.target_modules
         if isinstance(targets, list):
             object.__setattr__(self, "target_modules", targets := tuple(targets))
@@ -103,10 +109,11 @@ PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
 HEAD_CHUNK_ELEMENTS = 1 << 23  # logits computed about this many at a time (32 MiB in fp32)
 
 
-def next_token_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token negative log-likelihood of `input_ids` (shape [T] or [1, T], T >= 2):
+def next_token_loss(model: nn.Module, input_ids: torch.Tensor, first_target: int = 1) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of `input_ids` (shape [T] or [1, T], T >= 2) from
+    position s = `first_target` on (the tokens before s are read, not learned):
 
-        loss = -1/(T-1) · Σ_{t=1}^{T-1} log p_model(x_t | x_0 .. x_{t-1})     (in nats)
+        loss = -1/(T-s) · Σ_{t=s}^{T-1} log p_model(x_t | x_0 .. x_{t-1})     (in nats)
 
     Where the head is a plain frozen linear layer (the default model), the loss comes from the
     last hidden states through `head_loss`, so the [T, vocab] logits are never held whole;
@@ -114,7 +121,9 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    targets = input_ids[0, 1:]
+    if not 1 <= first_target < input_ids.shape[1]:
+        raise ValueError(f"first_target must be in [1, {input_ids.shape[1] - 1}], got {first_target}")
+    targets = input_ids[0, first_target:]
     head = model.get_output_embeddings()
     if (
         getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS
@@ -123,9 +132,9 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         and not head.weight.requires_grad
     ):
         hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-        return head_loss(hidden[0, :-1], head.weight, targets)
+        return head_loss(hidden[0, first_target - 1:-1], head.weight, targets)
     logits = model(input_ids=input_ids, use_cache=False).logits
-    return F.cross_entropy(logits[0, :-1].float(), targets)
+    return F.cross_entropy(logits[0, first_target - 1:-1].float(), targets)
 
 
 def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -288,15 +297,25 @@ class Adapter:
         ids = passage_ids(self.tokenizer, text, self.settings.max_passage_tokens)
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
-    def step(self, text: str) -> float:
-        """One optimizer step on the next-token loss of `text`; returns the loss before the step.
-        A passage under two tokens has nothing to predict: no step, and the loss is nan."""
-        input_ids = self.tokens(text)
-        if input_ids.shape[1] < 2:
+    def training_tokens(self, text: str, prefix: str = "") -> tuple[torch.Tensor, int]:
+        """The passage as a [1, T] tensor, after the `prefix` it is read in (formatted text such as
+        a chat template's, tokenised as it is), and the position of the passage's first token."""
+        if not prefix:
+            return self.tokens(text), 1
+        before = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        ids = before + self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.settings.max_passage_tokens]
+        return torch.tensor([ids], dtype=torch.long, device=self.device), max(len(before), 1)
+
+    def step(self, text: str, prefix: str = "") -> float:
+        """One optimizer step on the next-token loss of `text` (read after `prefix`, which is not
+        learned); returns the loss before the step. A passage with nothing to predict takes no
+        step, and the loss is nan."""
+        input_ids, first = self.training_tokens(text, prefix)
+        if input_ids.shape[1] <= first:
             return float("nan")
         self.model.train()
         try:
-            loss = next_token_loss(self.model, input_ids)
+            loss = next_token_loss(self.model, input_ids, first)
             loss.backward()
             self.optimizer.step()
         finally:

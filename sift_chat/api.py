@@ -7,8 +7,10 @@
 
 Every answer learns at test time as in the app, waiting in the same line for the model. The
 response carries what the app's panel shows in an extension field "sift" (the picks with their
-source, offsets, σ² after each, reduction and loss; the seconds of each stage; the queue); a
-stream sends it in a last chunk before [DONE]. Errors are OpenAI-shaped JSON: 400 bad request,
+citation number, source, offsets, σ² after each, reduction and loss; the passages read in the
+prompt; the answer with its citations [n] and the numbers cited; how it ended: "end", "limit",
+"repeat" or "stop" at a stop sequence; the seconds of each stage; the queue); a stream sends it
+in a last chunk before [DONE]. `finish_reason` is "length" when the answer was cut at max_tokens. Errors are OpenAI-shaped JSON: 400 bad request,
 401 no or wrong key, 404 unknown model or path, 413 too large, 429 too many waiting, 503 the
 model is loading, 500 (without a traceback) for anything else. Nothing is stored: a request that
 ends early (the client went away) leaves the model at base and the line.
@@ -28,7 +30,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .engine import ChatSettings, Notice, Selected, Step, Token
+from .engine import ChatSettings, Notice, Prompted, Selected, Step, Token
 from .panel import Panel, parse_settings
 from .service import Answered, Service, Waiting, first_line
 from .turns import QueueFull, Turn
@@ -248,18 +250,24 @@ def _sampling(body: dict) -> dict:
 
 def _answer(service: Service, turn: Turn, request: CompletionRequest) -> Iterator[tuple]:
     """("wait", ahead)…, ("step", i, n)…, ("text", piece)…, then ("end", finish_reason, text,
-    extension). Cuts the answer at the first stop sequence (generation stops there too), holding
-    back the last few characters while they could still begin one."""
+    extension). The text is the answer as the model wrote it (streamed, so without the citation
+    markers; the extension has the answer with them). Cuts the answer at the first stop sequence
+    (generation stops there too), holding back the last few characters while they could still
+    begin one, and the last `loop_tokens` pieces while the engine could still cut them as a repeat,
+    so a stream sends exactly the text a request without streaming gets."""
     hold = max((len(s) for s in request.stop), default=1) - 1
-    text, sent, panel, notices = "", 0, None, []
+    held_pieces = request.chat.loop_tokens
+    pieces, sent, panel, notices = [], 0, None, []
     run = service.run(turn, request.prompt, request.history, request.chat, request.adaptation)
 
-    def extension(answered: Answered | None = None) -> dict:
+    def extension(ended: str, cited: str, answered: Answered | None = None) -> dict:
         chat, adaptation = request.chat, request.adaptation
         return {"method": chat.method, "mode": chat.mode, "passages": chat.passages, "lam": chat.lam,
                 "min_reduction": chat.min_reduction, "learning_rate": adaptation.learning_rate,
                 "lora_layers": adaptation.top_layers or 0,
                 "selection": panel.to_json() if panel else None,
+                "ended": ended, "cited_answer": cited, "citations": list(panel.citations) if panel else [],
+                "read": list(panel.read) if panel else [],
                 "seconds": answered.record.seconds if answered else {}, "notices": notices,
                 "queue": {"arrived": turn.arrived, "started": turn.started}}
 
@@ -268,30 +276,37 @@ def _answer(service: Service, turn: Turn, request: CompletionRequest) -> Iterato
             if isinstance(event, Waiting):
                 yield "wait", event.ahead
             elif isinstance(event, Selected):
-                panel = Panel.from_selected(event)
+                panel = Panel.from_selected(event, request.chat.mode)
+            elif isinstance(event, Prompted) and panel is not None:
+                panel.read = [p.id for p in event.passages]
             elif isinstance(event, Step):
                 panel.losses.append(event.loss)
                 yield "step", event.index, event.total
             elif isinstance(event, Notice):
                 notices.append(event.message)
             elif isinstance(event, Token):  # sent as the stored answer reads: without outer whitespace
-                text += event.text
-                shown = text.lstrip()
+                pieces.append(event.text)
+                shown = "".join(pieces).lstrip()
                 cut = min((i for i in (shown.find(s) for s in request.stop) if i >= 0), default=-1)
                 if cut >= 0:
                     answer = shown[:cut].rstrip()
                     yield "text", answer[sent:]
-                    yield "end", "stop", answer, extension()
+                    cited = answer
+                    if panel is not None:  # the citations the engine would have added
+                        cited, panel.citations = panel.cite(answer, request.prompt)
+                    yield "end", "stop", answer, extension("stop", cited)
                     return
-                ready = len(shown.rstrip()) - hold
+                sendable = "".join(pieces[:max(len(pieces) - held_pieces, 0)]).lstrip()
+                ready = len(sendable.rstrip()) - hold
                 if ready > sent:
-                    yield "text", shown[sent:ready]
+                    yield "text", sendable[sent:ready]
                     sent = ready
             elif isinstance(event, Answered):
-                answer, panel = event.answer, event.panel or panel
+                answer, panel = event.raw_answer, event.panel or panel
                 yield "text", answer[sent:]
-                tokens = len(service.engine.tokenizer(answer, add_special_tokens=False)["input_ids"])
-                yield "end", "length" if tokens >= request.chat.max_new_tokens else "stop", answer, extension(event)
+                ended = event.record.ended
+                yield ("end", "length" if ended == "limit" else "stop", answer,
+                       extension(ended, event.answer, event))
                 return
     finally:
         run.close()  # the model back at base, out of the line

@@ -1,4 +1,4 @@
-"""The command line: `python -m sift_chat ingest|rm|stats|search|chat|eval|serve ...`. A thin shell
+"""The command line: `python -m sift_chat ingest|rm|stats|search|chat|eval|eval-qa|make-world|serve ...`. A thin shell
 over the stages and the application layer (`sift_chat.service`)."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 from . import config
-from .adaptation import AdaptationSettings
+from .adaptation import TRAINING_FORMATS, AdaptationSettings
 from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS
 from .engine import ChatSettings
 from .evaluation import SETTINGS as EVAL_SETTINGS
@@ -120,6 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="eval-results", help="folder for results.md/.json and the plot")
     evaluate.add_argument("--quiet", action="store_true")
+
+    qa = commands.add_parser("eval-qa", help="answer accuracy on questions with known answers, per mode and method")
+    qa.add_argument("--corpus", required=True, help="the documents the questions are about (a folder)")
+    qa.add_argument("--questions", required=True, help="JSONL: question, answers (accepted), reference")
+    qa.add_argument("--modes", default="off,fine-tune,context,both", help="comma-separated (default: %(default)s)")
+    qa.add_argument("--methods", default="nn,sift", help="comma-separated (default: %(default)s)")
+    qa.add_argument("--limit", type=int, help="only the first N questions (after --sample)")
+    qa.add_argument("--sample", type=int, help="a seeded random sample of N questions")
+    qa.add_argument("-n", "--passages", type=int, default=ChatSettings.passages)
+    qa.add_argument("--context-passages", type=int, default=ChatSettings.context_passages)
+    qa.add_argument("--lam", type=float, default=ChatSettings.lam)
+    qa.add_argument("--max-new-tokens", type=int, default=ChatSettings.max_new_tokens)
+    qa.add_argument("--repetition-penalty", type=float, default=ChatSettings.repetition_penalty)
+    qa.add_argument("--no-repeat-ngram", type=int, default=ChatSettings.no_repeat_ngram)
+    qa.add_argument("--lr", type=float, default=AdaptationSettings.learning_rate)
+    qa.add_argument("--top-layers", type=int, default=AdaptationSettings.top_layers)
+    qa.add_argument("--targets", default=AdaptationSettings.target_modules)
+    qa.add_argument("--training", choices=TRAINING_FORMATS, default=AdaptationSettings.training,
+                    help="what a step's loss is on (default: %(default)s)")
+    qa.add_argument("--seed", type=int, default=0)
+    qa.add_argument("--out", default="eval-results/answers", help="folder for answers.md and answers.json")
+    qa.add_argument("--quiet", action="store_true")
+
+    world = commands.add_parser("make-world", help="write the invented world: documents and questions")
+    world.add_argument("out", help="folder: documents/ and questions.jsonl are written there")
+    world.add_argument("--towns", type=int, default=80)
+    world.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -293,8 +321,14 @@ def _show(event) -> bool:
     elif isinstance(event, Token):
         print(event.text, end="", flush=True)
     elif isinstance(event, Answered):
+        if event.record.citations and event.panel is not None:
+            print(f"\n\ncited: {event.answer}")
+            picks = {event.panel.numbers[pick["passage_id"]]: pick for pick in event.panel.picks}
+            for number in event.record.citations:
+                pick = picks[number]
+                print(f"  [{number}] {_one_line(pick['path'], 100)}:{pick['start_char']}-{pick['end_char']}")
         timings = " · ".join(f"{name.replace('_', ' ')} {value:.1f} s" for name, value in event.record.seconds.items())
-        print(f"\n\n[{timings}]")
+        print(f"\n[{timings}]")
     return isinstance(event, Stored)
 
 
@@ -373,6 +407,61 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_eval_qa(args) -> int:
+    import hashlib
+    import random
+
+    from . import answers as qa
+    from .corpus import ingest
+    from .engine import Engine
+    from .models import load_chat_model
+    from .store import Store
+
+    questions = qa.load_questions(args.questions)
+    if args.sample:
+        questions = random.Random(args.seed).sample(questions, min(args.sample, len(questions)))
+    questions = questions[: args.limit] if args.limit else questions
+    split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
+    configs = qa.configurations(split(args.modes), split(args.methods))
+    settings = ChatSettings(passages=args.passages, context_passages=args.context_passages, lam=args.lam,
+                            max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                            no_repeat_ngram=args.no_repeat_ngram, seed=args.seed)
+    for configuration in configs:  # every mode and method checked before anything loads
+        ChatSettings(mode=configuration.mode,
+                     method=settings.method if configuration.method == qa.NO_METHOD else configuration.method)
+    adaptation = AdaptationSettings(learning_rate=args.lr, top_layers=args.top_layers, target_modules=args.targets,
+                                    training=args.training, seed=args.seed)
+    home = config.data_dir(args.data_dir)
+    corpus = Path(args.corpus).expanduser().resolve()
+    if not corpus.is_dir():
+        raise ValueError(f"--corpus must be a folder, got {args.corpus}")
+    name = config.embedder_name(args.embedder)
+    embedder = _embedder(args)
+    store = Store(home / "eval-qa" / f"{corpus.name}-{hashlib.sha1(str(corpus).encode()).hexdigest()[:8]}")
+    ingest(store, embedder, [corpus], embedder_name=name, progress=not args.quiet)
+    model, tokenizer = load_chat_model(args.chat_model, args.device, home / "models")
+    engine = Engine(store, embedder, model, tokenizer, embedder_name=name, adaptation=adaptation)
+    answers = qa.run(engine, questions, configs, settings, progress=not args.quiet)
+    title = (f"{corpus.name}: {len(questions)} questions, {settings.passages} passages "
+             f"({settings.context_passages} in context), lr {adaptation.learning_rate}, "
+             f"training on {adaptation.training}")
+    meta = {"settings": asdict(settings), "adaptation": asdict(adaptation), "corpus": str(corpus),
+            "questions_file": str(args.questions)}
+    summary = qa.write_report(answers, questions, configs, meta, Path(args.out), title)
+    print(qa.markdown(summary, title))
+    print(f"written to {args.out}/answers.md and answers.json")
+    return 0
+
+
+def cmd_make_world(args) -> int:
+    from .world import write_world
+
+    path = write_world(args.out, towns=args.towns, seed=args.seed)
+    print(f"wrote {sum(1 for _ in (Path(args.out) / 'documents').iterdir())} documents and "
+          f"{sum(1 for _ in path.open())} questions to {args.out}")
+    return 0
+
+
 def _one_line(text: str, width: int = 160) -> str:
     from .service import one_line
 
@@ -380,4 +469,4 @@ def _one_line(text: str, width: int = 160) -> str:
 
 
 COMMANDS = {"ingest": cmd_ingest, "rm": cmd_rm, "stats": cmd_stats, "search": cmd_search, "chat": cmd_chat,
-            "eval": cmd_eval}
+            "eval": cmd_eval, "eval-qa": cmd_eval_qa, "make-world": cmd_make_world}

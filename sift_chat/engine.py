@@ -1,28 +1,30 @@
 """The engine: one user message, end to end.
 
     prompt ─embed─▶ q ─hnswlib─▶ K candidates ─select─▶ N passages + σ² trace
-           ─adapt (fresh LoRA, one step per passage)─▶ generate, streamed ─▶ record in SQLite
+           ─adapt (fresh LoRA, one step per passage)─▶ generate, streamed ─▶ cite ─▶ a typed record
 
-`Engine.respond` is a generator of events (stages, the selection, each step's loss, tokens,
-notices, and finally the answer with its record), which the application layer
-(`sift_chat.service`) and the benchmarks consume. It holds no UI code and stores nothing. The
-settings of a message travel with it: the adaptation settings are applied under the engine's lock
-for that message only. The adapter is reset before and after every message, also when the
-consumer stops early or a step fails, so no message ever sees another one's adaptation.
+`Engine.respond` is a generator of events (stages, the selection, each step's loss, what the
+model reads, tokens, notices, and finally the answer with its citations and its record), which
+the application layer (`sift_chat.service`, which stores it) and the benchmarks consume. It holds
+no UI code and stores nothing. The settings of a message travel with it: the adaptation settings
+are applied under the engine's lock for that message only. The adapter is reset before and after
+every message, also when the consumer stops early or a step fails, so no message ever sees another
+one's adaptation.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Generator, Iterator, Sequence
 
 import torch
 
 from . import config
 from .adaptation import AdaptationSettings, Adapter, decoder_layers
+from .generation import answer_processors, cite, conversation, next_token, repeat_start, training_text
 from .record import AnswerRecord, SelectionRecord
 from .selection import Selection, select
 from .store import Passage, Store
@@ -42,8 +44,11 @@ class ChatSettings:
     alpha: float | None = None  # or activeft's rule: keep pick n while α·n·σ_n ≤ 1
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0: greedy
+    repetition_penalty: float = 1.0  # on the answer's own tokens (1: off)
+    no_repeat_ngram: int = 0  # no n-gram twice in an answer (0: off)
+    loop_tokens: int = 12  # stop when the answer's last this many tokens repeat earlier ones (0: never)
     max_context_tokens: int = 2048  # prompt + history + passages in context
-    context_passages: int = 4  # distinct passages put in the prompt in "context"/"both"
+    context_passages: int = 1  # distinct passages read in the prompt in "context"/"both": the small model answers best from one (README)
     seed: int = 0
 
     def __post_init__(self):
@@ -65,6 +70,12 @@ class ChatSettings:
               f"temperature must be in [0, 5], got {self.temperature!r}")
         check(isinstance(self.max_context_tokens, int) and self.max_context_tokens >= 64,
               f"max_context_tokens must be an integer >= 64, got {self.max_context_tokens!r}")
+        check(isinstance(self.repetition_penalty, (int, float)) and 1 <= self.repetition_penalty <= 3,
+              f"repetition_penalty must be in [1, 3], got {self.repetition_penalty!r}")
+        check(isinstance(self.no_repeat_ngram, int) and 0 <= self.no_repeat_ngram <= 64,
+              f"no_repeat_ngram must be an integer in [0, 64], got {self.no_repeat_ngram!r}")
+        check(isinstance(self.loop_tokens, int) and 0 <= self.loop_tokens <= 256,
+              f"loop_tokens must be an integer in [0, 256], got {self.loop_tokens!r}")
 
     @property
     def fine_tunes(self) -> bool:
@@ -118,6 +129,15 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Prompted:
+    """What the model reads for the answer: the conversation's token ids, and the passages in
+    it (none outside the context modes), numbered from 1 as the answer cites them."""
+
+    input_ids: torch.Tensor = field(repr=False)
+    passages: list[Passage]
+
+
+@dataclass(frozen=True)
 class Token:
     text: str
 
@@ -129,11 +149,24 @@ class Notice:
 
 @dataclass(frozen=True)
 class Done:
+    """The answer as stored: with its citation markers [n], where n numbers the passages in the
+    order they were picked (repeats keep their first number; in the context modes [1]… are the
+    passages read). `raw_answer` is the text the model generated."""
+
     answer: str
     record: AnswerRecord
+    raw_answer: str = ""  # the text the model generated, before citation markers
+
+    @property
+    def citations(self) -> tuple[int, ...]:
+        return tuple(self.record.citations)
+
+    @property
+    def ended(self) -> str:
+        return self.record.ended
 
 
-Event = Stage | Selected | Step | Token | Notice | Done
+Event = Stage | Selected | Step | Prompted | Token | Notice | Done
 
 
 # -- the engine -----------------------------------------------------------------------------
@@ -176,15 +209,16 @@ class Engine:
 
     def _use(self, adaptation: AdaptationSettings) -> None:
         """Adapt this message with these settings (called holding the lock). What only the
-        optimizer or the data sees (learning rate, optimizer, seed, passage length) takes a fresh
-        optimizer; another LoRA shape (rank, targets, layers) rebuilds the adapter on the base
-        model, or keeps the old one when the new settings do not fit the model. The adapter's
-        shape is a cache: the next message states its own settings again."""
+        optimizer or the data sees (learning rate, optimizer, seed, passage length, training
+        format) takes a fresh optimizer; another LoRA shape (rank, targets, layers) rebuilds the
+        adapter on the base model, or keeps the old one when the new settings do not fit the
+        model. The adapter's shape is a cache: the next message states its own settings again."""
         current = self.adapter.settings
         if adaptation == current:
             return
         same_shape = replace(adaptation, learning_rate=current.learning_rate, optimizer=current.optimizer,
-                             seed=current.seed, max_passage_tokens=current.max_passage_tokens) == current
+                             seed=current.seed, max_passage_tokens=current.max_passage_tokens,
+                             training=current.training) == current
         if same_shape:
             self.adapter.settings = adaptation
             self.adapter.reset()
@@ -286,21 +320,30 @@ class Engine:
             if selected and selected.picks and settings.fine_tunes:
                 yield Stage("fine-tune", "started")
                 started = time.perf_counter()
+                training = self.adapter.settings.training
                 for index, pick in enumerate(selected.picks, 1):
-                    losses.append(self.adapter.step(pick.passage.text))
+                    prefix, text = training_text(prompt, pick.passage.text, training, self._render)
+                    losses.append(self.adapter.step(text, prefix))
                     yield Step(index, len(selected.picks), losses[-1])
                 seconds["fine-tune"] = time.perf_counter() - started
                 yield Stage("fine-tune", "finished", seconds["fine-tune"])
 
-            context = _distinct(selected.picks)[: settings.context_passages] \
-                if selected and settings.uses_context else []
+            numbered = _distinct(selected.picks) if selected else []
+            context = numbered[: settings.context_passages] if settings.uses_context else []
             input_ids, truncated = self.chat_input(prompt, history, context, settings)
             if truncated:
                 yield Notice(truncated)
+            yield Prompted(input_ids, context)
             yield Stage("generate", "started")
             started = time.perf_counter()
-            pieces = []
-            for piece in self.generate(input_ids, settings):
+            pieces: list[str] = []
+            generation = self.generate(input_ids, settings)
+            while True:
+                try:
+                    piece = next(generation)
+                except StopIteration as end:
+                    ended, raw_answer = end.value
+                    break
                 if not pieces:  # what the user waits for: from sending to the first word
                     seconds["first_token"] = time.perf_counter() - message_started
                 pieces.append(piece)
@@ -310,37 +353,48 @@ class Engine:
         finally:
             self.adapter.reset()
 
-        answer = "".join(pieces).strip()
+        if ended == "limit":
+            yield Notice(f"the answer was cut at the limit of {settings.max_new_tokens} new tokens "
+                         "(Maximum new tokens)")
+        elif ended == "repeat":
+            yield Notice("the answer started repeating itself: it was stopped there")
+        answer, citations = cite(raw_answer, [p.text for p in numbered], prompt)
         summary = None if selected is None else SelectionRecord(
             selected.method, selected.prior_variance, selected.final_variance, selected.stop_reason,
             list(selected.nn_posterior_variance))
-        yield Done(answer, AnswerRecord(asdict(settings), adaptation, seconds, losses, summary))
+        record = AnswerRecord(asdict(settings), adaptation, seconds, losses, summary, ended=ended,
+                              citations=list(citations), read=[p.id for p in context],
+                              numbered=[p.id for p in numbered])
+        yield Done(answer, record, raw_answer)
 
     # -- generation -------------------------------------------------------------------------
 
     def chat_input(self, prompt: str, history: list[dict], context: list[Passage],
                    settings: ChatSettings) -> tuple[torch.Tensor, str | None]:
-        """The token ids of the conversation in the model's chat template, and a notice when it had
-        to be shortened to fit `max_context_tokens - max_new_tokens` (oldest turns first, then the
-        start of the prompt)."""
+        """The token ids of the conversation in the model's chat template (`generation.conversation`),
+        and a notice when it had to be shortened to fit `max_context_tokens - max_new_tokens`
+        (oldest turns first, then the start of the prompt)."""
         budget = max(settings.max_context_tokens - settings.max_new_tokens, 32)
-        user = _with_context(prompt, context)
+        passages = [p.text for p in context]
         notice = None
         turns = [m for m in history if m.get("role") in ("user", "assistant") and m.get("content")]
         while True:
-            ids = self._template([*turns, {"role": "user", "content": user}])
+            ids = self._template(conversation(prompt, turns, passages))
             if len(ids) <= budget or not turns:
                 break
             turns = turns[2:] if len(turns) > 1 else []
             notice = "the conversation is longer than the model's context: older turns were left out"
         if len(ids) > budget:
             overflow = len(ids) - budget
-            prompt_ids = self.tokenizer(user, add_special_tokens=False)["input_ids"]
-            user = self.tokenizer.decode(prompt_ids[overflow + 8:])
-            ids = self._template([{"role": "user", "content": user}])[-budget:]
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            prompt = self.tokenizer.decode(prompt_ids[overflow + 8:])
+            ids = self._template(conversation(prompt, [], passages))[-budget:]
             notice = (f"the message is longer than the model's context ({budget} tokens): "
                       f"only its last part was read")
         return torch.tensor([ids], dtype=torch.long), notice
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
 
     def _template(self, messages: list[dict]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -349,8 +403,11 @@ class Engine:
         return list(ids)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, settings: ChatSettings) -> Iterator[str]:
-        """Stream the answer as text pieces, one forward pass per token with the KV cache.
+    def generate(self, input_ids: torch.Tensor, settings: ChatSettings) -> Generator[str, None, tuple[str, str]]:
+        """Stream the answer as text pieces, one forward pass per token with the KV cache; return
+        (how it ended, the answer's text): "end" at a stop token, "limit" after max_new_tokens,
+        "repeat" when its last `loop_tokens` tokens repeated earlier ones (the text then ends
+        before the repeat).
 
         Written as a loop in the caller's thread (not `generate` with a streamer thread) so that a
         consumer that stops reading, or a Ctrl-C, stops generation at the next token, and the
@@ -358,22 +415,25 @@ class Engine:
         """
         model = self.model
         device = self.adapter.device
-        input_ids = input_ids.to(device)
+        processors = answer_processors(settings.repetition_penalty, settings.no_repeat_ngram)
         generated: list[int] = []
         emitted = ""
-        cache, next_input = None, input_ids
+        cache, next_input = None, input_ids.to(device)
+        ended = "limit"
         for _ in range(settings.max_new_tokens):
             # logits for the last position only: the head over a large vocabulary is costly
             output = model(input_ids=next_input, cache=cache, use_cache=True, logits_to_keep=1)
             cache = output.cache
-            logits = output.logits[0, -1].float()
-            if settings.temperature > 0:
-                token = int(torch.multinomial(torch.softmax(logits / settings.temperature, -1), 1))
-            else:
-                token = int(logits.argmax())
+            token = next_token(output.logits[0, -1].float(), generated, processors, settings.temperature)
             if token in self.stop_ids:
+                ended = "end"
                 break
             generated.append(token)
+            repeat = repeat_start(generated, settings.loop_tokens)
+            if repeat is not None:
+                generated = generated[:repeat]
+                ended = "repeat"
+                break
             next_input = torch.tensor([[token]], device=device)
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
             if text.endswith("\ufffd"):
@@ -381,13 +441,7 @@ class Engine:
             if len(text) > len(emitted):
                 yield text[len(emitted):]
                 emitted = text
-
-
-def _with_context(prompt: str, context: list[Passage]) -> str:
-    if not context:
-        return prompt
-    quoted = "\n\n".join(f"[{i}] ({Path(p.path).name}) {p.text.strip()}" for i, p in enumerate(context, 1))
-    return f"Passages from my documents:\n\n{quoted}\n\nUsing them where they help, answer: {prompt}"
+        return ended, self.tokenizer.decode(generated, skip_special_tokens=True).strip()
 
 
 def _distinct(picks: list[Picked]) -> list[Passage]:

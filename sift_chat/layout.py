@@ -27,6 +27,9 @@ CSS = """
 .sc-badge { font-size: 0.75em; border-radius: 6px; padding: 1px 6px; margin-left: 4px;
             background: var(--background-fill-secondary); border: 1px solid var(--border-color-primary); }
 .sc-shared { background: #fde68a; color: #1f2937; }
+.sc-cited { background: #bbf7d0; color: #14532d; }
+.sc-read { background: #bfdbfe; color: #1e3a8a; }
+.sc-learned { background: #e9d5ff; color: #4c1d95; }
 .sc-bar { height: 4px; background: var(--background-fill-secondary); border-radius: 2px; margin: 4px 0; }
 .sc-bar span { display: block; height: 4px; background: var(--color-accent); border-radius: 2px; }
 .sc-text { font-size: 0.88em; white-space: pre-wrap; max-height: 9em; overflow: auto; }
@@ -103,7 +106,7 @@ def build(handlers: Handlers, *, secret: str | None = None):
                             send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
                             stop = gr.Button("Stop", scale=1, min_width=80, elem_id="stop")
                     with gr.Column(scale=2, elem_id="panel"):
-                        gr.Markdown("### What the model learned from\n<small>Click an answer to see its "
+                        gr.Markdown("### The passages behind the answer\n<small>Click an answer to see its "
                                     "passages.</small>")
                         coverage = gr.Markdown(elem_id="coverage")
                         gr.Markdown("**σ² after each step**, beside NN's for the same prompt")

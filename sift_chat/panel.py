@@ -1,4 +1,5 @@
-"""The settings a request carries, and what one answer learned from (the side panel's data).
+"""The settings a request carries, and what one answer used: the passages it learned from, read
+and cites (the side panel's data).
 
 Both are shared by the app, the CLI and the API: the same names and checks for the settings, the
 same picks, σ² and timings for a panel, a terminal table or a JSON extension field.
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from .adaptation import AdaptationSettings
 from .engine import ChatSettings, Selected
+from .generation import cite
 from .record import AnswerRecord
 
 SETTING_NAMES = ("method", "mode", "passages", "lam", "adaptive", "min_reduction",
@@ -63,8 +65,10 @@ def parse_settings(values: dict, base: AdaptationSettings,
 
 @dataclass
 class Panel:
-    """What one answer learned from: the picks, σ² after each, NN's σ² for the same prompt,
-    the loss of each step and the seconds of each stage."""
+    """What one answer used: the picks, σ² after each, NN's σ² for the same prompt, the loss of
+    each step, the passages read in the prompt, the ones the answer cites and the seconds of
+    each stage. Passages are numbered [1], [2] … in the order they were first picked, as the
+    answer cites them."""
 
     method: str
     prior_variance: float
@@ -73,6 +77,9 @@ class Panel:
     stop_reason: str
     losses: list[float | None] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+    mode: str = "fine-tune"
+    read: list[int] = field(default_factory=list)  # passage ids in the prompt
+    citations: list[int] = field(default_factory=list)  # numbers the answer cites
 
     @property
     def final_variance(self) -> float:
@@ -82,15 +89,34 @@ class Panel:
     def passage_ids(self) -> set[int]:
         return {p["passage_id"] for p in self.picks}
 
+    @property
+    def numbers(self) -> dict[int, int]:
+        """passage id -> its citation number."""
+        numbers: dict[int, int] = {}
+        for pick in self.picks:
+            numbers.setdefault(pick["passage_id"], len(numbers) + 1)
+        return numbers
+
+    def cite(self, answer: str, question: str = "") -> tuple[str, list[int]]:
+        """The answer with citation markers [n] for these picks' numbers (`generation.cite`)."""
+        texts: dict[int, str] = {}
+        for pick in self.picks:
+            texts.setdefault(pick["passage_id"], pick["text"])
+        return cite(answer, list(texts.values()), question)
+
+    @property
+    def learned(self) -> bool:
+        return self.mode in ("fine-tune", "both")
+
     @classmethod
-    def from_selected(cls, selected: Selected) -> "Panel":
+    def from_selected(cls, selected: Selected, mode: str = "fine-tune") -> "Panel":
         picks = [{"step": p.step, "passage_id": p.passage.id, "path": p.passage.path,
                   "start_char": p.passage.start_char, "end_char": p.passage.end_char, "text": p.passage.text,
                   "similarity": p.similarity, "posterior_variance": p.posterior_variance,
                   "uncertainty_reduction": p.uncertainty_reduction, "repeat": p.repeat}
                  for p in selected.picks]
         return cls(selected.method, selected.prior_variance, picks, list(selected.nn_posterior_variance),
-                   selected.stop_reason)
+                   selected.stop_reason, mode=mode)
 
     @classmethod
     def from_stored(cls, record: AnswerRecord | None, rows: list[dict], passages: dict) -> "Panel | None":
@@ -113,18 +139,24 @@ class Panel:
         selection = record.selection
         losses = record.losses or [row["loss"] for row in rows]
         return cls(selection.method, selection.prior_variance, picks, list(selection.nn_posterior_variance),
-                   selection.stop_reason, list(losses), dict(record.seconds))
+                   selection.stop_reason, list(losses), dict(record.seconds),
+                   mode=record.settings.get("mode", "fine-tune"), read=list(record.read),
+                   citations=list(record.citations))
 
     def to_json(self) -> dict:
-        """The panel as JSON: each pick with its source, offsets, σ² after it, reduction and loss."""
+        """The panel as JSON: each pick with its citation number, source, offsets, σ² after it,
+        reduction and loss; the passage ids read in the prompt and the numbers the answer cites."""
+        numbers = self.numbers
         picks = [{**{k: pick[k] for k in ("step", "passage_id", "path", "start_char", "end_char",
                                            "similarity", "posterior_variance", "uncertainty_reduction",
                                            "repeat", "text")},
+                  "number": numbers[pick["passage_id"]],
                   "loss": _finite(self.losses[pick["step"] - 1]) if pick["step"] <= len(self.losses) else None}
                  for pick in self.picks]
-        return {"method": self.method, "prior_variance": self.prior_variance,
+        return {"method": self.method, "mode": self.mode, "prior_variance": self.prior_variance,
                 "final_variance": self.final_variance, "stop_reason": self.stop_reason,
-                "nn_posterior_variance": self.nn_variance, "picks": picks}
+                "nn_posterior_variance": self.nn_variance, "picks": picks,
+                "read": list(self.read), "citations": list(self.citations)}
 
 
 def _finite(value):

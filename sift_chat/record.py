@@ -20,14 +20,23 @@ class SelectionRecord:
 
 @dataclass(frozen=True)
 class AnswerRecord:
-    """The settings an answer was made with, its selection, the loss of each step and the seconds
-    of each stage (embed, select, fine-tune, generate, first_token)."""
+    """The settings an answer was made with, its selection, the loss of each step, the seconds
+    of each stage (embed, select, fine-tune, generate, first_token), how the answer ended, and
+    which passages it read and cites.
+
+    `numbered` lists the ids of the distinct picks in pick order: passage `numbered[n - 1]` is
+    the one the answer cites as [n]; `read` the ids of those in the prompt (a prefix of
+    `numbered` in the context modes, empty otherwise); `citations` the numbers the answer cites."""
 
     settings: dict  # ChatSettings, as given
     adaptation: dict  # AdaptationSettings, as used
     seconds: dict[str, float] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     selection: SelectionRecord | None = None
+    ended: str = "end"  # end (the model stopped), limit (max_new_tokens), repeat (it looped)
+    citations: list[int] = field(default_factory=list)
+    read: list[int] = field(default_factory=list)
+    numbered: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -41,4 +50,6 @@ class AnswerRecord:
         selection = data.get("selection")
         return cls(settings=data.get("settings", {}), adaptation=data.get("adaptation", {}),
                    seconds=dict(data.get("seconds", {})), losses=list(data.get("losses", [])),
-                   selection=SelectionRecord(**selection) if selection else None)
+                   selection=SelectionRecord(**selection) if selection else None,
+                   ended=data.get("ended", "end"), citations=list(data.get("citations", [])),
+                   read=list(data.get("read", [])), numbered=list(data.get("numbered", [])))

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 from .adaptation import AdaptationSettings
 from .corpus import DEFAULT_MAX_FILE_BYTES, IngestReport, ingest
-from .engine import ChatSettings, Done, Engine, Event, Notice, Selected, Stage, Step, Token
+from .engine import ChatSettings, Done, Engine, Event, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel
 from .record import AnswerRecord
 from .store import Store
@@ -42,12 +42,14 @@ class Waiting:
 
 @dataclass(frozen=True)
 class Answered:
-    """The complete answer, before it is stored."""
+    """The complete answer, before it is stored: with its citation markers [n] (`raw_answer`:
+    as the model wrote it)."""
 
     answer: str
     record: AnswerRecord
     panel: Panel | None
     notices: list[str]
+    raw_answer: str = ""
 
 
 @dataclass(frozen=True)
@@ -261,8 +263,10 @@ class Service:
                     yield Stopped(where)
                     return
                 if isinstance(event, Selected):
-                    panel = Panel.from_selected(event)
+                    panel = Panel.from_selected(event, chat.mode)
                     where = "after selecting"
+                elif isinstance(event, Prompted) and panel is not None:
+                    panel.read = [p.id for p in event.passages]
                 elif isinstance(event, Stage) and event.state == "started":
                     where = {"embed": "while reading the question", "select": "while selecting",
                              "fine-tune": "before the first step", "generate": "before the first word"
@@ -277,12 +281,18 @@ class Service:
                 elif isinstance(event, Done):
                     if panel is not None:
                         panel.seconds = dict(event.record.seconds)
-                    event = Answered(event.answer, event.record, panel, notices)
+                        panel.citations = list(event.record.citations)
+                    event = Answered(event.answer, event.record, panel, notices, event.raw_answer)
                 yield event
         finally:
             stream.close()  # the engine resets the adapter and lets go of its lock
 
     # -- compare ---------------------------------------------------------------------------
+
+    @staticmethod
+    def compared(chat: ChatSettings) -> ChatSettings:
+        """The settings a comparison runs with: mode "off" compares fine-tuning."""
+        return replace(chat, mode="fine-tune") if chat.mode == "off" else chat
 
     def compare(self, turn: Turn, prompt: str, chat: ChatSettings,
                 adaptation: AdaptationSettings | None = None) -> Iterator[tuple[str, TurnEvent]]:
@@ -294,8 +304,7 @@ class Service:
             raise ValueError("the prompt is empty: type a question")
         if self.store.passage_count() == 0:
             raise ValueError("the corpus is empty: add documents first")
-        if chat.mode == "off":
-            chat = replace(chat, mode="fine-tune")
+        chat = self.compared(chat)
         try:
             for event in self._wait(turn):
                 yield "", event

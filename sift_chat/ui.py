@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .adaptation import AdaptationSettings
-from .engine import ChatSettings, Engine, Notice, Selected, Stage, Step, Token
+from .engine import ChatSettings, Engine, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel, parse_settings
 from .service import Answered, IngestOutcome, Service, Stopped, Stored, Waiting, first_line
 from .store import Store
@@ -37,13 +37,13 @@ NO_ANSWER = "*(no answer: the model stopped at once)*"
 
 
 def coverage_verdict(prior: float, final: float) -> str:
-    """How well the corpus covers a prompt, from the σ² its passages leave (rough bands)."""
+    """How much the documents say about a prompt, from the σ² their passages leave (rough bands)."""
     share = final / prior if prior > 0 else 1.0
     if share <= 0.5:
-        return "good"
+        return "a lot"
     if share <= 0.8:
-        return "partial"
-    return "poor"
+        return "something"
+    return "little"
 
 
 def render_coverage(panel: Panel | None, note: str = "") -> str:
@@ -55,11 +55,12 @@ def render_coverage(panel: Panel | None, note: str = "") -> str:
     removed = 1 - final / prior if prior > 0 else 0.0
     nn = (f" NN's {len(panel.nn_variance)} nearest passages would leave σ² {panel.nn_variance[-1]:.2f}."
           if panel.nn_variance and panel.method != "nn" else "")
-    return (f"**How well your documents cover this prompt: {coverage_verdict(prior, final)}**. "
+    return (f"**What your documents say about this question: {coverage_verdict(prior, final)}**. "
             f"σ² {prior:.2f} → {final:.2f} after {len(panel.picks)} {METHOD_LABELS.get(panel.method, panel.method)} "
             f"picks: {removed:.0%} of the uncertainty removed.{nn}\n\n"
-            "<small>σ² is the uncertainty about your prompt left by the chosen passages: 1 when your "
-            "documents say nothing about it, lower the better they cover it.</small>")
+            "<small>σ² is the uncertainty about your question that the chosen passages leave: 1 when your "
+            "documents say nothing related, lower the more they say. It describes your documents, not the "
+            "answer: check the answer against the passages it cites.</small>")
 
 
 def render_variance(panel: Panel | None, *others: Panel | None):
@@ -83,33 +84,54 @@ def render_variance(panel: Panel | None, *others: Panel | None):
     return pd.DataFrame(rows, columns=["step", "variance", "method"])
 
 
+def _usage(panel: Panel) -> str:
+    """What the model did with the passages, in the words of the panel's caption."""
+    read = "passage [1]" if len(panel.read) == 1 else f"passages [1]–[{len(panel.read)}]"
+    steps = sum(1 for x in panel.losses if isinstance(x, (int, float)) and math.isfinite(x))
+    if panel.learned and panel.read:
+        return (f"The model read {read} in its prompt and learned from {len(panel.picks)} "
+                f"(one fine-tuning step each, in this order).")
+    if panel.learned:
+        return (f"The model learned from these {len(panel.picks)} passages (one fine-tuning step each, in "
+                f"this order{'' if steps else '; the steps are still to come'}); it did not read them in its prompt.")
+    if panel.read:
+        return f"The model read {read} in its prompt; it learned from none ({panel.mode} mode takes no fine-tuning step)."
+    return "Selected passages (the model has not used them yet)."
+
+
 def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozenset()) -> str:
-    """The picks as cards: step, uncertainty reduction (with a bar), σ² after, similarity, loss of
-    the step, source document, the passage text. Repeats and passages picked by both methods (in
-    a comparison) are marked."""
+    """The picks as cards: their citation number, step, uncertainty reduction (with a bar), σ²
+    after, similarity, loss of the step, source document and characters, the passage text; what
+    the model did with each (read, learned from, cited). Repeats and passages picked by both
+    methods (in a comparison) are marked."""
     if panel is None or not panel.picks:
         return "<div class='sc-empty'>No passages yet: ask a question.</div>"
-    cards = []
+    numbers, read, cards = panel.numbers, set(panel.read), []
     for pick in panel.picks:
-        step = pick["step"]
+        step, number = pick["step"], numbers[pick["passage_id"]]
         loss = panel.losses[step - 1] if step <= len(panel.losses) else None
         share = pick["uncertainty_reduction"] / panel.prior_variance if panel.prior_variance > 0 else 0
-        badges = ("<span class='sc-badge'>repeat</span>" if pick["repeat"] else "") + (
-            "<span class='sc-badge sc-shared'>★ both</span>" if pick["passage_id"] in shared else "")
+        badges = "".join(f"<span class='sc-badge {cls}'>{label}</span>" for label, cls, on in (
+            ("cited", "sc-cited", number in panel.citations and not pick["repeat"]),
+            ("read", "sc-read", pick["passage_id"] in read and not pick["repeat"]),
+            ("learned from", "sc-learned", panel.learned),
+            ("repeat", "", pick["repeat"]),
+            ("★ both", "sc-shared", pick["passage_id"] in shared)) if on)
         text = " ".join(pick["text"].split())
         text = text if len(text) <= 700 else text[:699] + "…"
         loss_text = f" · loss {loss:.3f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else ""
+        where = f":{pick['start_char']}–{pick['end_char']}" if pick.get("start_char") is not None else ""
         cards.append(
-            f"<div class='sc-pick' data-passage='{pick['passage_id']}'>"
-            f"<div class='sc-head'><b>{step}.</b> "
+            f"<div class='sc-pick' data-passage='{pick['passage_id']}' data-number='{number}'>"
+            f"<div class='sc-head'><b>[{number}]</b> step {step} · "
             f"<span class='sc-reduction'>−{pick['uncertainty_reduction']:.3f} σ²</span> "
             f"→ {pick['posterior_variance']:.3f} · similarity {pick['similarity']:.2f}{loss_text} · "
-            f"<span class='sc-source' title='{html.escape(pick['path'], quote=True)}'>"
-            f"{html.escape(Path(pick['path']).name)}</span> {badges}</div>"
+            f"<span class='sc-source' title='{html.escape(pick['path'], quote=True)}{where}'>"
+            f"{html.escape(Path(pick['path']).name)}{where}</span> {badges}</div>"
             f"<div class='sc-bar'><span style='width:{max(0.0, min(share, 1.0)) * 100:.1f}%'></span></div>"
             f"<div class='sc-text'>{html.escape(text)}</div></div>")
-    header = (f"<div class='sc-caption'>{len(panel.picks)} passages, in the order the model learned from "
-              f"them; −x σ² is how much uncertainty each removed (stopped: {html.escape(panel.stop_reason)})</div>")
+    header = (f"<div class='sc-caption'>{html.escape(_usage(panel))} [n] is how the answer cites a passage; "
+              f"−x σ² is how much uncertainty each removed (selection stopped: {html.escape(panel.stop_reason)}).</div>")
     return f"<div class='sc-picks'>{header}{''.join(cards)}</div>"
 
 
@@ -285,8 +307,10 @@ class Handlers:
                 elif isinstance(event, Stage) and event.state == "started":
                     yield view(_stage_text(event.name, chat_settings))
                 elif isinstance(event, Selected):
-                    panel = Panel.from_selected(event)
+                    panel = Panel.from_selected(event, chat_settings.mode)
                     yield view(f"Selected {len(panel.picks)} passages.", panel=panel)
+                elif isinstance(event, Prompted) and panel is not None:
+                    panel.read = [p.id for p in event.passages]
                 elif isinstance(event, Step):
                     panel.losses.append(event.loss)
                     yield view(f"Fine-tuning: step {event.index} of {event.total} · loss {event.loss:.3f}",
@@ -332,12 +356,13 @@ class Handlers:
             return {"nn": panels.get("nn"), "sift": panels.get("sift"), "shared": shared,
                     "nn_answer": answers["nn"], "sift_answer": answers["sift"], "status": status}
 
+        mode = self.service.compared(chat_settings).mode
         turn = self.service.new_turn(self._key(owner))
         try:
             for method, event in self.service.compare(turn, prompt, chat_settings, adaptation):
                 label = METHOD_LABELS.get(method, method)
                 if isinstance(event, Selected):
-                    panels[method] = Panel.from_selected(event)
+                    panels[method] = Panel.from_selected(event, mode)
                     if len(panels) == 2:
                         yield view("Selected both; now fine-tuning on the NN picks…")
                 elif isinstance(event, Waiting):
@@ -345,6 +370,8 @@ class Handlers:
                 elif isinstance(event, Token):
                     answers[method] += event.text
                     yield view(f"{label}: generating…")
+                elif isinstance(event, Prompted) and method in panels:
+                    panels[method].read = [p.id for p in event.passages]
                 elif isinstance(event, Step):
                     panels[method].losses.append(event.loss)
                     yield view(f"{label}: fine-tuning step {event.index} of {event.total} · loss {event.loss:.3f}")

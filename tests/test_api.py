@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai", reason="the API tests need the openai cli
 
 from sift_chat.adaptation import AdaptationSettings  # noqa: E402
 from sift_chat.corpus import ingest  # noqa: E402
-from sift_chat.engine import Engine  # noqa: E402
+from sift_chat.engine import ChatSettings, Engine  # noqa: E402
 from sift_chat.server import create_server  # noqa: E402
 from sift_chat.service import Service  # noqa: E402
 from sift_chat.store import Store  # noqa: E402
@@ -126,6 +126,51 @@ def test_streamed_equals_not_streamed_and_ends_with_the_panel(client):
     streamed = ask(client, sift={"passages": 2}, max_tokens=6, stream=True)
     assert streamed[0] == plain[0] and streamed[1] == plain[1]
     assert picks(streamed[2]) == picks(plain[2]) and streamed[2]["seconds"]["fine-tune"] > 0
+
+
+def test_the_extension_says_what_was_read_what_is_cited_and_how_the_answer_ended(client, server, monkeypatch):
+    said = "The lighthouse keeper is Matthias Orrey, since 1998."
+
+    def generate(input_ids, settings):  # a model that answers from the lighthouse note
+        yield said
+        return "end", said
+
+    monkeypatch.setattr(server.service.engine, "generate", generate)
+    for stream in (False, True):
+        text, reason, extension = ask(client, "Who keeps the lighthouse?", sift={"mode": "context", "passages": 3},
+                                      stream=stream)
+        selection = extension["selection"]
+        numbers = [p["number"] for p in selection["picks"]]
+        distinct = list(dict.fromkeys(p["passage_id"] for p in selection["picks"]))
+        assert numbers == [distinct.index(p["passage_id"]) + 1 for p in selection["picks"]]
+        assert text == said and reason == "stop" and extension["ended"] == "end"  # as the model wrote it
+        [number] = extension["citations"]
+        assert extension["cited_answer"] == f"The lighthouse keeper is Matthias Orrey, since 1998 [{number}]."
+        [cited] = [p for p in selection["picks"] if p["number"] == number and not p["repeat"]]
+        assert Path(cited["path"]).name == "lighthouse.md"
+        assert extension["read"] == selection["read"] == distinct[:ChatSettings().context_passages]
+        assert selection["citations"] == [number] and selection["mode"] == "context"
+    monkeypatch.undo()
+
+    text, reason, extension = ask(client, sift={"mode": "off"}, max_tokens=3)
+    assert (reason, extension["ended"]) == ("length", "limit") and extension["read"] == []
+    assert any("cut at the limit of 3 new tokens" in n for n in extension["notices"])
+
+
+def test_a_looping_answer_streams_as_it_is_returned_without_the_loop(client, server, monkeypatch):
+    looping = ["Brindlemoor", " lantern", " festival", " ferry"] + [" ferry", " lantern"] * 20
+    said = "".join(looping[:4]).strip()
+
+    def generate(input_ids, settings):  # as the engine's loop stop: up to loop_tokens - 1 pieces streamed past the cut
+        for piece in looping[:4 + settings.loop_tokens - 1]:
+            yield piece
+        return "repeat", said
+
+    monkeypatch.setattr(server.service.engine, "generate", generate)
+    plain = ask(client, sift={"mode": "off"}, max_tokens=60)
+    streamed = ask(client, sift={"mode": "off"}, max_tokens=60, stream=True)
+    assert plain[0] == streamed[0] == said and plain[1] == streamed[1] == "stop"
+    assert plain[2]["ended"] == streamed[2]["ended"] == "repeat"
 
 
 def test_history_reaches_the_model(client, server, monkeypatch):
@@ -271,7 +316,7 @@ def test_six_clients_at_once_complete_in_arrival_order_without_leaking_adaptatio
 
 def test_a_client_that_goes_away_mid_stream_leaves_the_model_at_base(server, monkeypatch):
     step = server.service.engine.adapter.step
-    monkeypatch.setattr(server.service.engine.adapter, "step", lambda text: time.sleep(0.3) or step(text))
+    monkeypatch.setattr(server.service.engine.adapter, "step", lambda text, prefix="": time.sleep(0.3) or step(text, prefix))
     body = {"model": "sift-chat", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": QUESTION}],
             "sift": {"passages": 8}}
     with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=60) as response:

@@ -2,8 +2,8 @@
 Playwright. Ingest the sample corpus, send a message, see the answer and the selection panel; stop
 a message mid-answer and see that nothing of it stayed.
 
-The chat model is the tiny random Llama of tests/tiny.py saved as a folder, with every token but
-plain words silenced so that its (meaningless) answer is visible text. The embedder is the real
+The chat model is the tiny Llama of tests/tiny.py saved as a folder, made to walk through its
+vocabulary of words so that its (meaningless) answer is visible text that does not loop for a while. The embedder is the real
 default. Skipped only where Chromium or Playwright is absent, and never on CI, which installs both
 (`make test`).
 """
@@ -30,6 +30,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
+SAMPLE = ROOT / "corpora" / "brindlemoor"
 
 
 def _browser_or_skip():
@@ -50,12 +51,25 @@ def _browser_or_skip():
 
 
 def _save_tiny_chat_model(folder: Path) -> Path:
-    tokenizer = tiny_tokenizer()
+    """The tiny Llama made to walk through the words of its vocabulary: its layers add nothing to
+    the residual stream (o_proj and down_proj zero), so the last hidden state is the current
+    token's, and an untied head scores the next word of a fixed cycle highest. Its answer is
+    visible words that repeat themselves only after the whole cycle (over a thousand tokens, its
+    tokenizer trained on the sample corpus), so the engine's loop stop leaves a long answer."""
+    tokenizer = tiny_tokenizer(" ".join(p.read_text() for p in sorted(SAMPLE.iterdir())), vocab_size=2000)
     model = tiny_model(tokenizer)
-    with torch.no_grad():  # a zero embedding row (tied head) gives logit 0: only words win the argmax
-        for token_id in range(len(tokenizer)):
-            if not tokenizer.decode([token_id], skip_special_tokens=True).strip().isalpha():
-                model.get_input_embeddings().weight[token_id] = 0
+    words = [t for t in range(len(tokenizer)) if tokenizer.decode([t], skip_special_tokens=True).strip().isalpha()]
+    cycle = [words[i] for i in torch.randperm(len(words), generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings = model.get_input_embeddings().weight
+        head = torch.zeros_like(embeddings)
+        for token, following in zip(cycle, cycle[1:] + cycle[:1]):
+            head[following] = embeddings[token] / embeddings[token].norm()
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(head)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -154,7 +168,8 @@ def test_ingest_the_sample_ask_and_see_the_answer_and_its_passages(tmp_path, bro
             reductions = [float(x) for x in re.findall(r"−(\d\.\d{3}) σ²", text)]
             assert len(reductions) == 8 and reductions[0] > reductions[-1] > 0
             assert "town-history.txt" in text and "lighthouse.md" in text
-            expect(page.locator("#coverage")).to_contain_text("How well your documents cover this prompt")
+            assert "[1] step 1" in text and "learned from" in text  # numbered as cited; what the model did with them
+            expect(page.locator("#coverage")).to_contain_text("What your documents say about this question")
             expect(page.locator("#timings")).to_contain_text("fine-tune")
             expect(page.locator("#variance-chart")).to_contain_text("SIFT")
 

@@ -119,11 +119,11 @@ def test_ctrl_c_during_a_chat_leaves_no_chat_behind(tiny_chat, tmp_path, monkeyp
     step = Adapter.step
     calls = []
 
-    def interrupted(self, text):
+    def interrupted(self, text, prefix=""):
         calls.append(text)
         if len(calls) == 2:
             raise KeyboardInterrupt  # as Ctrl-C during the second step
-        return step(self, text)
+        return step(self, text, prefix)
 
     monkeypatch.setattr(Adapter, "step", interrupted)
     code, _, err = tiny_chat("Who keeps the lighthouse?", "-n", "3", "--max-new-tokens", "4")
@@ -145,3 +145,21 @@ def test_interactive_chat_keeps_one_chat_with_its_history(tiny_chat, tmp_path, m
         assert chat["title"] == "Who keeps the lighthouse?"
         assert [m["content"] for m in store.messages(chat["id"]) if m["role"] == "user"] == [
             "Who keeps the lighthouse?", "When is the lantern festival?"]
+
+
+def test_chat_lists_the_passages_its_answer_cites(tiny_chat, monkeypatch):
+    from sift_chat.engine import Engine
+
+    said = "The lighthouse keeper is Matthias Orrey, since 1998."
+
+    def generate(self, input_ids, settings):  # a model that answers from the lighthouse note
+        yield said
+        return "end", said
+
+    monkeypatch.setattr(Engine, "generate", generate)
+    code, out, _ = tiny_chat("Who keeps the lighthouse?", "-n", "3", "--mode", "context")
+    assert code == 0
+    [cited] = [line for line in out.splitlines() if line.startswith("cited: ")]
+    number = int(cited.split("[")[1].split("]")[0])
+    assert cited == f"cited: The lighthouse keeper is Matthias Orrey, since 1998 [{number}]."
+    assert any(line.strip().startswith(f"[{number}] ") and "lighthouse.md:0-" in line for line in out.splitlines())

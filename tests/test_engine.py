@@ -3,6 +3,8 @@ layer, which stores it); always back to base."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ import torch
 
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.corpus import ingest
-from sift_chat.engine import ChatSettings, Done, Engine, Notice, Selected, Stage, Step, Token
+from sift_chat.engine import ChatSettings, Done, Engine, Notice, Prompted, Selected, Stage, Step, Token
+from sift_chat.generation import cite
 from sift_chat.service import Answered, Service, Stored
 from sift_chat.store import Store
 
@@ -70,7 +73,9 @@ def test_a_message_selects_fine_tunes_streams_and_is_recorded(engine, probe, tmp
     assert len(selected.nn_posterior_variance) == 4
     done, stored = events[-2:]
     assert isinstance(done, Answered) and isinstance(stored, Stored)
-    assert done.answer == "".join(e.text for e in events if isinstance(e, Token)).strip()
+    assert done.raw_answer == "".join(e.text for e in events if isinstance(e, Token)).strip()
+    assert (done.answer, list(done.record.citations)) == cite(done.raw_answer, [p.passage.text for p in selected.picks],
+                                                              QUESTION)
 
     [chat] = engine.store.chats("recorded")
     assert chat["id"] == stored.chat_id and QUESTION.startswith(chat["title"].rstrip("…"))
@@ -101,11 +106,11 @@ def test_a_failure_midway_leaves_the_model_at_base_and_the_store_unchanged(engin
     real_step = engine.adapter.step
     calls = []
 
-    def failing_step(text):
+    def failing_step(text, prefix=""):
         calls.append(text)
         if len(calls) == 2:
             raise KeyboardInterrupt  # as a Ctrl-C during fine-tuning
-        return real_step(text)
+        return real_step(text, prefix)
 
     monkeypatch.setattr(engine.adapter, "step", failing_step)
     with pytest.raises(KeyboardInterrupt):
@@ -126,38 +131,91 @@ def test_a_consumer_that_stops_reading_leaves_the_model_at_base(engine, probe):
     assert not engine.lock.locked()
 
 
-def test_modes(engine, probe, monkeypatch):
+def _prompted(events) -> Prompted:
+    [prompted] = [e for e in events if isinstance(e, Prompted)]
+    return prompted
+
+
+def test_each_mode_reads_and_learns_what_it_says(engine, probe, monkeypatch):
     """off: no selection, no step, nothing in the prompt; context: the picks in the prompt, no step;
-    both: the picks in the prompt and one step each."""
-    contexts, steps = [], []
-    chat_input, step = engine.chat_input, engine.adapter.step
+    fine-tune: one step each, nothing in the prompt; both: one step each and the first pick read.
+    What Prompted reports is what the prompt was built from."""
+    real_step = engine.adapter.step
+    stepped, contexts = [], []
+    chat_input = engine.chat_input
     monkeypatch.setattr(engine, "chat_input", lambda p, h, context, s: contexts.append(context) or chat_input(p, h, context, s))
-    monkeypatch.setattr(engine.adapter, "step", lambda text: steps.append(text) or step(text))
+    monkeypatch.setattr(engine.adapter, "step", lambda text, prefix="": stepped.append(text) or real_step(text, prefix))
 
     off = list(engine.respond(QUESTION, settings=ChatSettings(mode="off", max_new_tokens=4)))
     assert not any(isinstance(e, (Selected, Step)) for e in off) and isinstance(off[-1], Done)
-    assert contexts.pop() == [] and steps == []
+    assert stepped == [] and _prompted(off).passages == [] and contexts.pop() == []
 
-    context = list(engine.respond(QUESTION, settings=ChatSettings(mode="context", passages=3, max_new_tokens=4)))
+    reading = ChatSettings(mode="context", passages=3, context_passages=2, max_new_tokens=4)
+    context = list(engine.respond(QUESTION, settings=reading))
     [selected] = [e for e in context if isinstance(e, Selected)]
-    assert not any(isinstance(e, Step) for e in context) and steps == []
-    assert [p.id for p in contexts.pop()] == [p.passage.id for p in selected.picks if not p.repeat][:4]
+    read = _prompted(context)
+    assert not any(isinstance(e, Step) for e in context)
+    assert stepped == [] and read.passages == [p.passage for p in selected.picks if not p.repeat][:2]
+    assert contexts.pop() == read.passages
+    text = " ".join(engine.tokenizer.decode(read.input_ids[0]).split())
+    assert all(" ".join(p.text.split()) in text for p in read.passages)
+    assert context[-1].record.read == [p.id for p in read.passages]
 
+    fine_tune = list(engine.respond(QUESTION, settings=ChatSettings(mode="fine-tune", passages=2, max_new_tokens=4)))
+    [selected] = [e for e in fine_tune if isinstance(e, Selected)]
+    assert stepped == [p.passage.text for p in selected.picks] and _prompted(fine_tune).passages == []
+    assert fine_tune[-1].record.read == []
+
+    stepped.clear()
     both = list(engine.respond(QUESTION, settings=ChatSettings(mode="both", passages=2, max_new_tokens=4)))
     [selected] = [e for e in both if isinstance(e, Selected)]
-    assert len([e for e in both if isinstance(e, Step)]) == 2 == len(steps)
-    assert steps == [p.passage.text for p in selected.picks]
-    assert [p.id for p in contexts.pop()] == [p.passage.id for p in selected.picks if not p.repeat]
+    assert len([e for e in both if isinstance(e, Step)]) == 2 == len(stepped)
+    assert stepped == [p.passage.text for p in selected.picks]
+    assert _prompted(both).passages == [selected.picks[0].passage]  # by default the first pick alone is read
+    assert contexts.pop() == _prompted(both).passages
     assert_at_base(engine, probe)
+
+
+def test_steps_read_the_passage_where_the_training_format_puts_it(engine, probe, monkeypatch):
+    seen = []
+    real_step = engine.adapter.step
+    monkeypatch.setattr(engine.adapter, "step", lambda text, prefix="": seen.append(prefix) or real_step(text, prefix))
+    events = list(engine.respond(QUESTION, settings=ChatSettings(mode="fine-tune", passages=2, max_new_tokens=2),
+                                 adaptation=replace(engine.adapter.settings, training="answer")))
+    assert len(seen) == 2 and all(QUESTION in prefix and prefix.endswith("assistant\n") for prefix in seen)
+    assert all(math.isfinite(e.loss) for e in events if isinstance(e, Step))
+    assert_at_base(engine, probe)
+
+
+def test_an_answer_cut_at_the_token_limit_says_so(engine):
+    events = list(engine.respond(QUESTION, settings=ChatSettings(mode="off", max_new_tokens=3, loop_tokens=0)))
+    done = events[-1]
+    assert done.ended == "limit" and done.record.ended == "limit"
+    assert any(isinstance(e, Notice) and "cut at the limit of 3 new tokens" in e.message for e in events)
+
+
+def test_an_answer_that_loops_is_stopped_where_the_loop_began(engine, monkeypatch):
+    # greedy decoding of the random model repeats one token forever
+    forward = engine.model.forward
+    calls = []
+    monkeypatch.setattr(engine.model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    looping = ChatSettings(mode="off", max_new_tokens=40, loop_tokens=0)
+    assert list(engine.respond(QUESTION, settings=looping))[-1].ended == "limit" and len(calls) == 40
+    calls.clear()
+    events = list(engine.respond(QUESTION, settings=replace(looping, loop_tokens=4)))
+    # the last 4 tokens repeat the 4 before them after 8: stopped there, the repeat left out
+    assert events[-1].ended == "repeat" and len(calls) == 8
+    assert any(isinstance(e, Notice) and "repeating" in e.message for e in events)
 
 
 def test_context_mode_puts_the_selected_passages_in_the_prompt(engine):
     query = engine.embed(QUESTION)
     selected = engine.select(query, ChatSettings(passages=2))
     ids, notice = engine.chat_input(QUESTION, [], [p.passage for p in selected.picks], ChatSettings())
-    text = engine.tokenizer.decode(ids[0])
+    text = " ".join(engine.tokenizer.decode(ids[0]).split())
     assert notice is None and QUESTION in text
-    assert all(p.passage.text.strip()[:40] in text for p in selected.picks)
+    assert all(" ".join(p.passage.text.split())[:40] in text for p in selected.picks)
+    assert "(" + Path(selected.picks[0].passage.path).name not in text  # no file names to recite
 
 
 def test_bad_input_gets_a_clear_message(engine, tmp_path, embedder):

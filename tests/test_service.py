@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from sift_chat.adaptation import AdaptationSettings
 from sift_chat.corpus import ingest
 from sift_chat.engine import ChatSettings, Engine, Selected, Stage, Step, Token
 from sift_chat.panel import parse_settings
+from sift_chat.record import AnswerRecord
 from sift_chat.service import Answered, Service, Stopped, Stored, Waiting
 from sift_chat.store import Store
 from sift_chat.turns import QueueFull
@@ -156,10 +158,10 @@ def test_two_turns_at_once_take_turns_in_arrival_order_and_the_second_sees_its_p
     first_step, release = threading.Event(), threading.Event()
     step = service.engine.adapter.step
 
-    def slow_step(text):
+    def slow_step(text, prefix=""):
         first_step.set()
         release.wait(30)
-        return step(text)
+        return step(text, prefix)
 
     monkeypatch.setattr(service.engine.adapter, "step", slow_step)
     first, second = service.new_turn(OWNER), service.new_turn(OWNER)
@@ -218,3 +220,40 @@ def test_compare_selects_once_per_method_and_answers_as_a_chat_turn_would(servic
         assert answers[method].answer == alone.answer
         assert answers[method].record.losses == pytest.approx(alone.record.losses)
         assert [p["passage_id"] for p in answers[method].panel.picks] == [p["passage_id"] for p in alone.panel.picks]
+        assert (answers[method].panel.read, answers[method].panel.citations, answers[method].record.ended) == (
+            alone.panel.read, alone.panel.citations, alone.record.ended)
+    reading = [(m, e) for m, e in service.compare(service.new_turn(), QUESTION, replace(FAST, mode="context"))
+               if isinstance(e, Answered)]
+    assert [m for m, _ in reading] == ["nn", "sift"]
+    for _, answered in reading:  # each panel says what its answer read and cites
+        distinct = list(dict.fromkeys(p["passage_id"] for p in answered.panel.picks))
+        assert answered.panel.read == answered.record.read == distinct[:ChatSettings().context_passages]
+        assert answered.panel.mode == "context" and answered.panel.citations == answered.record.citations
+
+
+def test_an_answer_is_stored_with_what_it_read_cites_and_how_it_ended_and_reopens_so(service, monkeypatch):
+    said = "The lighthouse keeper is Matthias Orrey, since 1998."
+
+    def generate(input_ids, settings):  # a model that answers from the lighthouse note
+        yield said
+        return "end", said
+
+    monkeypatch.setattr(service.engine, "generate", generate)
+    settings = ChatSettings(mode="both", passages=3, context_passages=2, max_new_tokens=8)
+    events = list(service.chat_turn(service.new_turn(OWNER), "Who keeps the lighthouse?", None, OWNER, settings))
+    answered, stored = events[-2:]
+    assert isinstance(answered, Answered) and isinstance(stored, Stored)
+    [selected] = [e for e in events if isinstance(e, Selected)]
+    distinct = list(dict.fromkeys(p.passage.id for p in selected.picks))
+    record = answered.record
+    assert (record.ended, record.numbered, record.read) == ("end", distinct, distinct[:2])
+    [number] = record.citations
+    assert answered.raw_answer == said and answered.answer == f"{said[:-1]} [{number}]."
+    assert answered.panel.read == record.read and answered.panel.citations == record.citations
+    # stored as it was made: the answer with its markers, the record field for field
+    message = service.store.messages(stored.chat_id)[-1]
+    assert message["content"] == answered.answer
+    assert AnswerRecord.from_json(message["record"]) == record
+    reopened = service.open_chat(stored.chat_id, OWNER).panel
+    assert (reopened.mode, reopened.read, reopened.citations, reopened.numbers) == (
+        "both", record.read, record.citations, answered.panel.numbers)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sift_chat.adaptation import AdaptationSettings
-from sift_chat.engine import Engine
+from sift_chat.engine import ChatSettings, Engine
 from sift_chat.service import Service
 from sift_chat.store import Store
 from sift_chat.layout import build
@@ -123,11 +123,51 @@ def test_the_panel_renders_picks_chart_coverage_and_timings(sample):
     assert render_variance(None) is None
 
     coverage = render_coverage(panel)
-    assert "How well your documents cover this prompt" in coverage and f"{panel.final_variance:.2f}" in coverage
+    assert "What your documents say about this question" in coverage and f"{panel.final_variance:.2f}" in coverage
+    assert "not the answer" in coverage  # σ² describes the documents: it must not read as "the answer is backed"
     timings = render_timings(panel)
     assert "fine-tune" in timings and "Loss per step" in timings
     assert "<script>" not in render_passages(Panel("sift", 1.0, [dict(panel.picks[0], text="<script>x</script>")],
                                                    [], "max_steps"))
+
+
+@pytest.mark.parametrize("mode", ["fine-tune", "context", "both"])
+def test_the_panel_says_which_passages_were_read_and_which_learned_from(sample, mode):
+    owner = sample.new_owner()
+    updates = list(sample.respond(QUESTION, None, owner, {**FAST, "mode": mode}))
+    panel = last(updates, "panel")
+    cards = render_passages(panel)
+    distinct = list(dict.fromkeys(p["passage_id"] for p in panel.picks))
+    read = ChatSettings().context_passages
+    assert panel.read == (distinct[:read] if mode != "fine-tune" else [])
+    assert cards.count("sc-badge sc-read") == len(panel.read)
+    assert cards.count("sc-badge sc-learned") == (len(panel.picks) if mode != "context" else 0)
+    caption = cards.split("</div>")[0]
+    said = "passage [1]" if read == 1 else f"passages [1]–[{min(read, len(distinct))}]"
+    if mode == "context":
+        assert "learned from none" in caption and f"read {said}" in caption
+    elif mode == "fine-tune":
+        assert "learned from these 3 passages" in caption and "did not read them" in caption
+    else:
+        assert f"read {said} in its prompt and learned from 3" in caption
+    for number, passage_id in enumerate(distinct, 1):  # numbered as the answer cites them, with its source
+        assert f"data-passage='{passage_id}' data-number='{number}'" in cards
+    pick = panel.picks[0]
+    assert f"{Path(pick['path']).name}:{pick['start_char']}–{pick['end_char']}" in cards
+    # the stored answer reopens with the same reading, learning and citations
+    stored = sample.open_chat(last(updates, "chat_id"), owner)["panel"]
+    assert (stored.mode, stored.read, stored.citations) == (mode, panel.read, panel.citations)
+
+
+def test_cited_passages_are_marked_under_the_numbers_the_answer_uses():
+    picks = [{"step": i + 1, "passage_id": pid, "path": f"/docs/{pid}.md", "start_char": 0, "end_char": 10, "text": "t",
+              "similarity": 0.5, "posterior_variance": 0.5, "uncertainty_reduction": 0.1, "repeat": i == 2}
+             for i, pid in enumerate([7, 9, 7])]
+    panel = Panel("sift", 1.0, picks, [], "max_steps", mode="both", read=[7, 9], citations=[2])
+    cards = render_passages(panel)
+    assert "<b>[1]</b> step 1" in cards and "<b>[2]</b> step 2" in cards and "<b>[1]</b> step 3" in cards
+    assert cards.count("sc-badge sc-cited") == 1
+    assert cards.index("sc-badge sc-cited") > cards.index("data-passage='9'")  # on [2], the passage with id 9
 
 
 def test_chats_are_private_to_their_owner(sample):
@@ -316,7 +356,11 @@ def test_a_streamed_answer_may_hop_between_threads(sample):
 
 
 def test_empty_answers_are_shown_as_such(sample, monkeypatch):
-    monkeypatch.setattr(sample.engine, "generate", lambda *args, **kwargs: iter(()))
+    def silent(*args, **kwargs):  # a model that stops at once
+        return "end", ""
+        yield
+
+    monkeypatch.setattr(sample.engine, "generate", silent)
     owner = sample.new_owner()
     updates = list(sample.respond(QUESTION, None, owner, FAST))
     assert last(updates, "history")[-1]["content"] == NO_ANSWER

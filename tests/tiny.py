@@ -18,12 +18,12 @@ CHATML = (
 )
 
 
-def tiny_tokenizer(extra_text: str = "") -> PreTrainedTokenizerFast:
+def tiny_tokenizer(extra_text: str = "", vocab_size: int = 400) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     special = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator([TRAINING_TEXT + extra_text] * 4, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(

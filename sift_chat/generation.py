@@ -1,0 +1,150 @@
+"""Generation: what the model reads, how an answer is kept from looping, and what it cites.
+
+Pure functions over strings and token ids; the engine runs the token loop with them.
+
+    conversation   the chat messages the model reads: an instruction to answer briefly with the
+                   passages read for this question, the history, and the question
+    answer_processors  transformers' logits processors (repetition penalty, no repeated n-grams),
+                   applied to the answer's own tokens only: copying a name from a passage is what
+                   reading is for, saying the same thing twice is not
+    repeat_start   where an answer started repeating itself (the engine stops there)
+    cite           which passages an answer's sentences come from, as [1], [2] … markers
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+INSTRUCTION = "Answer the question in one or two short sentences."
+INSTRUCTION_WITH_PASSAGES = ("Answer the question in one or two short sentences, using what the user's "
+                             "documents say:")
+
+
+def instruction(passages: Sequence[str]) -> str:
+    """The system message: how to answer, then the passages read for this question (whitespace
+    collapsed, one paragraph each). They sit apart from the user's question, with no numbers or
+    file names that an answer could recite."""
+    if not passages:
+        return INSTRUCTION
+    return "\n\n".join([INSTRUCTION_WITH_PASSAGES, *(" ".join(text.split()) for text in passages)])
+
+
+def conversation(prompt: str, history: Sequence[dict], passages: Sequence[str]) -> list[dict]:
+    """The messages of one turn: the instruction with the passages (as the system message),
+    earlier turns, and the question."""
+    return [{"role": "system", "content": instruction(passages)}, *history, {"role": "user", "content": prompt}]
+
+
+def training_text(prompt: str, passage: str, training: str, render) -> tuple[str, str]:
+    """(prefix, text): what a step on `passage` reads and what it learns, for the training format
+    (`adaptation.TRAINING_FORMATS`): the passage alone; the passage as the answer to the question,
+    after the chat prompt; or the passage where the chat prompt puts it, in the instruction before
+    the question. `render(messages, generation_prompt)` is the chat template as text."""
+    if training == "passage":
+        return "", passage
+    passage = " ".join(passage.split())  # as the chat prompt quotes it
+    if training == "answer":
+        return render(conversation(prompt, [], []), True), passage
+    marker = "\x00passage\x00"
+    text = render(conversation(prompt, [], [marker]), False)
+    prefix = text[: text.index(marker)]
+    return (prefix[:-1], " " + passage) if prefix.endswith(" ") else (prefix, passage)
+
+
+def answer_processors(repetition_penalty: float, no_repeat_ngram: int) -> LogitsProcessorList:
+    """The logits processors that keep an answer from looping (1.0 and 0 turn each off).
+
+    Repetition penalty θ: a token already in the answer has its logit z divided by θ when z > 0 and
+    multiplied by θ when z < 0. No repeated n-grams: a token that would complete an n-gram already
+    in the answer gets probability 0."""
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if no_repeat_ngram > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram))
+    return processors
+
+
+def next_token(logits: torch.Tensor, answer_ids: list[int], processors: LogitsProcessorList,
+               temperature: float) -> int:
+    """The next token from the last position's logits [V], after the processors saw the answer so far."""
+    if processors and answer_ids:
+        answer = torch.tensor([answer_ids], device=logits.device)
+        logits = processors(answer, logits[None])[0]
+    if temperature > 0:
+        return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1))
+    return int(logits.argmax())
+
+
+def repeat_start(ids: Sequence[int], span: int) -> int | None:
+    """When the last `span` tokens already occurred earlier in `ids`, the index where their repeat
+    began (the answer up to there is what was said once); else None."""
+    if span <= 0 or len(ids) < 2 * span:
+        return None
+    tail = list(ids[-span:])
+    for start in range(len(ids) - span - 1, -1, -1):
+        if list(ids[start:start + span]) == tail:
+            return len(ids) - span
+    return None
+
+
+# -- citations ------------------------------------------------------------------------------
+
+STOPWORDS = frozenset("""a an and are as at be been but by can did do does for from had has have he her his
+how i in is it its itself of on or our she so than that the their them then there these they this to was
+we were what when where which who whom why will with you your also about after all any because before
+both each every into more most no not now only other over same some such through under up very yes
+one two""".split())
+CITATION = re.compile(r"\s*\[(\d+)\]")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def content_words(text: str) -> set[str]:
+    """Lower-cased words and numbers that carry content (no stop words, numbers without their commas)."""
+    words = re.findall(r"\d[\d,:.]*\d|\d|[^\W\d_][\w'-]*", text.lower())
+    return {w.replace(",", "") for w in words if w not in STOPWORDS and (len(w) > 2 or w.isdigit())}
+
+
+def cite(answer: str, passages: Sequence[str], question: str = "") -> tuple[str, list[int]]:
+    """The answer with a marker [n] after each sentence that passage n supports, and the numbers cited.
+
+    A sentence is supported by the passage sharing most of its content words (less the question's
+    own words, which an answer repeats whatever it says), weighted by rarity among the passages
+    (a word in d of them counts 1/d); at least two shared words, or one number, make support.
+    Markers the model wrote itself are kept when they name a passage, and dropped otherwise."""
+    answer = CITATION.sub(lambda m: m.group(0) if 1 <= int(m.group(1)) <= len(passages) else "", answer)
+    words = [content_words(text) for text in passages]
+    asked = content_words(question)
+    frequency: dict[str, int] = {}
+    for passage_words in words:
+        for word in passage_words:
+            frequency[word] = frequency.get(word, 0) + 1
+    sentences, cited = [], []
+    for sentence in SENTENCE_END.split(answer.strip()):
+        said = content_words(CITATION.sub("", sentence)) - asked
+        best, best_score = None, 0.0
+        for number, passage_words in enumerate(words, 1):
+            shared = said & passage_words
+            supported = len(shared) >= 2 or any(w[0].isdigit() for w in shared)
+            score = sum(1 / frequency[w] for w in shared)
+            if supported and score > best_score:
+                best, best_score = number, score
+        present = [int(n) for n in CITATION.findall(sentence)]
+        if best is not None and best not in present:
+            sentence = _mark(sentence, best)
+            present.append(best)
+        cited += [n for n in present if n not in cited]
+        sentences.append(sentence)
+    return " ".join(sentences), cited
+
+
+def _mark(sentence: str, number: int) -> str:
+    """The sentence with [number] before its final punctuation."""
+    match = re.search(r"[.!?]+$", sentence)
+    if match:
+        return f"{sentence[:match.start()]} [{number}]{match.group(0)}"
+    return f"{sentence} [{number}]"

@@ -1,0 +1,96 @@
+"""What the model reads, how answers are kept from looping, and what they cite (pure functions)."""
+
+from __future__ import annotations
+
+import torch
+
+from sift_chat.generation import (INSTRUCTION, INSTRUCTION_WITH_PASSAGES, answer_processors, cite, conversation,
+                                  content_words, next_token, repeat_start, training_text)
+
+from .tiny import tiny_tokenizer
+
+FOUNDING = "Brindlemoor was founded in 1742 by the glassblower Ottilie Vance, who built the first kiln."
+LIGHTHOUSE = "The lighthouse on Gannet Point is painted in red and white spirals. Its keeper, Matthias Orrey, logs ships."
+FERRY = "The ferry to the island of Holm leaves Brindlemoor harbour at 7:40 and 16:10 every day."
+
+
+def test_the_passages_sit_in_the_instruction_apart_from_the_question():
+    messages = conversation("Who keeps the lighthouse?", [], [FOUNDING, "  Its keeper,\n Matthias   Orrey. "])
+    assert messages == [
+        {"role": "system", "content": f"{INSTRUCTION_WITH_PASSAGES}\n\n{FOUNDING}\n\nIts keeper, Matthias Orrey."},
+        {"role": "user", "content": "Who keeps the lighthouse?"}]
+    assert conversation("Hi?", [], []) == [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": "Hi?"}]
+
+
+def test_history_sits_between_the_instruction_and_the_question():
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert conversation("c", history, [])[1:] == [*history, {"role": "user", "content": "c"}]
+
+
+def test_no_repeated_ngram_forbids_only_what_the_answer_already_said():
+    processors = answer_processors(1.0, 2)
+    logits = torch.zeros(10)
+    # the answer so far is 5 6 5: emitting 6 again would repeat the bigram (5, 6)
+    assert next_token(logits.clone().index_fill_(0, torch.tensor([6]), 1.0), [5, 6, 5], processors, 0) != 6
+    assert next_token(logits.clone().index_fill_(0, torch.tensor([6]), 1.0), [5, 6, 7], processors, 0) == 6
+    # nothing said yet: nothing forbidden (a passage's words in the prompt may be copied)
+    assert next_token(logits.clone().index_fill_(0, torch.tensor([6]), 1.0), [], processors, 0) == 6
+
+
+def test_repetition_penalty_divides_positive_logits_of_tokens_already_in_the_answer():
+    processors = answer_processors(2.0, 0)
+    logits = torch.tensor([0.0, 3.0, 2.0, -1.0])
+    # token 1 was said: 3 / 2 = 1.5 < 2, so token 2 wins; without the penalty token 1 does
+    assert next_token(logits, [1], processors, 0) == 2
+    assert next_token(logits, [1], answer_processors(1.0, 0), 0) == 1
+    assert len(answer_processors(1.0, 0)) == 0
+
+
+def test_repeat_start_finds_where_a_loop_began():
+    assert repeat_start([1, 2, 3, 4, 9, 1, 2, 3, 4], 4) == 5
+    assert repeat_start([1, 2, 3, 4, 5, 6, 7, 8], 4) is None
+    assert repeat_start([7, 7, 7], 1) == 2
+    assert repeat_start([1, 2, 1, 2], 0) is None
+
+
+def test_each_sentence_cites_the_passage_it_comes_from():
+    answer = ("Brindlemoor was founded by Ottilie Vance in 1742. The keeper of the lighthouse is Matthias Orrey. "
+              "I like boats.")
+    cited, numbers = cite(answer, [FOUNDING, LIGHTHOUSE, FERRY], "Who founded Brindlemoor and who keeps the lighthouse?")
+    assert cited == ("Brindlemoor was founded by Ottilie Vance in 1742 [1]. The keeper of the lighthouse is "
+                     "Matthias Orrey [2]. I like boats.")
+    assert numbers == [1, 2]
+
+
+def test_a_number_alone_is_support_but_words_of_the_question_are_not():
+    assert cite("It leaves at 7:40.", [FOUNDING, FERRY], "When does the ferry leave?") == ("It leaves at 7:40 [2].", [2])
+    # "Brindlemoor" and "founded" come from the question: repeating them cites nothing
+    assert cite("Brindlemoor was founded.", [FOUNDING], "Who founded Brindlemoor?") == ("Brindlemoor was founded.", [])
+    assert cite("Anything.", [], "?") == ("Anything.", [])
+
+
+def test_markers_the_model_wrote_are_kept_when_they_name_a_passage():
+    answer, numbers = cite("The keeper is Matthias Orrey [2]. See [7].", [FOUNDING, LIGHTHOUSE], "Who keeps it?")
+    assert answer == "The keeper is Matthias Orrey [2]. See." and numbers == [2]
+
+
+def test_content_words_drop_stop_words_and_read_numbers_without_commas():
+    assert content_words("The census counted 4,312 people in the harbour.") == {"census", "counted", "4312",
+                                                                                 "people", "harbour"}
+
+
+def test_training_text_reads_the_passage_where_the_chat_prompt_puts_it():
+    tokenizer = tiny_tokenizer()
+
+    def render(messages, generation_prompt):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+
+    question, passage = "Who keeps the lighthouse?", "Its keeper,\n Matthias Orrey."
+    assert training_text(question, passage, "passage", render) == ("", passage)
+    prefix, text = training_text(question, passage, "answer", render)
+    assert text == "Its keeper, Matthias Orrey." and prefix.endswith("<|im_start|>assistant\n")
+    assert question in prefix
+    prefix, text = training_text(question, passage, "chat", render)
+    read = render(conversation(question, [], [passage]), False)
+    assert read.startswith(prefix + text) and prefix.endswith(INSTRUCTION_WITH_PASSAGES + "\n\n")
+    assert question not in prefix and text == "Its keeper, Matthias Orrey."
