@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
 
 from . import config
 from .adaptation import AdaptationSettings
-from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS
+from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS, shown
 from .engine import MODES, ChatSettings
 from .evaluation import METHODS as EVAL_METHODS
 from .evaluation import MODES as EVAL_MODES
@@ -163,7 +162,7 @@ def cmd_ingest(args) -> int:
                         passage_tokens=args.passage_tokens, overlap=args.overlap,
                         progress=not args.quiet)
     for path, reason in report.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"skipped {shown(path)}: {reason}", file=sys.stderr)
     print(report.summary())
     nothing_done = report.ingested == 0 and not report.unchanged
     return 1 if nothing_done else 0
@@ -171,17 +170,15 @@ def cmd_ingest(args) -> int:
 
 def cmd_rm(args) -> int:
     with _store(args) as store:
-        known = [d["path"] for d in store.documents()]
         targets = []
         for given in args.paths:
-            path = Path(given).expanduser().resolve()
-            matches = [p for p in known if p == str(path) or p.startswith(str(path) + os.sep)]
+            matches = store.documents_under(given)
             if not matches:
-                print(f"not in the store: {given}", file=sys.stderr)
+                print(f"not in the store: {shown(given)}", file=sys.stderr)
             targets += matches
         removed = store.remove(targets)
     for path in removed:
-        print(f"removed {path}")
+        print(f"removed {shown(path)}")
     return 0 if removed else 1
 
 
@@ -216,7 +213,7 @@ def cmd_search(args) -> int:
         passages = store.passages(ids)
     for rank, (passage_id, similarity) in enumerate(zip(ids, similarities), 1):
         passage = passages[int(passage_id)]
-        print(f"{rank:>3}. {similarity:.3f}  {passage.path}:{passage.start_char}-{passage.end_char}")
+        print(f"{rank:>3}. {similarity:.3f}  {shown(passage.path)}:{passage.start_char}-{passage.end_char}")
         print(f"      {_one_line(passage.text)}")
     return 0
 

@@ -32,7 +32,7 @@ from . import config
 from .adaptation import AdaptationSettings
 from .corpus import DEFAULT_MAX_FILE_BYTES, ingest
 from .engine import ChatSettings, Done, Engine, Notice, Selected, Stage, Step, Token
-from .store import Store
+from .store import Store, StoreError
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
 MAX_UPLOAD_BYTES = DEFAULT_MAX_FILE_BYTES  # 32 MiB, as the corpus stage reads at most
@@ -554,9 +554,9 @@ class Handlers:
         return self._ingest([self.sample_corpus], [], progress)
 
     def _ingest(self, paths: list[Path], skipped: list[tuple[str, str]], progress) -> dict:
-        def on_progress(done: int, total: int) -> None:
+        def on_progress(state) -> None:  # an IngestProgress: passages done, expected, time left
             if progress:
-                progress(done / max(total, 1), f"read {done} of {total} files")
+                progress(state.fraction, state.describe())
 
         if not paths:
             return {"report": _report(None, skipped), "error": "Nothing could be ingested."}
@@ -578,7 +578,10 @@ class Handlers:
         """A readable result of removing the document (its passages and vectors go with it)."""
         if not path:
             return _error("Choose a document to remove.")
-        removed = self.store.remove([path])
+        try:
+            removed = self.store.remove([path])
+        except StoreError as error:  # read-only, or another process kept the store locked
+            return _error(str(error))
         if removed and Path(path).parent == self.uploads.resolve():
             Path(path).unlink(missing_ok=True)  # an uploaded copy goes with its document
         return f"Removed {Path(path).name}." if removed else _error(f"{Path(path).name} is not in the corpus.")
