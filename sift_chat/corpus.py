@@ -21,6 +21,7 @@ from .store import NewDocument, NewPassage, Store
 
 DEFAULT_PASSAGE_TOKENS = 192
 DEFAULT_OVERLAP_TOKENS = 16
+ENCODE_BATCH = 16  # as fast as 64 on a CPU, and a third less memory at 256 tokens
 
 
 # -- splitting ----------------------------------------------------------------------------
@@ -203,26 +204,32 @@ def ingest(
                                        time.perf_counter() - started))
 
     def flush() -> None:
-        texts = [p.text for *_, passages in pending for p in passages]
-        vectors = store.vectors_for_texts(texts)  # copies of stored passages are not embedded again
-        counts["embedded"] += sum(1 for text in texts if text in vectors)
-        new = list(dict.fromkeys(text for text in texts if text not in vectors))
-        share = {text: 0 for text in new}
-        for text in texts:
-            if text in share:
-                share[text] += 1
+        # one matrix per document, filled in place: a long document's vectors are held once
+        matrices = [np.empty((len(passages), dimension), np.float32) for *_, passages in pending]
+        wanted: dict[str, list[tuple[int, int]]] = {}  # text → (document, row) slots to fill
+        for number, (*_, passages) in enumerate(pending):
+            for row, passage in enumerate(passages):
+                wanted.setdefault(passage.text, []).append((number, row))
+
+        def fill(text: str, vector: np.ndarray) -> None:
+            for number, row in wanted.pop(text):
+                matrices[number][row] = vector
+                counts["embedded"] += 1
+
+        for text, vector in store.vectors_for_texts(wanted).items():
+            fill(text, vector)  # copies of stored passages are not embedded again
+        new = list(wanted)
         for chunk_start in range(0, len(new), batch_passages):
             chunk = new[chunk_start : chunk_start + batch_passages]
-            encoded = embedder.encode(chunk, batch_size=64, normalize_embeddings=True,
-                                      convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
-            vectors.update(zip(chunk, encoded))
-            counts["embedded"] += sum(share[text] for text in chunk)
+            encoded = embedder.encode(chunk, batch_size=ENCODE_BATCH, normalize_embeddings=True,
+                                      convert_to_numpy=True, show_progress_bar=False)
+            for text, vector in zip(chunk, encoded):
+                fill(text, vector)
             tell()
-        store.write_documents(
-            [NewDocument(path, content_hash, size, mtime, passages,
-                         np.stack([vectors[p.text] for p in passages]))
-             for path, content_hash, size, mtime, passages in pending], embedder_name)
-        report.passages += len(texts)
+        store.write_documents([NewDocument(path, content_hash, size, mtime, passages, matrix)
+                               for (path, content_hash, size, mtime, passages), matrix in zip(pending, matrices)],
+                              embedder_name)
+        report.passages += sum(len(matrix) for matrix in matrices)
         pending.clear()
 
     for path, size in zip(files, sizes):
@@ -292,7 +299,7 @@ def reembed(store: Store, embedder, embedder_name: str, progress: bool = True) -
     by_id = store.passages(ids)
     texts = [by_id[int(i)].text for i in ids]
     unique = list(dict.fromkeys(texts))  # copies keep sharing one vector
-    vectors = embedder.encode(unique, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+    vectors = embedder.encode(unique, batch_size=ENCODE_BATCH, normalize_embeddings=True, convert_to_numpy=True,
                               show_progress_bar=progress)
     row = {text: number for number, text in enumerate(unique)}
     vectors = np.asarray(vectors, dtype=np.float32)[[row[text] for text in texts]]

@@ -56,7 +56,10 @@ def iter_files(paths: Iterable[str | os.PathLike],
     for root in paths:
         root = Path(root).expanduser().resolve()
         if not root.is_dir():
-            candidates = [root]  # a missing or special path is reported when it is read
+            reason = _unfit_name(root)
+            if reason:
+                skip(root, reason)
+            candidates = [] if reason else [root]  # a missing or special file is reported when read
         else:
             candidates = []
             for folder, folders, names in os.walk(root, onerror=lambda error: skip(

