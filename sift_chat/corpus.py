@@ -190,13 +190,14 @@ def ingest(
     own_folder = store.folder.resolve()
     files = [path for path in iter_files(paths, report.skipped) if own_folder not in path.parents]
     sizes = [_size_or_zero(path) for path in files]
+    total_bytes = sum(sizes)
     counts = {"files": 0, "bytes": 0, "split_bytes": 0, "split_passages": 0, "embedded": 0}
     pending: list[tuple[str, str, int, float, list[NewPassage]]] = []
-    bar = tqdm(total=0, unit="passage", disable=not progress, desc="ingest", dynamic_ncols=True)
+    bar = tqdm(total=0, unit="passage", disable=not progress, desc="ingest", dynamic_ncols=True, delay=1.0)
 
     def tell() -> None:
         rate = counts["split_passages"] / counts["split_bytes"] if counts["split_bytes"] else 0.0
-        expected = counts["split_passages"] + round(rate * max(sum(sizes) - counts["bytes"], 0))
+        expected = counts["split_passages"] + round(rate * max(total_bytes - counts["bytes"], 0))
         bar.total = max(expected, counts["embedded"])
         bar.update(counts["embedded"] - bar.n)
         if on_progress:
