@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from dataclasses import asdict
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from . import config
 from .adaptation import TRAINING_FORMATS, AdaptationSettings
-from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS
+from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS, shown
 from .engine import ChatSettings
 from .evaluation import SETTINGS as EVAL_SETTINGS
 from .vocabulary import EVAL_METHODS, EVAL_MODES, METHODS, MODES, method_label
@@ -200,7 +199,7 @@ def cmd_ingest(args) -> int:
                         passage_tokens=args.passage_tokens, overlap=args.overlap,
                         progress=not args.quiet)
     for path, reason in report.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"skipped {shown(path)}: {reason}", file=sys.stderr)
     print(report.summary())
     nothing_done = report.ingested == 0 and not report.unchanged
     return 1 if nothing_done else 0
@@ -208,17 +207,15 @@ def cmd_ingest(args) -> int:
 
 def cmd_rm(args) -> int:
     with _store(args) as store:
-        known = [d["path"] for d in store.documents()]
         targets = []
         for given in args.paths:
-            path = Path(given).expanduser().resolve()
-            matches = [p for p in known if p == str(path) or p.startswith(str(path) + os.sep)]
+            matches = store.documents_under(given)
             if not matches:
-                print(f"not in the store: {given}", file=sys.stderr)
+                print(f"not in the store: {shown(given)}", file=sys.stderr)
             targets += matches
         removed = store.remove(targets)
     for path in removed:
-        print(f"removed {path}")
+        print(f"removed {shown(path)}")
     return 0 if removed else 1
 
 
@@ -253,7 +250,7 @@ def cmd_search(args) -> int:
         passages = store.passages(ids)
     for rank, (passage_id, similarity) in enumerate(zip(ids, similarities), 1):
         passage = passages[int(passage_id)]
-        print(f"{rank:>3}. {similarity:.3f}  {passage.path}:{passage.start_char}-{passage.end_char}")
+        print(f"{rank:>3}. {similarity:.3f}  {shown(passage.path)}:{passage.start_char}-{passage.end_char}")
         print(f"      {_one_line(passage.text)}")
     return 0
 
@@ -326,7 +323,7 @@ def _show(event) -> bool:
             picks = {event.panel.numbers[pick["passage_id"]]: pick for pick in event.panel.picks}
             for number in event.record.citations:
                 pick = picks[number]
-                print(f"  [{number}] {_one_line(pick['path'], 100)}:{pick['start_char']}-{pick['end_char']}")
+                print(f"  [{number}] {_one_line(shown(pick['path']), 100)}:{pick['start_char']}-{pick['end_char']}")
         timings = " · ".join(f"{name.replace('_', ' ')} {value:.1f} s" for name, value in event.record.seconds.items())
         print(f"\n[{timings}]")
     return isinstance(event, Stored)
@@ -339,7 +336,7 @@ def _selection_table(selected, marked: set[int] | None = None) -> str:
     for pick in selected.picks:
         flags = (" (repeat)" if pick.repeat else "") + (" *" if marked and pick.passage.id in marked else "")
         lines.append(f"  {pick.step:>2}. −{pick.uncertainty_reduction:.3f} σ² → {pick.posterior_variance:.3f}  "
-                     f"sim {pick.similarity:.2f}  {Path(pick.passage.path).name}:{pick.passage.start_char}"
+                     f"sim {pick.similarity:.2f}  {shown(Path(pick.passage.path).name)}:{pick.passage.start_char}"
                      f"{flags}\n      {_one_line(pick.passage.text, 120)}")
     return "\n".join(lines)
 

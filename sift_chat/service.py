@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .adaptation import AdaptationSettings
-from .corpus import DEFAULT_MAX_FILE_BYTES, IngestReport, ingest
+from .corpus import DEFAULT_MAX_FILE_BYTES, IngestProgress, IngestReport, ingest
 from .engine import ChatSettings, Done, Engine, Event, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel
 from .record import AnswerRecord
-from .store import Store
+from .store import Store, StoreError
 from .turns import Kept, Turn, TurnQueue
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
@@ -54,8 +54,10 @@ class Answered:
 
 @dataclass(frozen=True)
 class Stored:
-    chat_id: int
-    message_id: int
+    """The exchange is stored (both None: answered, not recorded, on a read-only store)."""
+
+    chat_id: int | None
+    message_id: int | None
 
 
 @dataclass(frozen=True)
@@ -164,14 +166,20 @@ class Service:
             return "Give the chat a title."
         if self.own_chat(chat_id, owner) is None:
             return "Open one of your chats first."
-        self.store.rename_chat(int(chat_id), title)
+        try:
+            self.store.rename_chat(int(chat_id), title)
+        except StoreError as error:  # read-only, or another process kept the store locked
+            return str(error)
         return ""
 
     def delete_chat(self, chat_id, owner) -> str:
         """'' when deleted, else why not."""
         if self.own_chat(chat_id, owner) is None:
             return "Open one of your chats first."
-        self.store.delete_chat(int(chat_id))
+        try:
+            self.store.delete_chat(int(chat_id))
+        except StoreError as error:
+            return str(error)
         return ""
 
     # -- turns -----------------------------------------------------------------------------
@@ -208,10 +216,12 @@ class Service:
                       "loss": answered.record.losses[p["step"] - 1] if p["step"] <= len(answered.record.losses) else None}
                      for p in (answered.panel.picks if answered.panel else [])]
             if existing:
-                return Kept(existing["id"], self.store.record_exchange(
-                    existing["id"], prompt.strip(), answered.answer, record, picks))
-            return Kept(*self.store.start_chat(one_line(prompt, TITLE_CHARACTERS), owner, prompt.strip(),
-                                               answered.answer, record, picks))
+                message_id = self.store.record_exchange(existing["id"], prompt.strip(), answered.answer,
+                                                        record, picks)
+                return Kept(existing["id"] if message_id is not None else None, message_id)
+            started = self.store.start_chat(one_line(prompt, TITLE_CHARACTERS), owner, prompt.strip(),
+                                            answered.answer, record, picks)
+            return Kept(*started) if started else Kept(None, None)  # None: a read-only store
 
         for event in self.run(turn, prompt, history, chat, adaptation):
             if isinstance(event, Answered):  # stored while the turn is still open: Stop sees it
@@ -328,7 +338,7 @@ class Service:
         return self.sample_corpus is not None and self.store.passage_count() == 0
 
     def ingest(self, uploads: list | None = None, folder: str | None = None,
-               progress: Callable[[int, int], None] | None = None) -> IngestOutcome:
+               progress: Callable[[IngestProgress], None] | None = None) -> IngestOutcome:
         """Ingest uploaded files (copied into the data folder first) and a folder or file on the
         server (where that is allowed). Reads only what it was given."""
         uploads = [u for u in (uploads or []) if u]
@@ -359,7 +369,7 @@ class Service:
             paths.append(path)
         return self._ingest(paths, skipped, progress)
 
-    def add_sample(self, progress: Callable[[int, int], None] | None = None) -> IngestOutcome:
+    def add_sample(self, progress: Callable[[IngestProgress], None] | None = None) -> IngestOutcome:
         if self.sample_corpus is None:
             return IngestOutcome(None, error="The sample corpus is not here.")
         return self._ingest([self.sample_corpus], [], progress)
@@ -379,7 +389,8 @@ class Service:
         return IngestOutcome(report, skipped, "Nothing could be ingested." if nothing else "")
 
     def remove_document(self, path: str) -> bool:
-        """Remove the document (its passages and vectors go with it, and an uploaded copy)."""
+        """Remove the document (its passages and vectors go with it, and an uploaded copy).
+        StoreError (one line) when the store is read-only or another process kept it locked."""
         removed = self.store.remove([path])
         if removed and Path(path).parent == self.uploads.resolve():
             Path(path).unlink(missing_ok=True)

@@ -2,31 +2,40 @@
 
 Layout of a store folder::
 
-    store.db              documents, passages (with their embeddings), meta; later chats and messages
-    index-<version>.hnsw  the vector index (cosine space, label = passage id)
+    store.db                       documents, passages (with their embeddings), meta, chats, messages
+    index-<version>-<sha256>.hnsw  the vector index (`vector_index`: cosine space, one point per
+                                   distinct vector, label = the first passage id holding it)
+    index.lock                     taken while an index file is written
 
 Every change to the passages bumps ``passages_version`` in the same SQLite transaction. The index
-file carries the version it was saved at in its name, so an index that is missing, or older than
-the database (a process killed before it saved), is rebuilt from the embeddings in SQLite when the
-store is opened. A document is written in one transaction: a killed ingest leaves each document
-fully in or absent.
+file carries that version and its own checksum in its name; one that is missing, older than the
+database, damaged, or disagreeing with SQLite is rebuilt from the embeddings in SQLite (and a
+failed check is reported once). A document is written in one transaction: a killed ingest leaves
+each document fully in or absent. Writers take SQLite's write lock before they read (BEGIN
+IMMEDIATE), so two processes writing at once queue instead of failing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import hnswlib
 import numpy as np
 import sqlite_utils
+
+from .vector_index import IndexMismatch, VectorIndex, saved_indexes
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -55,6 +64,7 @@ CREATE TABLE IF NOT EXISTS passages (
     embedding BLOB NOT NULL  -- float32, L2-normalised
 );
 CREATE INDEX IF NOT EXISTS passages_by_document ON passages(document_id);
+CREATE INDEX IF NOT EXISTS passages_by_text ON passages(text);  -- a copied passage reuses its vector
 CREATE TABLE IF NOT EXISTS chats (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     owner TEXT NOT NULL DEFAULT '',  -- whose chat: '' on the CLI, a browser's private key in the app
@@ -97,6 +107,14 @@ def _now() -> str:
 
 class StoreError(RuntimeError):
     """The store cannot do what was asked; the message says why and what to do."""
+
+
+def _busy_or(error: sqlite3.OperationalError, doing: str, busy_timeout: float) -> str:
+    """The one-line message for an SQLite error while `doing` something."""
+    if "locked" in str(error) or "busy" in str(error):
+        return (f"{doing}: another process kept it locked for {busy_timeout:.0f} s "
+                "(an ingest or a removal still running?); nothing was changed, try again when it ends")
+    return f"{doing}: {error}"
 
 
 @dataclass(frozen=True)
@@ -146,24 +164,95 @@ def _serialized(method):
 class Store:
     """Documents and passages in SQLite, their vectors in an hnswlib index kept in step.
 
-    One Store may be shared by threads: its methods are serialized by `lock`.
+    One Store may be shared by threads: its methods are serialized by `lock`. Several processes
+    may open one store: writers queue on SQLite's write lock (waiting up to `busy_timeout`
+    seconds), readers never wait for a writer (WAL). A store whose files cannot be written opens
+    read-only: it answers searches and chats, and refuses every change with one line.
     """
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, busy_timeout: float = 30.0):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout = busy_timeout
         self.lock = threading.RLock()
-        connection = sqlite3.connect(self.folder / "store.db", check_same_thread=False)
-        self.db = sqlite_utils.Database(connection)
-        self.db.execute("PRAGMA foreign_keys = ON")
-        self.db.execute("PRAGMA busy_timeout = 30000")
-        self.db.enable_wal()  # readers (the app) go on while a writer (an ingest) works
-        self.db.executescript(SCHEMA)
-        if self.meta("schema_version") is None:
-            self.set_meta(schema_version=SCHEMA_VERSION, passages_version=0)
-        self.index: hnswlib.Index | None = None
+        self._warned: set[str] = set()
+        database = self.folder / "store.db"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            if not self.folder.is_dir():
+                raise StoreError(f"cannot create the store folder {self.folder}: {error.strerror or error}") from None
+        self.read_only = not os.access(self.folder, os.W_OK) or (
+            database.exists() and not os.access(database, os.W_OK))
+        try:
+            self.db = sqlite_utils.Database(self._connect(database))
+            if not self.read_only:
+                self.db.execute("PRAGMA foreign_keys = ON")
+                self.db.enable_wal()  # readers (the app) go on while a writer (an ingest) works
+                self.db.executescript(SCHEMA)
+                if self.meta("schema_version") is None:
+                    self.set_meta(schema_version=SCHEMA_VERSION, passages_version=0)
+        except sqlite3.OperationalError as error:
+            raise StoreError(_busy_or(error, f"cannot open the store {database}", busy_timeout)) from None
+        self.index: VectorIndex | None = None
         self._index_version = -1
         self._sync_index()
+
+    def _connect(self, database: Path) -> sqlite3.Connection:
+        if not self.read_only:
+            return sqlite3.connect(database, timeout=self.busy_timeout, check_same_thread=False)
+        if not database.exists():
+            raise StoreError(f"there is no store in {self.folder}, and the folder cannot be written")
+        uri = f"file:{urllib.parse.quote(str(database.resolve()))}"
+        connection = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=self.busy_timeout,
+                                     check_same_thread=False)
+        try:
+            connection.execute("SELECT count(*) FROM meta").fetchone()
+            return connection
+        except sqlite3.OperationalError:  # WAL needs a -shm file it cannot create here
+            connection.close()
+            return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False)
+
+    # -- transactions ---------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"the store {self.folder} is read-only: nothing was changed "
+                             "(fix its permissions, or use another --data-dir)")
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A write transaction that holds SQLite's write lock from its first statement
+        (BEGIN IMMEDIATE): a deferred one would read first and then fail at once, unable to
+        upgrade, when another process is writing. Waits up to busy_timeout for the lock."""
+        self.check_writable()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            raise StoreError(_busy_or(error, "cannot write to the store", self.busy_timeout)) from None
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.conn.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def _snapshot(self):
+        """Reads that see one state of the database, however many statements they take."""
+        if self.db.conn.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning(message)
 
     # -- meta -----------------------------------------------------------------------------
 
@@ -174,9 +263,12 @@ class Store:
 
     @_serialized
     def set_meta(self, **values) -> None:
-        self.db["meta"].upsert_all(
-            [{"key": key, "value": str(value)} for key, value in values.items()], pk="key"
-        )
+        with self._writing():
+            self._set_meta(**values)
+
+    def _set_meta(self, **values) -> None:
+        self.db.conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                 [(key, str(value)) for key, value in values.items()])
 
     @property
     def passages_version(self) -> int:
@@ -223,6 +315,20 @@ class Store:
         return list(self.db.query("SELECT * FROM documents ORDER BY path"))
 
     @_serialized
+    def documents_under(self, given: str | os.PathLike) -> list[str]:
+        """The stored paths a user means by `given`: that file, or every file under that folder,
+        by the path as given (a link inside an ingested folder is stored under its own path), else
+        by the path it resolves to (a file or folder given directly is stored resolved)."""
+        given = Path(given).expanduser()
+        stored = [d["path"] for d in self.documents()]
+        for spelling in dict.fromkeys([os.path.abspath(given), str(given.resolve())]):
+            folder = spelling.rstrip(os.sep) + os.sep
+            matches = [path for path in stored if path == spelling or path.startswith(folder)]
+            if matches:
+                return matches
+        return []
+
+    @_serialized
     def passages(self, ids: Iterable[int]) -> dict[int, Passage]:
         """The passages with these ids (missing ids are left out), by id."""
         ids = [int(i) for i in ids]
@@ -243,17 +349,31 @@ class Store:
         """(ids, vectors) from SQLite, for the given ids or for every passage, in id order."""
         dimension = self.dimension or 0
         if ids is None:
-            rows = self.db.execute("SELECT id, embedding FROM passages ORDER BY id").fetchall()
+            count = self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
+            batches = [(self.db.execute("SELECT id, embedding FROM passages ORDER BY id"), count)]
         else:
             wanted = sorted(int(i) for i in ids)
-            rows = []
-            for chunk, marks in _in_chunks(wanted):
-                rows += self.db.execute(
-                    f"SELECT id, embedding FROM passages WHERE id IN ({marks}) ORDER BY id", chunk
-                ).fetchall()
-        labels = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-        vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32)
-        return labels, vectors.reshape(len(rows), dimension).copy()
+            batches = [(self.db.execute(f"SELECT id, embedding FROM passages WHERE id IN ({marks}) ORDER BY id",
+                                        chunk), len(chunk)) for chunk, marks in _in_chunks(wanted)]
+        labels = np.empty(sum(size for _, size in batches), dtype=np.int64)
+        vectors = np.empty((len(labels), dimension), dtype=np.float32)
+        row = 0
+        for cursor, _ in batches:  # row by row into one array: a big store is read once, not thrice
+            for passage_id, blob in cursor:
+                labels[row] = passage_id
+                vectors[row] = np.frombuffer(blob, dtype=np.float32)
+                row += 1
+        return labels[:row], vectors[:row]
+
+    @_serialized
+    def vectors_for_texts(self, texts: Iterable[str]) -> dict[str, np.ndarray]:
+        """The stored vector of each of these passage texts that is already in the store."""
+        found: dict[str, np.ndarray] = {}
+        for chunk, marks in _in_chunks(list(dict.fromkeys(texts))):
+            for text, blob in self.db.execute(
+                    f"SELECT text, embedding FROM passages WHERE text IN ({marks})", chunk):
+                found.setdefault(text, np.frombuffer(blob, dtype=np.float32))
+        return found
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -262,13 +382,17 @@ class Store:
         """Insert or replace these documents and their passages, all in one transaction."""
         if not documents:
             return
+        if any(not document.passages for document in documents):
+            raise ValueError("a document needs at least one passage")
         dimension = int(documents[0].embeddings.shape[1])
-        self.check_embedder(embedder, dimension)
-        removed: list[int] = []
+        removed: list[tuple[np.ndarray, np.ndarray]] = []
         added: list[tuple[np.ndarray, np.ndarray]] = []
-        with self.db.atomic():
+        with self._writing():
+            self.check_embedder(embedder, dimension)
             for document in documents:
-                removed += self._delete_document(document.path) or []
+                found = self._delete_document(document.path)
+                if found is not None:
+                    removed.append(found)
                 cursor = self.db.execute(
                     "INSERT INTO documents (path, content_hash, size, mtime, passage_count, ingested_at) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -287,133 +411,138 @@ class Store:
                     )
                     ids.append(cursor.lastrowid)
                 added.append((np.asarray(ids, dtype=np.int64), vectors))
-            self.set_meta(embedder=embedder, dimension=dimension,
-                          passages_version=self.passages_version + 1)
-        self._apply_to_index(removed, added)
+            version = self._bump_version(embedder=embedder, dimension=dimension)
+        self._index_after_write(version, removed, added)
 
     @_serialized
     def touch_document(self, path: str, mtime: float) -> None:
         """Record a new mtime for a document whose content did not change."""
-        self.db.execute("UPDATE documents SET mtime = ? WHERE path = ?", [mtime, path])
-        self.db.conn.commit()
+        if self.read_only:
+            return  # only a hint that spares the next ingest a hash
+        with self._writing():
+            self.db.execute("UPDATE documents SET mtime = ? WHERE path = ?", [mtime, path])
 
     @_serialized
     def remove(self, paths: Iterable[str]) -> list[str]:
         """Remove these documents, their passages and their vectors; return the paths removed."""
-        removed_paths, removed_ids = [], []
-        with self.db.atomic():
+        removed_paths, removed = [], []
+        with self._writing():
             for path in paths:
-                ids = self._delete_document(path)
-                if ids is not None:
+                found = self._delete_document(path)
+                if found is not None:
                     removed_paths.append(path)
-                    removed_ids += ids
-            if removed_paths:
-                self.set_meta(passages_version=self.passages_version + 1)
-        if removed_paths:
-            self._apply_to_index(removed_ids, [])
+                    removed.append(found)
+            version = self._bump_version() if removed_paths else None
+        if version is not None:
+            self._index_after_write(version, removed, [])
         return removed_paths
 
     @_serialized
     def replace_embeddings(self, ids: np.ndarray, vectors: np.ndarray, embedder: str) -> None:
         """Swap every passage's vector for one from another embedder (re-embedding), atomically."""
-        with self.db.atomic():
+        with self._writing():
             self.db.conn.executemany(
                 "UPDATE passages SET embedding = ? WHERE id = ?",
                 [(vector.astype(np.float32).tobytes(), int(i)) for i, vector in zip(ids, vectors)],
             )
-            self.set_meta(embedder=embedder, dimension=int(vectors.shape[1]),
-                          passages_version=self.passages_version + 1)
-        self._rebuild_index()
+            self._bump_version(embedder=embedder, dimension=int(vectors.shape[1]))
+        self.index, self._index_version = None, -1
+        self._sync_index()
 
-    def _delete_document(self, path: str) -> list[int] | None:
+    def _bump_version(self, **meta) -> int:
+        """Inside a write: the next passages_version, stored with `meta`."""
+        version = self.passages_version + 1
+        self._set_meta(passages_version=version, **meta)
+        return version
+
+    def _delete_document(self, path: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Inside a write: delete the document at `path`; the (ids, vectors) of its passages, or
+        None when there is no such document."""
         row = self.db.execute("SELECT id FROM documents WHERE path = ?", [path]).fetchone()
         if row is None:
             return None
-        ids = [r[0] for r in self.db.execute("SELECT id FROM passages WHERE document_id = ?", [row[0]])]
+        rows = self.db.execute("SELECT id, embedding FROM passages WHERE document_id = ? ORDER BY id",
+                               [row[0]]).fetchall()
         self.db.execute("DELETE FROM passages WHERE document_id = ?", [row[0]])
         self.db.execute("DELETE FROM documents WHERE id = ?", [row[0]])
-        return ids
+        ids = np.asarray([r[0] for r in rows], dtype=np.int64)
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+        return ids, vectors.reshape(len(rows), self.dimension or 0)
 
     # -- the vector index -----------------------------------------------------------------
 
-    def _index_path(self, version: int) -> Path:
-        return self.folder / f"index-{version}.hnsw"
-
     def _sync_index(self) -> None:
-        """Make the in-memory index match SQLite: load the saved one of the right version, or rebuild."""
-        version = self.passages_version
-        if version == self._index_version:
+        """Make the in-memory index match SQLite: load the saved one if it verifies, else rebuild
+        (and say why, once, when a saved file was there and failed its checks)."""
+        if self.passages_version == self._index_version:
             return
-        path = self._index_path(version)
-        if self.dimension and path.is_file():
-            index = hnswlib.Index(space="cosine", dim=self.dimension)
-            try:
-                index.load_index(str(path), allow_replace_deleted=True)
-                self.index, self._index_version = index, version
-                self._check_index()
-                return
-            except (RuntimeError, StoreError):
-                pass  # unreadable or disagreeing: rebuild from the truth
-        self._rebuild_index()
-
-    def _check_index(self) -> None:
-        """SQLite and the index agree: every passage has a vector (no more is checked: cheap)."""
-        live = self.index.element_count - int(self.meta("index_deleted") or 0) if self.index else 0
-        if live != self.passage_count():
-            raise StoreError("the vector index disagrees with SQLite")
-
-    def _rebuild_index(self) -> None:
-        ids, vectors = self.embeddings()
-        version = self.passages_version
+        with self._snapshot():  # the version and the vectors of one and the same state
+            version = self.passages_version
+            ids, vectors = self.embeddings()
         if len(ids) == 0:
             self.index, self._index_version = None, version
-            self._save_index()
             return
-        index = hnswlib.Index(space="cosine", dim=vectors.shape[1])
-        index.init_index(max_elements=max(1024, 2 * len(ids)), ef_construction=200, M=16,
-                         allow_replace_deleted=True)
-        index.add_items(vectors, ids)
-        self.index, self._index_version = index, version
-        self.set_meta(index_deleted=0)
+        problems = []
+        for saved_version, path in reversed(saved_indexes(self.folder)):
+            if saved_version != version:
+                continue
+            try:
+                self.index = VectorIndex.load(path, ids, vectors, version)
+                self._index_version = version
+                return
+            except IndexMismatch as reason:
+                problems.append(f"{path.name}: {reason}")
+        if problems:
+            self._warn_once(f"the vector index did not verify ({'; '.join(problems)}): "
+                            "rebuilt from the passages in SQLite")
+        self.index, self._index_version = VectorIndex.build(ids, vectors, version), version
         self._save_index()
 
-    def _apply_to_index(self, removed: list[int], added: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        if self._index_version != self.passages_version - 1 or self.index is None:
-            self._rebuild_index()  # another process wrote meanwhile, or the first vectors arrived
+    def _index_after_write(self, version: int, removed, added) -> None:
+        """Apply a write this process just committed as `version` to the index, in place when the
+        index was at the version before it; else (another process wrote in between) sync."""
+        if self._index_version != version - 1:
+            self._sync_index()
             return
-        deleted = int(self.meta("index_deleted") or 0) + len(removed)
-        if deleted > max(1024, self.passage_count()):
-            self._rebuild_index()  # mostly tombstones: a fresh graph is smaller and faster
+        if self.index is None:  # the first vectors: built from what was just written
+            if not added:
+                self._sync_index()
+                return
+            self.index = VectorIndex.empty(int(added[0][1].shape[1]), version - 1)
+        for ids, vectors in removed:
+            self.index.remove(ids, vectors)
+        if self.index.mostly_tombstones():
+            self._index_version = -1
+            self._sync_index()
             return
-        for label in removed:
-            self.index.mark_deleted(label)
-        new = sum(len(ids) for ids, _ in added)
-        if self.index.element_count + new > self.index.get_max_elements():
-            self.index.resize_index(2 * (self.index.element_count + new))
         for ids, vectors in added:
-            if len(ids):
-                self.index.add_items(vectors, ids)
-        self.set_meta(index_deleted=deleted)
-        self._index_version = self.passages_version
+            self.index.add(ids, vectors)
+        self.index.version = self._index_version = version
         self._save_index()
 
     def _save_index(self) -> None:
-        """Write index-<version>.hnsw under a temporary name, rename it, drop older versions."""
-        target = self._index_path(self._index_version)
-        if self.index is not None:
-            staging = target.with_suffix(".tmp")
-            self.index.save_index(str(staging))
-            os.replace(staging, target)
-        for old in [*self.folder.glob("index-*.hnsw"), *self.folder.glob("index-*.tmp")]:
-            if old != target:
-                old.unlink(missing_ok=True)  # older versions, and what a killed save left
+        if self.read_only or self.index is None:
+            return
+        try:
+            self.index.save(self.folder)
+        except OSError as error:  # the index is derived: the next open rebuilds it
+            self._warn_once(f"could not save the vector index: {error.strerror or error}")
 
     # -- chats ----------------------------------------------------------------------------
 
+    def _chat_not_recorded(self) -> bool:
+        """On a read-only store, chats are answered but not recorded (said once)."""
+        if self.read_only:
+            self._warn_once(f"the store {self.folder} is read-only: chats are answered but not recorded")
+        return self.read_only
+
     @_serialized
-    def create_chat(self, title: str, owner: str = "") -> int:
+    def create_chat(self, title: str, owner: str = "") -> int | None:
+        """The new chat's id (None on a read-only store)."""
+        if self._chat_not_recorded():
+            return None
         now = _now()
-        with self.db.atomic():
+        with self._writing():
             cursor = self.db.execute(
                 "INSERT INTO chats (owner, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
                 [owner, title, now, now])
@@ -432,12 +561,12 @@ class Store:
 
     @_serialized
     def rename_chat(self, chat_id: int, title: str) -> None:
-        with self.db.atomic():
+        with self._writing():
             self.db.execute("UPDATE chats SET title = ? WHERE id = ?", [title, chat_id])
 
     @_serialized
     def delete_chat(self, chat_id: int) -> None:
-        with self.db.atomic():
+        with self._writing():
             self.db.execute("DELETE FROM chats WHERE id = ?", [chat_id])
 
     @_serialized
@@ -449,25 +578,31 @@ class Store:
         return list(self.db.query("SELECT * FROM selections WHERE message_id = ? ORDER BY step", [message_id]))
 
     @_serialized
-    def record_exchange(self, chat_id: int, prompt: str, answer: str, record: dict,
-                        picks: list[dict]) -> int:
-        """The prompt, the answer (with its record) and its picks, in one transaction; the answer's id."""
-        with self.db.atomic():
+    def record_exchange(self, chat_id: int | None, prompt: str, answer: str, record: dict,
+                        picks: list[dict]) -> int | None:
+        """The prompt, the answer (with its record) and its picks, in one transaction; the answer's
+        id (None on a read-only store)."""
+        if self._chat_not_recorded() or chat_id is None:
+            return None
+        with self._writing():
             return self._insert_exchange(chat_id, prompt, answer, record, picks)
 
     @_serialized
     def start_chat(self, title: str, owner: str, prompt: str, answer: str, record: dict,
-                   picks: list[dict]) -> tuple[int, int]:
+                   picks: list[dict]) -> tuple[int, int] | None:
         """A new chat and its first exchange, in one transaction (a chat never exists empty):
-        (the chat's id, the answer's id)."""
+        (the chat's id, the answer's id); None on a read-only store."""
+        if self._chat_not_recorded():
+            return None
         now = _now()
-        with self.db.atomic():
+        with self._writing():
             chat_id = self.db.execute(
                 "INSERT INTO chats (owner, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
                 [owner, title, now, now]).lastrowid
             return chat_id, self._insert_exchange(chat_id, prompt, answer, record, picks)
 
     def _insert_exchange(self, chat_id, prompt, answer, record, picks) -> int:
+        """Inside a write: the prompt, the answer and its picks; the answer's id."""
         now = _now()
         self.db.execute("INSERT INTO messages (chat_id, role, content, created_at) VALUES (?, ?, ?, ?)",
                         [chat_id, "user", prompt, now])
@@ -488,22 +623,17 @@ class Store:
         When the store holds at most k passages, every passage is returned (exact).
         """
         self._sync_index()
-        count = self.passage_count()
         query = np.asarray(query, dtype=np.float32).reshape(-1)
-        if count == 0 or k <= 0:
+        if self.index is None or k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, len(query)), np.float32)
         if self.dimension and len(query) != self.dimension:
             raise StoreError(f"the query has dimension {len(query)}, the store {self.dimension}")
-        if k >= count:
+        if k >= self.passage_count():
             ids, vectors = self.embeddings()
             similarities = vectors @ query / max(float(np.linalg.norm(query)), 1e-12)
             order = np.argsort(-similarities, kind="stable")
             return ids[order], similarities[order], vectors[order]
-        self.index.set_ef(max(2 * k, 64))
-        labels, distances = self.index.knn_query(query, k=k)
-        ids = labels[0].astype(np.int64)
-        vectors = np.asarray(self.index.get_items(ids, return_type="numpy"), dtype=np.float32)
-        return ids, (1.0 - distances[0]).astype(np.float32), vectors
+        return self.index.search(query, k)
 
     @_serialized
     def close(self) -> None:

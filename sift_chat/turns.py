@@ -24,10 +24,10 @@ class QueueFull(RuntimeError):
 
 @dataclass
 class Kept:
-    """What a finished turn stored: its chat and its answer."""
+    """What a finished turn stored: its chat and its answer (None: on a read-only store, nothing)."""
 
-    chat_id: int
-    message_id: int
+    chat_id: int | None
+    message_id: int | None
 
 
 class Turn:

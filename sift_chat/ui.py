@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .adaptation import AdaptationSettings
+from .corpus import IngestProgress
 from .engine import ChatSettings, Engine, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel, parse_settings
+from .reading import shown as printable_path
 from .service import Answered, IngestOutcome, Service, Stopped, Stored, Waiting, first_line
-from .store import Store
+from .store import Store, StoreError
 from .turns import Turn
 from .vocabulary import METHOD_LABELS
 
@@ -256,6 +258,8 @@ class Handlers:
         stopped, kept = self.service.stop(owner)
         if stopped:
             return "Stopping…"
+        if kept is not None and kept.chat_id is None:
+            return "Too late to stop: the answer was complete (not recorded: the store is read-only)."
         if kept is not None:
             return "Too late to stop: the answer was complete, and it is stored."
         return "Nothing to stop."
@@ -323,7 +327,8 @@ class Handlers:
                 elif isinstance(event, Stored):
                     seconds = dict(panel.seconds) if panel else {}
                     total = sum(v for k, v in seconds.items() if k != "first_token")
-                    yield {**view(f"Answered in {total:.1f} s."), "history": [
+                    recorded = "" if event.chat_id is not None else " Not recorded: the store is read-only."
+                    yield {**view(f"Answered in {total:.1f} s.{recorded}"), "history": [
                         *shown, {"role": "user", "content": message}, {"role": "assistant", "content": _shown(answer)}],
                         "panel": panel, "seconds": seconds, "chat_id": event.chat_id,
                         "chats": self.chat_choices(owner)}
@@ -419,9 +424,11 @@ class Handlers:
         """A readable result of removing the document (its passages and vectors go with it)."""
         if not path:
             return _error("Choose a document to remove.")
-        if self.service.remove_document(path):
-            return f"Removed {Path(path).name}."
-        return _error(f"{Path(path).name} is not in the corpus.")
+        try:
+            removed = self.service.remove_document(path)
+        except StoreError as error:  # read-only, or another process kept the store locked
+            return _error(str(error))
+        return f"Removed {Path(path).name}." if removed else _error(f"{Path(path).name} is not in the corpus.")
 
 
 def _history(messages: list[dict]) -> list[dict]:
@@ -429,11 +436,12 @@ def _history(messages: list[dict]) -> list[dict]:
             for m in messages]
 
 
-def _progress(progress: Callable[[float, str], None] | None) -> Callable[[int, int], None] | None:
+def _progress(progress: Callable[[float, str], None] | None) -> Callable[[IngestProgress], None] | None:
+    """The ingest's progress (passages done, expected, time left) as the progress bar's (fraction, text)."""
     if progress is None:
         return None
     progress(0.0, "reading files")
-    return lambda done, total: progress(done / max(total, 1), f"read {done} of {total} files")
+    return lambda state: progress(state.fraction, state.describe())
 
 
 def _ingest_view(outcome: IngestOutcome) -> dict:
@@ -462,7 +470,7 @@ def _report(report, skipped: list[tuple[str, str]]) -> str:
         skipped = [*skipped, *report.skipped]
     if skipped:
         lines.append("**Skipped** (the rest went on):")
-        lines += [f"- {html.escape(Path(path).name)}: {html.escape(reason)}" for path, reason in skipped]
+        lines += [f"- {html.escape(printable_path(Path(path).name))}: {html.escape(reason)}" for path, reason in skipped]
     if report is None or (report.ingested == 0 and not report.unchanged):
         lines.insert(0, _error("Nothing could be ingested."))
     return "\n".join(lines)

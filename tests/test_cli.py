@@ -163,3 +163,54 @@ def test_chat_lists_the_passages_its_answer_cites(tiny_chat, monkeypatch):
     number = int(cited.split("[")[1].split("]")[0])
     assert cited == f"cited: The lighthouse keeper is Matthias Orrey, since 1998 [{number}]."
     assert any(line.strip().startswith(f"[{number}] ") and "lighthouse.md:0-" in line for line in out.splitlines())
+
+
+def test_rm_accepts_the_path_a_document_was_ingested_under(run, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    real = notes / "real.txt"
+    real.write_text("The kiln was built on the sandbar.")
+    (notes / "alias.txt").symlink_to(real)  # a link inside the folder, stored under its own path
+    code, out, _ = run("ingest", "--quiet", str(notes))
+    assert code == 0 and "2 added" in out
+    code, out, _ = run("rm", str(notes / "alias.txt"))
+    assert code == 0 and out.splitlines() == [f"removed {notes / 'alias.txt'}"]
+    code, out, _ = run("rm", str(real))
+    assert code == 0 and out.splitlines() == [f"removed {real}"]
+
+
+def test_names_with_a_newline_stay_on_one_line(run, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "two\nlines.txt").write_text("The lighthouse is red and white.")
+    (notes / "bad\nname.bin").write_bytes(b"\x00\x01")
+    code, out, err = run("ingest", "--quiet", str(notes))
+    assert code == 0 and f"skipped {notes}/bad\\nname.bin: binary file" in err.splitlines()
+    code, out, _ = run("search", "lighthouse colours", "-k", "1")
+    assert code == 0 and len(out.splitlines()) == 2 and "two\\nlines.txt:0-" in out.splitlines()[0]
+
+
+def test_a_read_only_store_answers_and_refuses_changes_in_one_line(run, tmp_path, monkeypatch):
+    import os
+
+    code, _, _ = run("ingest", "--quiet", str(SAMPLE))
+    assert code == 0
+    store_folder = tmp_path / "home" / "store"
+    real_access = os.access
+    # the store's files cannot be written (as for a user without permission; root ignores modes)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if mode & os.W_OK and
+                        str(path).startswith(str(store_folder)) else real_access(path, mode, **kw))
+
+    def contents():  # SQLite's -wal/-shm companions aside (a truly read-only folder cannot hold them)
+        return {path.name: path.read_bytes() for path in store_folder.iterdir()
+                if not path.name.endswith(("-wal", "-shm"))}
+
+    before = contents()
+    code, out, err = run("stats")
+    assert code == 0 and "documents   10" in out
+    code, out, _ = run("search", "Who keeps the lighthouse?", "-k", "1")
+    assert code == 0 and "lighthouse.md" in out
+    for argv in [("rm", str(SAMPLE / "lighthouse.md")), ("ingest", "--quiet", str(SAMPLE / "lighthouse.md"))]:
+        code, out, err = run(*argv)
+        assert code == 2 and err.count("\n") == 1 and "read-only" in err and "Traceback" not in err
+    assert contents() == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -234,17 +236,153 @@ def test_a_different_embedder_is_refused_then_reembedding_switches(store, embedd
     assert store.document_count() == 2
 
 
-def test_a_missing_or_stale_index_is_rebuilt_from_sqlite(store, embedder):
+def index_files(store):
+    return sorted(store.folder.glob("index-*.hnsw"))
+
+
+def test_a_missing_index_is_rebuilt_from_sqlite(store, embedder):
     ingest_quietly(store, embedder, [SAMPLE])
     query = embedder.encode("ferry to Holm", normalize_embeddings=True)
     expected = store.nearest(query, 4)[0].tolist()
-    for index_file in store.folder.glob("index-*.hnsw"):
+    for index_file in index_files(store):
         index_file.unlink()
     with Store(store.folder) as reopened:
         assert reopened.nearest(query, 4)[0].tolist() == expected
-        assert list(store.folder.glob("index-*.hnsw"))
-    # a damaged index file is not trusted either
-    [index_file] = store.folder.glob("index-*.hnsw")
-    index_file.write_bytes(b"damaged")
-    with Store(store.folder) as reopened:
+        assert index_files(reopened)
+
+
+def test_an_index_with_flipped_bytes_is_detected_and_rebuilt_once(store, embedder, caplog):
+    ingest_quietly(store, embedder, [SAMPLE])
+    query = embedder.encode("ferry to Holm", normalize_embeddings=True)
+    expected = store.nearest(query, 4)[0].tolist()
+    [index_file] = index_files(store)
+    data = bytearray(index_file.read_bytes())
+    rng = np.random.default_rng(0)
+    for position in rng.choice(len(data), 200, replace=False):  # same length: not truncated
+        data[position] ^= 0xFF
+    index_file.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"), Store(store.folder) as reopened:
         assert reopened.nearest(query, 4)[0].tolist() == expected
+    assert len(caplog.records) == 1 and "did not verify" in caplog.text and "checksum" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"), Store(store.folder) as again:  # the rebuilt file verifies
+        assert again.nearest(query, 4)[0].tolist() == expected
+    assert not caplog.records
+
+
+def test_an_index_older_than_the_database_is_not_used(store, embedder, tmp_path, caplog):
+    ingest_quietly(store, embedder, [SAMPLE])
+    [old_index] = index_files(store)
+    old_bytes = old_index.read_bytes()
+    lighthouse = str(SAMPLE / "lighthouse.md")
+    store.remove([lighthouse])  # the database moves on; a crash could leave the old index behind
+    (tmp_path / "new.txt").write_text("The new lighthouse keeper is Wenna Carrow.")
+    ingest_quietly(store, embedder, [tmp_path / "new.txt"])
+    query = embedder.encode("Who keeps the lighthouse?", normalize_embeddings=True)
+    expected = store.nearest(query, 4)[0].tolist()
+    k = store.passage_count() - 1  # answered by the index, not by the exact path
+    everything = set(store.nearest(query, k)[0].tolist())
+    for current in index_files(store):
+        current.unlink()
+    # the old file under its own name, and under the current version's name with a matching checksum
+    for name in [old_index.name, f"index-{store.passages_version}-{hashlib.sha256(old_bytes).hexdigest()}.hnsw"]:
+        (store.folder / name).write_bytes(old_bytes)
+        with Store(store.folder) as reopened:
+            assert reopened.nearest(query, 4)[0].tolist() == expected
+            assert set(reopened.nearest(query, k)[0].tolist()) == everything
+            assert [path.name for path in index_files(reopened)] != [name]
+        for current in index_files(store):
+            current.unlink()
+
+
+# -- duplicates ---------------------------------------------------------------------------
+
+
+def test_copied_passages_share_one_vector_and_are_all_found(store, embedder, tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["harbour", "kiln", "lantern", "ferry", "glass", "census", "eel", "lighthouse", "moor", "bell"]
+    for number in range(30):
+        text = f"Note {number}. " + " ".join(rng.choice(words, 40))
+        (tmp_path / f"note-{number:02d}.txt").write_text(text)
+        (tmp_path / f"copy-{number:02d}.txt").write_text(text)  # half of the passages are copies
+    ingest_quietly(store, embedder, [tmp_path], batch_passages=8)
+    total = store.passage_count()
+    assert store.index.element_count == total // 2  # one point per distinct vector
+    ids, vectors = store.embeddings()
+    for number in range(0, 30, 3):
+        query = embedder.encode(f"Note {number}. lantern ferry", normalize_embeddings=True)
+        exact = np.sort(vectors @ query)[::-1]
+        found_ids, similarities, found_vectors = store.nearest(query, 10)  # through the index
+        assert len(set(found_ids.tolist())) == 10
+        np.testing.assert_allclose(similarities, exact[:10], atol=1e-5)
+        np.testing.assert_allclose(found_vectors @ query, similarities, atol=1e-5)
+    # removing the first of two copies leaves the other one searchable
+    first = store.documents()[0]["path"]  # copy-00.txt: its passage is the first of the pair
+    query = embedder.encode((tmp_path / "copy-00.txt").read_text(), normalize_embeddings=True)
+    store.remove([first])
+    found = store.passages(store.nearest(query, 2)[0])
+    assert str(tmp_path / "note-00.txt") in {passage.path for passage in found.values()}
+    with Store(store.folder) as reopened:
+        assert reopened.index.element_count == total // 2  # the copy's vector is still in it
+        assert str(tmp_path / "note-00.txt") in {
+            passage.path for passage in reopened.passages(reopened.nearest(query, 2)[0]).values()}
+
+
+# -- streaming, progress, odd content ------------------------------------------------------
+
+
+def test_splitting_in_blocks_gives_the_same_passages(embedder):
+    from sift_chat.corpus import iter_passages
+
+    rng = np.random.default_rng(1)
+    words = ["harbour", "kiln", "lantern,", "ferry.", "glass", "census", "eel", "lighthouse"]
+    text = "\n\n".join(" ".join(rng.choice(words, 50)) for _ in range(60))
+    whole = list(iter_passages(text, embedder.tokenizer, 48, 6, block_chars=len(text) + 1))
+    blocks = list(iter_passages(text, embedder.tokenizer, 48, 6, block_chars=500))
+    assert blocks == whole and len(whole) > 20
+
+
+def test_progress_counts_passages_with_an_estimate_and_time_left(store, embedder, tmp_path):
+    for number in range(6):
+        (tmp_path / f"doc-{number}.txt").write_text(" ".join(f"word{i} of note {number}." for i in range(300)))
+    seen = []
+    report = ingest_quietly(store, embedder, [tmp_path], batch_passages=4, on_progress=seen.append)
+    done = [state.passages_done for state in seen]
+    assert done == sorted(done) and done[-1] == report.passages == store.passage_count()
+    assert seen[-1].files_done == seen[-1].files_total == 6 and seen[-1].fraction == 1.0
+    middle = [state for state in seen if 0 < state.passages_done < report.passages]
+    assert middle and all(state.seconds_left is not None for state in middle)
+    assert "passages" in middle[0].describe() and "left" in middle[0].describe()
+
+
+def test_a_file_without_a_passage_is_skipped_and_never_stored(store, embedder, tmp_path):
+    (tmp_path / "good.txt").write_text("The census counted 4,312 people.")
+    (tmp_path / "invisible.txt").write_text("\u200b\u200c\x01\x02" * 20)
+    report = ingest_quietly(store, embedder, [tmp_path])
+    assert report.added == [str(tmp_path / "good.txt")]
+    assert report.skipped == [(str(tmp_path / "invisible.txt"), "no text (no word the embedder can read)")]
+    assert [d["passage_count"] for d in store.documents()] == [1]
+
+
+@pytest.mark.parametrize("name, content", [
+    ("le.txt", codecs.BOM_UTF16_LE + "Smoked eel pie".encode("utf-16-le")),
+    ("be.txt", codecs.BOM_UTF16_BE + "Smoked eel pie".encode("utf-16-be")),
+    ("no-bom.txt", "Smoked eel pie".encode("utf-16-le")),
+    ("utf32.txt", "Smoked eel pie".encode("utf-32")),
+])
+def test_utf16_and_utf32_are_decoded(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    assert read_text(tmp_path / name) == "Smoked eel pie"
+
+
+def test_a_note_starting_with_the_pdf_magic_is_text(tmp_path):
+    (tmp_path / "note.txt").write_text("%PDF-1.4 is what the first line of a PDF says.")
+    assert read_text(tmp_path / "note.txt").startswith("%PDF-1.4 is what")
+
+
+def test_the_size_cap_holds_on_the_bytes_read(tmp_path):
+    (tmp_path / "status").symlink_to("/proc/self/status")  # its size says 0
+    with pytest.raises(UnreadableFile, match="too large"):
+        read_text(tmp_path / "status", max_bytes=16)
+    with pytest.raises(UnreadableFile, match="character device"):
+        read_text(Path("/dev/zero"))

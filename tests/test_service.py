@@ -257,3 +257,31 @@ def test_an_answer_is_stored_with_what_it_read_cites_and_how_it_ended_and_reopen
     reopened = service.open_chat(stored.chat_id, OWNER).panel
     assert (reopened.mode, reopened.read, reopened.citations, reopened.numbers) == (
         "both", record.read, record.citations, answered.panel.numbers)
+
+
+def test_a_read_only_store_answers_a_chat_and_records_nothing(sample_store, embedder, tmp_path, monkeypatch):
+    import os
+
+    with Store(sample_store) as store:  # one chat from before the store became read-only
+        for chat in store.chats(OWNER):
+            store.delete_chat(chat["id"])
+        earlier, _ = store.start_chat("earlier", OWNER, "q", "a", {}, [])
+    real_access = os.access  # the store's files cannot be written (as for a user without permission)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if mode & os.W_OK and
+                        str(path).startswith(str(sample_store)) else real_access(path, mode, **kw))
+    tokenizer = tiny_tokenizer()
+    with Store(sample_store) as store:
+        assert store.read_only
+        engine = Engine(store, embedder, tiny_model(tokenizer), tokenizer, embedder_name=EMBEDDER,
+                        adaptation=AdaptationSettings(learning_rate=1e-2, max_passage_tokens=64))
+        service = Service(engine, tmp_path, sample_corpus=SAMPLE)
+        for chat_id in (None, earlier):  # a new chat, and one from before
+            events = list(service.chat_turn(service.new_turn(OWNER), QUESTION, chat_id, OWNER, FAST))
+            assert any(isinstance(e, Answered) for e in events)
+            assert events[-1] == Stored(None, None)
+        assert [c["id"] for c in store.chats(OWNER)] == [earlier] and len(store.messages(earlier)) == 2
+        assert at_base(engine)
+        handlers = Handlers(service)
+        document = store.documents()[0]["path"]
+        said = handlers.remove_document(document)
+        assert "read-only" in said and "\n" not in said and store.document_count() == 10
