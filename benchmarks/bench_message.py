@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--modes", default="default,context",
                         help="comma-separated chat modes; default is the chat default (default: %(default)s)")
+    parser.add_argument("--passages", type=int, default=ChatSettings.passages,
+                        help="passages selected, one step each in the fine-tuning modes (default: %(default)s)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -81,15 +83,15 @@ def main() -> None:
         ingest(store, embedder, paths, embedder_name=config.DEFAULT_EMBEDDER, progress=False)
         engine = Engine(store, embedder, model, tokenizer, embedder_name=config.DEFAULT_EMBEDDER)
         runs = {mode: [] for mode in modes}
-        answer(engine, prompts[0], ChatSettings(mode=modes[0]))  # warm-up
+        answer(engine, prompts[0], ChatSettings(mode=modes[0], passages=args.passages))  # warm-up
         for prompt in prompts[: args.prompts]:  # modes interleaved: both see the same machine load
             for mode in modes:
-                runs[mode].append(answer(engine, prompt, ChatSettings(mode=mode)))
+                runs[mode].append(answer(engine, prompt, ChatSettings(mode=mode, passages=args.passages)))
         store_size = store.passage_count()
     stages = ["embed", "select", "fine-tune", "first_token", "generate", "whole", "tokens"]
     medians = {mode: {stage: statistics.median(run.get(stage, 0.0) for run in runs[mode]) for stage in stages}
                for mode in modes}
-    settings, adaptation = ChatSettings(), engine.adapter.settings
+    settings, adaptation = ChatSettings(passages=args.passages), engine.adapter.settings
     print(f"corpus {args.corpus} ({store_size} passages); {settings.passages} passages ({settings.method}), "
           f"{settings.context_passages} read in context; LoRA rank {adaptation.rank} on "
           f"{adaptation.top_layers or 'all'} layers, training on the {adaptation.training}; "
