@@ -301,8 +301,9 @@ class Service:
 
     @staticmethod
     def compared(chat: ChatSettings) -> ChatSettings:
-        """The settings a comparison runs with: mode "off" compares fine-tuning."""
-        return replace(chat, mode="fine-tune") if chat.mode == "off" else chat
+        """The settings a comparison runs with: modes that learn nothing ("off", and "context",
+        where both methods read the same first pick) compare "both": what each learns differs."""
+        return replace(chat, mode="both") if chat.mode in ("off", "context") else chat
 
     def compare(self, turn: Turn, prompt: str, chat: ChatSettings,
                 adaptation: AdaptationSettings | None = None) -> Iterator[tuple[str, TurnEvent]]:

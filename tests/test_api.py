@@ -105,7 +105,7 @@ def idle(service) -> bool:
 
 def test_models_and_a_completion_with_the_panel_in_it(client, server):
     assert [m.id for m in client.models.list()] == ["sift-chat"]
-    text, reason, extension = ask(client, sift={"passages": 3}, max_tokens=5)
+    text, reason, extension = ask(client, sift={"mode": "both", "passages": 3}, max_tokens=5)
     assert isinstance(text, str) and reason in ("stop", "length")
     selection = extension["selection"]
     assert selection["method"] == "sift" and len(selection["picks"]) == 3
@@ -122,8 +122,8 @@ def test_models_and_a_completion_with_the_panel_in_it(client, server):
 
 
 def test_streamed_equals_not_streamed_and_ends_with_the_panel(client):
-    plain = ask(client, sift={"passages": 2}, max_tokens=6)
-    streamed = ask(client, sift={"passages": 2}, max_tokens=6, stream=True)
+    plain = ask(client, sift={"mode": "both", "passages": 2}, max_tokens=6)
+    streamed = ask(client, sift={"mode": "both", "passages": 2}, max_tokens=6, stream=True)
     assert streamed[0] == plain[0] and streamed[1] == plain[1]
     assert picks(streamed[2]) == picks(plain[2]) and streamed[2]["seconds"]["fine-tune"] > 0
 
@@ -283,10 +283,10 @@ def test_errors_are_openai_shaped_with_the_right_status(client, server):
 
 
 def test_six_clients_at_once_complete_in_arrival_order_without_leaking_adaptation(client, server, monkeypatch):
-    same = {"passages": 3, "learning_rate": 0.05}
+    same = {"mode": "both", "passages": 3, "learning_rate": 0.05}
     requests = [dict(sift=same, stream=False), dict(sift=same, stream=True), dict(sift=same, stream=False),
-                dict(sift={"method": "nn", "learning_rate": 0.1, "passages": 2}, stream=True),
-                dict(sift={"lora_layers": 2, "learning_rate": 0.2, "passages": 3}, stream=False),
+                dict(sift={"mode": "fine-tune", "method": "nn", "learning_rate": 0.1, "passages": 2}, stream=True),
+                dict(sift={"mode": "both", "lora_layers": 2, "learning_rate": 0.2, "passages": 3}, stream=False),
                 dict(sift={"mode": "both", "passages": 2}, stream=True)]
     alone = [ask(client, max_tokens=6, **r) for r in requests]
     # adaptation shows in the answers here, so one leaking into another would show too
@@ -318,7 +318,7 @@ def test_a_client_that_goes_away_mid_stream_leaves_the_model_at_base(server, mon
     step = server.service.engine.adapter.step
     monkeypatch.setattr(server.service.engine.adapter, "step", lambda text, prefix="": time.sleep(0.3) or step(text, prefix))
     body = {"model": "sift-chat", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": QUESTION}],
-            "sift": {"passages": 8}}
+            "sift": {"mode": "both", "passages": 8}}
     with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         assert json.loads(next(lines)[6:])["choices"][0]["delta"]["role"] == "assistant"

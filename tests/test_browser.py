@@ -168,9 +168,10 @@ def test_ingest_the_sample_ask_and_see_the_answer_and_its_passages(tmp_path, bro
             reductions = [float(x) for x in re.findall(r"−(\d\.\d{3}) σ²", text)]
             assert len(reductions) == 8 and reductions[0] > reductions[-1] > 0
             assert "town-history.txt" in text and "lighthouse.md" in text
-            assert "[1] step 1" in text and "learned from" in text  # numbered as cited; what the model did with them
+            # numbered as cited; what the model did with them (the default mode reads the first pick only)
+            assert "[1] step 1" in text and "read passage [1] in its prompt; it learned from none" in text
             expect(page.locator("#coverage")).to_contain_text("What your documents say about this question")
-            expect(page.locator("#timings")).to_contain_text("fine-tune")
+            expect(page.locator("#timings")).to_contain_text("generate")
             expect(page.locator("#variance-chart")).to_contain_text("SIFT")
 
             # the chat is listed, and reopens after "New chat"

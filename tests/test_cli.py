@@ -79,7 +79,7 @@ def tiny_chat(run, tmp_path):
 
 
 def test_chat_one_shot_shows_the_selection_and_steps_then_the_answer(tiny_chat, tmp_path):
-    code, out, err = tiny_chat("Who founded Brindlemoor and who keeps the lighthouse?", "-n", "3",
+    code, out, err = tiny_chat("Who founded Brindlemoor and who keeps the lighthouse?", "-n", "3", "--mode", "both",
                                "--max-new-tokens", "5")
     assert code == 0
     assert out.startswith("SIFT: σ² 1.000 → ") and "after 3 picks (stopped: max_steps)" in out
@@ -126,7 +126,7 @@ def test_ctrl_c_during_a_chat_leaves_no_chat_behind(tiny_chat, tmp_path, monkeyp
         return step(self, text, prefix)
 
     monkeypatch.setattr(Adapter, "step", interrupted)
-    code, _, err = tiny_chat("Who keeps the lighthouse?", "-n", "3", "--max-new-tokens", "4")
+    code, _, err = tiny_chat("Who keeps the lighthouse?", "-n", "3", "--mode", "fine-tune", "--max-new-tokens", "4")
     assert code == 130 and "nothing was recorded" in err
     with Store(tmp_path / "home" / "store") as store:
         assert store.chats() == []  # no empty chat row either

