@@ -33,7 +33,7 @@ from typing import Iterable
 import numpy as np
 import sqlite_utils
 
-from .vector_index import IndexMismatch, VectorIndex, saved_indexes
+from .vector_index import IndexGone, IndexMismatch, VectorIndex, saved_indexes
 
 log = logging.getLogger(__name__)
 
@@ -492,6 +492,8 @@ class Store:
                 return
             except IndexMismatch as reason:
                 problems.append(f"{path.name}: {reason}")
+            except IndexGone:
+                continue  # another process saved a newer one meanwhile: nothing is wrong
         if problems:
             self._warn_once(f"the vector index did not verify ({'; '.join(problems)}): "
                             "rebuilt from the passages in SQLite")

@@ -32,6 +32,10 @@ class IndexMismatch(Exception):
     """A saved index that cannot be trusted; str(error) says why."""
 
 
+class IndexGone(Exception):
+    """The saved index was replaced by another process while this one read it: not damage."""
+
+
 def _key(vector: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(vector, dtype=np.float32).tobytes(), digest_size=16).digest()
 
@@ -78,13 +82,19 @@ class VectorIndex:
         match = INDEX_NAME.fullmatch(path.name)
         if not match or int(match[1]) != version:
             raise IndexMismatch("not the database's version")
-        if file_digest(path) != match[2]:
+        try:
+            digest = file_digest(path)
+        except FileNotFoundError:
+            raise IndexGone(path.name) from None
+        if digest != match[2]:
             raise IndexMismatch("its checksum does not match: the file is damaged")
         index = cls(vectors.shape[1], version)
         labels = index._group(ids, vectors)
         try:
             index.graph.load_index(str(path), allow_replace_deleted=True)
         except RuntimeError as error:
+            if not path.exists():
+                raise IndexGone(path.name) from None
             raise IndexMismatch(f"hnswlib cannot read it ({error})") from None
         if index.graph.dim != index.dimension:
             raise IndexMismatch("another dimension")
