@@ -92,8 +92,9 @@ def build(handlers: Handlers, *, secret: str | None = None):
         settings = [method, mode, passages, lam, adaptive, min_reduction, learning_rate, lora_layers, max_new_tokens]
 
         gr.Markdown("# sift-chat\nChat with your documents. For every message the model picks the passages "
-                    "that most reduce its uncertainty about your question (SIFT), takes one fine-tuning "
-                    "step on each, and answers; then it forgets them again.")
+                    "that most reduce its uncertainty about your question (SIFT), reads the best one and "
+                    "answers, citing it; in the *Both* and *Fine-tune* modes it also takes one fine-tuning "
+                    "step on each passage first, then forgets them again.")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 with gr.Row(equal_height=False):
