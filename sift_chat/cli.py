@@ -418,8 +418,7 @@ def cmd_eval_qa(args) -> int:
     if args.sample:
         questions = random.Random(args.seed).sample(questions, min(args.sample, len(questions)))
     questions = questions[: args.limit] if args.limit else questions
-    split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
-    configs = qa.configurations(split(args.modes), split(args.methods))
+    configs = qa.configurations(_names(args.modes), _names(args.methods))
     settings = ChatSettings(passages=args.passages, context_passages=args.context_passages, lam=args.lam,
                             max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                             no_repeat_ngram=args.no_repeat_ngram, seed=args.seed)
@@ -457,6 +456,11 @@ def cmd_make_world(args) -> int:
     print(f"wrote {sum(1 for _ in (Path(args.out) / 'documents').iterdir())} documents and "
           f"{sum(1 for _ in path.open())} questions to {args.out}")
     return 0
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated list of names, blanks dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _one_line(text: str, width: int = 160) -> str:
