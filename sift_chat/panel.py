@@ -90,19 +90,21 @@ class Panel:
         return {p["passage_id"] for p in self.picks}
 
     @property
+    def distinct_picks(self) -> list[dict]:
+        """The first pick of each passage, in order: passage n of the answer's citations [n]."""
+        first: dict[int, dict] = {}
+        for pick in self.picks:
+            first.setdefault(pick["passage_id"], pick)
+        return list(first.values())
+
+    @property
     def numbers(self) -> dict[int, int]:
         """passage id -> its citation number."""
-        numbers: dict[int, int] = {}
-        for pick in self.picks:
-            numbers.setdefault(pick["passage_id"], len(numbers) + 1)
-        return numbers
+        return {p["passage_id"]: n for n, p in enumerate(self.distinct_picks, 1)}
 
     def cite(self, answer: str, question: str = "") -> tuple[str, list[int]]:
         """The answer with citation markers [n] for these picks' numbers (`generation.cite`)."""
-        texts: dict[int, str] = {}
-        for pick in self.picks:
-            texts.setdefault(pick["passage_id"], pick["text"])
-        return cite(answer, list(texts.values()), question)
+        return cite(answer, [p["text"] for p in self.distinct_picks], question)
 
     @property
     def learned(self) -> bool:
