@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from .guard import PRIVATE, GuardedBlocks
 from .panel import SETTING_NAMES, default_settings
 from .service import MAX_UPLOAD_BYTES
 from .ui import DEMO_QUESTION, Handlers, render_coverage, render_passages, render_timings, render_variance
@@ -58,7 +59,7 @@ def build(handlers: Handlers, *, secret: str | None = None):
     defaults = default_settings()
     skip = gr.skip
 
-    with gr.Blocks(title="sift-chat", fill_height=True) as demo:
+    with GuardedBlocks(title="sift-chat", fill_height=True) as demo:  # one-line errors, whatever is sent
         owner = gr.BrowserState(None, storage_key="sift-chat-owner", secret=secret)
         chat_id = gr.State(None)
         turn = gr.State(None)  # the ticket of the message being sent: what Stop stops
@@ -207,7 +208,7 @@ def build(handlers: Handlers, *, secret: str | None = None):
         chat_outputs = [chatbot, status, message, chat_id, owner, chat_list, *panel_outputs]
         # the ticket first, outside the model's queue, so that Stop reaches a message still waiting
         for trigger in (send.click, message.submit):
-            trigger(on_ticket, [owner], [turn], queue=False).then(
+            trigger(on_ticket, [owner], [turn], queue=False).success(  # a second message is refused
                 on_send, [message, chat_id, owner, turn, *settings], chat_outputs,
                 concurrency_id="model", concurrency_limit=1, show_progress_on=[chatbot])
 
@@ -324,4 +325,4 @@ def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = Fal
     """Serve the app alone, through Gradio's own server (blocks until stopped unless
     prevent_thread_lock=True). `sift_chat.server` serves it with the API instead."""
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_BYTES,
-                       show_error=True, theme=THEME, css=CSS, **kwargs)
+                       show_error=True, theme=THEME, css=CSS, **{**PRIVATE, **kwargs})

@@ -6,7 +6,8 @@
 
 The API's routes are FastAPI's, and the Gradio app is mounted on the same web app at "/" (one
 port, one process). The port opens at once: while the models load, every path answers 503 (the
-API's in OpenAI's shape). Serving beyond loopback, the API needs `--api-key`.
+API's in OpenAI's shape). Serving beyond loopback, the API needs `--api-key`. On loopback, a
+request addressed to another host, or sent by a page from one, gets 403 (`sift_chat.perimeter`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import argparse
 import importlib.metadata
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+from . import perimeter
 
 SPACE_CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the packaged default's source, on the Hub
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -33,6 +36,10 @@ def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> ar
     parser.add_argument("--api-key", default=os.environ.get("SIFT_CHAT_API_KEY"),
                         help="the key /v1 requires as 'Authorization: Bearer KEY' (default: $SIFT_CHAT_API_KEY; "
                              "without one, /v1 answers only when serving on loopback)")
+    parser.add_argument("--allowed-hosts", default=os.environ.get("SIFT_CHAT_ALLOWED_HOSTS", ""),
+                        help="comma-separated host names the app is reached by; requests naming any other "
+                             "host (Host or Origin) get 403 (default: $SIFT_CHAT_ALLOWED_HOSTS; on loopback "
+                             "localhost, 127.0.0.1 and [::1] always, serving publicly no check without it)")
     parser.add_argument("--max-queue", type=int, default=16,
                         help="requests that may wait for the model; one more gets 429 (default: %(default)s)")
     parser.add_argument("--data-dir", help="store and model cache (default: $SIFT_CHAT_HOME or ~/.local/share/sift-chat)")
@@ -60,20 +67,26 @@ def serves_publicly(args: argparse.Namespace) -> bool:
     return args.share or args.host not in LOOPBACK or bool(os.environ.get("SPACE_ID"))
 
 
-def create_server(service, *, api_key: str | None = None, public: bool = False, secret: str | None = None):
-    """The FastAPI web app: /v1 (the API) and, mounted at /, the Gradio app; both over `service`."""
+def create_server(service, *, api_key: str | None = None, public: bool = False, secret: str | None = None,
+                  allowed_hosts: Sequence[str] = ()):
+    """The FastAPI web app: /v1 (the API) and, mounted at /, the Gradio app; both over `service`,
+    behind the Host and Origin check of `sift_chat.perimeter`."""
     import gradio as gr
     from fastapi import FastAPI
 
     from . import layout, ui
     from .api import ApiState, create_router
+    from .guard import PRIVATE
 
     app = FastAPI(title="sift-chat", docs_url=None, redoc_url=None, openapi_url=None)
+    hosts = perimeter.allowed_hosts(public, allowed_hosts)
+    if hosts is not None:
+        app.add_middleware(perimeter.HostCheck, hosts=hosts)
     app.state.api = ApiState(service, api_key=api_key, key_required=public)
     app.include_router(create_router(app.state.api))
     demo = layout.build(ui.Handlers(service), secret=secret)
     return gr.mount_gradio_app(app, demo, path="/", max_file_size=layout.MAX_UPLOAD_BYTES, show_error=True,
-                               theme=layout.THEME, css=layout.CSS)
+                               theme=layout.THEME, css=layout.CSS, **PRIVATE)
 
 
 class WhileLoading:
@@ -158,8 +171,11 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         return 0
     import uvicorn
 
+    allowed = [name for name in args.allowed_hosts.split(",") if name.strip()]
+
     def load() -> Any:
-        app = create_server(load_service(), api_key=args.api_key, public=public, secret=layout.app_secret(home))
+        app = create_server(load_service(), api_key=args.api_key, public=public, secret=layout.app_secret(home),
+                            allowed_hosts=allowed)
         print(f"sift-chat: the app on http://{args.host}:{args.port}/ and the API on "
               f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
         return app
@@ -170,8 +186,12 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         failures.append(error)
         server.should_exit = True
 
-    server = uvicorn.Server(uvicorn.Config(WhileLoading(load, failed), host=args.host, port=args.port,
-                                           log_level="warning", lifespan="on"))
+    web_app = WhileLoading(load, failed)
+    hosts = perimeter.allowed_hosts(public, allowed)
+    if hosts is not None:  # the loading page too
+        web_app = perimeter.HostCheck(web_app, hosts)
+    server = uvicorn.Server(uvicorn.Config(web_app, host=args.host, port=args.port, log_level="warning",
+                                           lifespan="on"))
     server.run()
     if failures:
         error = failures[0]

@@ -29,6 +29,7 @@ from .turns import Kept, Turn, TurnQueue
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
 MAX_UPLOAD_BYTES = DEFAULT_MAX_FILE_BYTES  # 32 MiB, as the corpus stage reads at most
+MAX_INGEST_FILES, MAX_INGEST_BYTES = 100, 64 * 2**20  # the uploads one ingest takes: bounded work per request
 TITLE_CHARACTERS = 60
 
 
@@ -102,6 +103,7 @@ class Service:
         self.allow_server_paths = allow_server_paths
         self.sample_corpus = sample_corpus if sample_corpus and Path(sample_corpus).is_dir() else None
         self.max_upload_bytes = max_upload_bytes
+        self.max_ingest_files, self.max_ingest_bytes = MAX_INGEST_FILES, MAX_INGEST_BYTES
         self.queue = TurnQueue(max_waiting)
         self.last_turn: dict[str, Turn] = {}  # each owner's latest finished turn, for Stop's answer
 
@@ -346,7 +348,7 @@ class Service:
         folder = (folder or "").strip()
         if not uploads and not folder:
             return IngestOutcome(None, error="Choose files to upload (or give a folder) first.")
-        paths, skipped = [], []
+        paths, skipped, taken = [], [], 0
         for upload in uploads:
             source = Path(getattr(upload, "name", upload))
             name = safe_name(source.name)
@@ -355,6 +357,11 @@ class Service:
                 if size > self.max_upload_bytes:
                     skipped.append((name, f"too large ({size / 2**20:.1f} MiB > {self.max_upload_bytes / 2**20:.0f} MiB)"))
                     continue
+                if len(paths) >= self.max_ingest_files or taken + size > self.max_ingest_bytes:
+                    skipped.append((name, f"over what one ingest takes ({self.max_ingest_files} files, "
+                                          f"{self.max_ingest_bytes / 2**20:.0f} MiB): add it in another"))
+                    continue
+                taken += size
                 self.uploads.mkdir(parents=True, exist_ok=True)
                 target = self.uploads / name
                 shutil.copyfile(source, target)

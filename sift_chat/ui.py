@@ -28,7 +28,7 @@ from .panel import Panel, parse_settings
 from .reading import shown as printable_path
 from .service import Answered, IngestOutcome, Service, Stopped, Stored, Waiting, first_line
 from .store import Store, StoreError
-from .turns import Turn
+from .turns import Busy, Turn
 from .vocabulary import METHOD_LABELS
 
 DEMO_QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
@@ -281,7 +281,11 @@ class Handlers:
             yield _failure(str(error))
             return
         new_owner = {} if self.valid_owner(owner) else {"owner": (owner := self.new_owner())}
-        turn = turn if turn is not None and turn.owner in (owner, None) else self.service.new_turn(owner)
+        try:
+            turn = turn if turn is not None and turn.owner in (owner, None) else self.service.new_turn(owner)
+        except Busy as error:  # one message at a time per owner
+            yield _failure(str(error))
+            return
         turn.owner = owner
 
         chat = self.own_chat(chat_id, owner)
@@ -362,7 +366,11 @@ class Handlers:
                     "nn_answer": answers["nn"], "sift_answer": answers["sift"], "status": status}
 
         mode = self.service.compared(chat_settings).mode
-        turn = self.service.new_turn(self._key(owner))
+        try:
+            turn = self.service.new_turn(self._key(owner))
+        except Busy as error:
+            yield _failure(str(error))
+            return
         try:
             for method, event in self.service.compare(turn, prompt, chat_settings, adaptation):
                 label = METHOD_LABELS.get(method, method)

@@ -298,7 +298,8 @@ def test_six_clients_at_once_complete_in_arrival_order_without_leaking_adaptatio
     results: dict[int, tuple] = {}
     threads = []
     for i, request in enumerate(requests):
-        threads.append(threading.Thread(target=lambda i=i, r=request: results.setdefault(i, ask(client, max_tokens=6, **r))))
+        caller = openai.OpenAI(base_url=server.url, api_key=f"client-{i}", max_retries=0, timeout=120)  # one each
+        threads.append(threading.Thread(target=lambda i=i, r=request, c=caller: results.setdefault(i, ask(c, max_tokens=6, **r))))
         threads[-1].start()
         deadline = time.monotonic() + 30
         while len(entered) <= i and time.monotonic() < deadline:

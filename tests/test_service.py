@@ -155,7 +155,7 @@ def test_two_turns_at_once_take_turns_in_arrival_order_and_the_second_sees_its_p
         return step(text, prefix)
 
     monkeypatch.setattr(service.engine.adapter, "step", slow_step)
-    first, second = service.new_turn(OWNER), service.new_turn(OWNER)
+    first, second = service.new_turn(OWNER), service.new_turn(OWNER + "-2")  # one turn at a time per owner
     results = {}
     worker = threading.Thread(target=lambda: results.setdefault(
         "first", list(service.run(first, QUESTION, [], FAST))))
