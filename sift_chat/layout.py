@@ -206,9 +206,10 @@ def build(handlers: Handlers, *, secret: str | None = None):
                        *panel]
 
         chat_outputs = [chatbot, status, message, chat_id, owner, chat_list, *panel_outputs]
-        # the ticket first, outside the model's queue, so that Stop reaches a message still waiting
+        # the ticket first, outside the model's line (no concurrency limit), so that Stop reaches a message
+        # still waiting; queued, so that its refusal of a second message shows
         for trigger in (send.click, message.submit):
-            trigger(on_ticket, [owner], [turn], queue=False).success(  # a second message is refused
+            trigger(on_ticket, [owner], [turn], concurrency_limit=None).success(  # a second message is refused
                 on_send, [message, chat_id, owner, turn, *settings], chat_outputs,
                 concurrency_id="model", concurrency_limit=1, show_progress_on=[chatbot])
 
