@@ -12,6 +12,10 @@ there is one, is such a host too; anything else gets 403 and one line.
 Serving publicly (`--host 0.0.0.0`, `--share`, a Space) nothing is checked unless
 `--allowed-hosts` names the hosts the app is reached by: then those (and the loopback names)
 are the only ones served, in `Host` and `Origin` alike.
+
+However it is served, one upload request (Gradio's `/gradio_api/upload`, where files go before an
+ingest reads them) carries at most what one ingest takes: `UploadLimit` refuses a larger one, or
+one that does not say its length, before a byte of it is written.
 """
 
 from __future__ import annotations
@@ -90,12 +94,32 @@ class HostCheck:
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})  # policy violation: 403 before accept
         if scope.get("path", "").startswith("/v1"):
-            body = json.dumps({"error": {"message": reason, "type": "invalid_request_error", "param": None,
-                                         "code": "forbidden_host"}}).encode()
-            kind = b"application/json"
-        else:
-            body, kind = (f"403 Forbidden: {reason}\n").encode(), b"text/plain; charset=utf-8"
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode()),
-                                (b"x-content-type-options", b"nosniff")]})
-        await send({"type": "http.response.body", "body": body})
+            error = {"message": reason, "type": "invalid_request_error", "param": None, "code": "forbidden_host"}
+            return await _respond(send, 403, json.dumps({"error": error}), "application/json")
+        await _respond(send, 403, f"403 Forbidden: {reason}\n")
+
+
+class UploadLimit:
+    """ASGI middleware: an upload to Gradio must state its length (411 otherwise) and be at most
+    `max_bytes` long (413 otherwise)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/gradio_api/upload"):
+            length = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+            if not length.isdigit():
+                return await _respond(send, 411, "411 an upload must say its length (Content-Length)\n")
+            if int(length) > self.max_bytes:
+                return await _respond(send, 413, f"413 an upload may carry at most {self.max_bytes // 2**20} MiB: "
+                                                 "send fewer files at once\n")
+        return await self.app(scope, receive, send)
+
+
+async def _respond(send, status: int, text: str, kind: str = "text/plain; charset=utf-8") -> None:
+    body = text.encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", kind.encode()), (b"content-length", str(len(body)).encode()),
+                            (b"x-content-type-options", b"nosniff")]})
+    await send({"type": "http.response.body", "body": body})

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from . import perimeter
 
 SPACE_CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the packaged default's source, on the Hub
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+LOOPBACK = perimeter.LOOPBACK_NAMES
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> argparse.Namespace:
@@ -79,8 +79,9 @@ def create_server(service, *, api_key: str | None = None, public: bool = False, 
     from .guard import PRIVATE
 
     app = FastAPI(title="sift-chat", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(perimeter.UploadLimit, max_bytes=service.max_ingest_bytes + 2**20)  # and the form's own bytes
     hosts = perimeter.allowed_hosts(public, allowed_hosts)
-    if hosts is not None:
+    if hosts is not None:  # the outermost: checked first
         app.add_middleware(perimeter.HostCheck, hosts=hosts)
     app.state.api = ApiState(service, api_key=api_key, key_required=public)
     app.include_router(create_router(app.state.api))
@@ -166,8 +167,11 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         except (ValueError, RuntimeError) as error:  # our errors carry a one-line message
             print(f"error: {error}", file=sys.stderr)
             return 2
+        from starlette.middleware import Middleware
+
+        limit = Middleware(perimeter.UploadLimit, max_bytes=service.max_ingest_bytes + 2**20)
         layout.launch(layout.build(ui.Handlers(service), secret=layout.app_secret(home)), host=args.host,
-                      port=args.port, share=True)
+                      port=args.port, share=True, app_kwargs={"middleware": [limit]})
         return 0
     import uvicorn
 

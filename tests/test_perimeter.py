@@ -276,3 +276,22 @@ def test_one_ingest_takes_a_bounded_number_of_files_and_bytes(service, tmp_path,
     for document in service.store.documents():
         if Path(document["path"]).parent == service.uploads.resolve():
             service.remove_document(document["path"])
+
+
+def _raw_post(base: str, path: str, head: str) -> str:
+    """The status line of a POST whose headers say what `head` says, sent without a body."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{head}Connection: close\r\n\r\n".encode())
+        return sock.recv(4096).decode("latin-1").splitlines()[0]
+
+
+def test_one_upload_request_carries_at_most_what_one_ingest_takes(servers, service):
+    upload = httpx.post(servers.local + "/gradio_api/upload", files=[("files", ("note.txt", b"The harbour."))], timeout=30)
+    assert upload.status_code == 200 and upload.json()[0].endswith("note.txt")  # Gradio's upload folder
+    too_much = service.max_ingest_bytes + 2**20 + 1
+    assert _raw_post(servers.public, "/gradio_api/upload", f"Content-Length: {too_much}\r\n").startswith("HTTP/1.1 413")
+    assert _raw_post(servers.public, "/gradio_api/upload", "Transfer-Encoding: chunked\r\n").startswith("HTTP/1.1 411")
+    response = httpx.post(servers.local + "/gradio_api/upload", timeout=30,
+                          files=[("files", (f"{i}.txt", b"x" * 2**20)) for i in range(66)])
+    assert response.status_code == 413 and "at most 65 MiB" in response.text and response.text.count("\n") == 1
