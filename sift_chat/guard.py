@@ -19,29 +19,25 @@ from pathlib import Path
 import gradio as gr
 import pydantic
 
-from .service import first_line
+from .service import first_line, one_line
 from .turns import Busy, QueueFull
 
 PRIVATE = {"run_history": False, "enable_monitoring": False}
 CHECKERS = tuple(str(Path(m.__file__).parent) for m in (gr, pydantic))  # where inputs are checked
+WIDTH = 200  # characters of an error a caller sees
 log = logging.getLogger("sift_chat")
-
-
-def one_line(text: str, width: int = 200) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def refusal(error: Exception, handler: str) -> gr.Error:
     """The one-line error a caller sees for `error`, raised by `handler`."""
     if isinstance(error, gr.Error):  # the app's own words, and Gradio's checks of a value
-        return gr.Error(one_line(error.message), duration=error.duration, title=error.title,
+        return gr.Error(one_line(error.message, WIDTH), duration=error.duration, title=error.title,
                         print_exception=False)
     if isinstance(error, (Busy, QueueFull)):
-        return gr.Error(one_line(error), print_exception=False)
+        return gr.Error(one_line(error, WIDTH), print_exception=False)
     if raised_in(error, CHECKERS):  # Gradio's own checks: too few inputs, a value of the wrong type
-        return gr.Error(f"{handler}: {one_line(first_line(error))}", print_exception=False)
-    log.warning("%s refused a request: %s: %s", handler, type(error).__name__, one_line(error))
+        return gr.Error(f"{handler}: {one_line(first_line(error), WIDTH)}", print_exception=False)
+    log.warning("%s refused a request: %s: %s", handler, type(error).__name__, one_line(error, WIDTH))
     return gr.Error(f"{handler}: this request's inputs are missing or not what the app sends "
                     f"({type(error).__name__}).", print_exception=False)
 

@@ -1,6 +1,7 @@
 """The app in a real browser: `app.py` on a free port, headless Chromium (Debian's) driven by
 Playwright. Ingest the sample corpus, send a message, see the answer and the selection panel; stop
-a message mid-answer and see that nothing of it stayed.
+a message mid-answer and see that nothing of it stayed; find nothing of a message in the
+browser's storage, and a second tab's message refused while the first is answered.
 
 The chat model is the tiny Llama of tests/tiny.py saved as a folder, made to walk through its
 vocabulary of words so that its (meaningless) answer is visible text that does not loop for a while. The embedder is the real
