@@ -348,26 +348,30 @@ class Service:
         folder = (folder or "").strip()
         if not uploads and not folder:
             return IngestOutcome(None, error="Choose files to upload (or give a folder) first.")
-        paths, skipped, taken = [], [], 0
+        given, skipped = [], []
         for upload in uploads:
             source = Path(getattr(upload, "name", upload))
-            name = safe_name(source.name)
             try:
                 size = source.stat().st_size
-                if size > self.max_upload_bytes:
-                    skipped.append((name, f"too large ({size / 2**20:.1f} MiB > {self.max_upload_bytes / 2**20:.0f} MiB)"))
-                    continue
-                if len(paths) >= self.max_ingest_files or taken + size > self.max_ingest_bytes:
-                    skipped.append((name, f"over what one ingest takes ({self.max_ingest_files} files, "
-                                          f"{self.max_ingest_bytes / 2**20:.0f} MiB): add it in another"))
-                    continue
-                taken += size
+            except OSError as error:
+                skipped.append((safe_name(source.name), f"cannot read the upload: {error.strerror or error}"))
+                continue
+            if size > self.max_upload_bytes:
+                skipped.append((safe_name(source.name),
+                                f"too large ({size / 2**20:.1f} MiB > {self.max_upload_bytes / 2**20:.0f} MiB)"))
+            else:
+                given.append(source)
+        given, over = within_one_ingest(given, self.max_ingest_files, self.max_ingest_bytes)
+        skipped += over
+        paths = []
+        for source in given:
+            try:
                 self.uploads.mkdir(parents=True, exist_ok=True)
-                target = self.uploads / name
+                target = self.uploads / safe_name(source.name)
                 shutil.copyfile(source, target)
                 paths.append(target)
             except OSError as error:
-                skipped.append((name, f"cannot read the upload: {error.strerror or error}"))
+                skipped.append((safe_name(source.name), f"cannot read the upload: {error.strerror or error}"))
         if folder:
             if not self.allow_server_paths:
                 return IngestOutcome(None, error="Ingesting folders on the server is turned off here: upload files instead.")
@@ -403,6 +407,25 @@ class Service:
         if removed and Path(path).parent == self.uploads.resolve():
             Path(path).unlink(missing_ok=True)
         return bool(removed)
+
+
+def within_one_ingest(sources: list[Path], max_files: int, max_bytes: int) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files one ingest takes, in the order given, while they fit together in `max_files`
+    files and `max_bytes`; the rest as (name, why) skipped. A file that cannot be measured is
+    taken: its reading fails later with its own reason."""
+    taken, skipped, used = [], [], 0
+    for source in sources:
+        try:
+            size = source.stat().st_size
+        except OSError:
+            size = 0
+        if len(taken) >= max_files or used + size > max_bytes:
+            skipped.append((safe_name(source.name), f"over what one ingest takes ({max_files} files, "
+                                                    f"{max_bytes / 2**20:.0f} MiB): add it in another"))
+        else:
+            taken.append(source)
+            used += size
+    return taken, skipped
 
 
 def first_line(error: BaseException) -> str:
