@@ -33,6 +33,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .access import LOCAL
 from .engine import ChatSettings, Notice, Prompted, Selected, Step, Token
 from .panel import Panel, parse_settings
 from .service import Answered, Service, Waiting, first_line
@@ -273,7 +274,8 @@ def _answer(service: Service, turn: Turn, request: CompletionRequest) -> Iterato
     hold = max((len(s) for s in request.stop), default=1) - 1
     held_pieces = request.chat.loop_tokens
     pieces, sent, panel, notices = [], 0, None, []
-    run = service.run(turn, request.prompt, request.history, request.chat, request.adaptation)
+    # the API key is the local owner's: it reads the shared library (per-user keys: see the README)
+    run = service.run(turn, request.prompt, request.history, request.chat, request.adaptation, caller=LOCAL)
 
     def extension(ended: str, cited: str, answered: Answered | None = None) -> dict:
         chat, adaptation = request.chat, request.adaptation

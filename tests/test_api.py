@@ -52,7 +52,7 @@ def server(tmp_path_factory, embedder):
         engine = Engine(store, embedder, words_only(tiny_model(tokenizer), tokenizer), tokenizer, embedder_name=EMBEDDER,
                         adaptation=AdaptationSettings(max_passage_tokens=64))
         service = Service(engine, home, max_waiting=8)
-        app = create_server(service, secret="s" * 32)
+        app = create_server(service)
         port = free_port()
         running = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=running.run, daemon=True)

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from sift_chat import perimeter
+from sift_chat.access import LOCAL
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.corpus import ingest
 from sift_chat.engine import Engine
@@ -64,14 +65,14 @@ def service(tmp_path_factory, embedder):
         ingest(store, embedder, [SAMPLE], embedder_name=EMBEDDER, progress=False)
         engine = Engine(store, embedder, words_only(tiny_model(tokenizer), tokenizer), tokenizer,
                         embedder_name=EMBEDDER, adaptation=AdaptationSettings(max_passage_tokens=64))
-        yield Service(engine, home, max_waiting=8)
+        yield Service(engine, home, max_waiting=8, upload_folder=home / "browser-uploads")
 
 
 @pytest.fixture(scope="module")
 def servers(service):
     """The same service served three ways: on loopback (the default), publicly (`--host 0.0.0.0`),
     and publicly with `--allowed-hosts chat.example.org`."""
-    started = {name: serve(create_server(service, secret="s" * 32, **options)) for name, options in (
+    started = {name: serve(create_server(service, **options)) for name, options in (
         ("local", {}), ("public", {"public": True, "api_key": "key"}),
         ("named", {"public": True, "api_key": "key", "allowed_hosts": ["chat.example.org"]}))}
     yield SimpleNamespace(**{name: url for name, (url, _) in started.items()})
@@ -103,7 +104,7 @@ REQUESTS = [("GET", "/"), ("GET", "/config"), ("GET", "/gradio_api/info"), ("GET
 
 
 def _send(base: str, method: str, path: str, **headers) -> httpx.Response:
-    body = {"data": [OWNER]} if "gradio_api" in path else {"model": "sift-chat", "max_tokens": 2,
+    body = {"data": []} if "gradio_api" in path else {"model": "sift-chat", "max_tokens": 2,
                                                             "messages": [{"role": "user", "content": "hi"}]}
     headers = {"Authorization": "Bearer key", **headers}  # the public servers' API key
     return httpx.request(method, base + path, headers=headers, timeout=60,
@@ -221,13 +222,14 @@ def test_one_request_at_a_time_per_owner(service):
 
 def test_a_second_message_while_one_runs_is_refused_in_the_app_and_the_api(servers, service, monkeypatch):
     h = Handlers(service)
-    ticket = h.new_turn(OWNER)  # the app's first message, waiting for the model
-    updates = list(h.respond("And the lantern festival?", None, OWNER, {"mode": "off", "max_new_tokens": 4}))
+    ticket = h.new_turn(LOCAL)  # the app's first message (on loopback: the local owner's), waiting for the model
+    chats = h.chat_choices(LOCAL)
+    updates = list(h.respond("And the lantern festival?", None, LOCAL, {"mode": "off", "max_new_tokens": 4}))
     assert updates[-1]["error"].startswith("A message of yours is waiting or being answered already")
-    assert "message" not in updates[-1] and h.chat_choices(OWNER) == []  # nothing taken, nothing stored
-    assert list(h.compare(QUESTION, {"mode": "off"}, OWNER))[-1]["error"].startswith("A message of yours")
+    assert "message" not in updates[-1] and h.chat_choices(LOCAL) == chats  # nothing taken, nothing stored
+    assert list(h.compare(QUESTION, {"mode": "off"}, LOCAL))[-1]["error"].startswith("A message of yours")
     # the app's own wiring: the ticket Send takes first is refused with the same line
-    status, _, error = _call(servers.local, "on_ticket", {"data": [OWNER]})
+    status, _, error = _call(servers.local, "on_ticket", {"data": []})
     assert status == 200 and error.startswith("A message of yours is waiting")
     service.queue.leave(ticket)
 
@@ -264,18 +266,19 @@ def test_one_ingest_takes_a_bounded_number_of_files_and_bytes(service, tmp_path,
     monkeypatch.setattr(service, "max_ingest_bytes", 1000)
     files = []
     for i, size in enumerate((300, 300, 300, 900)):
-        files.append(tmp_path / f"note-{i}.txt")
+        files.append(service.upload_folder / f"note-{i}.txt")
+        files[-1].parent.mkdir(parents=True, exist_ok=True)
         files[-1].write_text(f"Note {i} about the harbour. " + "x" * (size - 30))
-    outcome = service.ingest([str(f) for f in files])
+    outcome = service.ingest([str(f) for f in files], caller=LOCAL)
     assert outcome.report.ingested == 2 and [name for name, _ in outcome.skipped] == ["note-2.txt", "note-3.txt"]
     assert all(reason.startswith("over what one ingest takes (2 files") for _, reason in outcome.skipped)
     monkeypatch.setattr(service, "max_ingest_files", 10)
-    outcome = service.ingest([str(f) for f in files])  # 300 + 300 + 300 bytes fit, 900 more do not
+    outcome = service.ingest([str(f) for f in files], caller=LOCAL)  # 300 + 300 + 300 bytes fit, 900 more do not
     assert len(outcome.report.unchanged) == 2 and len(outcome.report.added) == 1
     assert [name for name, _ in outcome.skipped] == ["note-3.txt"]
     for document in service.store.documents():
-        if Path(document["path"]).parent == service.uploads.resolve():
-            service.remove_document(document["path"])
+        if service.uploads.resolve() in Path(document["path"]).parents:
+            service.remove_document(document["id"], caller=LOCAL)
 
 
 def _raw_post(base: str, path: str, head: str) -> str:
