@@ -13,6 +13,9 @@ database, damaged, or disagreeing with SQLite is rebuilt from the embeddings in 
 failed check is reported once). A document is written in one transaction: a killed ingest leaves
 each document fully in or absent. Writers take SQLite's write lock before they read (BEGIN
 IMMEDIATE), so two processes writing at once queue instead of failing.
+
+Each document has an owner (`access`: '' is the shared library); a search may be limited to some
+owners' passages, which the index then skips during the search itself.
 """
 
 from __future__ import annotations

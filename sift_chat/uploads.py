@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def private_copy(source: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     for folder in (target.parent.parent, target.parent):
         folder.chmod(0o700)
-    staging = target.with_name(f".{target.name}.{os.getpid()}.part")
+    staging = target.with_name(f".{target.name}.{secrets.token_hex(8)}.part")  # two copies at once: two files
     with open(source, "rb") as reading, \
             os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as writing:
         shutil.copyfileobj(reading, writing)
