@@ -21,6 +21,7 @@ import httpx
 import uvicorn
 
 from sift_chat import config
+from sift_chat.access import LOCAL
 from sift_chat.corpus import ingest
 from sift_chat.engine import Engine, Token
 from sift_chat.panel import parse_settings
@@ -46,7 +47,7 @@ def main() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_server(service, secret="b" * 32), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_server(service), host="127.0.0.1", port=port,
                                            log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
@@ -61,7 +62,7 @@ def main() -> None:
 
         def direct():
             started, first = time.perf_counter(), None
-            for event in service.run(service.new_turn(), PROMPT, [], chat, adaptation):
+            for event in service.run(service.new_turn(), PROMPT, [], chat, adaptation, caller=LOCAL):
                 if isinstance(event, Token) and first is None:
                     first = time.perf_counter() - started
             return first, time.perf_counter() - started

@@ -11,13 +11,16 @@ citation number, source, offsets, σ² after each, reduction and loss; the passa
 prompt; the answer with its citations [n] and the numbers cited; how it ended: "end", "limit",
 "repeat" or "stop" at a stop sequence; the seconds of each stage; the queue); a stream sends it
 in a last chunk before [DONE]. `finish_reason` is "length" when the answer was cut at max_tokens. Errors are OpenAI-shaped JSON: 400 bad request,
-401 no or wrong key, 404 unknown model or path, 413 too large, 429 too many waiting, 503 the
+401 no or wrong key, 403 a foreign Host or Origin on loopback (`sift_chat.perimeter`), 404 unknown
+model or path, 413 too large, 429 too many waiting or this caller's previous request still waiting
+or running (one at a time per caller: its bearer token), 503 the
 model is loading, 500 (without a traceback) for anything else. Nothing is stored: a request that
 ends early (the client went away) leaves the model at base and the line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import secrets
@@ -30,10 +33,11 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .access import LOCAL
 from .engine import ChatSettings, Notice, Prompted, Selected, Step, Token
 from .panel import Panel, parse_settings
 from .service import Answered, Service, Waiting, first_line
-from .turns import QueueFull, Turn
+from .turns import Busy, QueueFull, Turn
 
 MODEL_ID = "sift-chat"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON: far more than any context this model reads
@@ -102,11 +106,14 @@ def create_router(state: ApiState) -> APIRouter:
             parsed = _parse(body, service)
             try:
                 service.queue.check()  # the turn joins the line when its answer starts
+                turn = service.new_turn(caller(request))
             except QueueFull as error:
                 raise ApiError(429, str(error), "rate_limit_exceeded", code="queue_full") from None
+            except Busy as error:
+                raise ApiError(429, str(error), "rate_limit_exceeded", code="one_at_a_time") from None
         except ApiError as error:
             return error.response()
-        answer = _answer(service, service.new_turn(), parsed)
+        answer = _answer(service, turn, parsed)
         if parsed.stream:
             return StreamingResponse(_sse(_chunks(answer), request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -144,6 +151,15 @@ def _service(state: ApiState, request: Request) -> Service:
         raise ApiError(503, "the model is loading: try again in a few seconds", "server_error",
                        code="model_loading")
     return state.service
+
+
+def caller(request: Request) -> str:
+    """Who is asking, for the rule of one request at a time per user: the holder of the bearer
+    token (with --api-key, everyone who has the key is one caller; on loopback without one, a
+    client names itself by its token: any string, as the machine is its owner's alone)."""
+    given = request.headers.get("authorization", "")
+    token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+    return "api:" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 async def _body(request: Request, limit: int) -> dict:
@@ -258,7 +274,8 @@ def _answer(service: Service, turn: Turn, request: CompletionRequest) -> Iterato
     hold = max((len(s) for s in request.stop), default=1) - 1
     held_pieces = request.chat.loop_tokens
     pieces, sent, panel, notices = [], 0, None, []
-    run = service.run(turn, request.prompt, request.history, request.chat, request.adaptation)
+    # the API key is the local owner's: it reads the shared library (per-user keys: see the README)
+    run = service.run(turn, request.prompt, request.history, request.chat, request.adaptation, caller=LOCAL)
 
     def extension(ended: str, cited: str, answered: Answered | None = None) -> dict:
         chat, adaptation = request.chat, request.adaptation

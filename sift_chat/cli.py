@@ -1,5 +1,6 @@
-"""The command line: `python -m sift_chat ingest|rm|stats|search|chat|eval|eval-qa|make-world|serve ...`. A thin shell
-over the stages and the application layer (`sift_chat.service`)."""
+"""The command line: `python -m sift_chat ingest|rm|stats|search|chat|eval|eval-qa|make-world|users|serve ...`.
+A thin shell over the stages and the application layer (`sift_chat.service`). It acts as the local
+owner: its documents are the shared library, its chats the local owner's."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import config
+from .access import LOCAL, UsersFile
 from .adaptation import TRAINING_FORMATS, AdaptationSettings
 from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS, shown
 from .engine import ChatSettings
 from .evaluation import SETTINGS as EVAL_SETTINGS
 from .vocabulary import EVAL_METHODS, EVAL_MODES, METHODS, MODES, method_label
 
-CLI_OWNER = ""  # the owner of chats made on the command line (the app's browsers have keys)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--out", default="eval-results/answers", help="folder for answers.md and answers.json")
     qa.add_argument("--quiet", action="store_true")
 
+    users = commands.add_parser("users", help="the users file of `serve --auth FILE`: add, rm, list")
+    users.add_argument("action", choices=["add", "rm", "list"])
+    users.add_argument("name", nargs="?", help="the user's name (add, rm)")
+    users.add_argument("--admin", action="store_true", help="add: the user may change the shared library "
+                       "(and, on a server that allows it, ingest its folders)")
+    users.add_argument("--file", default=None, help="the users file (default: $SIFT_CHAT_AUTH or "
+                       "<data-dir>/users.json)")
+
     world = commands.add_parser("make-world", help="write the invented world: documents and questions")
     world.add_argument("out", help="folder: documents/ and questions.jsonl are written there")
     world.add_argument("--towns", type=int, default=80)
@@ -197,7 +206,7 @@ def cmd_ingest(args) -> int:
             return 0
         report = ingest(store, embedder, args.paths, embedder_name=name,
                         passage_tokens=args.passage_tokens, overlap=args.overlap,
-                        progress=not args.quiet)
+                        progress=not args.quiet, forbidden=[config.data_dir(args.data_dir)])
     for path, reason in report.skipped:
         print(f"skipped {shown(path)}: {reason}", file=sys.stderr)
     print(report.summary())
@@ -240,13 +249,13 @@ def cmd_stats(args) -> int:
 
 def cmd_search(args) -> int:
     with _store(args) as store:
-        if store.passage_count() == 0:
+        if store.passage_count(LOCAL.readable) == 0:
             print("the store is empty: ingest some documents first", file=sys.stderr)
             return 1
         embedder = _embedder(args)
         store.check_embedder(config.embedder_name(args.embedder), embedder.get_embedding_dimension())
         query = embedder.encode(args.query, normalize_embeddings=True)
-        ids, similarities, _ = store.nearest(query, args.k)
+        ids, similarities, _ = store.nearest(query, args.k, LOCAL.readable)
         passages = store.passages(ids)
     for rank, (passage_id, similarity) in enumerate(zip(ids, similarities), 1):
         passage = passages[int(passage_id)]
@@ -292,7 +301,7 @@ def _answer(service, prompt: str, chat_id: int | None, settings: ChatSettings,
     """Stream one answer with its selection and steps into the CLI's chat `chat_id` (a new one when
     None): (0 when it was answered and recorded, else 130; the chat's id)."""
     try:
-        for event in service.chat_turn(service.new_turn(CLI_OWNER), prompt, chat_id, CLI_OWNER, settings,
+        for event in service.chat_turn(service.new_turn(LOCAL.key), prompt, chat_id, LOCAL, settings,
                                        adaptation):
             if _show(event):
                 return 0, event.chat_id
@@ -348,7 +357,8 @@ def _compare(service, prompt: str, settings: ChatSettings, adaptation: Adaptatio
 
     selections: dict[str, Selected] = {}
     try:
-        for method, event in service.compare(service.new_turn(CLI_OWNER), prompt, settings, adaptation):
+        for method, event in service.compare(service.new_turn(LOCAL.key), prompt, settings, adaptation,
+                                             caller=LOCAL):
             if isinstance(event, Selected) and method not in selections:
                 selections[method] = event
                 if len(selections) == 2:
@@ -458,6 +468,36 @@ def cmd_make_world(args) -> int:
     return 0
 
 
+def cmd_users(args) -> int:
+    import getpass
+    import os
+
+    users = UsersFile(args.file or os.environ.get("SIFT_CHAT_AUTH") or config.data_dir(args.data_dir) / "users.json")
+    if args.action == "list":
+        for name, record in sorted(users.users().items()):
+            print(f"{name}{'  (admin)' if isinstance(record, dict) and record.get('admin') is True else ''}")
+        return 0
+    if not args.name:
+        print(f"error: users {args.action} needs a name", file=sys.stderr)
+        return 2
+    if args.action == "rm":
+        if not users.remove(args.name):
+            print(f"no user {args.name} in {users.path}", file=sys.stderr)
+            return 1
+        print(f"removed {args.name} from {users.path} (their chats and documents stay in the store)")
+        return 0
+    if sys.stdin.isatty():  # never from argv: it would be in the shell's history and the process list
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            print("error: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    new = users.add(args.name, password, admin=args.admin)
+    print(f"{'added' if new else 'updated'} {args.name}{' (admin)' if args.admin else ''} in {users.path}")
+    return 0
+
+
 def _names(text: str) -> list[str]:
     """A comma-separated list of names, blanks dropped."""
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -470,4 +510,5 @@ def _one_line(text: str, width: int = 160) -> str:
 
 
 COMMANDS = {"ingest": cmd_ingest, "rm": cmd_rm, "stats": cmd_stats, "search": cmd_search, "chat": cmd_chat,
-            "eval": cmd_eval, "eval-qa": cmd_eval_qa, "make-world": cmd_make_world}
+            "eval": cmd_eval, "eval-qa": cmd_eval_qa, "make-world": cmd_make_world,
+            "users": cmd_users}

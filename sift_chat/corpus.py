@@ -17,7 +17,7 @@ import numpy as np
 
 from .reading import (DEFAULT_MAX_FILE_BYTES, UnreadableFile, iter_files, read_bytes, read_text,  # noqa: F401
                       regular_file_stat, shown)
-from .store import NewDocument, NewPassage, Store
+from .store import SHARED, NewDocument, NewPassage, Store
 
 DEFAULT_PASSAGE_TOKENS = 192
 DEFAULT_OVERLAP_TOKENS = 16
@@ -168,6 +168,9 @@ def ingest(
     batch_passages: int = 256,
     progress: bool = True,
     on_progress: Callable[[IngestProgress], None] | None = None,
+    owner: str = SHARED,
+    forbidden: Iterable[str | os.PathLike] = (),
+    trusted: Iterable[str | os.PathLike] = (),
 ) -> IngestReport:
     """Ingest files and folders. Unchanged files (same content hash) are left as they are; changed
     ones replace their passages. Documents are embedded in batches across files and written one
@@ -178,6 +181,9 @@ def ingest(
     Every file that cannot be read, decoded, parsed or split into at least one passage is reported
     in `report.skipped` with its reason; the run goes on. `on_progress` is called as files are read
     and passages embedded (the app's progress bar; the CLI shows the same in a tqdm bar).
+
+    The documents are `owner`'s (by default the shared library's). Hidden files and folders, the
+    store and the `forbidden` folders are never read, also when named directly (`iter_files`).
     """
     from tqdm.auto import tqdm
 
@@ -187,8 +193,7 @@ def ingest(
     max_tokens = passage_token_limit(embedder, passage_tokens)
     report = IngestReport()
     started = time.perf_counter()
-    own_folder = store.folder.resolve()
-    files = [path for path in iter_files(paths, report.skipped) if own_folder not in path.parents]
+    files = list(iter_files(paths, report.skipped, forbidden=[store.folder, *forbidden], trusted=trusted))
     sizes = [_size_or_zero(path) for path in files]
     total_bytes = sum(sizes)
     counts = {"files": 0, "bytes": 0, "split_bytes": 0, "split_passages": 0, "embedded": 0}
@@ -227,7 +232,7 @@ def ingest(
             for text, vector in zip(chunk, encoded):
                 fill(text, vector)
             tell()
-        store.write_documents([NewDocument(path, content_hash, size, mtime, passages, matrix)
+        store.write_documents([NewDocument(path, content_hash, size, mtime, passages, matrix, owner)
                                for (path, content_hash, size, mtime, passages), matrix in zip(pending, matrices)],
                               embedder_name)
         report.passages += sum(len(matrix) for matrix in matrices)
@@ -236,7 +241,7 @@ def ingest(
     for path, size in zip(files, sizes):
         key = str(path)
         try:
-            passages, content_hash, info, known = _read_and_split(store, path, max_file_bytes,
+            passages, content_hash, info, known = _read_and_split(store, path, owner, max_file_bytes,
                                                                   embedder.tokenizer, max_tokens, overlap)
         except UnreadableFile as reason:
             report.skipped.append((key, str(reason)))
@@ -266,18 +271,19 @@ def ingest(
     return report
 
 
-def _read_and_split(store: Store, path: Path, max_file_bytes: int, tokenizer, max_tokens: int, overlap: int):
+def _read_and_split(store: Store, path: Path, owner: str, max_file_bytes: int, tokenizer, max_tokens: int,
+                    overlap: int):
     """(passages, content hash, stat, known document) for a file to write, ([], …) for one that
     is unchanged, or UnreadableFile."""
     key = str(path)
     info = regular_file_stat(path)
-    known = store.document(key)
+    known = store.document(key, owner)
     if known and known["size"] == info.st_size and known["mtime"] == info.st_mtime:
         return [], None, info, known
     data = read_bytes(path, max_file_bytes)
     content_hash = hashlib.sha256(data).hexdigest()
     if known and known["content_hash"] == content_hash:
-        store.touch_document(key, info.st_mtime)
+        store.touch_document(key, info.st_mtime, owner)
         return [], None, info, known
     text = read_text(path, data, max_file_bytes)
     del data

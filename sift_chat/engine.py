@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Generator, Iterator, Sequence
+from typing import Generator, Iterable, Iterator, Sequence
 
 import torch
 
@@ -238,9 +238,11 @@ class Engine:
         vector = self.embedder.encode(text, normalize_embeddings=True, convert_to_tensor=True)
         return vector.float().cpu()
 
-    def select(self, query: torch.Tensor, settings: ChatSettings, method: str | None = None) -> Selected:
-        """Pre-select K candidates from the index, then pick up to N of them with `method`."""
-        ids, _, vectors = self.store.nearest(query.numpy(), settings.candidates)
+    def select(self, query: torch.Tensor, settings: ChatSettings, method: str | None = None,
+               owners: Iterable[str] | None = None) -> Selected:
+        """Pre-select K candidates from the index (among the documents of `owners`: the caller's
+        and the shared library), then pick up to N of them with `method`."""
+        ids, _, vectors = self.store.nearest(query.numpy(), settings.candidates, owners)
         candidates = torch.from_numpy(vectors)
         method = method or settings.method
         selection = select(query, candidates, method, settings.passages, settings.lam,
@@ -267,12 +269,14 @@ class Engine:
     # -- one message ------------------------------------------------------------------------
 
     def respond(self, prompt: str, history: Sequence[dict] = (), settings: ChatSettings | None = None, *,
-                adaptation: AdaptationSettings | None = None, selected: Selected | None = None) -> Iterator[Event]:
+                adaptation: AdaptationSettings | None = None, selected: Selected | None = None,
+                owners: Iterable[str] | None = None) -> Iterator[Event]:
         """Answer `prompt` (after `history`, a list of {"role", "content"}), yielding events.
 
         `adaptation` is this message's (default: the engine's own); `selected`, a selection made
-        already for this prompt (a comparison selects once), skips embedding and selecting. An
-        interrupted or failed message leaves the model at base; nothing is stored here.
+        already for this prompt (a comparison selects once), skips embedding and selecting;
+        `owners`, whose documents it selects from (default: every document). An interrupted or
+        failed message leaves the model at base; nothing is stored here.
         """
         settings = settings or ChatSettings()
         prompt = prompt.strip() if isinstance(prompt, str) else ""
@@ -280,9 +284,9 @@ class Engine:
             raise ValueError("the message is empty: type a question")
         with self.lock:
             self._use(adaptation or self.default_adaptation)
-            yield from self._respond(prompt, list(history), settings, selected)
+            yield from self._respond(prompt, list(history), settings, selected, owners)
 
-    def _respond(self, prompt, history, settings, selected) -> Iterator[Event]:
+    def _respond(self, prompt, history, settings, selected, owners) -> Iterator[Event]:
         seconds: dict[str, float] = {}
         message_started = time.perf_counter()
         adaptation = asdict(self.adapter.settings)
@@ -290,7 +294,7 @@ class Engine:
         torch.manual_seed(settings.seed)
 
         wants_passages = settings.fine_tunes or settings.uses_context
-        if wants_passages and self.store.passage_count() == 0:
+        if wants_passages and self.store.passage_count(owners) == 0:
             yield Notice("the corpus is empty: answering with the base model (ingest documents first)")
             wants_passages = False
         elif wants_passages and settings.passages == 0:
@@ -310,7 +314,7 @@ class Engine:
 
             yield Stage("select", "started")
             started = time.perf_counter()
-            selected = self.select(query, settings)
+            selected = self.select(query, settings, owners=owners)
             seconds["select"] = time.perf_counter() - started
             yield selected
             yield Stage("select", "finished", seconds["select"])

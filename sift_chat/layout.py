@@ -1,14 +1,17 @@
 """The app's layout: the Gradio Blocks, and the wiring of its components to the handlers
 (`sift_chat.ui.Handlers`); Gradio-specific and thin. `sift_chat.server` mounts it beside the API.
+
+Every event asks `access` who calls, from the server's side of the request: Gradio's signed-in
+user (`--auth`) or the Hugging Face profile of the OAuth session (on a Space); nothing the browser
+sends names an owner, and no key is kept in the browser.
 """
 
 from __future__ import annotations
 
-import secrets
-from pathlib import Path
-
 import gradio as gr
 
+from .access import SHARED, Access, Caller
+from .guard import PRIVATE, GuardedBlocks
 from .panel import SETTING_NAMES, default_settings
 from .service import MAX_UPLOAD_BYTES
 from .ui import DEMO_QUESTION, Handlers, render_coverage, render_passages, render_timings, render_variance
@@ -52,18 +55,27 @@ HELP = {
 }
 
 
-def build(handlers: Handlers, *, secret: str | None = None):
+def build(handlers: Handlers, *, access: Access | None = None):
     """The Gradio Blocks: chats and settings in the sidebar; Chat, Compare and Corpus tabs."""
     h = handlers
+    access = access or Access()
     defaults = default_settings()
     skip = gr.skip
 
-    with gr.Blocks(title="sift-chat", fill_height=True) as demo:
-        owner = gr.BrowserState(None, storage_key="sift-chat-owner", secret=secret)
+    def who(request: gr.Request | None, profile: gr.OAuthProfile | None) -> Caller:
+        return access.caller(getattr(request, "username", None), getattr(profile, "username", None),
+                             getattr(request, "session_hash", None) or "")
+
+    with GuardedBlocks(title="sift-chat", fill_height=True) as demo:  # one-line errors, whatever is sent
         chat_id = gr.State(None)
         turn = gr.State(None)  # the ticket of the message being sent: what Stop stops
 
         with gr.Sidebar(label="Chats", open=True, width=300):
+            if access.mode == "space":
+                gr.LoginButton(elem_id="sign-in")
+            signed_in = gr.Markdown(elem_id="signed-in")
+            if access.mode == "users":
+                gr.Button("Sign out", link="/logout", size="sm", elem_id="sign-out")
             new_chat = gr.Button("New chat", variant="primary", elem_id="new-chat")
             chat_list = gr.Radio(choices=[], label="Your chats", elem_id="chat-list")
             with gr.Accordion("Rename or delete this chat", open=False):
@@ -153,15 +165,18 @@ def build(handlers: Handlers, *, secret: str | None = None):
                 uploads = gr.File(label="Upload files (text, Markdown, HTML, source code, PDF; "
                                   f"at most {MAX_UPLOAD_BYTES // 2**20} MiB each)",
                                   file_count="multiple", type="filepath", elem_id="uploads")
-                folder = gr.Textbox(label="Or a folder or file on this machine", visible=h.service.allow_server_paths,
+                folder = gr.Textbox(label="Or a folder or file on this machine (admins)", visible=False,
                                     placeholder="~/notes", max_lines=1, elem_id="folder")
+                to_shared = gr.Checkbox(False, label="Add to the shared library (every user reads it)", visible=False,
+                                        elem_id="to-shared")
                 ingest_go = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_report = gr.Markdown(elem_id="ingest-report")
-                documents = gr.Dataframe(headers=["document", "folder", "passages", "size", "added"],
+                documents = gr.Dataframe(headers=["document", "collection", "passages", "size", "added"],
                                          datatype=["str", "str", "number", "str", "str"], interactive=False,
                                          label="Documents", elem_id="documents")
                 with gr.Row():
-                    document = gr.Dropdown(choices=[], label="Document", scale=4)
+                    document = gr.Dropdown(choices=[], label="Document (yours, or the shared library's for admins)",
+                                           scale=4)
                     remove = gr.Button("Remove from the corpus", variant="stop", scale=1)
                 remove_report = gr.Markdown()
 
@@ -171,93 +186,102 @@ def build(handlers: Handlers, *, secret: str | None = None):
             return [render_coverage(panel, note), render_variance(panel), render_passages(panel),
                     render_timings(panel, seconds)]
 
-        def chats_update(owner_key, selected=None):
-            return gr.update(choices=h.chat_choices(owner_key), value=selected)
+        def chats_update(caller: Caller, selected=None):
+            return gr.update(choices=h.chat_choices(caller), value=selected)
 
-        def corpus_view():
-            paths = h.document_paths()
-            return [h.corpus_summary(), gr.update(visible=h.offers_sample()), h.documents(),
-                    gr.update(choices=paths, value=None)]
+        def corpus_view(caller: Caller):
+            return [h.corpus_summary(caller), gr.update(visible=h.offers_sample()), h.documents(caller),
+                    gr.update(choices=h.removable(caller), value=None)]
 
         corpus_outputs = [corpus_summary, sample_row, documents, document]
 
-        # page load: this browser's key, its chats, the corpus
-        def on_load(owner_key):
-            if not h.valid_owner(owner_key):
-                owner_key = h.new_owner()
-            return [owner_key, chats_update(owner_key), *corpus_view()]
+        # page load: who this is, their chats, the corpus they read, what they may add
+        def on_load(request: gr.Request, profile: gr.OAuthProfile | None):
+            caller = who(request, profile)
+            greeting = (f"Signed in as **{caller.name}**{' (admin)' if caller.admin else ''}."
+                        if caller.signed_in and caller.owner != SHARED else
+                        "" if caller.signed_in else
+                        "You are trying the demo: chat over the shared library. Sign in to add your own "
+                        "documents and keep your chats.")
+            return [greeting, chats_update(caller), gr.update(visible=caller.signed_in),
+                    gr.update(visible=h.service.allow_server_paths and caller.admin),
+                    gr.update(visible=caller.admin and caller.owner != SHARED), *corpus_view(caller)]
 
-        demo.load(on_load, inputs=[owner], outputs=[owner, chat_list, *corpus_outputs])
+        demo.load(on_load, None, [signed_in, chat_list, uploads, folder, to_shared, *corpus_outputs])
 
         # chat
-        def on_ticket(owner_key):
-            return h.new_turn(owner_key)
+        def on_ticket(request: gr.Request, profile: gr.OAuthProfile | None):
+            return h.new_turn(who(request, profile))
 
-        def on_send(text, current, owner_key, ticket, *values):
-            for update in h.respond(text, current, owner_key, dict(zip(SETTING_NAMES, values)), ticket):
+        def on_send(text, current, ticket, request: gr.Request, profile: gr.OAuthProfile | None, *values):
+            caller = who(request, profile)
+            for update in h.respond(text, current, caller, dict(zip(SETTING_NAMES, values)), ticket):
                 if update.get("error"):
                     gr.Warning(update["error"])
                 panel = (show_panel(update["panel"], "", update.get("seconds")) if "panel" in update
                          else [skip()] * 4)
                 yield [update.get("history", skip()), update.get("status", skip()), update.get("message", skip()),
-                       update.get("chat_id", skip()), update.get("owner", skip()),
+                       update.get("chat_id", skip()),
                        gr.update(choices=update["chats"], value=update.get("chat_id")) if "chats" in update else skip(),
                        *panel]
 
-        chat_outputs = [chatbot, status, message, chat_id, owner, chat_list, *panel_outputs]
-        # the ticket first, outside the model's queue, so that Stop reaches a message still waiting
+        chat_outputs = [chatbot, status, message, chat_id, chat_list, *panel_outputs]
+        # the ticket first, outside the model's line (no concurrency limit), so that Stop reaches a message
+        # still waiting; queued, so that its refusal of a second message shows
         for trigger in (send.click, message.submit):
-            trigger(on_ticket, [owner], [turn], queue=False).then(
-                on_send, [message, chat_id, owner, turn, *settings], chat_outputs,
+            trigger(on_ticket, None, [turn], concurrency_limit=None).success(  # a second message is refused
+                on_send, [message, chat_id, turn, *settings], chat_outputs,
                 concurrency_id="model", concurrency_limit=1, show_progress_on=[chatbot])
 
-        def on_stop(owner_key):  # a stopped message reports where it stopped in its own last update
-            said = h.stop(owner_key)
+        def on_stop(request: gr.Request, profile: gr.OAuthProfile | None):
+            said = h.stop(who(request, profile))  # a stopped message reports where it stopped itself
             return skip() if said == "Stopping…" else said
 
-        stop.click(on_stop, [owner], [status], queue=False)
+        stop.click(on_stop, None, [status], queue=False)
 
-        def on_open(selected, owner_key):
-            view = h.open_chat(selected, owner_key)
+        def on_open(selected, request: gr.Request, profile: gr.OAuthProfile | None):
+            view = h.open_chat(selected, who(request, profile))
             if view["error"]:
                 gr.Warning(view["error"])
             return [view["history"], view["chat_id"], view["title"], "", *show_panel(view["panel"])]
 
-        chat_list.input(on_open, [chat_list, owner], [chatbot, chat_id, title, status, *panel_outputs])
+        chat_list.input(on_open, [chat_list], [chatbot, chat_id, title, status, *panel_outputs])
 
-        def on_new(owner_key):
-            return [[], None, "", "", chats_update(owner_key), *show_panel(None)]
+        def on_new(request: gr.Request, profile: gr.OAuthProfile | None):
+            return [[], None, "", "", chats_update(who(request, profile)), *show_panel(None)]
 
-        new_chat.click(on_new, [owner], [chatbot, chat_id, title, status, chat_list, *panel_outputs])
-        chatbot.clear(on_new, [owner], [chatbot, chat_id, title, status, chat_list, *panel_outputs])  # stays stored
+        new_chat.click(on_new, None, [chatbot, chat_id, title, status, chat_list, *panel_outputs])
+        chatbot.clear(on_new, None, [chatbot, chat_id, title, status, chat_list, *panel_outputs])  # stays stored
 
-        def on_rename(current, new_title, owner_key):
-            problem = h.rename_chat(current, new_title, owner_key)
+        def on_rename(current, new_title, request: gr.Request, profile: gr.OAuthProfile | None):
+            caller = who(request, profile)
+            problem = h.rename_chat(current, new_title, caller)
             if problem:
                 gr.Warning(problem)
-            return chats_update(owner_key, current)
+            return chats_update(caller, current)
 
-        rename.click(on_rename, [chat_id, title, owner], [chat_list])
+        rename.click(on_rename, [chat_id, title], [chat_list])
 
-        def on_delete(current, owner_key):
-            problem = h.delete_chat(current, owner_key)
+        def on_delete(current, request: gr.Request, profile: gr.OAuthProfile | None):
+            caller = who(request, profile)
+            problem = h.delete_chat(current, caller)
             if problem:
                 gr.Warning(problem)
-                return [skip(), skip(), skip(), skip(), chats_update(owner_key, current), *[skip()] * 4]
-            return on_new(owner_key)
+                return [skip(), skip(), skip(), skip(), chats_update(caller, current), *[skip()] * 4]
+            return [[], None, "", "", chats_update(caller), *show_panel(None)]
 
-        delete.click(on_delete, [chat_id, owner], [chatbot, chat_id, title, status, chat_list, *panel_outputs])
+        delete.click(on_delete, [chat_id], [chatbot, chat_id, title, status, chat_list, *panel_outputs])
 
-        def on_pick_message(current, owner_key, event: gr.SelectData):
+        def on_pick_message(current, event: gr.SelectData, request: gr.Request, profile: gr.OAuthProfile | None):
             index = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
-            return show_panel(h.message_panel(current, owner_key, int(index or 0)),
+            return show_panel(h.message_panel(current, who(request, profile), int(index or 0)),
                               "No passages were used for this answer.")
 
-        chatbot.select(on_pick_message, [chat_id, owner], panel_outputs)
+        chatbot.select(on_pick_message, [chat_id], panel_outputs)
 
         # compare
-        def on_compare(prompt, owner_key, *values):
-            for update in h.compare(prompt, dict(zip(SETTING_NAMES, values)), owner_key):
+        def on_compare(prompt, request: gr.Request, profile: gr.OAuthProfile | None, *values):
+            for update in h.compare(prompt, dict(zip(SETTING_NAMES, values)), who(request, profile)):
                 if update.get("error"):
                     gr.Warning(update["error"])
                 nn, sift, shared = update.get("nn"), update.get("sift"), update.get("shared", set())
@@ -265,30 +289,35 @@ def build(handlers: Handlers, *, secret: str | None = None):
                        render_coverage(nn, " "), render_passages(nn, shared), update.get("nn_answer", ""),
                        render_coverage(sift, " "), render_passages(sift, shared), update.get("sift_answer", "")]
 
-        compare_go.click(on_compare, [compare_prompt, owner, *settings],
+        compare_go.click(on_compare, [compare_prompt, *settings],
                          [compare_status, compare_chart, nn_coverage, nn_picks, nn_answer,
                           sift_coverage, sift_picks, sift_answer],
                          concurrency_id="model", concurrency_limit=1, show_progress_on=[compare_status])
 
         # corpus
-        def on_ingest(files, path, progress=gr.Progress()):
-            result = h.ingest(files, path, lambda fraction, text: progress(fraction, desc=text))
+        def on_ingest(files, path, shared, request: gr.Request, profile: gr.OAuthProfile | None,
+                      progress=gr.Progress()):
+            caller = who(request, profile)
+            result = h.ingest(files, path, lambda fraction, text: progress(fraction, desc=text), caller=caller,
+                              shared=shared)
             if result["error"]:
                 gr.Warning(result["error"])
-            return [result["report"], None, *corpus_view()]
+            return [result["report"], None, *corpus_view(caller)]
 
-        ingest_go.click(on_ingest, [uploads, folder], [ingest_report, uploads, *corpus_outputs],
+        ingest_go.click(on_ingest, [uploads, folder, to_shared], [ingest_report, uploads, *corpus_outputs],
                         concurrency_id="model", concurrency_limit=1)
 
-        def on_sample(progress=gr.Progress()):
-            result = h.add_sample(lambda fraction, text: progress(fraction, desc=text))
-            return [result["report"], *corpus_view()]
+        def on_sample(request: gr.Request, profile: gr.OAuthProfile | None, progress=gr.Progress()):
+            caller = who(request, profile)
+            result = h.add_sample(lambda fraction, text: progress(fraction, desc=text), caller=caller)
+            return [result["report"], *corpus_view(caller)]
 
         add_sample.click(on_sample, None, [ingest_report, *corpus_outputs],
                          concurrency_id="model", concurrency_limit=1)
 
-        def on_remove(path):
-            return [h.remove_document(path), *corpus_view()]
+        def on_remove(document_id, request: gr.Request, profile: gr.OAuthProfile | None):
+            caller = who(request, profile)
+            return [h.remove_document(document_id, caller), *corpus_view(caller)]
 
         remove.click(on_remove, [document], [remove_report, *corpus_outputs])
 
@@ -299,21 +328,13 @@ def build(handlers: Handlers, *, secret: str | None = None):
 # -- loading and serving -----------------------------------------------------------------------
 
 
-def app_secret(data_dir: Path) -> str:
-    """The key that encrypts each browser's private chat key in its localStorage: kept in the data
-    folder, so a browser keeps its chats across restarts."""
-    path = data_dir / "app-secret"
-    try:
-        secret = path.read_text().strip()
-        if len(secret) >= 16:
-            return secret
-    except OSError:
-        pass
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(32)
-    path.write_text(secret)
-    path.chmod(0o600)
-    return secret
+def sign_in(access: Access) -> dict:
+    """Gradio's own sign-in for a users file (its login page, a session cookie it checks on every
+    call), as keyword arguments of `mount_gradio_app` or `launch`; nothing otherwise."""
+    if access.mode != "users":
+        return {}
+    return {"auth": access.check_password,
+            "auth_message": "Sign in to sift-chat (an administrator adds users: `python -m sift_chat users add`)."}
 
 
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -324,4 +345,4 @@ def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = Fal
     """Serve the app alone, through Gradio's own server (blocks until stopped unless
     prevent_thread_lock=True). `sift_chat.server` serves it with the API instead."""
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_BYTES,
-                       show_error=True, theme=THEME, css=CSS, **kwargs)
+                       show_error=True, theme=THEME, css=CSS, **{**PRIVATE, **kwargs})

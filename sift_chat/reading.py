@@ -42,19 +42,37 @@ def shown(path: str | os.PathLike) -> str:
 
 
 def iter_files(paths: Iterable[str | os.PathLike],
-               skipped: list[tuple[str, str]] | None = None) -> Iterator[Path]:
+               skipped: list[tuple[str, str]] | None = None, *, forbidden: Iterable[str | os.PathLike] = (),
+               trusted: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Every file under `paths` (files as given, folders recursively, hidden and tool folders
     skipped), each once, in sorted order. Inside a folder, links are followed only to files in
     that folder. What is passed over for a reason a user should hear (a name that is not UTF-8, a
-    folder that cannot be listed, a link leading out or nowhere) is appended to `skipped`."""
+    folder that cannot be listed, a link leading out or nowhere) is appended to `skipped`.
+
+    Hidden files and folders (a name starting with ".") and everything in a `forbidden` folder
+    (sift-chat's own data) are never read, also when named directly; a path in a `trusted` folder
+    (the app's own copies of uploads) is read as given."""
     seen: set[Path] = set()
+    forbidden = [Path(folder).expanduser().resolve() for folder in forbidden]
+    trusted = [Path(folder).expanduser().resolve() for folder in trusted]
 
     def skip(path, reason: str) -> None:
         if skipped is not None:
             skipped.append((str(path), reason))
 
-    for root in paths:
-        root = Path(root).expanduser().resolve()
+    def within(path: Path, folders: list[Path]) -> bool:
+        return any(path == folder or folder in path.parents for folder in folders)
+
+    for given in paths:
+        root = Path(given).expanduser().resolve()
+        if not within(root, trusted):
+            as_given = Path(os.path.abspath(Path(given).expanduser()))  # a link's own name counts too
+            if any(part.startswith(".") for part in (*as_given.parts, *root.parts)):
+                skip(root, "a hidden file or folder (its name, or a folder's above it, starts with '.'): not read")
+                continue
+            if within(root, forbidden):
+                skip(root, "sift-chat's own data folder: not read")
+                continue
         if not root.is_dir():
             reason = _unfit_name(root)
             if reason:
@@ -67,7 +85,8 @@ def iter_files(paths: Iterable[str | os.PathLike],
                 for name in [f for f in folders if os.path.islink(os.path.join(folder, f))]:
                     skip(os.path.join(folder, name), "a link to a folder (not followed)")
                 folders[:] = sorted(f for f in folders if f not in SKIPPED_FOLDERS and not f.startswith(".")
-                                    and not os.path.islink(os.path.join(folder, f)))
+                                    and not os.path.islink(os.path.join(folder, f))
+                                    and Path(folder, f).resolve() not in forbidden)
                 for name in names:
                     if name.startswith("."):
                         continue

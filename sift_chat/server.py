@@ -6,7 +6,9 @@
 
 The API's routes are FastAPI's, and the Gradio app is mounted on the same web app at "/" (one
 port, one process). The port opens at once: while the models load, every path answers 503 (the
-API's in OpenAI's shape). Serving beyond loopback, the API needs `--api-key`.
+API's in OpenAI's shape). Serving beyond loopback, the app needs `--auth FILE` (sign-in; on a Space,
+Sign in with Hugging Face instead) and the API `--api-key`. On loopback, a request addressed to
+another host, or sent by a page from one, gets 403 (`sift_chat.perimeter`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import argparse
 import importlib.metadata
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+from . import perimeter
+
+from .access import QUOTA_BYTES, QUOTA_DOCUMENTS, Access, UsersFile
 
 SPACE_CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the packaged default's source, on the Hub
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+LOOPBACK = perimeter.LOOPBACK_NAMES
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> argparse.Namespace:
@@ -33,6 +39,20 @@ def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> ar
     parser.add_argument("--api-key", default=os.environ.get("SIFT_CHAT_API_KEY"),
                         help="the key /v1 requires as 'Authorization: Bearer KEY' (default: $SIFT_CHAT_API_KEY; "
                              "without one, /v1 answers only when serving on loopback)")
+    parser.add_argument("--allowed-hosts", default=os.environ.get("SIFT_CHAT_ALLOWED_HOSTS", ""),
+                        help="comma-separated host names the app is reached by; requests naming any other "
+                             "host (Host or Origin) get 403 (default: $SIFT_CHAT_ALLOWED_HOSTS; on loopback "
+                             "localhost, 127.0.0.1 and [::1] always, serving publicly no check without it)")
+    parser.add_argument("--auth", metavar="FILE", default=os.environ.get("SIFT_CHAT_AUTH"),
+                        help="users file: the app asks to sign in, and each user has their own chats and "
+                             "documents (manage it with `python -m sift_chat users`; default: $SIFT_CHAT_AUTH)")
+    parser.add_argument("--admins", default=os.environ.get("SIFT_CHAT_ADMINS", ""),
+                        help="on a Space: Hugging Face user names (comma-separated) who may change the shared "
+                             "library (default: $SIFT_CHAT_ADMINS)")
+    parser.add_argument("--quota-documents", type=int, default=QUOTA_DOCUMENTS,
+                        help="documents each user may add (default: %(default)s)")
+    parser.add_argument("--quota-mib", type=float, default=QUOTA_BYTES / 2**20,
+                        help="MiB of files each user may add (default: %(default)s)")
     parser.add_argument("--max-queue", type=int, default=16,
                         help="requests that may wait for the model; one more gets 429 (default: %(default)s)")
     parser.add_argument("--data-dir", help="store and model cache (default: $SIFT_CHAT_HOME or ~/.local/share/sift-chat)")
@@ -55,25 +75,51 @@ def default_chat_model(explicit: str | None) -> str | None:
 
 
 def serves_publicly(args: argparse.Namespace) -> bool:
-    """Reachable beyond this machine (a share link, a non-loopback address, a Space): then folders
-    on the server cannot be ingested, and /v1 needs --api-key."""
+    """Reachable beyond this machine (a share link, a non-loopback address, a Space): then the app
+    needs a sign-in and /v1 needs --api-key."""
     return args.share or args.host not in LOOPBACK or bool(os.environ.get("SPACE_ID"))
 
 
-def create_server(service, *, api_key: str | None = None, public: bool = False, secret: str | None = None):
-    """The FastAPI web app: /v1 (the API) and, mounted at /, the Gradio app; both over `service`."""
+def access_for(args: argparse.Namespace) -> Access:
+    """Who may do what here: users from --auth, Hugging Face sign-in on a Space, else the local
+    owner alone, which only loopback may be (ValueError otherwise)."""
+    if args.auth:
+        users = UsersFile(args.auth)
+        if not users.users():
+            raise ValueError(f"the users file {args.auth} has no users: add one with "
+                             f"`python -m sift_chat users add NAME --file {args.auth}`")
+        return Access("users", users)
+    if os.environ.get("SPACE_ID"):
+        return Access("space", admins=frozenset(filter(None, (n.strip() for n in args.admins.split(",")))))
+    if serves_publicly(args):
+        raise ValueError("serving beyond this machine needs sign-in: add --auth FILE (create it with "
+                         "`python -m sift_chat users add NAME --file FILE`), or serve on 127.0.0.1")
+    return Access("local")
+
+
+def create_server(service, *, api_key: str | None = None, public: bool = False, access: Access | None = None,
+                  allowed_hosts: Sequence[str] = ()):
+    """The FastAPI web app: /v1 (the API) and, mounted at /, the Gradio app; both over `service`,
+    behind the Host and Origin check of `sift_chat.perimeter`. With a users file, the app asks to
+    sign in (Gradio's login, checked against the hashes)."""
     import gradio as gr
     from fastapi import FastAPI
 
     from . import layout, ui
     from .api import ApiState, create_router
+    from .guard import PRIVATE
 
+    access = access or Access("local")
     app = FastAPI(title="sift-chat", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(perimeter.UploadLimit, max_bytes=service.max_ingest_bytes + 2**20)  # and the form's own bytes
+    hosts = perimeter.allowed_hosts(public, allowed_hosts)
+    if hosts is not None:  # the outermost: checked first
+        app.add_middleware(perimeter.HostCheck, hosts=hosts)
     app.state.api = ApiState(service, api_key=api_key, key_required=public)
     app.include_router(create_router(app.state.api))
-    demo = layout.build(ui.Handlers(service), secret=secret)
+    demo = layout.build(ui.Handlers(service), access=access)
     return gr.mount_gradio_app(app, demo, path="/", max_file_size=layout.MAX_UPLOAD_BYTES, show_error=True,
-                               theme=layout.THEME, css=layout.CSS)
+                               theme=layout.THEME, css=layout.CSS, **PRIVATE, **layout.sign_in(access))
 
 
 class WhileLoading:
@@ -140,11 +186,20 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
 
     public = serves_publicly(args)
     home = config.data_dir(args.data_dir)
+    try:
+        access = access_for(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     def load_service() -> Service:
+        from gradio.utils import get_upload_folder
+
         engine = Engine.load(home, embedder=args.embedder, chat_model=default_chat_model(args.chat_model),
                              device=args.device)
-        return Service(engine, home, allow_server_paths=not public, max_waiting=args.max_queue)
+        return Service(engine, home, allow_server_paths=not (args.share or os.environ.get("SPACE_ID")),
+                       upload_folder=get_upload_folder(), max_waiting=args.max_queue,
+                       quota_documents=args.quota_documents, quota_bytes=int(args.quota_mib * 2**20))
 
     print("sift-chat: loading the models…", file=sys.stderr, flush=True)
     if args.share:  # Gradio's own server, for its share link: the app alone, once loaded
@@ -153,13 +208,19 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         except (ValueError, RuntimeError) as error:  # our errors carry a one-line message
             print(f"error: {error}", file=sys.stderr)
             return 2
-        layout.launch(layout.build(ui.Handlers(service), secret=layout.app_secret(home)), host=args.host,
-                      port=args.port, share=True)
+        from starlette.middleware import Middleware
+
+        limit = Middleware(perimeter.UploadLimit, max_bytes=service.max_ingest_bytes + 2**20)
+        layout.launch(layout.build(ui.Handlers(service), access=access), host=args.host, port=args.port,
+                      share=True, app_kwargs={"middleware": [limit]}, **layout.sign_in(access))
         return 0
     import uvicorn
 
+    allowed = [name for name in args.allowed_hosts.split(",") if name.strip()]
+
     def load() -> Any:
-        app = create_server(load_service(), api_key=args.api_key, public=public, secret=layout.app_secret(home))
+        app = create_server(load_service(), api_key=args.api_key, public=public, access=access,
+                            allowed_hosts=allowed)
         print(f"sift-chat: the app on http://{args.host}:{args.port}/ and the API on "
               f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
         return app
@@ -170,8 +231,12 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         failures.append(error)
         server.should_exit = True
 
-    server = uvicorn.Server(uvicorn.Config(WhileLoading(load, failed), host=args.host, port=args.port,
-                                           log_level="warning", lifespan="on"))
+    web_app = WhileLoading(load, failed)
+    hosts = perimeter.allowed_hosts(public, allowed)
+    if hosts is not None:  # the loading page too
+        web_app = perimeter.HostCheck(web_app, hosts)
+    server = uvicorn.Server(uvicorn.Config(web_app, host=args.host, port=args.port, log_level="warning",
+                                           lifespan="on"))
     server.run()
     if failures:
         error = failures[0]

@@ -6,19 +6,21 @@
     compare    one prompt, NN and SIFT: selected once each, both answers, nothing stored
     ingest     uploads and folders into the corpus, with a report of what was skipped and why
 
+Every call names its caller (`access.Caller`, which the shell got from the server's side of the
+request): a caller sees their own chats, and selects from their own documents and the shared
+library; a visitor who has not signed in chats over the shared library, and nothing is stored.
 The shells turn the events below into what they show; nothing here knows about Gradio, argparse
 or HTTP. The engine holds no per-request state: settings travel with each call.
 """
 
 from __future__ import annotations
 
-import secrets
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .access import QUOTA_BYTES, QUOTA_DOCUMENTS, SHARED, Caller
 from .adaptation import AdaptationSettings
 from .corpus import DEFAULT_MAX_FILE_BYTES, IngestProgress, IngestReport, ingest
 from .engine import ChatSettings, Done, Engine, Event, Notice, Prompted, Selected, Stage, Step, Token
@@ -26,9 +28,11 @@ from .panel import Panel
 from .record import AnswerRecord
 from .store import Store, StoreError
 from .turns import Kept, Turn, TurnQueue
+from .uploads import collection_folder, private_copy, quota_refusal, safe_name, upload_refusal
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
 MAX_UPLOAD_BYTES = DEFAULT_MAX_FILE_BYTES  # 32 MiB, as the corpus stage reads at most
+MAX_INGEST_FILES, MAX_INGEST_BYTES = 100, 64 * 2**20  # the uploads one ingest takes: bounded work per request
 TITLE_CHARACTERS = 60
 
 
@@ -94,14 +98,21 @@ class Service:
     """Everything sift-chat does, over one engine (one per process) and one line for it."""
 
     def __init__(self, engine: Engine, data_dir: str | Path, *, allow_server_paths: bool = True,
+                 upload_folder: str | Path | None = None,
                  sample_corpus: Path | None = SAMPLE_CORPUS, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-                 max_waiting: int = 16):
+                 max_waiting: int = 16, quota_documents: int = QUOTA_DOCUMENTS, quota_bytes: int = QUOTA_BYTES):
+        """`allow_server_paths`: admins may ingest folders on the server; `upload_folder`: where
+        the web server puts uploads (Gradio's), the only place an upload is read from (None:
+        uploads are refused); the quota bounds each user's own documents."""
         self.engine = engine
         self.data_dir = Path(data_dir)
-        self.uploads = self.data_dir / "uploads"
+        self.uploads = self.data_dir / "uploads"  # the copies, one folder per collection
+        self.upload_folder = Path(upload_folder).resolve() if upload_folder else None
         self.allow_server_paths = allow_server_paths
+        self.quota_documents, self.quota_bytes = quota_documents, quota_bytes
         self.sample_corpus = sample_corpus if sample_corpus and Path(sample_corpus).is_dir() else None
         self.max_upload_bytes = max_upload_bytes
+        self.max_ingest_files, self.max_ingest_bytes = MAX_INGEST_FILES, MAX_INGEST_BYTES
         self.queue = TurnQueue(max_waiting)
         self.last_turn: dict[str, Turn] = {}  # each owner's latest finished turn, for Stop's answer
 
@@ -113,29 +124,24 @@ class Service:
     def base_adaptation(self) -> AdaptationSettings:
         return self.engine.default_adaptation
 
-    # -- owners and chats ------------------------------------------------------------------
+    # -- chats -----------------------------------------------------------------------------
 
-    @staticmethod
-    def new_owner() -> str:
-        """A random private key: the owner of a browser's chats."""
-        return secrets.token_urlsafe(24)
+    def chats(self, caller: Caller) -> list[tuple[str, int]]:
+        """(title, id) of the caller's chats, the most recently used first."""
+        return [(chat["title"], chat["id"]) for chat in self.store.chats(caller.owner)] if caller.signed_in else []
 
-    def chats(self, owner: str) -> list[tuple[str, int]]:
-        """(title, id) of the owner's chats, the most recently used first."""
-        return [(chat["title"], chat["id"]) for chat in self.store.chats(owner)] if isinstance(owner, str) else []
-
-    def own_chat(self, chat_id, owner) -> dict | None:
-        """The chat if it exists and belongs to `owner`, else None."""
-        if chat_id is None or not isinstance(owner, str):
+    def own_chat(self, chat_id, caller: Caller) -> dict | None:
+        """The chat if it exists and belongs to the caller, else None."""
+        if chat_id is None or not caller.signed_in:
             return None
         try:
             chat = self.store.chat(int(chat_id))
         except (TypeError, ValueError, OverflowError):
             return None
-        return chat if chat and chat["owner"] == owner else None
+        return chat if chat and chat["owner"] == caller.owner else None
 
-    def open_chat(self, chat_id, owner) -> ChatView | None:
-        chat = self.own_chat(chat_id, owner)
+    def open_chat(self, chat_id, caller: Caller) -> ChatView | None:
+        chat = self.own_chat(chat_id, caller)
         if chat is None:
             return None
         messages = self.store.messages(chat["id"])
@@ -149,22 +155,22 @@ class Service:
         return Panel.from_stored(AnswerRecord.from_json(message.get("record")), rows,
                                  self.store.passages(r["passage_id"] for r in rows))
 
-    def message_panel(self, chat_id, owner, index: int) -> Panel | None:
+    def message_panel(self, chat_id, caller: Caller, index) -> Panel | None:
         """The panel of the answer at position `index` of the chat; for a question, the answer after it."""
-        chat = self.own_chat(chat_id, owner)
-        if chat is None:
+        chat = self.own_chat(chat_id, caller)
+        if chat is None or not isinstance(index, int):
             return None
-        for message in self.store.messages(chat["id"])[max(int(index), 0):]:
+        for message in self.store.messages(chat["id"])[max(index, 0):]:
             if message["role"] == "assistant":
                 return self.answer_panel(message)
         return None
 
-    def rename_chat(self, chat_id, title: str, owner) -> str:
+    def rename_chat(self, chat_id, title: str, caller: Caller) -> str:
         """'' when renamed, else why not."""
-        title = one_line(title or "", 80)
+        title = one_line(title if isinstance(title, str) else "", 80)
         if not title:
             return "Give the chat a title."
-        if self.own_chat(chat_id, owner) is None:
+        if self.own_chat(chat_id, caller) is None:
             return "Open one of your chats first."
         try:
             self.store.rename_chat(int(chat_id), title)
@@ -172,9 +178,9 @@ class Service:
             return str(error)
         return ""
 
-    def delete_chat(self, chat_id, owner) -> str:
+    def delete_chat(self, chat_id, caller: Caller) -> str:
         """'' when deleted, else why not."""
-        if self.own_chat(chat_id, owner) is None:
+        if self.own_chat(chat_id, caller) is None:
             return "Open one of your chats first."
         try:
             self.store.delete_chat(int(chat_id))
@@ -199,16 +205,19 @@ class Service:
             kept = recent.kept
         return sum(k is None for k in results), kept
 
-    def chat_turn(self, turn: Turn, prompt: str, chat_id, owner: str, chat: ChatSettings,
+    def chat_turn(self, turn: Turn, prompt: str, chat_id, caller: Caller, chat: ChatSettings,
                   adaptation: AdaptationSettings | None = None) -> Iterator[TurnEvent]:
-        """One message in the owner's chat `chat_id` (a new chat when it is None or not theirs):
+        """One message in the caller's chat `chat_id` (a new chat when it is None or not theirs):
         the engine's events, then Answered and Stored; or Stopped, with nothing stored. A new
-        chat is created in the same transaction as its first exchange."""
-        existing = self.own_chat(chat_id, owner)
+        chat is created in the same transaction as its first exchange. A visitor's exchange is
+        answered and not stored (Stored(None, None))."""
+        existing = self.own_chat(chat_id, caller)
         history = [{"role": m["role"], "content": m["content"]}
                    for m in (self.store.messages(existing["id"]) if existing else [])]
 
         def store(answered: Answered) -> Kept:
+            if not caller.signed_in:
+                return Kept(None, None)
             record = asdict(answered.record)
             picks = [{"step": p["step"], "passage_id": p["passage_id"], "similarity": p["similarity"],
                       "posterior_variance": p["posterior_variance"],
@@ -219,11 +228,11 @@ class Service:
                 message_id = self.store.record_exchange(existing["id"], prompt.strip(), answered.answer,
                                                         record, picks)
                 return Kept(existing["id"] if message_id is not None else None, message_id)
-            started = self.store.start_chat(one_line(prompt, TITLE_CHARACTERS), owner, prompt.strip(),
+            started = self.store.start_chat(one_line(prompt, TITLE_CHARACTERS), caller.owner, prompt.strip(),
                                             answered.answer, record, picks)
             return Kept(*started) if started else Kept(None, None)  # None: a read-only store
 
-        for event in self.run(turn, prompt, history, chat, adaptation):
+        for event in self.run(turn, prompt, history, chat, adaptation, caller=caller):
             if isinstance(event, Answered):  # stored while the turn is still open: Stop sees it
                 kept = turn.keep(lambda: store(event))
                 yield event
@@ -232,16 +241,17 @@ class Service:
                 yield event
 
     def run(self, turn: Turn, prompt: str, history: list[dict], chat: ChatSettings,
-            adaptation: AdaptationSettings | None = None) -> Iterator[TurnEvent]:
-        """Wait for the model, then answer: Waiting while in the line, the engine's events, and
-        Answered; or Stopped when the turn is stopped (checked after every event). The engine's
-        errors propagate. Always leaves the line, and the model at base."""
+            adaptation: AdaptationSettings | None = None, *, caller: Caller) -> Iterator[TurnEvent]:
+        """Wait for the model, then answer from the caller's documents and the shared library:
+        Waiting while in the line, the engine's events, and Answered; or Stopped when the turn is
+        stopped (checked after every event). The engine's errors propagate. Always leaves the
+        line, and the model at base."""
         try:
             for event in self._wait(turn):
                 yield event
                 if isinstance(event, Stopped):
                     return
-            yield from self._answer(turn, prompt, history, chat, adaptation)
+            yield from self._answer(turn, prompt, history, chat, adaptation, owners=caller.readable)
         finally:
             self._leave(turn)
 
@@ -263,9 +273,10 @@ class Service:
             self.last_turn[turn.owner] = turn
 
     def _answer(self, turn: Turn, prompt: str, history: list[dict], chat: ChatSettings,
-                adaptation: AdaptationSettings | None, selected: Selected | None = None) -> Iterator[TurnEvent]:
+                adaptation: AdaptationSettings | None, selected: Selected | None = None,
+                owners: tuple[str, ...] = ()) -> Iterator[TurnEvent]:
         where = "before it started"
-        stream = self.engine.respond(prompt, history, chat, adaptation=adaptation, selected=selected)
+        stream = self.engine.respond(prompt, history, chat, adaptation=adaptation, selected=selected, owners=owners)
         panel, notices = None, []
         try:
             for event in stream:
@@ -306,14 +317,15 @@ class Service:
         return replace(chat, mode="both") if chat.mode in ("off", "context") else chat
 
     def compare(self, turn: Turn, prompt: str, chat: ChatSettings,
-                adaptation: AdaptationSettings | None = None) -> Iterator[tuple[str, TurnEvent]]:
-        """NN and SIFT on one prompt, as (method, event) pairs: both selections first (each made
-        once, shown side by side), then each answer made from its selection. Nothing is stored.
-        Mode "off" compares fine-tuning. Holds the model for the whole comparison."""
-        prompt = (prompt or "").strip()
+                adaptation: AdaptationSettings | None = None, *, caller: Caller) -> Iterator[tuple[str, TurnEvent]]:
+        """NN and SIFT on one prompt, over the caller's documents and the shared library, as
+        (method, event) pairs: both selections first (each made once, shown side by side), then
+        each answer made from its selection. Nothing is stored. Mode "off" compares fine-tuning.
+        Holds the model for the whole comparison."""
+        prompt = (prompt or "").strip() if isinstance(prompt, str) else ""
         if not prompt:
             raise ValueError("the prompt is empty: type a question")
-        if self.store.passage_count() == 0:
+        if self.store.passage_count(caller.readable) == 0:
             raise ValueError("the corpus is empty: add documents first")
         chat = self.compared(chat)
         try:
@@ -322,11 +334,13 @@ class Service:
                 if isinstance(event, Stopped):
                     return
             query = self.engine.embed(prompt)
-            selections = {method: self.engine.select(query, chat, method) for method in ("nn", "sift")}
+            selections = {method: self.engine.select(query, chat, method, owners=caller.readable)
+                          for method in ("nn", "sift")}
             for method, selected in selections.items():
                 yield method, selected
             for method, selected in selections.items():
-                for event in self._answer(turn, prompt, [], replace(chat, method=method), adaptation, selected):
+                for event in self._answer(turn, prompt, [], replace(chat, method=method), adaptation, selected,
+                                          caller.readable):
                     yield method, event
                     if isinstance(event, Stopped):
                         return
@@ -335,76 +349,131 @@ class Service:
 
     # -- the corpus ------------------------------------------------------------------------
 
+    def documents(self, caller: Caller) -> list[dict]:
+        """The documents the caller reads: the shared library's and their own, by path."""
+        return self.store.documents(caller.readable)
+
     def offers_sample(self) -> bool:
-        return self.sample_corpus is not None and self.store.passage_count() == 0
+        """The sample corpus may be added (by anyone) while the shared library is empty."""
+        return self.sample_corpus is not None and self.store.passage_count([SHARED]) == 0
 
     def ingest(self, uploads: list | None = None, folder: str | None = None,
-               progress: Callable[[IngestProgress], None] | None = None) -> IngestOutcome:
-        """Ingest uploaded files (copied into the data folder first) and a folder or file on the
-        server (where that is allowed). Reads only what it was given."""
-        uploads = [u for u in (uploads or []) if u]
-        folder = (folder or "").strip()
+               progress: Callable[[IngestProgress], None] | None = None, *, caller: Caller,
+               shared: bool = False) -> IngestOutcome:
+        """Ingest uploaded files (copied into the data folder first, owner-only) and a folder or
+        file on the server, into the caller's own documents (`shared`: the shared library, for
+        admins). Reads only what it was given: uploads from the upload folder, server paths only
+        for an admin where they are allowed; hidden files and the data folder never."""
+        uploads = [u for u in uploads if u] if isinstance(uploads, (list, tuple)) else []
+        folder = folder.strip() if isinstance(folder, str) else ""
         if not uploads and not folder:
             return IngestOutcome(None, error="Choose files to upload (or give a folder) first.")
-        paths, skipped = [], []
-        for upload in uploads:
-            source = Path(getattr(upload, "name", upload))
-            name = safe_name(source.name)
-            try:
-                size = source.stat().st_size
-                if size > self.max_upload_bytes:
-                    skipped.append((name, f"too large ({size / 2**20:.1f} MiB > {self.max_upload_bytes / 2**20:.0f} MiB)"))
-                    continue
-                self.uploads.mkdir(parents=True, exist_ok=True)
-                target = self.uploads / name
-                shutil.copyfile(source, target)
-                paths.append(target)
-            except OSError as error:
-                skipped.append((name, f"cannot read the upload: {error.strerror or error}"))
+        if not caller.signed_in:
+            return IngestOutcome(None, error="Sign in to add documents: visitors chat over the shared library.")
+        if shared and not caller.admin:
+            return IngestOutcome(None, error="Only admins change the shared library.")
+        owner = SHARED if shared else caller.collection
+        roots = []
         if folder:
             if not self.allow_server_paths:
                 return IngestOutcome(None, error="Ingesting folders on the server is turned off here: upload files instead.")
+            if not caller.admin:
+                return IngestOutcome(None, error="Only admins ingest folders on the server: upload files instead.")
             path = Path(folder).expanduser()
             if not path.exists():
                 return IngestOutcome(None, error=f"No such file or folder: {folder}")
-            paths.append(path)
-        return self._ingest(paths, skipped, progress)
+            if self.data_dir.resolve() in (path.resolve(), *path.resolve().parents):
+                return IngestOutcome(None, error="That is sift-chat's own data folder: it is never ingested.")
+            roots.append(path)
+        given, skipped = [], []
+        for upload in uploads:
+            name = getattr(upload, "name", upload)  # a path, or a file object with one
+            source = Path(name) if isinstance(name, str) else None
+            refusal = upload_refusal(source, self.upload_folder, self.max_upload_bytes)
+            if refusal:
+                skipped.append((safe_name(source.name) if source else "upload", refusal))
+            else:
+                given.append(source)
+        given, over = within_one_ingest(given, self.max_ingest_files, self.max_ingest_bytes)
+        skipped += over
+        copies = {self.uploads / collection_folder(owner) / safe_name(source.name): source for source in given}
+        problem = quota_refusal(self.store, owner, {copy: source.stat().st_size for copy, source in copies.items()},
+                                roots, [self.data_dir], self.quota_documents, self.quota_bytes)
+        if problem:
+            return IngestOutcome(None, skipped, problem)
+        paths = []
+        for copy, source in copies.items():
+            try:
+                paths.append(private_copy(source, copy))
+            except OSError as error:
+                skipped.append((safe_name(source.name), f"cannot read the upload: {error.strerror or error}"))
+        return self._ingest(paths + roots, skipped, progress, owner)
 
-    def add_sample(self, progress: Callable[[IngestProgress], None] | None = None) -> IngestOutcome:
+    def add_sample(self, progress: Callable[[IngestProgress], None] | None = None, *,
+                   caller: Caller) -> IngestOutcome:
+        """The sample corpus into the shared library: by an admin, or by anyone while it is empty."""
         if self.sample_corpus is None:
             return IngestOutcome(None, error="The sample corpus is not here.")
-        return self._ingest([self.sample_corpus], [], progress)
+        if not (caller.admin or self.offers_sample()):
+            return IngestOutcome(None, error="Only admins change the shared library.")
+        return self._ingest([self.sample_corpus], [], progress, SHARED)
 
-    def _ingest(self, paths: list[Path], skipped: list[tuple[str, str]], progress) -> IngestOutcome:
+    def _ingest(self, paths: list[Path], skipped: list[tuple[str, str]], progress, owner: str) -> IngestOutcome:
         if not paths:
             return IngestOutcome(None, skipped, "Nothing could be ingested.")
         try:
             report = ingest(self.store, self.engine.embedder, paths, embedder_name=self.engine.embedder_name,
-                            progress=False, on_progress=progress)
+                            progress=False, on_progress=progress, owner=owner, forbidden=[self.data_dir],
+                            trusted=[self.uploads, *([self.sample_corpus] if self.sample_corpus else [])])
         except Exception as error:  # each document is written in one transaction: nothing half-stored
             return IngestOutcome(None, skipped, f"The ingest failed: {first_line(error)}. Documents stored before are kept.")
         for path, _ in report.skipped:  # an unreadable upload is not kept
-            if Path(path).parent == self.uploads.resolve():
+            if self.uploads.resolve() in Path(path).parents:
                 Path(path).unlink(missing_ok=True)
         nothing = report.ingested == 0 and not report.unchanged
         return IngestOutcome(report, skipped, "Nothing could be ingested." if nothing else "")
 
-    def remove_document(self, path: str) -> bool:
-        """Remove the document (its passages and vectors go with it, and an uploaded copy).
-        StoreError (one line) when the store is read-only or another process kept it locked."""
-        removed = self.store.remove([path])
-        if removed and Path(path).parent == self.uploads.resolve():
-            Path(path).unlink(missing_ok=True)
-        return bool(removed)
+    def remove_document(self, document_id, caller: Caller) -> str:
+        """Remove the document (its passages and vectors go with it, and an uploaded copy): ''
+        when removed, else why not. One's own documents; the shared library's as an admin."""
+        try:
+            document = self.store.document_by_id(int(document_id))
+        except (TypeError, ValueError, OverflowError):
+            document = None
+        if document is None or document["owner"] not in caller.readable:
+            return "That document is not in the corpus."
+        if not caller.may_change(document["owner"]):
+            return ("Only admins change the shared library." if caller.signed_in
+                    else "Sign in to change documents: visitors chat over the shared library.")
+        try:
+            removed = self.store.remove([document["path"]], document["owner"])
+        except StoreError as error:  # read-only, or another process kept the store locked
+            return str(error)
+        if removed and self.uploads.resolve() in Path(document["path"]).parents:
+            Path(document["path"]).unlink(missing_ok=True)
+        return "" if removed else "That document is not in the corpus."
+
+
+def within_one_ingest(sources: list[Path], max_files: int, max_bytes: int) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files one ingest takes, in the order given, while they fit together in `max_files`
+    files and `max_bytes`; the rest as (name, why) skipped. A file that cannot be measured is
+    taken: its reading fails later with its own reason."""
+    taken, skipped, used = [], [], 0
+    for source in sources:
+        try:
+            size = source.stat().st_size
+        except OSError:
+            size = 0
+        if len(taken) >= max_files or used + size > max_bytes:
+            skipped.append((safe_name(source.name), f"over what one ingest takes ({max_files} files, "
+                                                    f"{max_bytes / 2**20:.0f} MiB): add it in another"))
+        else:
+            taken.append(source)
+            used += size
+    return taken, skipped
 
 
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
-
-def safe_name(name: str) -> str:
-    import re
-
-    name = re.sub(r"[^\w.\- ]+", "_", Path(name).name).strip(" .") or "upload"
-    return name[:120]

@@ -13,6 +13,9 @@ database, damaged, or disagreeing with SQLite is rebuilt from the embeddings in 
 failed check is reported once). A document is written in one transaction: a killed ingest leaves
 each document fully in or absent. Writers take SQLite's write lock before they read (BEGIN
 IMMEDIATE), so two processes writing at once queue instead of failing.
+
+Each document has an owner (`access`: '' is the shared library); a search may be limited to some
+owners' passages, which the index then skips during the search itself.
 """
 
 from __future__ import annotations
@@ -33,26 +36,31 @@ from typing import Iterable
 import numpy as np
 import sqlite_utils
 
+from .access import SHARED
 from .vector_index import IndexGone, IndexMismatch, VectorIndex, saved_indexes
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: documents have an owner ('' = the shared library)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT
-);
-CREATE TABLE IF NOT EXISTS documents (
+DOCUMENT_COLUMNS = """(
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    path TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL DEFAULT '',  -- whose document: '' the shared library, else a user's (`access`)
+    path TEXT NOT NULL,
     content_hash TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime REAL NOT NULL,
     passage_count INTEGER NOT NULL,
-    ingested_at TEXT NOT NULL
+    ingested_at TEXT NOT NULL,
+    UNIQUE (owner, path)  -- one path may be two users' documents
+)"""
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT
 );
+CREATE TABLE IF NOT EXISTS documents {DOCUMENT_COLUMNS};
 CREATE TABLE IF NOT EXISTS passages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so an index label means one passage
     document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
@@ -67,7 +75,7 @@ CREATE INDEX IF NOT EXISTS passages_by_document ON passages(document_id);
 CREATE INDEX IF NOT EXISTS passages_by_text ON passages(text);  -- a copied passage reuses its vector
 CREATE TABLE IF NOT EXISTS chats (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    owner TEXT NOT NULL DEFAULT '',  -- whose chat: '' on the CLI, a browser's private key in the app
+    owner TEXT NOT NULL DEFAULT '',  -- whose chat: '' the local owner (and the CLI), else a user (`access`)
     title TEXT NOT NULL,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
@@ -92,6 +100,14 @@ CREATE TABLE IF NOT EXISTS selections (  -- one row per pick of the passages an 
     PRIMARY KEY (message_id, step)
 );
 """
+
+
+def _owned_by(owners: Iterable[str] | None) -> tuple[str, list[str]]:
+    """The WHERE clause (over documents as `d`) that keeps these owners' documents; all when None."""
+    if owners is None:
+        return "", []
+    owners = list(dict.fromkeys(owners))
+    return (f"WHERE d.owner IN ({','.join('?' * len(owners))})", owners) if owners else ("WHERE 0", [])
 
 
 def _in_chunks(ids: list[int], size: int = 500):
@@ -136,6 +152,7 @@ class NewDocument:
     mtime: float
     passages: list[NewPassage]
     embeddings: np.ndarray  # (len(passages), dim) float32
+    owner: str = SHARED
 
 
 @dataclass(frozen=True)
@@ -191,11 +208,36 @@ class Store:
                 self.db.executescript(SCHEMA)
                 if self.meta("schema_version") is None:
                     self.set_meta(schema_version=SCHEMA_VERSION, passages_version=0)
+                self._migrate()
+            elif "owner" not in {row[1] for row in self.db.execute("PRAGMA table_info(documents)")}:
+                raise StoreError(f"the store {self.folder} was made by an older sift-chat and is read-only here: "
+                                 "open it once where it can be written, to upgrade it")
         except sqlite3.OperationalError as error:
             raise StoreError(_busy_or(error, f"cannot open the store {database}", busy_timeout)) from None
         self.index: VectorIndex | None = None
         self._index_version = -1
+        self._owner_of: dict[int, str] = {}  # passage id → its document's owner, in step with the index
         self._sync_index()
+
+    def _migrate(self) -> None:
+        """Schema 1 → 2: documents get an owner, and the documents there become the shared library;
+        chats kept under a browser's key (the app before sign-in) become the local owner's. One
+        transaction; the table is rebuilt (SQLite cannot change a UNIQUE constraint in place)."""
+        if int(self.meta("schema_version") or SCHEMA_VERSION) >= 2:
+            return
+        self.db.execute("PRAGMA foreign_keys = OFF")  # dropping the old table must not cascade to passages
+        try:
+            with self._writing():
+                if "owner" not in {row[1] for row in self.db.execute("PRAGMA table_info(documents)")}:
+                    columns = "id, path, content_hash, size, mtime, passage_count, ingested_at"
+                    self.db.execute(f"CREATE TABLE documents_v2 {DOCUMENT_COLUMNS}")
+                    self.db.execute(f"INSERT INTO documents_v2 ({columns}) SELECT {columns} FROM documents")
+                    self.db.execute("DROP TABLE documents")
+                    self.db.execute("ALTER TABLE documents_v2 RENAME TO documents")
+                    self.db.execute("UPDATE chats SET owner = ''")
+                self._set_meta(schema_version=SCHEMA_VERSION)
+        finally:
+            self.db.execute("PRAGMA foreign_keys = ON")
 
     def _connect(self, database: Path) -> sqlite3.Connection:
         if not self.read_only:
@@ -298,29 +340,50 @@ class Store:
     # -- counts and reads -----------------------------------------------------------------
 
     @_serialized
-    def document_count(self) -> int:
-        return self.db.execute("SELECT count(*) FROM documents").fetchone()[0]
+    def document_count(self, owners: Iterable[str] | None = None) -> int:
+        where, values = _owned_by(owners)
+        return self.db.execute(f"SELECT count(*) FROM documents d {where}", values).fetchone()[0]
 
     @_serialized
-    def passage_count(self) -> int:
-        return self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
+    def passage_count(self, owners: Iterable[str] | None = None) -> int:
+        """Every passage, or those of the documents of these owners."""
+        if owners is None:
+            return self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
+        where, values = _owned_by(owners)
+        return self.db.execute(f"SELECT coalesce(sum(passage_count), 0) FROM documents d {where}",
+                               values).fetchone()[0]
 
     @_serialized
-    def document(self, path: str) -> dict | None:
-        rows = list(self.db.query("SELECT * FROM documents WHERE path = ?", [path]))
+    def usage(self, owner: str) -> tuple[int, int]:
+        """(documents, bytes) of one owner's documents."""
+        count, size = self.db.execute("SELECT count(*), coalesce(sum(size), 0) FROM documents WHERE owner = ?",
+                                      [owner]).fetchone()
+        return count, size
+
+    @_serialized
+    def document(self, path: str, owner: str = SHARED) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM documents WHERE owner = ? AND path = ?", [owner, path]))
         return rows[0] if rows else None
 
     @_serialized
-    def documents(self) -> list[dict]:
-        return list(self.db.query("SELECT * FROM documents ORDER BY path"))
+    def document_by_id(self, document_id: int) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM documents WHERE id = ?", [document_id]))
+        return rows[0] if rows else None
 
     @_serialized
-    def documents_under(self, given: str | os.PathLike) -> list[str]:
-        """The stored paths a user means by `given`: that file, or every file under that folder,
-        by the path as given (a link inside an ingested folder is stored under its own path), else
-        by the path it resolves to (a file or folder given directly is stored resolved)."""
+    def documents(self, owners: Iterable[str] | None = None) -> list[dict]:
+        """Every document, or those of these owners, by path."""
+        where, values = _owned_by(owners)
+        return list(self.db.query(f"SELECT * FROM documents d {where} ORDER BY path, owner", values))
+
+    @_serialized
+    def documents_under(self, given: str | os.PathLike, owner: str = SHARED) -> list[str]:
+        """The stored paths a user means by `given` among `owner`'s documents: that file, or every
+        file under that folder, by the path as given (a link inside an ingested folder is stored
+        under its own path), else by the path it resolves to (a file or folder given directly is
+        stored resolved)."""
         given = Path(given).expanduser()
-        stored = [d["path"] for d in self.documents()]
+        stored = [d["path"] for d in self.documents([owner])]
         for spelling in dict.fromkeys([os.path.abspath(given), str(given.resolve())]):
             folder = spelling.rstrip(os.sep) + os.sep
             matches = [path for path in stored if path == spelling or path.startswith(folder)]
@@ -345,12 +408,16 @@ class Store:
         return found
 
     @_serialized
-    def embeddings(self, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) from SQLite, for the given ids or for every passage, in id order."""
+    def embeddings(self, ids: Iterable[int] | None = None,
+                   owners: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) from SQLite, for the given ids, or for every passage (of these owners'
+        documents), in id order."""
         dimension = self.dimension or 0
         if ids is None:
-            count = self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
-            batches = [(self.db.execute("SELECT id, embedding FROM passages ORDER BY id"), count)]
+            where, values = _owned_by(owners)
+            count = self.passage_count(owners)
+            batches = [(self.db.execute(f"SELECT p.id, p.embedding FROM passages p JOIN documents d "
+                                        f"ON d.id = p.document_id {where} ORDER BY p.id", values), count)]
         else:
             wanted = sorted(int(i) for i in ids)
             batches = [(self.db.execute(f"SELECT id, embedding FROM passages WHERE id IN ({marks}) ORDER BY id",
@@ -390,13 +457,13 @@ class Store:
         with self._writing():
             self.check_embedder(embedder, dimension)
             for document in documents:
-                found = self._delete_document(document.path)
+                found = self._delete_document(document.path, document.owner)
                 if found is not None:
                     removed.append(found)
                 cursor = self.db.execute(
-                    "INSERT INTO documents (path, content_hash, size, mtime, passage_count, ingested_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    [document.path, document.content_hash, document.size, document.mtime,
+                    "INSERT INTO documents (owner, path, content_hash, size, mtime, passage_count, ingested_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [document.owner, document.path, document.content_hash, document.size, document.mtime,
                      len(document.passages), _now()],
                 )
                 document_id = cursor.lastrowid
@@ -410,25 +477,25 @@ class Store:
                          passage.token_count, passage.text, vector.tobytes()],
                     )
                     ids.append(cursor.lastrowid)
-                added.append((np.asarray(ids, dtype=np.int64), vectors))
+                added.append((np.asarray(ids, dtype=np.int64), vectors, document.owner))
             version = self._bump_version(embedder=embedder, dimension=dimension)
         self._index_after_write(version, removed, added)
 
     @_serialized
-    def touch_document(self, path: str, mtime: float) -> None:
+    def touch_document(self, path: str, mtime: float, owner: str = SHARED) -> None:
         """Record a new mtime for a document whose content did not change."""
         if self.read_only:
             return  # only a hint that spares the next ingest a hash
         with self._writing():
-            self.db.execute("UPDATE documents SET mtime = ? WHERE path = ?", [mtime, path])
+            self.db.execute("UPDATE documents SET mtime = ? WHERE owner = ? AND path = ?", [mtime, owner, path])
 
     @_serialized
-    def remove(self, paths: Iterable[str]) -> list[str]:
-        """Remove these documents, their passages and their vectors; return the paths removed."""
+    def remove(self, paths: Iterable[str], owner: str = SHARED) -> list[str]:
+        """Remove these documents of `owner`, their passages and their vectors; return the paths removed."""
         removed_paths, removed = [], []
         with self._writing():
             for path in paths:
-                found = self._delete_document(path)
+                found = self._delete_document(path, owner)
                 if found is not None:
                     removed_paths.append(path)
                     removed.append(found)
@@ -455,10 +522,10 @@ class Store:
         self._set_meta(passages_version=version, **meta)
         return version
 
-    def _delete_document(self, path: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """Inside a write: delete the document at `path`; the (ids, vectors) of its passages, or
-        None when there is no such document."""
-        row = self.db.execute("SELECT id FROM documents WHERE path = ?", [path]).fetchone()
+    def _delete_document(self, path: str, owner: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Inside a write: delete `owner`'s document at `path`; the (ids, vectors) of its passages,
+        or None when there is no such document."""
+        row = self.db.execute("SELECT id FROM documents WHERE owner = ? AND path = ?", [owner, path]).fetchone()
         if row is None:
             return None
         rows = self.db.execute("SELECT id, embedding FROM passages WHERE document_id = ? ORDER BY id",
@@ -476,9 +543,11 @@ class Store:
         (and say why, once, when a saved file was there and failed its checks)."""
         if self.passages_version == self._index_version:
             return
-        with self._snapshot():  # the version and the vectors of one and the same state
+        with self._snapshot():  # the version, the vectors and their owners of one and the same state
             version = self.passages_version
             ids, vectors = self.embeddings()
+            self._owner_of = dict(self.db.execute(
+                "SELECT p.id, d.owner FROM passages p JOIN documents d ON d.id = p.document_id").fetchall())
         if len(ids) == 0:
             self.index, self._index_version = None, version
             return
@@ -513,12 +582,15 @@ class Store:
             self.index = VectorIndex.empty(int(added[0][1].shape[1]), version - 1)
         for ids, vectors in removed:
             self.index.remove(ids, vectors)
+            for passage_id in ids.tolist():
+                self._owner_of.pop(passage_id, None)
         if self.index.mostly_tombstones():
             self._index_version = -1
             self._sync_index()
             return
-        for ids, vectors in added:
+        for ids, vectors, owner in added:
             self.index.add(ids, vectors)
+            self._owner_of.update(dict.fromkeys(ids.tolist(), owner))
         self.index.version = self._index_version = version
         self._save_index()
 
@@ -619,23 +691,33 @@ class Store:
     # -- search ---------------------------------------------------------------------------
 
     @_serialized
-    def nearest(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The k passages most similar to `query` (cosine): (ids, similarities, vectors), best first.
+    def nearest(self, query: np.ndarray, k: int,
+                owners: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The k passages most similar to `query` (cosine): (ids, similarities, vectors), best first;
+        only passages of these owners' documents when `owners` is given. The index skips every
+        other passage during the search (hnswlib's filter), so k of the caller's passages come
+        back however many nearer ones belong to others.
 
-        When the store holds at most k passages, every passage is returned (exact).
+        When the store holds at most k such passages, every one is returned (exact).
         """
         self._sync_index()
         query = np.asarray(query, dtype=np.float32).reshape(-1)
+        empty = np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, len(query)), np.float32)
         if self.index is None or k <= 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, len(query)), np.float32)
+            return empty
         if self.dimension and len(query) != self.dimension:
             raise StoreError(f"the query has dimension {len(query)}, the store {self.dimension}")
-        if k >= self.passage_count():
-            ids, vectors = self.embeddings()
+        owners = None if owners is None else set(owners)
+        available = self.passage_count(owners)
+        if available == 0:
+            return empty
+        if k >= available:
+            ids, vectors = self.embeddings(owners=owners)
             similarities = vectors @ query / max(float(np.linalg.norm(query)), 1e-12)
             order = np.argsort(-similarities, kind="stable")
             return ids[order], similarities[order], vectors[order]
-        return self.index.search(query, k)
+        allowed = None if owners is None else (lambda passage_id: self._owner_of.get(passage_id) in owners)
+        return self.index.search(query, k, allowed)
 
     @_serialized
     def close(self) -> None:

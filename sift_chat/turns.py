@@ -2,7 +2,8 @@
 
 A `Turn` is one request's ticket: its place in the line (first come, first served), the switch
 that stops it, and what it stored. The line holds at most `max_waiting` turns behind the one
-that has the model; one more is refused (`QueueFull`: the API answers 429).
+that has the model; one more is refused (`QueueFull`: the API answers 429). Each owner has one
+request at a time: a second ticket while the first waits or runs is refused (`Busy`, 429 too).
 
 Stopping is decided under the turn's lock, and so is storing: a turn either stores its exchange
 and cannot be stopped any more, or is stopped and stores nothing. `stop()` says which happened,
@@ -18,8 +19,19 @@ from collections import deque
 from dataclasses import dataclass
 
 
+TICKET_SECONDS = 120  # a ticket not yet in the line holds its owner's place this long at most
+
+
 class QueueFull(RuntimeError):
     """Too many turns are waiting for the model."""
+
+
+class Busy(RuntimeError):
+    """The owner has a request waiting or being answered already."""
+
+    def __init__(self):
+        super().__init__("A message of yours is waiting or being answered already: one at a time "
+                         "(wait for its answer, or stop it).")
 
 
 @dataclass
@@ -72,8 +84,15 @@ class TurnQueue:
         self._starts = itertools.count(1)
 
     def issue(self, owner: str | None = None) -> Turn:
-        """A ticket for a request that will join the line (its stop switch works from now on)."""
+        """A ticket for a request that will join the line (its stop switch works from now on).
+        Busy when the owner (None: nobody in particular) has one that is not stopped and is in
+        the line, or was issued less than TICKET_SECONDS ago (its page may have closed before
+        it could join)."""
         with self._changed:
+            if owner is not None and any(t.owner == owner and not t.stopped and
+                                         (t in self._line or time.monotonic() - t.created < TICKET_SECONDS)
+                                         for t in self._open.values()):
+                raise Busy()
             turn = Turn(owner, next(self._arrivals))
             self._open[turn.arrived] = turn
             self._forget_stale()

@@ -6,12 +6,13 @@
                lives here. Tested as they are (tests/test_ui.py).
     render_*   turn a `Panel` (one answer's selection) into what the side panel shows.
 
-Each browser gets a random private key, kept in its localStorage (gr.BrowserState), and its chats
-are stored under that key: one visitor never lists, opens, renames or deletes another's chats.
-Chat, compare and ingest share one queue slot ("model"), and messages wait in the Service's line
-for the model with the API's requests: one adaptation at a time per loaded model, and a waiting
-user sees their place. Stop is the Service's stop switch for this browser's message, not a
-cancelled request: the message ends where it is, and reports whether anything was stored.
+Every handler takes the caller (`access.Caller`), which the layout gets from the server's side of
+the request (the sign-in), never from a value the browser sends: a user never lists, opens,
+renames or deletes another's chats, nor sees or removes another's documents. Chat, compare and
+ingest share one queue slot ("model"), and messages wait in the Service's line for the model with
+the API's requests: one adaptation at a time per loaded model, and a waiting user sees their
+place. Stop is the Service's stop switch for the caller's message, not a cancelled request: the
+message ends where it is, and reports whether anything was stored.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ import math
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .access import SHARED, Caller
 from .adaptation import AdaptationSettings
 from .corpus import IngestProgress
 from .engine import ChatSettings, Engine, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel, parse_settings
 from .reading import shown as printable_path
 from .service import Answered, IngestOutcome, Service, Stopped, Stored, Waiting, first_line
-from .store import Store, StoreError
-from .turns import Turn
+from .store import Store
+from .turns import Busy, Turn
 from .vocabulary import METHOD_LABELS
 
 DEMO_QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
@@ -175,8 +177,8 @@ def _failure(message: str) -> dict:
 class Handlers:
     """What the app shows, as plain functions over the application layer (one per process).
 
-    Every handler takes and returns plain values (strings, lists, dicts, `Panel`s); the work is
-    the Service's. Browser keys are checked here: a key shorter than 16 characters owns nothing.
+    Every handler takes the caller and plain values, and returns plain values (strings, lists,
+    dicts, `Panel`s); the work, and the checks of who may do what, are the Service's.
     """
 
     def __init__(self, service: Service):
@@ -194,45 +196,35 @@ class Handlers:
     def base_adaptation(self) -> AdaptationSettings:
         return self.service.base_adaptation
 
-    # -- owners and chats ------------------------------------------------------------------
+    # -- chats -----------------------------------------------------------------------------
 
-    new_owner = staticmethod(Service.new_owner)
+    def chat_choices(self, caller: Caller) -> list[tuple[str, int]]:
+        """(title, id) of the caller's chats, the most recently used first."""
+        return self.service.chats(caller)
 
-    @staticmethod
-    def valid_owner(owner) -> bool:
-        return isinstance(owner, str) and len(owner) >= 16
+    def own_chat(self, chat_id, caller: Caller) -> dict | None:
+        return self.service.own_chat(chat_id, caller)
 
-    def chat_choices(self, owner: str) -> list[tuple[str, int]]:
-        """(title, id) of the owner's chats, the most recently used first."""
-        return self.service.chats(self._key(owner))
-
-    def own_chat(self, chat_id, owner) -> dict | None:
-        return self.service.own_chat(chat_id, self._key(owner))
-
-    def open_chat(self, chat_id, owner) -> dict:
+    def open_chat(self, chat_id, caller: Caller) -> dict:
         """{history, title, panel, chat_id, error}: the chat's messages and its last answer's panel."""
-        view = self.service.open_chat(chat_id, self._key(owner))
+        view = self.service.open_chat(chat_id, caller)
         if view is None:
             return {"history": [], "title": "", "panel": None, "chat_id": None,
                     "error": "This chat does not exist (any more)." if chat_id is not None else ""}
         return {"history": _history(view.messages), "title": view.title, "chat_id": view.chat_id, "error": "",
                 "panel": view.panel}
 
-    def message_panel(self, chat_id, owner, index: int) -> Panel | None:
+    def message_panel(self, chat_id, caller: Caller, index: int) -> Panel | None:
         """The panel of the answer at position `index` of the chat (a clicked message)."""
-        return self.service.message_panel(chat_id, self._key(owner), index)
+        return self.service.message_panel(chat_id, caller, index)
 
-    def rename_chat(self, chat_id, title: str, owner) -> str:
+    def rename_chat(self, chat_id, title: str, caller: Caller) -> str:
         """'' when renamed, else why not."""
-        return self.service.rename_chat(chat_id, title, self._key(owner))
+        return self.service.rename_chat(chat_id, title, caller)
 
-    def delete_chat(self, chat_id, owner) -> str:
+    def delete_chat(self, chat_id, caller: Caller) -> str:
         """'' when deleted, else why not."""
-        return self.service.delete_chat(chat_id, self._key(owner))
-
-    def _key(self, owner) -> str | None:
-        """The browser's key if it is one (None owns nothing)."""
-        return owner if self.valid_owner(owner) else None
+        return self.service.delete_chat(chat_id, caller)
 
     # -- one message -----------------------------------------------------------------------
 
@@ -246,16 +238,14 @@ class Handlers:
         except ValueError as error:
             raise ValueError(f"Check the settings: {error}") from None
 
-    def new_turn(self, owner) -> Turn:
+    def new_turn(self, caller: Caller) -> Turn:
         """A ticket for the message about to be sent: Stop works from now on, even while it waits."""
-        return self.service.new_turn(self._key(owner))
+        return self.service.new_turn(caller.key)
 
-    def stop(self, owner) -> str:
-        """Stop this browser's message; the status line for the click (the message itself then
+    def stop(self, caller: Caller) -> str:
+        """Stop the caller's message; the status line for the click (the message itself then
         reports where it stopped)."""
-        if not self.valid_owner(owner):
-            return "Nothing to stop."
-        stopped, kept = self.service.stop(owner)
+        stopped, kept = self.service.stop(caller.key)
         if stopped:
             return "Stopping…"
         if kept is not None and kept.chat_id is None:
@@ -264,14 +254,13 @@ class Handlers:
             return "Too late to stop: the answer was complete, and it is stored."
         return "Nothing to stop."
 
-    def respond(self, message: str, chat_id, owner, settings: dict, turn: Turn | None = None) -> Iterator[dict]:
-        """Answer `message` in the chat (a new one when chat_id is None), yielding updates:
-        history, status, message (the input box), chat_id, chats, panel, error, and owner when
-        the browser had no key yet (a message sent before the page finished loading).
+    def respond(self, message: str, chat_id, caller: Caller, settings: dict, turn: Turn | None = None) -> Iterator[dict]:
+        """Answer `message` in the caller's chat (a new one when chat_id is None), yielding
+        updates: history, status, message (the input box), chat_id, chats, panel, error.
 
-        The exchange is stored only when the answer is complete and was not stopped; a new chat
-        is created with it. On a failure or a stop the message goes back into the input box and
-        the chat is as it was.
+        The exchange is stored only when the answer is complete and was not stopped (and never a
+        visitor's); a new chat is created with it. On a failure or a stop the message goes back
+        into the input box and the chat is as it was.
         """
         try:
             message, chat_settings, adaptation = self._checked(message, settings, "message")
@@ -280,11 +269,14 @@ class Handlers:
                 self.service.queue.leave(turn)  # the ticket is spent: Stop has nothing to stop
             yield _failure(str(error))
             return
-        new_owner = {} if self.valid_owner(owner) else {"owner": (owner := self.new_owner())}
-        turn = turn if turn is not None and turn.owner in (owner, None) else self.service.new_turn(owner)
-        turn.owner = owner
+        try:
+            turn = turn if turn is not None and turn.owner in (caller.key, None) else self.service.new_turn(caller.key)
+        except Busy as error:  # one message at a time per user
+            yield _failure(str(error))
+            return
+        turn.owner = caller.key
 
-        chat = self.own_chat(chat_id, owner)
+        chat = self.own_chat(chat_id, caller)
         chat_id = chat["id"] if chat else None
         shown = _history(self.store.messages(chat_id)) if chat else []
         answer, notes, panel, current = "", [], None, "Starting…"
@@ -298,11 +290,11 @@ class Handlers:
 
         def undone(status: str, **more) -> dict:  # the chat as it was, the message back in the box
             return {"history": shown, "status": status, "message": message, "panel": None, "chat_id": chat_id,
-                    "chats": self.chat_choices(owner), **more}
+                    "chats": self.chat_choices(caller), **more}
 
-        yield view("Starting…", message="", chat_id=chat_id, panel=None, **new_owner)
+        yield view("Starting…", message="", chat_id=chat_id, panel=None)
         try:
-            for event in self.service.chat_turn(turn, message, chat_id, owner, chat_settings, adaptation):
+            for event in self.service.chat_turn(turn, message, chat_id, caller, chat_settings, adaptation):
                 if isinstance(event, Token):
                     answer += event.text
                     yield view("Generating the answer…")
@@ -327,11 +319,12 @@ class Handlers:
                 elif isinstance(event, Stored):
                     seconds = dict(panel.seconds) if panel else {}
                     total = sum(v for k, v in seconds.items() if k != "first_token")
-                    recorded = "" if event.chat_id is not None else " Not recorded: the store is read-only."
+                    recorded = ("" if event.chat_id is not None else " Not kept: sign in to keep your chats."
+                                if not caller.signed_in else " Not recorded: the store is read-only.")
                     yield {**view(f"Answered in {total:.1f} s.{recorded}"), "history": [
                         *shown, {"role": "user", "content": message}, {"role": "assistant", "content": _shown(answer)}],
                         "panel": panel, "seconds": seconds, "chat_id": event.chat_id,
-                        "chats": self.chat_choices(owner)}
+                        "chats": self.chat_choices(caller)}
                 elif isinstance(event, Stopped):
                     yield undone(f"Stopped {event.where}: the model is back at base and nothing of this "
                                  "message was stored; it is back in the box.")
@@ -341,7 +334,7 @@ class Handlers:
 
     # -- compare ---------------------------------------------------------------------------
 
-    def compare(self, prompt: str, settings: dict, owner=None) -> Iterator[dict]:
+    def compare(self, prompt: str, settings: dict, caller: Caller) -> Iterator[dict]:
         """NN and SIFT on one prompt: both selections (with the passages both picked), both σ²
         curves, then both answers, streamed. Nothing is stored. Yields updates: nn, sift (Panels),
         shared (passage ids), nn_answer, sift_answer, status, error."""
@@ -350,7 +343,7 @@ class Handlers:
         except ValueError as error:
             yield _failure(str(error))
             return
-        if self.store.passage_count() == 0:
+        if self.store.passage_count(caller.readable) == 0:
             yield _failure("The corpus is empty: add documents in the Corpus tab first.")
             return
         panels: dict[str, Panel] = {}
@@ -362,9 +355,13 @@ class Handlers:
                     "nn_answer": answers["nn"], "sift_answer": answers["sift"], "status": status}
 
         mode = self.service.compared(chat_settings).mode
-        turn = self.service.new_turn(self._key(owner))
         try:
-            for method, event in self.service.compare(turn, prompt, chat_settings, adaptation):
+            turn = self.service.new_turn(caller.key)
+        except Busy as error:
+            yield _failure(str(error))
+            return
+        try:
+            for method, event in self.service.compare(turn, prompt, chat_settings, adaptation, caller=caller):
                 label = METHOD_LABELS.get(method, method)
                 if isinstance(event, Selected):
                     panels[method] = Panel.from_selected(event, mode)
@@ -393,42 +390,53 @@ class Handlers:
 
     # -- the corpus ------------------------------------------------------------------------
 
-    def corpus_summary(self) -> str:
-        documents, passages = self.store.document_count(), self.store.passage_count()
+    def corpus_summary(self, caller: Caller) -> str:
+        documents = self.service.documents(caller)
+        passages = sum(d["passage_count"] for d in documents)
         if not passages:
             return "**The corpus is empty.** Upload files below (or add the sample corpus) to chat with them."
-        return (f"**{documents} documents, {passages} passages**, embedded with "
+        own = sum(d["owner"] != SHARED for d in documents)
+        mine = f" ({own} of them yours, the rest the shared library)" if caller.owner not in (None, SHARED) else ""
+        return (f"**{len(documents)} documents{mine}, {passages} passages**, embedded with "
                 f"`{self.store.embedder or self.engine.embedder_name}`.")
 
     def offers_sample(self) -> bool:
         return self.service.offers_sample()
 
-    def documents(self) -> list[list]:
-        """[name, folder, passages, size, added] for every document."""
-        return [[Path(d["path"]).name, str(Path(d["path"]).parent), d["passage_count"],
-                 _size(d["size"]), d["ingested_at"].replace("T", " ")] for d in self.store.documents()]
+    def documents(self, caller: Caller) -> list[list]:
+        """[name, collection, passages, size, added] for every document the caller reads."""
+        return [[Path(d["path"]).name, _collection(d["owner"], caller), d["passage_count"], _size(d["size"]),
+                 d["ingested_at"].replace("T", " ")] for d in self.service.documents(caller)]
 
-    def document_paths(self) -> list[str]:
-        return [d["path"] for d in self.store.documents()]
+    def removable(self, caller: Caller) -> list[tuple[str, int]]:
+        """(name and collection, id) of the documents the caller may remove."""
+        return [(f"{Path(d['path']).name} ({_collection(d['owner'], caller)})", d["id"])
+                for d in self.service.documents(caller) if caller.may_change(d["owner"])]
 
     def ingest(self, uploads: list | None = None, folder: str | None = None,
-               progress: Callable[[float, str], None] | None = None) -> dict:
-        """Ingest uploaded files and a server folder or file. Returns {report, error}: a readable
-        report of what was added, skipped and why."""
-        return _ingest_view(self.service.ingest(uploads, folder, _progress(progress)))
+               progress: Callable[[float, str], None] | None = None, *, caller: Caller, shared: bool = False) -> dict:
+        """Ingest uploaded files and a server folder or file, into the caller's documents (or, for
+        an admin, the shared library). Returns {report, error}: what was added, skipped and why."""
+        return _ingest_view(self.service.ingest(uploads, folder, _progress(progress), caller=caller,
+                                                shared=bool(shared)))
 
-    def add_sample(self, progress: Callable[[float, str], None] | None = None) -> dict:
-        return _ingest_view(self.service.add_sample(_progress(progress)))
+    def add_sample(self, progress: Callable[[float, str], None] | None = None, *, caller: Caller) -> dict:
+        return _ingest_view(self.service.add_sample(_progress(progress), caller=caller))
 
-    def remove_document(self, path: str | None) -> str:
+    def remove_document(self, document_id, caller: Caller) -> str:
         """A readable result of removing the document (its passages and vectors go with it)."""
-        if not path:
+        if document_id is None:
             return _error("Choose a document to remove.")
         try:
-            removed = self.service.remove_document(path)
-        except StoreError as error:  # read-only, or another process kept the store locked
-            return _error(str(error))
-        return f"Removed {Path(path).name}." if removed else _error(f"{Path(path).name} is not in the corpus.")
+            document = self.store.document_by_id(int(document_id))
+        except (TypeError, ValueError, OverflowError):
+            document = None
+        problem = self.service.remove_document(document_id, caller)
+        return _error(problem) if problem else f"Removed {Path(document['path']).name}."
+
+
+def _collection(owner: str, caller: Caller) -> str:
+    return "shared library" if owner == SHARED else "yours" if owner == caller.owner else "another user's"
 
 
 def _history(messages: list[dict]) -> list[dict]:

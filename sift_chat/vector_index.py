@@ -20,6 +20,7 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import hnswlib
 import numpy as np
@@ -191,30 +192,38 @@ class VectorIndex:
 
     # -- search -----------------------------------------------------------------------------
 
-    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search(self, query: np.ndarray, k: int,
+               allowed: Callable[[int], bool] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The k passages nearest to `query`: (ids, similarities, vectors), best first; the copies
-        of a vector follow it."""
+        of a vector follow it. With `allowed` (a test on passage ids), the graph search itself
+        passes over every vector none of whose passages is allowed (hnswlib's filter), so the k
+        found are k allowed ones, not the allowed rest of k found."""
         distinct = min(k, len(self.label_of))
         if distinct == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, self.dimension), np.float32)
+        passages = (lambda label: [label, *self.copies.get(label, ())]) if allowed is None else \
+            (lambda label: [p for p in (label, *self.copies.get(label, ())) if allowed(p)])
+        keep = None if allowed is None else (lambda label: bool(passages(label)))
         self.graph.set_ef(max(2 * distinct, 64))
         try:
-            labels, distances = self.graph.knn_query(query, k=distinct)
-        except RuntimeError:  # too few reachable neighbours (many deletions): search all vectors
-            labels, distances = self._exact(query, distinct)
+            labels, distances = self.graph.knn_query(query, k=distinct, num_threads=1, filter=keep)
+        except RuntimeError:  # too few reachable neighbours (deletions, a narrow filter): search all vectors
+            labels, distances = self._exact(query, distinct, keep)
         labels = labels[0].astype(np.int64)
         vectors = np.asarray(self.graph.get_items(labels, return_type="numpy"), dtype=np.float32)
         ids, rows = [], []
         for row, label in enumerate(labels.tolist()):
-            for passage_id in [label, *self.copies.get(label, ())]:
+            for passage_id in passages(label):
                 if len(ids) < k:
                     ids.append(passage_id)
                     rows.append(row)
         similarities = (1.0 - distances[0]).astype(np.float32)
         return np.asarray(ids, dtype=np.int64), similarities[rows], vectors[rows]
 
-    def _exact(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        labels = np.asarray(sorted(self.label_of.values()), dtype=np.int64)
+    def _exact(self, query: np.ndarray, k: int,
+               keep: Callable[[int], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.asarray([label for label in sorted(self.label_of.values()) if keep is None or keep(label)],
+                            dtype=np.int64)
         vectors = np.asarray(self.graph.get_items(labels, return_type="numpy"), dtype=np.float32)
         similarities = vectors @ (query / max(float(np.linalg.norm(query)), 1e-12))
         best = np.argsort(-similarities, kind="stable")[:k]

@@ -52,7 +52,7 @@ def server(tmp_path_factory, embedder):
         engine = Engine(store, embedder, words_only(tiny_model(tokenizer), tokenizer), tokenizer, embedder_name=EMBEDDER,
                         adaptation=AdaptationSettings(max_passage_tokens=64))
         service = Service(engine, home, max_waiting=8)
-        app = create_server(service, secret="s" * 32)
+        app = create_server(service)
         port = free_port()
         running = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=running.run, daemon=True)
@@ -298,7 +298,8 @@ def test_six_clients_at_once_complete_in_arrival_order_without_leaking_adaptatio
     results: dict[int, tuple] = {}
     threads = []
     for i, request in enumerate(requests):
-        threads.append(threading.Thread(target=lambda i=i, r=request: results.setdefault(i, ask(client, max_tokens=6, **r))))
+        caller = openai.OpenAI(base_url=server.url, api_key=f"client-{i}", max_retries=0, timeout=120)  # one each
+        threads.append(threading.Thread(target=lambda i=i, r=request, c=caller: results.setdefault(i, ask(c, max_tokens=6, **r))))
         threads[-1].start()
         deadline = time.monotonic() + 30
         while len(entered) <= i and time.monotonic() < deadline:

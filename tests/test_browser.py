@@ -1,6 +1,7 @@
 """The app in a real browser: `app.py` on a free port, headless Chromium (Debian's) driven by
 Playwright. Ingest the sample corpus, send a message, see the answer and the selection panel; stop
-a message mid-answer and see that nothing of it stayed.
+a message mid-answer and see that nothing of it stayed; find nothing of a message in the
+browser's storage, and a second tab's message refused while the first is answered.
 
 The chat model is the tiny Llama of tests/tiny.py saved as a folder, made to walk through its
 vocabulary of words so that its (meaningless) answer is visible text that does not loop for a while. The embedder is the real
@@ -216,3 +217,55 @@ def test_ingest_the_sample_ask_and_see_the_answer_and_its_passages(tmp_path, bro
     assert screenshot.stat().st_size > 10_000
     if os.environ.get("SIFT_CHAT_SCREENSHOT"):  # keep a copy to look at
         shutil.copyfile(screenshot, os.environ["SIFT_CHAT_SCREENSHOT"])
+
+
+def test_no_prompt_or_answer_is_kept_in_the_browser_and_a_second_message_is_refused(tmp_path, browser_driver, app_url):
+    """Gradio's run history would keep every call's inputs and outputs in localStorage (shown on
+    the footer's "Runs" page); it is off, so after a message neither storage holds its text. A
+    second message sent while the first is being answered is refused in one line."""
+    from playwright.sync_api import expect
+
+    with browser_driver() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1000})
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(app_url)
+            page.get_by_role("tab", name="Corpus").click()
+            page.get_by_role("button", name="Add the sample corpus").click()
+            expect(page.locator("#corpus-summary")).to_contain_text("10 documents", timeout=120_000)
+
+            page.get_by_role("tab", name="Chat").click()
+            page.locator("#message textarea").fill(QUESTION)
+            page.locator("#send").click()
+            expect(page.locator("#status")).to_contain_text("Answered in", timeout=120_000)
+            answer = page.locator("#chatbot [data-testid='bot']").last.inner_text().strip()
+            assert len(answer) > 10
+            page.wait_for_timeout(1000)  # anything Gradio would store after the call has been stored
+            stored = page.evaluate("() => JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])")
+            assert QUESTION not in stored and answer[:40] not in stored and "Brindlemoor" not in stored
+            expect(page.get_by_text("Runs", exact=True)).to_have_count(0)  # no run history in the footer
+
+            # a second message (from another tab of this browser: the same user) while the first is
+            # still being answered: refused, the first goes on
+            page.locator("#settings").get_by_text("Settings").click()
+            tokens = page.locator("#max-new-tokens input[type=number]")
+            tokens.fill("1024")
+            tokens.press("Enter")
+            page.locator("#message textarea").fill("When is the lantern festival?")
+            page.locator("#send").click()
+            expect(page.locator("#status")).to_contain_text("Generating the answer", timeout=120_000)
+            other = browser.new_page()
+            other.goto(app_url)
+            expect(other.locator("#chat-list")).to_contain_text(QUESTION)  # the same user's page
+            other.locator("#message textarea").fill("And who keeps the lighthouse?")
+            other.locator("#send").click()
+            expect(other.get_by_text("A message of yours is waiting or being answered already").first).to_be_visible()
+            expect(other.locator("#message textarea")).to_have_value("And who keeps the lighthouse?")  # not lost
+            expect(page.locator("#status")).to_contain_text("Answered in", timeout=120_000)  # the first goes on
+            other.locator("#send").click()  # and once it is answered, the second may come
+            expect(other.locator("#status")).to_contain_text("Answered in", timeout=120_000)
+        finally:
+            browser.close()

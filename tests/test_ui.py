@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sift_chat.access import LOCAL, Caller, visitor
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import ChatSettings, Engine
 from sift_chat.service import Service
@@ -32,13 +33,15 @@ def handlers(tmp_path, embedder):
     tokenizer = tiny_tokenizer()
     engine = Engine(Store(tmp_path / "data" / "store"), embedder, tiny_model(tokenizer), tokenizer,
                     embedder_name=EMBEDDER, adaptation=AdaptationSettings(max_passage_tokens=64))
-    yield Handlers(Service(engine, tmp_path / "data", sample_corpus=SAMPLE))
+    (tmp_path / "uploads-from-browser").mkdir()
+    yield Handlers(Service(engine, tmp_path / "data", sample_corpus=SAMPLE,
+                           upload_folder=tmp_path / "uploads-from-browser"))
     engine.store.close()
 
 
 @pytest.fixture
 def sample(handlers):
-    result = handlers.add_sample()
+    result = handlers.add_sample(caller=LOCAL)
     assert result["error"] == "" and "10 added" in result["report"]
     return handlers
 
@@ -50,26 +53,30 @@ def at_base(engine) -> bool:
     return torch.equal(logits(engine.model, ids), base)
 
 
+def user(name: str = "alice") -> Caller:
+    return Caller(f"user:{name}", name)
+
+
 def last(updates: list[dict], key: str):
     return [u[key] for u in updates if key in u][-1]
 
 
 def test_the_sample_corpus_is_offered_on_an_empty_store_and_listed_once_ingested(handlers):
-    assert handlers.offers_sample() and "empty" in handlers.corpus_summary()
+    assert handlers.offers_sample() and "empty" in handlers.corpus_summary(LOCAL)
     seen = []
-    result = handlers.add_sample(progress=lambda fraction, text: seen.append(fraction))
+    result = handlers.add_sample(progress=lambda fraction, text: seen.append(fraction), caller=LOCAL)
     assert "10 added" in result["report"] and seen[-1] == 1.0
-    assert not handlers.offers_sample() and "10 documents, 10 passages" in handlers.corpus_summary()
-    rows = handlers.documents()
+    assert not handlers.offers_sample() and "10 documents, 10 passages" in handlers.corpus_summary(LOCAL)
+    rows = handlers.documents(LOCAL)
     assert len(rows) == 10 and {r[0] for r in rows} >= {"founding.md", "lighthouse.md"}
     assert all(r[2] == 1 for r in rows)  # passage counts
-    again = handlers.add_sample()
+    again = handlers.add_sample(caller=LOCAL)
     assert "0 added" in again["report"] and "10 unchanged" in again["report"]
 
 
 def test_a_message_streams_its_stages_and_is_stored_with_its_selection(sample):
     h = sample
-    owner = h.new_owner()
+    owner = user()
     updates = list(h.respond(QUESTION, None, owner, FAST))
     statuses = [u["status"] for u in updates if "status" in u]
     assert any("Selecting passages (SIFT)" in s for s in statuses)
@@ -104,7 +111,7 @@ def test_a_message_streams_its_stages_and_is_stored_with_its_selection(sample):
 
 
 def test_the_panel_renders_picks_chart_coverage_and_timings(sample):
-    owner = sample.new_owner()
+    owner = user()
     updates = list(sample.respond(QUESTION, None, owner, FAST))
     panel = last(updates, "panel")
 
@@ -133,7 +140,7 @@ def test_the_panel_renders_picks_chart_coverage_and_timings(sample):
 
 @pytest.mark.parametrize("mode", ["fine-tune", "context", "both"])
 def test_the_panel_says_which_passages_were_read_and_which_learned_from(sample, mode):
-    owner = sample.new_owner()
+    owner = user()
     updates = list(sample.respond(QUESTION, None, owner, {**FAST, "mode": mode}))
     panel = last(updates, "panel")
     cards = render_passages(panel)
@@ -172,10 +179,10 @@ def test_cited_passages_are_marked_under_the_numbers_the_answer_uses():
 
 def test_chats_are_private_to_their_owner(sample):
     h = sample
-    alice, mallory = h.new_owner(), h.new_owner()
+    alice, mallory = user("alice"), user("mallory")
     chat_id = last(list(h.respond(QUESTION, None, alice, FAST)), "chat_id")
 
-    assert h.chat_choices(mallory) == [] and h.chat_choices("") == [] and h.chat_choices(None) == []
+    assert h.chat_choices(mallory) == [] and h.chat_choices(LOCAL) == [] and h.chat_choices(visitor()) == []
     view = h.open_chat(chat_id, mallory)
     assert view["history"] == [] and view["chat_id"] is None and view["error"]
     assert h.message_panel(chat_id, mallory, 1) is None
@@ -188,7 +195,7 @@ def test_chats_are_private_to_their_owner(sample):
 
 def test_rename_and_delete_a_chat(sample):
     h = sample
-    owner = h.new_owner()
+    owner = user()
     chat_id = last(list(h.respond(QUESTION, None, owner, FAST)), "chat_id")
     assert h.rename_chat(chat_id, "   ", owner) == "Give the chat a title."
     assert h.rename_chat(chat_id, "Founders and keepers", owner) == ""
@@ -200,7 +207,7 @@ def test_rename_and_delete_a_chat(sample):
 
 def test_bad_input_gets_a_visible_message_and_loses_nothing(sample, monkeypatch):
     h = sample
-    owner = h.new_owner()
+    owner = user()
     [update] = list(h.respond("   ", None, owner, FAST))
     assert "empty" in update["status"] and update["error"]
     [update] = list(h.respond(QUESTION, None, owner, {"lam": 0}))
@@ -226,15 +233,15 @@ def test_bad_input_gets_a_visible_message_and_loses_nothing(sample, monkeypatch)
     assert at_base(h.engine) and not h.engine.lock.locked()
 
 
-def test_a_message_sent_before_the_page_had_its_key_gets_one(sample):
-    updates = list(sample.respond(QUESTION, None, None, FAST))
-    owner = updates[0]["owner"]
-    assert sample.valid_owner(owner) and last(updates, "status").startswith("Answered")
-    assert sample.chat_choices(owner) == [(QUESTION, last(updates, "chat_id"))]
+def test_a_visitor_is_answered_over_the_shared_library_and_nothing_is_kept(sample):
+    updates = list(sample.respond(QUESTION, None, visitor("page-1"), FAST))
+    assert "Not kept: sign in to keep your chats" in last(updates, "status")
+    assert last(updates, "chat_id") is None and last(updates, "panel").picks  # it read the shared library
+    assert sample.store.db.execute("SELECT count(*) FROM chats").fetchone()[0] == 0
 
 
 def test_a_message_on_an_empty_corpus_answers_with_the_base_model(handlers):
-    updates = list(handlers.respond(QUESTION, None, handlers.new_owner(), FAST))
+    updates = list(handlers.respond(QUESTION, None, user(), FAST))
     assert "corpus is empty" in updates[-1]["status"] and updates[-1]["panel"] is None
     assert "No passages" in render_coverage(None)
 
@@ -243,47 +250,47 @@ def test_uploads_and_folders_are_ingested_and_bad_files_reported(handlers, tmp_p
     h = handlers
     h.service.max_upload_bytes = 1000
     uploads = tmp_path / "uploads-from-browser"
-    uploads.mkdir()
     (uploads / "notes.md").write_text("The harbour master of Skellport is Ada Quill.")
     (uploads / "blob.bin").write_bytes(b"\x00\x01\x02\x03")
     (uploads / "big.txt").write_text("word " * 1000)
-    result = h.ingest([str(uploads / n) for n in ("notes.md", "blob.bin", "big.txt")])
+    result = h.ingest([str(uploads / n) for n in ("notes.md", "blob.bin", "big.txt")], caller=LOCAL)
     report = result["report"]
     assert result["error"] == "" and "1 added" in report
     assert "blob.bin: binary file" in report and "big.txt: too large" in report
-    [row] = h.documents()
-    assert row[0] == "notes.md" and Path(h.document_paths()[0]).parent == h.service.uploads  # kept in the data folder
+    [row] = h.documents(LOCAL)
+    [stored] = h.store.documents()
+    assert row[0] == "notes.md" and h.service.uploads.resolve() in Path(stored["path"]).parents  # a copy is kept
 
-    assert "No such file or folder" in h.ingest([], "/nonexistent/folder")["report"]
-    assert "Choose files" in h.ingest([], "")["report"]
-    assert "Nothing could be ingested" in h.ingest([str(uploads / "blob.bin")])["report"]
-    assert sorted(p.name for p in h.service.uploads.iterdir()) == ["notes.md"]  # unreadable uploads are not kept
-    assert "10 added" in h.ingest(None, str(SAMPLE))["report"]
+    assert "No such file or folder" in h.ingest([], "/nonexistent/folder", caller=LOCAL)["report"]
+    assert "Choose files" in h.ingest([], "", caller=LOCAL)["report"]
+    assert "Nothing could be ingested" in h.ingest([str(uploads / "blob.bin")], caller=LOCAL)["report"]
+    assert [p.name for p in h.service.uploads.rglob("*") if p.is_file()] == ["notes.md"]  # unreadable uploads go
+    assert "10 added" in h.ingest(None, str(SAMPLE), caller=LOCAL)["report"]
     h.service.allow_server_paths = False
-    assert "turned off" in h.ingest([], str(SAMPLE))["report"]
+    assert "turned off" in h.ingest([], str(SAMPLE), caller=LOCAL)["report"]
 
     def failing(*args, **kwargs):
         raise RuntimeError("disk full")
 
     h.store.write_documents = failing
     (uploads / "more.md").write_text("The ferry to Holm is painted blue.")
-    result = h.ingest([str(uploads / "more.md")])
-    assert "The ingest failed: disk full" in result["report"] and len(h.documents()) == 11
-    assert h.remove_document(str(h.service.uploads.resolve() / "notes.md")) == "Removed notes.md."
-    assert not (h.service.uploads / "notes.md").exists()
+    result = h.ingest([str(uploads / "more.md")], caller=LOCAL)
+    assert "The ingest failed: disk full" in result["report"] and len(h.documents(LOCAL)) == 11
+    assert h.remove_document(stored["id"], LOCAL) == "Removed notes.md."
+    assert not Path(stored["path"]).exists()
 
 
 def test_removing_a_document_removes_its_passages(sample):
     h = sample
-    path = next(p for p in h.document_paths() if p.endswith("lighthouse.md"))
-    assert h.remove_document(path) == "Removed lighthouse.md."
-    assert len(h.documents()) == 9 and h.store.passage_count() == 9
-    assert "not in the corpus" in h.remove_document(path) and "Choose" in h.remove_document(None)
+    [(label, document_id)] = [choice for choice in h.removable(LOCAL) if choice[0].startswith("lighthouse.md")]
+    assert h.remove_document(document_id, LOCAL) == "Removed lighthouse.md."
+    assert len(h.documents(LOCAL)) == 9 and h.store.passage_count() == 9
+    assert "not in the corpus" in h.remove_document(document_id, LOCAL) and "Choose" in h.remove_document(None, LOCAL)
 
 
 def test_compare_shows_both_selections_curves_and_answers_and_stores_nothing(sample):
     h = sample
-    updates = list(h.compare(QUESTION, FAST))
+    updates = list(h.compare(QUESTION, FAST, LOCAL))
     final = updates[-1]
     assert final["status"].startswith("Done")
     nn, sift = final["nn"], final["sift"]
@@ -296,11 +303,11 @@ def test_compare_shows_both_selections_curves_and_answers_and_stores_nothing(sam
     assert len(nn.losses) == len(sift.losses) == 3
     for method in ("nn", "sift"):  # each answer is the one a message with that method gets
         chat, adaptation = parse_settings({**FAST, "method": method}, h.base_adaptation)
-        alone = list(h.service.run(h.service.new_turn(), QUESTION, [], chat, adaptation))[-1]
+        alone = list(h.service.run(h.service.new_turn(), QUESTION, [], chat, adaptation, caller=LOCAL))[-1]
         assert final[f"{method}_answer"] == (alone.answer or NO_ANSWER)
     assert set(render_variance(sift, nn).method) == {"SIFT", "NN"}
     assert h.store.db.execute("SELECT count(*) FROM chats").fetchone()[0] == 0
-    assert "empty" in list(h.compare(" ", FAST))[-1]["status"]
+    assert "empty" in list(h.compare(" ", FAST, LOCAL))[-1]["status"]
 
 
 def test_settings_become_engine_settings_and_the_adapter_follows_them(sample):
@@ -315,26 +322,26 @@ def test_settings_become_engine_settings_and_the_adapter_follows_them(sample):
     chat, adaptation = parse_settings({"adaptive": False, "lora_layers": 0}, h.base_adaptation)
     assert chat.min_reduction is None and adaptation.top_layers is None
 
-    list(h.respond(QUESTION, None, h.new_owner(), {**FAST, "learning_rate": 0.02}))
+    list(h.respond(QUESTION, None, user(), {**FAST, "learning_rate": 0.02}))
     assert h.engine.adapter.optimizer.param_groups[0]["lr"] == 0.02  # this message's learning rate
-    updates = list(h.respond(QUESTION, None, h.new_owner(), {**FAST, "lora_layers": 2}))
+    updates = list(h.respond(QUESTION, None, user(), {**FAST, "lora_layers": 2}))
     assert h.engine.adapter.settings.top_layers == 2
     names = [n for n in h.engine.adapter.lora_modules]
     assert names and all(".layers.2." in n or ".layers.3." in n for n in names)  # the top two of four
     assert last(updates, "status").startswith("Answered") and at_base(h.engine)
-    list(h.respond(QUESTION, None, h.new_owner(), FAST))  # back to every layer
+    list(h.respond(QUESTION, None, user(), FAST))  # back to every layer
     assert any(".layers.0." in n for n in h.engine.adapter.lora_modules) and at_base(h.engine)
 
-    failed = list(h.respond(QUESTION, None, h.new_owner(), {**FAST, "lora_layers": 9}))[-1]
+    failed = list(h.respond(QUESTION, None, user(), {**FAST, "lora_layers": 9}))[-1]
     assert "top_layers=9 but the model has 4 layers" in failed["status"]
     assert h.engine.adapter.settings.top_layers is None and at_base(h.engine)
-    assert last(list(h.respond(QUESTION, None, h.new_owner(), FAST)), "status").startswith("Answered")
+    assert last(list(h.respond(QUESTION, None, user(), FAST)), "status").startswith("Answered")
 
 
 def test_a_streamed_answer_may_hop_between_threads(sample):
     """Gradio runs each step of a streaming handler on some worker thread: the store must follow."""
     h = sample
-    owner = h.new_owner()
+    owner = user()
     stream = h.respond(QUESTION, None, owner, FAST)
     updates, errors = [], []
 
@@ -361,7 +368,7 @@ def test_empty_answers_are_shown_as_such(sample, monkeypatch):
         yield
 
     monkeypatch.setattr(sample.engine, "generate", silent)
-    owner = sample.new_owner()
+    owner = user()
     updates = list(sample.respond(QUESTION, None, owner, FAST))
     assert last(updates, "history")[-1]["content"] == NO_ANSWER
     assert sample.open_chat(last(updates, "chat_id"), owner)["history"][-1]["content"] == NO_ANSWER
@@ -370,7 +377,7 @@ def test_empty_answers_are_shown_as_such(sample, monkeypatch):
 def test_the_app_builds(sample):
     import gradio as gr
 
-    demo = build(sample, secret="s" * 32)
+    demo = build(sample)
     assert isinstance(demo, gr.Blocks)
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
     assert {"chatbot", "message", "send", "passages", "variance-chart", "coverage", "add-sample",
