@@ -1,15 +1,17 @@
 """Message latency by stage, per mode, on the sample corpus and the default models.
 
-    .venv/bin/python benchmarks/bench_message.py [--corpus stdlib] [--modes default,context] [--prompts N] [--json PATH]
+    .venv/bin/python benchmarks/bench_message.py [--corpus stdlib] [--modes default,context] [--contrast 0,1]
+                                                 [--prompts N] [--json PATH]
 
 On the sample corpus the passages are short (about 50 tokens); `--corpus stdlib` uses 60 files of
 the Python standard library instead, whose passages are full length (192 embedder tokens).
-For each mode (`default` is the chat default), prints the median seconds of each stage (embed,
+For each mode (`default` is the chat default) and context-aware decoding strength α (`--contrast`,
+default: the chat default), prints the median seconds of each stage (embed,
 select, fine-tune, first token from sending, generation, the whole answer from sending to its
 last token), the median answer length in tokens and how answers ended, over a few prompts after
-one warm-up message; and each mode's whole answer against `context` measured in the same run.
-Targets on 2 CPU cores: the whole answer within 10 s on the sample corpus with the defaults, and
-no default costing more than 2x `context`.
+one warm-up message; and each row's whole answer against plain `context` (α = 0), measured in the
+same run. Targets on 2 CPU cores: the whole answer within 10 s on the sample corpus with the
+defaults, and no default costing more than 2x plain `context`.
 """
 
 from __future__ import annotations
@@ -65,11 +67,23 @@ def main() -> None:
                         help="comma-separated chat modes; default is the chat default (default: %(default)s)")
     parser.add_argument("--passages", type=int, default=ChatSettings.passages,
                         help="passages selected, one step each in the fine-tuning modes (default: %(default)s)")
+    parser.add_argument("--contrast", default=f"0,{ChatSettings.context_contrast:g}",
+                        help="comma-separated α of context-aware decoding, each run with every mode "
+                             "(default: %(default)s)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     modes = [ChatSettings.mode if m == "default" else m for m in args.modes.split(",") if m.strip()]
-    modes = list(dict.fromkeys(modes))
+    strengths = [float(a) for a in args.contrast.split(",") if a.strip()]
+    rows = list(dict.fromkeys((mode, strength) for mode in modes for strength in strengths))
+    reference = ("context", 0.0)
+
+    def settings_of(row) -> ChatSettings:
+        return ChatSettings(mode=row[0], context_contrast=row[1], passages=args.passages)
+
+    def label(row) -> str:
+        return f"{row[0]} α={row[1]:g}"
+
     embedder = load_embedder(config.DEFAULT_EMBEDDER, args.device)
     model, tokenizer = load_chat_model(config.DEFAULT_CHAT_MODEL, args.device, config.data_dir() / "models")
     with tempfile.TemporaryDirectory() as folder, Store(folder) as store:
@@ -82,34 +96,36 @@ def main() -> None:
             paths, prompts = [ROOT / "corpora" / "brindlemoor"], PROMPTS
         ingest(store, embedder, paths, embedder_name=config.DEFAULT_EMBEDDER, progress=False)
         engine = Engine(store, embedder, model, tokenizer, embedder_name=config.DEFAULT_EMBEDDER)
-        runs = {mode: [] for mode in modes}
-        answer(engine, prompts[0], ChatSettings(mode=modes[0], passages=args.passages))  # warm-up
-        for prompt in prompts[: args.prompts]:  # modes interleaved: both see the same machine load
-            for mode in modes:
-                runs[mode].append(answer(engine, prompt, ChatSettings(mode=mode, passages=args.passages)))
+        runs = {row: [] for row in rows}
+        answer(engine, prompts[0], settings_of(rows[0]))  # warm-up
+        for prompt in prompts[: args.prompts]:  # rows interleaved: all see the same machine load
+            for row in rows:
+                runs[row].append(answer(engine, prompt, settings_of(row)))
         store_size = store.passage_count()
     stages = ["embed", "select", "fine-tune", "first_token", "generate", "whole", "tokens"]
-    medians = {mode: {stage: statistics.median(run.get(stage, 0.0) for run in runs[mode]) for stage in stages}
-               for mode in modes}
+    medians = {row: {stage: statistics.median(run.get(stage, 0.0) for run in runs[row]) for stage in stages}
+               for row in rows}
     settings, adaptation = ChatSettings(passages=args.passages), engine.adapter.settings
     print(f"corpus {args.corpus} ({store_size} passages); {settings.passages} passages ({settings.method}), "
           f"{settings.context_passages} read in context; LoRA rank {adaptation.rank} on "
           f"{adaptation.top_layers or 'all'} layers, training on the {adaptation.training}; "
           f"{settings.max_new_tokens} new tokens max; median of {args.prompts} prompts; default mode "
-          f"{settings.mode}; device {engine.adapter.device}")
-    print("| mode | embed | select | fine-tune | first token | generate | whole answer | vs context | "
+          f"{settings.mode} (α={settings.context_contrast:g}); device {engine.adapter.device}")
+    print("| mode | embed | select | fine-tune | first token | generate | whole answer | vs context α=0 | "
           "answer tokens | ended |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for mode in modes:
-        m = medians[mode]
-        ratio = f"{m['whole'] / medians['context']['whole']:.2f}x" if "context" in medians else "-"
-        ended = ", ".join(f"{n} {how}" for how, n in Counter(r["ended"] for r in runs[mode]).items())
-        print(f"| {mode} | {m['embed']:.2f} | {m['select']:.2f} | {m['fine-tune']:.2f} | {m['first_token']:.2f} | "
+    for row in rows:
+        m = medians[row]
+        ratio = f"{m['whole'] / medians[reference]['whole']:.2f}x" if reference in medians else "-"
+        ended = ", ".join(f"{n} {how}" for how, n in Counter(r["ended"] for r in runs[row]).items())
+        print(f"| {label(row)} | {m['embed']:.2f} | {m['select']:.2f} | {m['fine-tune']:.2f} | {m['first_token']:.2f} | "
               f"{m['generate']:.2f} | {m['whole']:.2f} | {ratio} | {m['tokens']:g} | {ended} |")
-    default = medians[settings.mode]
-    print(f"\ntarget: whole answer with the defaults <= 10 s: {'met' if default['whole'] <= 10 else 'MISSED'}")
+    default = medians.get((settings.mode, settings.context_contrast))
+    if default:
+        print(f"\ntarget: whole answer with the defaults <= 10 s: {'met' if default['whole'] <= 10 else 'MISSED'}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"median": medians, "runs": runs}, indent=2))
+        Path(args.json).write_text(json.dumps({label(row): {"median": medians[row], "runs": runs[row]}
+                                               for row in rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--max-new-tokens", type=int, default=ChatSettings.max_new_tokens)
     qa.add_argument("--repetition-penalty", type=float, default=ChatSettings.repetition_penalty)
     qa.add_argument("--no-repeat-ngram", type=int, default=ChatSettings.no_repeat_ngram)
+    qa.add_argument("--context-contrast", type=float, default=ChatSettings.context_contrast,
+                    help="α of context-aware decoding (0: off; default %(default)s)")
     qa.add_argument("--lr", type=float, default=AdaptationSettings.learning_rate)
     qa.add_argument("--top-layers", type=int, default=AdaptationSettings.top_layers)
     qa.add_argument("--targets", default=AdaptationSettings.target_modules)
@@ -431,7 +433,8 @@ def cmd_eval_qa(args) -> int:
     configs = qa.configurations(_names(args.modes), _names(args.methods))
     settings = ChatSettings(passages=args.passages, context_passages=args.context_passages, lam=args.lam,
                             max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-                            no_repeat_ngram=args.no_repeat_ngram, seed=args.seed)
+                            no_repeat_ngram=args.no_repeat_ngram, context_contrast=args.context_contrast,
+                            seed=args.seed)
     for configuration in configs:  # every mode and method checked before anything loads
         ChatSettings(mode=configuration.mode,
                      method=settings.method if configuration.method == qa.NO_METHOD else configuration.method)

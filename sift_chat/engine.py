@@ -24,7 +24,7 @@ import torch
 
 from . import config
 from .adaptation import AdaptationSettings, Adapter, decoder_layers
-from .generation import answer_processors, cite, conversation, next_token, repeat_start, training_text
+from .generation import answer_processors, cite, contrast, conversation, next_token, repeat_start, training_text
 from .record import AnswerRecord, SelectionRecord
 from .selection import Selection, select
 from .store import Passage, Store
@@ -51,6 +51,7 @@ class ChatSettings:
     loop_tokens: int = 12  # stop when the answer's last this many tokens repeat earlier ones (0: never)
     max_context_tokens: int = 2048  # prompt + history + passages in context
     context_passages: int = 1  # distinct passages read in the prompt in "context"/"both": the small model answers best from one (README)
+    context_contrast: float = 0.0  # α of context-aware decoding: favour what the passages make likelier (0: off)
     seed: int = 0
 
     def __post_init__(self):
@@ -78,6 +79,8 @@ class ChatSettings:
               f"no_repeat_ngram must be an integer in [0, 64], got {self.no_repeat_ngram!r}")
         check(isinstance(self.loop_tokens, int) and 0 <= self.loop_tokens <= 256,
               f"loop_tokens must be an integer in [0, 256], got {self.loop_tokens!r}")
+        check(isinstance(self.context_contrast, (int, float)) and 0 <= self.context_contrast <= 5,
+              f"context_contrast must be in [0, 5], got {self.context_contrast!r}")
 
     @property
     def fine_tunes(self) -> bool:
@@ -340,10 +343,13 @@ class Engine:
             if truncated:
                 yield Notice(truncated)
             yield Prompted(input_ids, context)
+            # the same conversation without the passages, for context-aware decoding
+            unread = (self.chat_input(prompt, history, [], settings)[0]
+                      if context and settings.context_contrast > 0 else None)
             yield Stage("generate", "started")
             started = time.perf_counter()
             pieces: list[str] = []
-            generation = self.generate(input_ids, settings)
+            generation = self.generate(input_ids, settings, unread)
             while True:
                 try:
                     piece = next(generation)
@@ -409,11 +415,13 @@ class Engine:
         return list(ids)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, settings: ChatSettings) -> Generator[str, None, tuple[str, str]]:
+    def generate(self, input_ids: torch.Tensor, settings: ChatSettings,
+                 unread_ids: torch.Tensor | None = None) -> Generator[str, None, tuple[str, str]]:
         """Stream the answer as text pieces, one forward pass per token with the KV cache; return
         (how it ended, the answer's text): "end" at a stop token, "limit" after max_new_tokens,
         "repeat" when its last `loop_tokens` tokens repeated earlier ones (the text then ends
-        before the repeat).
+        before the repeat). With `unread_ids` (the conversation without its passages) and
+        `settings.context_contrast` > 0, each token is chosen by `generation.contrast` from both.
 
         Written as a loop in the caller's thread (not `generate` with a streamer thread) so that a
         consumer that stops reading, or a Ctrl-C, stops generation at the next token, and the
@@ -425,12 +433,19 @@ class Engine:
         generated: list[int] = []
         emitted = ""
         cache, next_input = None, input_ids.to(device)
+        contrasted = unread_ids is not None and settings.context_contrast > 0
+        unread_cache, next_unread = None, unread_ids.to(device) if contrasted else None
         ended = "limit"
         for _ in range(settings.max_new_tokens):
             # logits for the last position only: the head over a large vocabulary is costly
             output = model(input_ids=next_input, cache=cache, use_cache=True, logits_to_keep=1)
             cache = output.cache
-            token = next_token(output.logits[0, -1].float(), generated, processors, settings.temperature)
+            logits = output.logits[0, -1].float()
+            if contrasted:
+                unread = model(input_ids=next_unread, cache=unread_cache, use_cache=True, logits_to_keep=1)
+                unread_cache = unread.cache
+                logits = contrast(logits, unread.logits[0, -1], settings.context_contrast)
+            token = next_token(logits, generated, processors, settings.temperature)
             if token in self.stop_ids:
                 ended = "end"
                 break
@@ -440,7 +455,7 @@ class Engine:
                 generated = generated[:repeat]
                 ended = "repeat"
                 break
-            next_input = torch.tensor([[token]], device=device)
+            next_input = next_unread = torch.tensor([[token]], device=device)
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
             if text.endswith("\ufffd"):
                 continue  # half of a multi-byte character: wait for the rest

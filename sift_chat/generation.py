@@ -13,6 +13,7 @@ Pure functions over strings and token ids; the engine runs the token loop with t
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence
 
@@ -67,6 +68,23 @@ def answer_processors(repetition_penalty: float, no_repeat_ngram: int) -> Logits
     if no_repeat_ngram > 0:
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram))
     return processors
+
+
+def contrast(with_passages: torch.Tensor, without_passages: torch.Tensor, strength: float,
+             plausible: float = 0.1) -> torch.Tensor:
+    """Context-aware decoding (Shi et al., 2023, "Trusting Your Evidence"): scores that favour what
+    the passages make likelier than the question alone does,
+
+        s(y) = (1 + α) · log p(y | passages, question) − α · log p(y | question),
+
+    over the tokens the model finds plausible with the passages, p(y | passages, question) ≥
+    β · max p (β = `plausible`), so that a token unlikely either way does not win by the ratio;
+    the others get −∞. α = `strength`; α = 0 is ordinary decoding."""
+    reading = torch.log_softmax(with_passages.float(), -1)
+    prior = torch.log_softmax(without_passages.float(), -1)
+    scores = (1 + strength) * reading - strength * prior
+    implausible = reading < reading.max() + math.log(plausible)
+    return scores.masked_fill(implausible, float("-inf"))
 
 
 def next_token(logits: torch.Tensor, answer_ids: list[int], processors: LogitsProcessorList,

@@ -45,6 +45,8 @@ HELP = {
     "mode": "Context: read the best passage in the prompt (the default: the best answers for its time). "
             "Both: also one LoRA step per passage (more accurate on average, about 2.6x slower). "
             "Fine-tune: the steps alone. Off: the base model.",
+    "context_contrast": "How much the answer favours what the passage says over what the model would say "
+                        "without it (context-aware decoding: a second, cheaper pass per word; 0: off).",
     "passages": "At most this many passages, one fine-tuning step each (0: none).",
     "lam": "SIFT's λ: small favours diverse passages, large the most similar ones (λ→∞ repeats the nearest, as NN-F).",
     "adaptive": "Stop selecting once another passage would remove little uncertainty.",
@@ -88,6 +90,8 @@ def build(handlers: Handlers, *, access: Access | None = None):
                                   value=defaults["method"], label="Selection", info=HELP["method"])
                 mode = gr.Radio([(MODE_LABELS[m], m) for m in MODES], value=defaults["mode"],
                                 label="Use the passages to", info=HELP["mode"])
+                context_contrast = gr.Slider(0, 3, value=defaults["context_contrast"], step=0.25,
+                                             label="Stick to the passage", info=HELP["context_contrast"])
                 passages = gr.Slider(0, 32, value=defaults["passages"], step=1, label="Passages",
                                      info=HELP["passages"])
                 lam = gr.Number(value=defaults["lam"], label="λ", minimum=1e-6, info=HELP["lam"])
@@ -101,7 +105,7 @@ def build(handlers: Handlers, *, access: Access | None = None):
                 max_new_tokens = gr.Slider(16, 1024, value=defaults["max_new_tokens"], step=16,
                                            label="Maximum new tokens", info=HELP["max_new_tokens"],
                                            elem_id="max-new-tokens")
-        settings = [method, mode, passages, lam, adaptive, min_reduction, learning_rate, lora_layers, max_new_tokens]
+        settings = [method, mode, context_contrast, passages, lam, adaptive, min_reduction, learning_rate, lora_layers, max_new_tokens]
 
         gr.Markdown("# sift-chat\nChat with your documents. For every message the model picks the passages "
                     "that most reduce its uncertainty about your question (SIFT), reads the best one and "

@@ -13,7 +13,7 @@ import torch
 from sift_chat.access import Caller
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import ChatSettings, Done, Engine, Notice, Prompted, Selected, Stage, Step, Token
-from sift_chat.generation import cite
+from sift_chat.generation import cite, contrast
 from sift_chat.service import Answered, Service, Stored
 from sift_chat.store import Store
 
@@ -197,6 +197,34 @@ def test_an_answer_that_loops_is_stopped_where_the_loop_began(engine, monkeypatc
     # the last 4 tokens repeat the 4 before them after 8: stopped there, the repeat left out
     assert events[-1].ended == "repeat" and len(calls) == 8
     assert any(isinstance(e, Notice) and "repeating" in e.message for e in events)
+
+
+def test_contrast_decoding_weighs_the_prompt_with_passages_against_the_prompt_without(engine, monkeypatch):
+    import sift_chat.engine as engine_module
+
+    seen = []  # each token's (logits with passages, logits without, α)
+    monkeypatch.setattr(engine_module, "contrast", lambda *args: seen.append(args) or contrast(*args))
+    settings = ChatSettings(mode="context", passages=2, max_new_tokens=4, loop_tokens=0, context_contrast=2.0)
+    events = list(engine.respond(QUESTION, settings=settings))
+    read = _prompted(events)
+    unread, _ = engine.chat_input(QUESTION, [], [], settings)
+    assert read.passages and len(seen) == 4
+    answer = []
+    with torch.no_grad():  # token by token without a cache, as the formula says
+        for with_passages, without_passages, strength in seen:
+            so_far = torch.tensor([answer], dtype=torch.long).reshape(1, -1)
+            assert strength == 2.0
+            assert torch.allclose(with_passages, logits(engine.model, torch.cat([read.input_ids, so_far], 1))[0, -1], atol=1e-4)
+            assert torch.allclose(without_passages, logits(engine.model, torch.cat([unread, so_far], 1))[0, -1], atol=1e-4)
+            answer.append(int(contrast(with_passages, without_passages, strength).argmax()))
+    assert events[-1].raw_answer == engine.tokenizer.decode(answer, skip_special_tokens=True).strip()
+    # no passages read, or α = 0: ordinary decoding, one forward pass per token
+    seen.clear()
+    list(engine.respond(QUESTION, settings=replace(settings, mode="off")))
+    list(engine.respond(QUESTION, settings=replace(settings, context_contrast=0.0)))
+    assert seen == []
+    with pytest.raises(ValueError, match="context_contrast must be in"):
+        ChatSettings(context_contrast=-1)
 
 
 def test_context_mode_puts_the_selected_passages_in_the_prompt(engine):

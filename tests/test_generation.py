@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sift_chat.generation import (INSTRUCTION, INSTRUCTION_WITH_PASSAGES, answer_processors, cite, conversation,
-                                  content_words, next_token, repeat_start, training_text)
+from sift_chat.generation import (INSTRUCTION, INSTRUCTION_WITH_PASSAGES, answer_processors, cite, content_words, contrast,
+                                  conversation, next_token, repeat_start, training_text)
 
 from .tiny import tiny_tokenizer
 
@@ -94,3 +94,23 @@ def test_training_text_reads_the_passage_where_the_chat_prompt_puts_it():
     read = render(conversation(question, [], [passage]), False)
     assert read.startswith(prefix + text) and prefix.endswith(INSTRUCTION_WITH_PASSAGES + "\n\n")
     assert question not in prefix and text == "Its keeper, Matthias Orrey."
+
+
+def test_contrast_prefers_what_the_passages_make_likelier_than_the_question_alone():
+    # with the passages: token 1 a little likelier than token 2; without them token 1 was already
+    # expected and token 2 was not, so the passages are what speak for token 2
+    reading = torch.log(torch.tensor([0.05, 0.50, 0.40, 0.05]))
+    prior = torch.log(torch.tensor([0.05, 0.80, 0.05, 0.10]))
+    assert int(contrast(reading, prior, 0.0).argmax()) == 1  # α = 0: ordinary decoding
+    assert int(contrast(reading, prior, 1.0).argmax()) == 2
+    scores = contrast(reading, prior, 1.0)
+    assert torch.allclose(scores[1:3], 2 * reading[1:3] - prior[1:3])
+
+
+def test_contrast_never_picks_a_token_the_passages_make_implausible():
+    # token 3 is 100x likelier with the passages than without, but 30x less likely than token 0
+    reading = torch.log(torch.tensor([0.90, 0.07, 0.0, 0.03]).clamp_min(1e-9))
+    prior = torch.log(torch.tensor([0.90, 0.0997, 0.0, 0.0003]).clamp_min(1e-9))
+    scores = contrast(reading, prior, 5.0, plausible=0.1)
+    assert torch.isinf(scores[[1, 2, 3]]).all() and int(scores.argmax()) == 0
+    assert int(contrast(reading, prior, 5.0, plausible=0.01).argmax()) == 3
