@@ -22,13 +22,17 @@ import pytest
 from sift_chat import cli
 from sift_chat.access import UsersFile
 
+from sift_chat.panel import SETTING_NAMES, default_settings
+
 from .tiny import save_tiny_chat_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "corpora" / "brindlemoor"
 PASSWORDS = {"alice": "alice-password", "bob": "bob-password"}
 QUESTION = "Who is the harbour master of Skellport?"
-SETTINGS = ("sift", "context", 3, 0.01, False, 0.02, 0.001, 0, 16)  # method … max new tokens, as the sidebar
+# the sidebar's values in its order: the defaults, 3 passages, 16 new tokens
+SETTINGS = tuple({**default_settings(), "mode": "context", "passages": 3, "max_new_tokens": 16}[name]
+                 for name in SETTING_NAMES)
 
 
 def free_port() -> int:
