@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--method", default="sift", choices=METHODS, help="selection (default: %(default)s)")
     chat.add_argument("--mode", default=ChatSettings.mode, choices=MODES,
                       help="read the first passage in the prompt (context), learn from the passages (fine-tune), "
-                           "both (more accurate on average, 2.6x slower), or neither (default: %(default)s)")
+                           "both (not more accurate on our question sets, 1.4x slower), or neither (default: %(default)s)")
     chat.add_argument("-n", "--passages", type=int, default=ChatSettings.passages,
                       help="at most this many passages, one LoRA step each (default: %(default)s)")
     chat.add_argument("--candidates", type=int, default=ChatSettings.candidates,

@@ -130,7 +130,8 @@ def _prompted(events) -> Prompted:
 def test_each_mode_reads_and_learns_what_it_says(engine, probe, monkeypatch):
     """off: no selection, no step, nothing in the prompt; context: the picks in the prompt, no step;
     fine-tune: one step each, nothing in the prompt; both: one step each and the first pick read.
-    What Prompted reports is what the prompt was built from."""
+    What Prompted reports is what the prompt was built from; where passages are read, context-aware
+    decoding (on by default) also builds the same prompt without them."""
     real_step = engine.adapter.step
     stepped, contexts = [], []
     chat_input = engine.chat_input
@@ -147,7 +148,7 @@ def test_each_mode_reads_and_learns_what_it_says(engine, probe, monkeypatch):
     read = _prompted(context)
     assert not any(isinstance(e, Step) for e in context)
     assert stepped == [] and read.passages == [p.passage for p in selected.picks if not p.repeat][:2]
-    assert contexts.pop() == read.passages
+    assert contexts[-2:] == [read.passages, []]
     text = " ".join(engine.tokenizer.decode(read.input_ids[0]).split())
     assert all(" ".join(p.text.split()) in text for p in read.passages)
     assert context[-1].record.read == [p.id for p in read.passages]
@@ -163,7 +164,7 @@ def test_each_mode_reads_and_learns_what_it_says(engine, probe, monkeypatch):
     assert len([e for e in both if isinstance(e, Step)]) == 2 == len(stepped)
     assert stepped == [p.passage.text for p in selected.picks]
     assert _prompted(both).passages == [selected.picks[0].passage]  # by default the first pick alone is read
-    assert contexts.pop() == _prompted(both).passages
+    assert contexts[-2:] == [_prompted(both).passages, []]
     assert_at_base(engine, probe)
 
 
