@@ -1,8 +1,8 @@
 """`/v1`: an OpenAI-compatible chat API over the application layer, served beside the app.
 
     POST /v1/chat/completions   messages (with history), max_tokens, temperature, stop, seed, stream;
-                                and the extension "sift": {method, mode, passages, lam, min_reduction,
-                                learning_rate, lora_layers}, checked as the app's settings are
+                                and the extension "sift": {method, mode, context_contrast, passages, lam,
+                                min_reduction, learning_rate, lora_layers}, checked as the app's settings are
     GET  /v1/models             the one model this server answers with
 
 Every answer learns at test time as in the app, waiting in the same line for the model. The
@@ -35,13 +35,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from .access import LOCAL
 from .engine import ChatSettings, Notice, Prompted, Selected, Step, Token
-from .panel import Panel, parse_settings
+from .panel import SETTING_NAMES, Panel, parse_settings
 from .service import Answered, Service, Waiting, first_line
 from .turns import Busy, QueueFull, Turn
 
 MODEL_ID = "sift-chat"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON: far more than any context this model reads
-EXTENSION_KEYS = ("method", "mode", "passages", "lam", "min_reduction", "learning_rate", "lora_layers")
+# the app's settings, less the two the OpenAI fields carry (max_tokens; adaptive = min_reduction given)
+EXTENSION_KEYS = tuple(name for name in SETTING_NAMES if name not in ("adaptive", "max_new_tokens"))
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -279,7 +280,8 @@ def _answer(service: Service, turn: Turn, request: CompletionRequest) -> Iterato
 
     def extension(ended: str, cited: str, answered: Answered | None = None) -> dict:
         chat, adaptation = request.chat, request.adaptation
-        return {"method": chat.method, "mode": chat.mode, "passages": chat.passages, "lam": chat.lam,
+        return {"method": chat.method, "mode": chat.mode, "context_contrast": chat.context_contrast,
+                "passages": chat.passages, "lam": chat.lam,
                 "min_reduction": chat.min_reduction, "learning_rate": adaptation.learning_rate,
                 "lora_layers": adaptation.top_layers or 0,
                 "selection": panel.to_json() if panel else None,
