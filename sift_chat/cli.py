@@ -331,9 +331,9 @@ def _show(event) -> bool:
     elif isinstance(event, Answered):
         if event.record.citations and event.panel is not None:
             print(f"\n\ncited: {event.answer}")
-            picks = {event.panel.numbers[pick["passage_id"]]: pick for pick in event.panel.picks}
+            numbered = event.panel.numbered
             for number in event.record.citations:
-                pick = picks[number]
+                pick = numbered[number - 1]
                 print(f"  [{number}] {_one_line(shown(pick['path']), 100)}:{pick['start_char']}-{pick['end_char']}")
         timings = " · ".join(f"{name.replace('_', ' ')} {value:.1f} s" for name, value in event.record.seconds.items())
         print(f"\n[{timings}]")

@@ -1,6 +1,6 @@
 """The engine: one user message, end to end.
 
-    prompt ─embed─▶ q ─hnswlib─▶ K candidates ─select─▶ N passages + σ² trace
+    prompt ─embed─▶ q ─hnswlib + FTS5 BM25, fused─▶ K candidates ─select─▶ N passages + σ² trace
            ─adapt (fresh LoRA, one step per passage)─▶ generate, streamed ─▶ cite ─▶ a typed record
 
 `Engine.respond` is a generator of events (stages, the selection, each step's loss, what the
@@ -26,6 +26,7 @@ from . import config
 from .adaptation import AdaptationSettings, Adapter, decoder_layers
 from .generation import answer_processors, cite, contrast, conversation, next_token, repeat_start, training_text
 from .record import AnswerRecord, SelectionRecord
+from .retrieval import FUSION, Candidates, preselect
 from .selection import Selection, select
 from .store import Passage, Store
 from .vocabulary import METHODS, MODES
@@ -115,11 +116,26 @@ class Picked:
 
 @dataclass(frozen=True)
 class Selected:
+    """The picks, and the pre-selection they were made from: `lead` is its best candidate (fused
+    rank 1), which the context modes read first, picked or not (README: Retrieval)."""
+
     method: str
     picks: list[Picked]
     prior_variance: float
     stop_reason: str
     nn_posterior_variance: list[float]  # NN's σ² after each of its picks, for the same prompt
+    lead: Passage | None = None
+    candidates: list[int] = field(default_factory=list)  # the K pre-selected passage ids, best fused first
+    terms: list[str] = field(default_factory=list)  # the prompt's words searched in the lexical index
+    seconds: dict[str, float] = field(default_factory=dict)  # pre-selection: vector, lexical, fuse
+
+    def reading_order(self, uses_context: bool) -> list[Passage]:
+        """The passages the answer numbers [1], [2] …: in the context modes the lead first, then
+        the distinct picks in pick order; else the distinct picks."""
+        distinct = [p.passage for p in self.picks if not p.repeat]
+        if not uses_context or self.lead is None:
+            return distinct
+        return [self.lead, *(p for p in distinct if p.id != self.lead.id)]
 
     @property
     def final_variance(self) -> float:
@@ -191,6 +207,7 @@ class Engine:
         self.default_adaptation = adaptation or AdaptationSettings()  # for a message that names none
         self.adapter = Adapter(model, tokenizer, self.default_adaptation)
         self.lock = threading.Lock()  # one adaptation at a time per loaded model
+        self.fusion = FUSION  # how pre-selection combines the vector and the lexical search
 
     @classmethod
     def load(cls, data_dir: str | Path | None = None, *, embedder: str | None = None,
@@ -241,21 +258,29 @@ class Engine:
         vector = self.embedder.encode(text, normalize_embeddings=True, convert_to_tensor=True)
         return vector.float().cpu()
 
+    def preselect(self, query: torch.Tensor, prompt: str, settings: ChatSettings,
+                  owners: Iterable[str] | None = None) -> Candidates:
+        """K candidates for `prompt` (embedded as `query`) among the documents of `owners` (the
+        caller's and the shared library): the vector and the lexical search, fused (`retrieval`)."""
+        return preselect(self.store, query.numpy(), prompt, settings.candidates, owners, self.fusion)
+
     def select(self, query: torch.Tensor, settings: ChatSettings, method: str | None = None,
-               owners: Iterable[str] | None = None) -> Selected:
-        """Pre-select K candidates from the index (among the documents of `owners`: the caller's
-        and the shared library), then pick up to N of them with `method`."""
-        ids, _, vectors = self.store.nearest(query.numpy(), settings.candidates, owners)
-        candidates = torch.from_numpy(vectors)
+               owners: Iterable[str] | None = None, prompt: str = "") -> Selected:
+        """Pre-select K candidates (`preselect`; by vector alone without a prompt), then pick up
+        to N of them with `method`, on the candidates' vectors."""
+        found = self.preselect(query, prompt, settings, owners)
+        candidates = torch.from_numpy(found.vectors)
         method = method or settings.method
         selection = select(query, candidates, method, settings.passages, settings.lam,
                            settings.min_reduction, settings.alpha)
         nn = select(query, candidates, "nn", settings.passages, settings.lam)
-        return self._describe(selection, ids, nn)
+        return self._describe(selection, found, nn)
 
-    def _describe(self, selection: Selection, ids, nn: Selection) -> Selected:
+    def _describe(self, selection: Selection, found: Candidates, nn: Selection) -> Selected:
+        ids = found.ids
         passage_ids = [int(ids[i]) for i in selection.indices.tolist()]
-        passages = self.store.passages(passage_ids)
+        lead = int(ids[0]) if len(ids) else None
+        passages = self.store.passages([*passage_ids, *([lead] if lead is not None else [])])
         picks, seen = [], set()
         for step, passage_id in enumerate(passage_ids):
             picks.append(Picked(
@@ -267,7 +292,8 @@ class Engine:
             ))
             seen.add(passage_id)
         return Selected(selection.method, picks, selection.prior_variance, selection.stop_reason,
-                        nn.posterior_variance.tolist())
+                        nn.posterior_variance.tolist(), passages.get(lead) if lead is not None else None,
+                        [int(i) for i in ids.tolist()], list(found.terms), dict(found.seconds))
 
     # -- one message ------------------------------------------------------------------------
 
@@ -317,8 +343,9 @@ class Engine:
 
             yield Stage("select", "started")
             started = time.perf_counter()
-            selected = self.select(query, settings, owners=owners)
+            selected = self.select(query, settings, owners=owners, prompt=prompt)
             seconds["select"] = time.perf_counter() - started
+            seconds["preselect"] = sum(selected.seconds.values())  # of which: finding the K candidates
             yield selected
             yield Stage("select", "finished", seconds["select"])
         if selected is not None and not selected.picks:
@@ -337,7 +364,7 @@ class Engine:
                 seconds["fine-tune"] = time.perf_counter() - started
                 yield Stage("fine-tune", "finished", seconds["fine-tune"])
 
-            numbered = _distinct(selected.picks) if selected else []
+            numbered = selected.reading_order(settings.uses_context) if selected else []
             context = numbered[: settings.context_passages] if settings.uses_context else []
             input_ids, truncated = self.chat_input(prompt, history, context, settings)
             if truncated:
@@ -373,7 +400,8 @@ class Engine:
         answer, citations = cite(raw_answer, [p.text for p in numbered], prompt)
         summary = None if selected is None else SelectionRecord(
             selected.method, selected.prior_variance, selected.final_variance, selected.stop_reason,
-            list(selected.nn_posterior_variance))
+            list(selected.nn_posterior_variance), selected.lead.id if selected.lead else None,
+            list(selected.terms), len(selected.candidates))
         record = AnswerRecord(asdict(settings), adaptation, seconds, losses, summary, ended=ended,
                               citations=list(citations), read=[p.id for p in context],
                               numbered=[p.id for p in numbered])
@@ -463,10 +491,6 @@ class Engine:
                 yield text[len(emitted):]
                 emitted = text
         return ended, self.tokenizer.decode(generated, skip_special_tokens=True).strip()
-
-
-def _distinct(picks: list[Picked]) -> list[Passage]:
-    return [p.passage for p in picks if not p.repeat]
 
 
 def _stop_ids(tokenizer) -> set[int]:

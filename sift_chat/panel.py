@@ -69,8 +69,9 @@ def parse_settings(values: dict, base: AdaptationSettings,
 class Panel:
     """What one answer used: the picks, σ² after each, NN's σ² for the same prompt, the loss of
     each step, the passages read in the prompt, the ones the answer cites and the seconds of
-    each stage. Passages are numbered [1], [2] … in the order they were first picked, as the
-    answer cites them."""
+    each stage. Passages are numbered [1], [2] … as the answer cites them: in the context modes
+    the selection's lead (its best candidate, read first, picked or not) first, then the picks in
+    the order they were first picked."""
 
     method: str
     prior_variance: float
@@ -82,6 +83,7 @@ class Panel:
     mode: str = "fine-tune"
     read: list[int] = field(default_factory=list)  # passage ids in the prompt
     citations: list[int] = field(default_factory=list)  # numbers the answer cites
+    lead: dict | None = None  # passage_id, path, start_char, end_char, text of the passage read first (context modes)
 
     @property
     def final_variance(self) -> float:
@@ -100,13 +102,24 @@ class Panel:
         return list(first.values())
 
     @property
+    def numbered(self) -> list[dict]:
+        """The passages in citation order: the lead (when there is one), then the distinct picks."""
+        if self.lead is None:
+            return self.distinct_picks
+        return [self.lead, *(p for p in self.distinct_picks if p["passage_id"] != self.lead["passage_id"])]
+
+    @property
     def numbers(self) -> dict[int, int]:
         """passage id -> its citation number."""
-        return {p["passage_id"]: n for n, p in enumerate(self.distinct_picks, 1)}
+        return {p["passage_id"]: n for n, p in enumerate(self.numbered, 1)}
+
+    @property
+    def lead_picked(self) -> bool:
+        return self.lead is not None and self.lead["passage_id"] in self.passage_ids
 
     def cite(self, answer: str, question: str = "") -> tuple[str, list[int]]:
-        """The answer with citation markers [n] for these picks' numbers (`generation.cite`)."""
-        return cite(answer, [p["text"] for p in self.distinct_picks], question)
+        """The answer with citation markers [n] for these passages' numbers (`generation.cite`)."""
+        return cite(answer, [p["text"] for p in self.numbered], question)
 
     @property
     def learned(self) -> bool:
@@ -119,8 +132,9 @@ class Panel:
                   "similarity": p.similarity, "posterior_variance": p.posterior_variance,
                   "uncertainty_reduction": p.uncertainty_reduction, "repeat": p.repeat}
                  for p in selected.picks]
+        lead = selected.lead if mode in ("context", "both") else None
         return cls(selected.method, selected.prior_variance, picks, list(selected.nn_posterior_variance),
-                   selected.stop_reason, mode=mode)
+                   selected.stop_reason, mode=mode, lead=_passage(lead.id, lead) if lead else None)
 
     @classmethod
     def from_stored(cls, record: AnswerRecord | None, rows: list[dict], passages: dict) -> "Panel | None":
@@ -142,10 +156,12 @@ class Panel:
             seen.add(row["passage_id"])
         selection = record.selection
         losses = record.losses or [row["loss"] for row in rows]
+        mode = record.settings.get("mode", "fine-tune")
+        lead = (_passage(selection.lead, passages.get(selection.lead))
+                if selection.lead is not None and mode in ("context", "both") else None)
         return cls(selection.method, selection.prior_variance, picks, list(selection.nn_posterior_variance),
-                   selection.stop_reason, list(losses), dict(record.seconds),
-                   mode=record.settings.get("mode", "fine-tune"), read=list(record.read),
-                   citations=list(record.citations))
+                   selection.stop_reason, list(losses), dict(record.seconds), mode=mode, read=list(record.read),
+                   citations=list(record.citations), lead=lead)
 
     def to_json(self) -> dict:
         """The panel as JSON: each pick with its citation number, source, offsets, σ² after it,
@@ -160,7 +176,15 @@ class Panel:
         return {"method": self.method, "mode": self.mode, "prior_variance": self.prior_variance,
                 "final_variance": self.final_variance, "stop_reason": self.stop_reason,
                 "nn_posterior_variance": self.nn_variance, "picks": picks,
+                "lead": {**self.lead, "number": 1} if self.lead else None,
                 "read": list(self.read), "citations": list(self.citations)}
+
+
+def _passage(passage_id: int, passage) -> dict:
+    """A passage as the panel keeps it (a removed document's: its id, without text)."""
+    return {"passage_id": passage_id, "path": passage.path if passage else "(removed document)",
+            "start_char": passage.start_char if passage else None,
+            "end_char": passage.end_char if passage else None, "text": passage.text if passage else ""}
 
 
 def _finite(value):

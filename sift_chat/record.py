@@ -16,6 +16,9 @@ class SelectionRecord:
     final_variance: float
     stop_reason: str
     nn_posterior_variance: list[float]  # NN's σ² after each of its picks, for the same prompt
+    lead: int | None = None  # the best candidate of the pre-selection (fused rank 1), read first in context
+    terms: list[str] = field(default_factory=list)  # the prompt's words searched in the lexical index
+    candidates: int = 0  # K: how many passages the selection chose from
 
 
 @dataclass(frozen=True)
@@ -24,9 +27,11 @@ class AnswerRecord:
     of each stage (embed, select, fine-tune, generate, first_token), how the answer ended, and
     which passages it read and cites.
 
-    `numbered` lists the ids of the distinct picks in pick order: passage `numbered[n - 1]` is
-    the one the answer cites as [n]; `read` the ids of those in the prompt (a prefix of
-    `numbered` in the context modes, empty otherwise); `citations` the numbers the answer cites."""
+    `numbered` lists the ids of the passages the answer numbers, in reading order (in the context
+    modes the selection's lead first, then the distinct picks in pick order; else the distinct
+    picks): passage `numbered[n - 1]` is the one the answer cites as [n]; `read` the ids of those
+    in the prompt (a prefix of `numbered` in the context modes, empty otherwise); `citations` the
+    numbers the answer cites."""
 
     settings: dict  # ChatSettings, as given
     adaptation: dict  # AdaptationSettings, as used

@@ -152,8 +152,9 @@ class Service:
 
     def answer_panel(self, message: dict) -> Panel | None:
         rows = self.store.selection_rows(message["id"])
-        return Panel.from_stored(AnswerRecord.from_json(message.get("record")), rows,
-                                 self.store.passages(r["passage_id"] for r in rows))
+        record = AnswerRecord.from_json(message.get("record"))
+        lead = [record.selection.lead] if record and record.selection and record.selection.lead is not None else []
+        return Panel.from_stored(record, rows, self.store.passages([*(r["passage_id"] for r in rows), *lead]))
 
     def message_panel(self, chat_id, caller: Caller, index) -> Panel | None:
         """The panel of the answer at position `index` of the chat; for a question, the answer after it."""
@@ -334,7 +335,7 @@ class Service:
                 if isinstance(event, Stopped):
                     return
             query = self.engine.embed(prompt)
-            selections = {method: self.engine.select(query, chat, method, owners=caller.readable)
+            selections = {method: self.engine.select(query, chat, method, owners=caller.readable, prompt=prompt)
                           for method in ("nn", "sift")}
             for method, selected in selections.items():
                 yield method, selected

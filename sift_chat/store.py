@@ -16,6 +16,11 @@ IMMEDIATE), so two processes writing at once queue instead of failing.
 
 Each document has an owner (`access`: '' is the shared library); a search may be limited to some
 owners' passages, which the index then skips during the search itself.
+
+Beside the vectors, an FTS5 table (``passages_fts``, external content: it indexes passages.text
+without a second copy) answers BM25 searches for a prompt's words. Triggers on `passages` keep
+it in the same transactions as the passages, so a killed ingest or removal leaves both in step;
+a store made before it gets it built on upgrade (schema 3).
 """
 
 from __future__ import annotations
@@ -41,7 +46,11 @@ from .vector_index import IndexGone, IndexMismatch, VectorIndex, saved_indexes
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: documents have an owner ('' = the shared library)
+SCHEMA_VERSION = 3  # 2: documents have an owner ('' = the shared library); 3: the FTS5 table
+
+# unicode61 keeps a name whole and folds case and accents (Malrosbré = malrosbre); "7:40" and
+# "12,345" are two tokens each in passages and prompts alike (README: Retrieval, measured)
+FTS_TOKENIZER = "unicode61 remove_diacritics 2"
 
 DOCUMENT_COLUMNS = """(
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -73,6 +82,22 @@ CREATE TABLE IF NOT EXISTS passages (
 );
 CREATE INDEX IF NOT EXISTS passages_by_document ON passages(document_id);
 CREATE INDEX IF NOT EXISTS passages_by_text ON passages(text);  -- a copied passage reuses its vector
+CREATE VIRTUAL TABLE IF NOT EXISTS passages_fts USING fts5(
+    text, content='passages', content_rowid='id', tokenize='{FTS_TOKENIZER}'
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS passages_terms USING fts5vocab(passages_fts, 'row');  -- term → passages holding it
+-- the lexical index follows every change of passages.text in the same transaction
+-- (not sqlite-utils' enable_fts: its update trigger would rewrite the index on every re-embedding)
+CREATE TRIGGER IF NOT EXISTS passages_fts_insert AFTER INSERT ON passages BEGIN
+    INSERT INTO passages_fts (rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS passages_fts_delete AFTER DELETE ON passages BEGIN
+    INSERT INTO passages_fts (passages_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END;
+CREATE TRIGGER IF NOT EXISTS passages_fts_update AFTER UPDATE OF text ON passages BEGIN
+    INSERT INTO passages_fts (passages_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    INSERT INTO passages_fts (rowid, text) VALUES (new.id, new.text);
+END;
 CREATE TABLE IF NOT EXISTS chats (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     owner TEXT NOT NULL DEFAULT '',  -- whose chat: '' the local owner (and the CLI), else a user (`access`)
@@ -212,6 +237,7 @@ class Store:
             elif "owner" not in {row[1] for row in self.db.execute("PRAGMA table_info(documents)")}:
                 raise StoreError(f"the store {self.folder} was made by an older sift-chat and is read-only here: "
                                  "open it once where it can be written, to upgrade it")
+            self.has_lexical = self.db["passages_fts"].exists() and self.db["passages_terms"].exists()
         except sqlite3.OperationalError as error:
             raise StoreError(_busy_or(error, f"cannot open the store {database}", busy_timeout)) from None
         self.index: VectorIndex | None = None
@@ -220,10 +246,13 @@ class Store:
         self._sync_index()
 
     def _migrate(self) -> None:
-        """Schema 1 → 2: documents get an owner, and the documents there become the shared library;
-        chats kept under a browser's key (the app before sign-in) become the local owner's. One
-        transaction; the table is rebuilt (SQLite cannot change a UNIQUE constraint in place)."""
-        if int(self.meta("schema_version") or SCHEMA_VERSION) >= 2:
+        """Bring an older store to SCHEMA_VERSION, in one transaction (a killed upgrade is redone
+        at the next open). 1 → 2: documents get an owner, and the documents there become the
+        shared library; chats kept under a browser's key (the app before sign-in) become the local
+        owner's; the table is rebuilt (SQLite cannot change a UNIQUE constraint in place).
+        2 → 3: the FTS5 table (created empty by SCHEMA) is built from the passages."""
+        version = int(self.meta("schema_version") or SCHEMA_VERSION)
+        if version >= SCHEMA_VERSION:
             return
         self.db.execute("PRAGMA foreign_keys = OFF")  # dropping the old table must not cascade to passages
         try:
@@ -235,6 +264,8 @@ class Store:
                     self.db.execute("DROP TABLE documents")
                     self.db.execute("ALTER TABLE documents_v2 RENAME TO documents")
                     self.db.execute("UPDATE chats SET owner = ''")
+                if version < 3:
+                    self.db.execute("INSERT INTO passages_fts (passages_fts) VALUES ('rebuild')")
                 self._set_meta(schema_version=SCHEMA_VERSION)
         finally:
             self.db.execute("PRAGMA foreign_keys = ON")
@@ -718,6 +749,49 @@ class Store:
             return ids[order], similarities[order], vectors[order]
         allowed = None if owners is None else (lambda passage_id: self._owner_of.get(passage_id) in owners)
         return self.index.search(query, k, allowed)
+
+    @_serialized
+    def term_counts(self, terms: Iterable[str]) -> dict[str, int]:
+        """How many passages hold each of these terms (folded as the FTS tokenizer folds them:
+        `retrieval.prompt_terms`); a term no passage holds is left out."""
+        terms = list(dict.fromkeys(terms))
+        if not self.has_lexical or not terms:
+            return {}
+        found = {}
+        for term in terms:  # one lookup each: fts5vocab answers `term = ?` from the index, IN by a scan
+            row = self.db.execute("SELECT doc FROM passages_terms WHERE term = ?", [term]).fetchone()
+            if row:
+                found[term] = row[0]
+        return found
+
+    @_serialized
+    def lexical(self, terms: Iterable[str], k: int,
+                owners: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The k passages that best match any of `terms` by BM25 (FTS5's `bm25`, negated so that
+        higher is better): (ids, scores), best first; only passages of these owners' documents
+        when `owners` is given. The owner filter is part of the query, before its LIMIT, so k of
+        the caller's passages come back however many better ones belong to others. Without the
+        lexical index (a read-only store made before it) nothing is found."""
+        terms = [term for term in dict.fromkeys(terms) if term]
+        empty = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if not self.has_lexical:
+            self._warn_once(f"the store {self.folder} has no lexical index (made by an older sift-chat, read-only "
+                            "here): searching by vectors only; open it once where it can be written")
+            return empty
+        if not terms or k <= 0:
+            return empty
+        match = " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)  # quoted: never FTS syntax
+        where, values = _owned_by(owners)
+        owned = where.replace("WHERE", "AND", 1)
+        rows = self.db.execute(
+            "SELECT passages_fts.rowid, -bm25(passages_fts) AS score FROM passages_fts "
+            "JOIN passages p ON p.id = passages_fts.rowid JOIN documents d ON d.id = p.document_id "
+            f"WHERE passages_fts MATCH ? {owned} ORDER BY score DESC, passages_fts.rowid LIMIT ?",
+            [match, *values, k]).fetchall()
+        if not rows:
+            return empty
+        ids, scores = zip(*rows)
+        return np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
     @_serialized
     def close(self) -> None:

@@ -124,7 +124,7 @@ def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozense
         text = " ".join(pick["text"].split())
         text = text if len(text) <= 700 else text[:699] + "…"
         loss_text = f" · loss {loss:.3f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else ""
-        where = f":{pick['start_char']}–{pick['end_char']}" if pick.get("start_char") is not None else ""
+        where = _where(pick)
         cards.append(
             f"<div class='sc-pick' data-passage='{pick['passage_id']}' data-number='{number}'>"
             f"<div class='sc-head'><b>[{number}]</b> step {step} · "
@@ -134,9 +134,25 @@ def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozense
             f"{html.escape(Path(pick['path']).name)}{where}</span> {badges}</div>"
             f"<div class='sc-bar'><span style='width:{max(0.0, min(share, 1.0)) * 100:.1f}%'></span></div>"
             f"<div class='sc-text'>{html.escape(text)}</div></div>")
+    if panel.lead is not None and not panel.lead_picked:  # read first, though the method did not pick it
+        lead, where = panel.lead, _where(panel.lead)
+        badges = "".join(f"<span class='sc-badge {cls}'>{label}</span>" for label, cls, on in (
+            ("cited", "sc-cited", 1 in panel.citations), ("read", "sc-read", lead["passage_id"] in read)) if on)
+        text = " ".join(lead["text"].split())
+        text = text if len(text) <= 700 else text[:699] + "…"
+        cards.insert(0,
+            f"<div class='sc-pick sc-lead' data-passage='{lead['passage_id']}' data-number='1'>"
+            f"<div class='sc-head'><b>[1]</b> the pre-selection's best match (by words and meaning), not picked "
+            f"by {html.escape(panel.method)} · <span class='sc-source' title='{html.escape(lead['path'], quote=True)}"
+            f"{where}'>{html.escape(Path(lead['path']).name)}{where}</span> {badges}</div>"
+            f"<div class='sc-text'>{html.escape(text)}</div></div>")
     header = (f"<div class='sc-caption'>{html.escape(_usage(panel))} [n] is how the answer cites a passage; "
               f"−x σ² is how much uncertainty each removed (selection stopped: {html.escape(panel.stop_reason)}).</div>")
     return f"<div class='sc-picks'>{header}{''.join(cards)}</div>"
+
+
+def _where(passage: dict) -> str:
+    return f":{passage['start_char']}–{passage['end_char']}" if passage.get("start_char") is not None else ""
 
 
 def render_timings(panel: Panel | None, seconds: dict | None = None) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 
 from sift_chat.access import SHARED
 from sift_chat.reading import iter_files
-from sift_chat.store import NewDocument, NewPassage, Store
+from sift_chat.store import SCHEMA_VERSION, NewDocument, NewPassage, Store
 
 DIMENSION = 16
 
@@ -87,7 +87,7 @@ def test_a_store_from_before_owners_becomes_the_shared_library(tmp_path):
     with Store(folder) as store:
         [row] = store.documents([SHARED])
         assert row["path"] == "/old.txt" and store.passage_count([SHARED]) == 3
-        assert store.meta("schema_version") == "2" and len(store.chats("")) == 1  # the local owner's now
+        assert store.meta("schema_version") == str(SCHEMA_VERSION) and len(store.chats("")) == 1  # the local owner's now
         store.write_documents([document("/old.txt", unit(rng.normal(size=(2, DIMENSION))), "user:alice")],
                               "test-embedder")
         assert store.document_count() == 2 and store.db.execute("PRAGMA foreign_key_check").fetchall() == []

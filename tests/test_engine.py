@@ -128,8 +128,9 @@ def _prompted(events) -> Prompted:
 
 
 def test_each_mode_reads_and_learns_what_it_says(engine, probe, monkeypatch):
-    """off: no selection, no step, nothing in the prompt; context: the picks in the prompt, no step;
-    fine-tune: one step each, nothing in the prompt; both: one step each and the first pick read.
+    """off: no selection, no step, nothing in the prompt; context: the pre-selection's best
+    candidate (the lead) and then the picks in the prompt, no step; fine-tune: one step each,
+    nothing in the prompt; both: one step each and the lead read.
     What Prompted reports is what the prompt was built from; where passages are read, context-aware
     decoding (on by default) also builds the same prompt without them."""
     real_step = engine.adapter.step
@@ -147,11 +148,15 @@ def test_each_mode_reads_and_learns_what_it_says(engine, probe, monkeypatch):
     [selected] = [e for e in context if isinstance(e, Selected)]
     read = _prompted(context)
     assert not any(isinstance(e, Step) for e in context)
-    assert stepped == [] and read.passages == [p.passage for p in selected.picks if not p.repeat][:2]
+    distinct = [p.passage for p in selected.picks if not p.repeat]
+    assert selected.lead is not None and selected.lead.id == selected.candidates[0]
+    assert stepped == [] and read.passages == [selected.lead, *(p for p in distinct if p != selected.lead)][:2]
     assert contexts[-2:] == [read.passages, []]
     text = " ".join(engine.tokenizer.decode(read.input_ids[0]).split())
     assert all(" ".join(p.text.split()) in text for p in read.passages)
     assert context[-1].record.read == [p.id for p in read.passages]
+    assert context[-1].record.selection.lead == selected.lead.id and context[-1].record.numbered[0] == selected.lead.id
+    assert context[-1].record.selection.candidates == len(selected.candidates) and selected.terms
 
     fine_tune = list(engine.respond(QUESTION, settings=ChatSettings(mode="fine-tune", passages=2, max_new_tokens=4)))
     [selected] = [e for e in fine_tune if isinstance(e, Selected)]
@@ -163,7 +168,7 @@ def test_each_mode_reads_and_learns_what_it_says(engine, probe, monkeypatch):
     [selected] = [e for e in both if isinstance(e, Selected)]
     assert len([e for e in both if isinstance(e, Step)]) == 2 == len(stepped)
     assert stepped == [p.passage.text for p in selected.picks]
-    assert _prompted(both).passages == [selected.picks[0].passage]  # by default the first pick alone is read
+    assert _prompted(both).passages == [selected.lead]  # by default the lead alone is read
     assert contexts[-2:] == [_prompted(both).passages, []]
     assert_at_base(engine, probe)
 

@@ -39,11 +39,15 @@ def documents_written(database) -> int:
 
 
 def assert_consistent(store: Store, embedder) -> None:
-    """Each document is whole, and the index holds exactly the passages SQLite holds."""
+    """Each document is whole, and the vector index and the lexical one hold exactly the passages SQLite holds."""
     for document in store.documents():
         count = store.db.execute("SELECT count(*) FROM passages WHERE document_id = ?",
                                  [document["id"]]).fetchone()[0]
         assert count == document["passage_count"] > 0
+    for word in ("harbour", "lantern", "census"):  # the lexical index holds exactly the passages holding a word
+        ids, _ = store.lexical([word], 10**6)
+        holding = {i for (i, text) in store.db.execute("SELECT id, text FROM passages") if word in text.split()}
+        assert set(ids.tolist()) == holding
     total = store.passage_count()
     if total < 2:
         return

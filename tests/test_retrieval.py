@@ -1,0 +1,158 @@
+"""The lexical index and the fused pre-selection: the FTS5 table follows every change of the
+passages (ingest, replace, remove, re-embedding, an upgrade of an older store), the lexical search
+keeps to the caller's collections, and fusion brings a passage that names the prompt's rare word
+into the candidates when the vectors alone leave it out."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from sift_chat.access import SHARED
+from sift_chat.retrieval import (preselect, prompt_terms, rare_terms, reciprocal_rank_fusion,
+                                 weighted_fusion)
+from sift_chat.store import SCHEMA_VERSION, NewDocument, NewPassage, Store
+
+DIMENSION = 16
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def document(path: str, texts: list[str], vectors: np.ndarray, owner: str = SHARED) -> NewDocument:
+    passages = [NewPassage(i, 0, len(text), 1, text) for i, text in enumerate(texts)]
+    return NewDocument(path, f"hash-{owner}-{path}-{texts}", 1, 0.0, passages, vectors, owner)
+
+
+def found(store: Store, word: str, owners=None) -> set[str]:
+    """The texts of the passages the lexical search finds for `word`."""
+    ids, _ = store.lexical(prompt_terms(word), 1000, owners)
+    return {p.text for p in store.passages(ids).values()}
+
+
+def holding(store: Store, word: str) -> set[str]:
+    """The texts of the stored passages that hold `word` (the truth the index must agree with)."""
+    return {text for (text,) in store.db.execute("SELECT text FROM passages")
+            if word.lower() in prompt_terms(text)}
+
+
+def test_the_lexical_index_follows_ingest_replace_remove_and_reembedding(tmp_path):
+    rng = np.random.default_rng(0)
+    with Store(tmp_path / "store") as store:
+        store.write_documents([document("/a.txt", ["Varnholt lies on the river Esk.", "The ferry leaves at 7:40."],
+                                        unit(rng.normal(size=(2, DIMENSION)))),
+                               document("/b.txt", ["Varnmere was founded by Ada Krommson."],
+                                        unit(rng.normal(size=(1, DIMENSION))))], "test-embedder")
+        assert found(store, "Varnholt") == holding(store, "varnholt") == {"Varnholt lies on the river Esk."}
+        assert found(store, "krommson") == {"Varnmere was founded by Ada Krommson."}
+
+        store.write_documents([document("/a.txt", ["Varnholt lies on the river Teme."],  # replaced
+                                        unit(rng.normal(size=(1, DIMENSION))))], "test-embedder")
+        assert found(store, "Esk") == set() and found(store, "7:40") == set()
+        assert found(store, "Teme") == {"Varnholt lies on the river Teme."}
+
+        ids, vectors = store.embeddings()
+        store.replace_embeddings(ids, unit(rng.normal(size=vectors.shape)), "test-embedder")
+        assert found(store, "Varnholt") == {"Varnholt lies on the river Teme."}
+
+        assert store.remove(["/b.txt"]) == ["/b.txt"]
+        assert found(store, "Krommson") == set() == holding(store, "krommson")
+        assert store.term_counts(["krommson", "varnholt"]) == {"varnholt": 1}
+
+    with Store(tmp_path / "store") as reopened:  # what was committed is what the index holds
+        assert found(reopened, "Varnholt") == {"Varnholt lies on the river Teme."}
+
+
+def test_a_write_that_fails_leaves_the_lexical_index_as_it_was(tmp_path):
+    rng = np.random.default_rng(1)
+    with Store(tmp_path / "store") as store:
+        store.write_documents([document("/a.txt", ["Skaethost exports pine tar."],
+                                        unit(rng.normal(size=(1, DIMENSION))))], "test-embedder")
+        broken = document("/b.txt", ["Malrosbre exports salt cod."], unit(rng.normal(size=(1, DIMENSION + 1))))
+        with pytest.raises(Exception):  # another dimension: refused inside the transaction
+            store.write_documents([document("/a.txt", ["Skaethost exports glass floats."],
+                                            unit(rng.normal(size=(1, DIMENSION)))), broken], "other-embedder")
+        assert found(store, "Skaethost") == {"Skaethost exports pine tar."}
+        assert found(store, "Malrosbre") == set() and found(store, "floats") == set()
+
+
+def test_another_users_passage_with_the_exact_words_is_never_a_candidate(tmp_path):
+    rng = np.random.default_rng(2)
+    query = unit(rng.normal(size=(1, DIMENSION)))[0]
+    with Store(tmp_path / "store") as store:
+        store.write_documents([
+            document("/alice/secret.txt", ["Malrosbre's morning ferry sails at 6:15."], query[None, :], "user:alice"),
+            document("/bob/notes.txt", [f"Bob's note {i} about harbours." for i in range(30)],
+                     unit(rng.normal(size=(30, DIMENSION))), "user:bob"),
+            document("/shared.txt", ["The shared guide to ferries."], unit(rng.normal(size=(1, DIMENSION)))),
+        ], "test-embedder")
+        secret = store.lexical(["malrosbre"], 10)[0].tolist()
+        assert len(secret) == 1  # the index has it ...
+        bob = [SHARED, "user:bob"]
+        assert store.lexical(["malrosbre", "ferry"], 10, bob)[0].size == 0  # ... but not for bob
+        for k in (5, 40):  # through the index, and exact (k ≥ bob's passages)
+            candidates = preselect(store, query, "When does Malrosbre's morning ferry sail?", k, bob)
+            assert secret[0] not in candidates.ids.tolist() and len(candidates.ids) == min(k, 31)
+        alice = preselect(store, query, "When does Malrosbre's morning ferry sail?", 5, [SHARED, "user:alice"])
+        assert alice.ids[0] == secret[0]
+
+
+def test_fusion_brings_the_passage_that_names_the_rare_word_into_the_candidates(tmp_path):
+    """Fifty passages about confusable towns sit nearer the prompt's vector than the one that
+    names the town asked about: the vector search's K leave it out, the fused K hold it first."""
+    rng = np.random.default_rng(3)
+    query = unit(rng.normal(size=(1, DIMENSION)))[0]
+    near = unit(query + 0.1 * rng.normal(size=(50, DIMENSION)))
+    far = unit(query + 0.6 * rng.normal(size=(1, DIMENSION)))  # related, but less alike than the others
+    assert float(far[0] @ query) < float((near @ query).min())
+    with Store(tmp_path / "store") as store:
+        store.write_documents([
+            document("/towns.txt", [f"Varnmere{i} was founded by someone else." for i in range(50)], near),
+            document("/varnholt.txt", ["Varnholt was founded by Ada Krommson."], far),
+        ], "test-embedder")
+        [target] = store.lexical(["varnholt"], 5)[0].tolist()
+        prompt = "Who founded Varnholt?"
+        vector_only = preselect(store, query, prompt, 10, fusion="vector")
+        assert target not in vector_only.ids.tolist()
+        for fusion in ("weighted", "rrf"):
+            fused = preselect(store, query, prompt, 10, fusion=fusion)
+            assert target in fused.ids.tolist() and fused.lexical_only >= 1 and "varnholt" in fused.terms
+            row = fused.ids.tolist().index(target)
+            assert np.allclose(fused.vectors[row], far[0])  # its stored vector, for SIFT
+            assert np.isclose(fused.similarities[row], float(far[0] @ query), atol=1e-5)
+        assert preselect(store, query, prompt, 10, fusion="weighted").ids[0] == target
+
+
+def test_an_older_store_gets_its_lexical_index_built_on_upgrade(tmp_path):
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "store"
+    with Store(folder) as store:
+        store.write_documents([document("/old.txt", ["Orvmere was founded in 1832.", "Orvthorpe trades oak."],
+                                        unit(rng.normal(size=(2, DIMENSION))))], "test-embedder")
+    with sqlite3.connect(folder / "store.db") as connection:  # back to schema 2: no lexical index
+        connection.executescript("""
+            DROP TRIGGER passages_fts_insert; DROP TRIGGER passages_fts_delete; DROP TRIGGER passages_fts_update;
+            DROP TABLE passages_terms; DROP TABLE passages_fts;
+            UPDATE meta SET value = '2' WHERE key = 'schema_version';
+        """)
+    with Store(folder) as store:
+        assert store.meta("schema_version") == str(SCHEMA_VERSION)
+        assert found(store, "Orvmere") == {"Orvmere was founded in 1832."}
+        assert found(store, "1832") == {"Orvmere was founded in 1832."}
+        store.remove(["/old.txt"])
+        assert found(store, "Orvthorpe") == set()
+
+
+def test_fusion_math():
+    # 1/(60+1) + 1/(60+2) for 7; 1/(60+2) for 8, 1/(60+1) for 9
+    fused = dict(reciprocal_rank_fusion([[7, 8], [9, 7]]))
+    assert fused[7] == pytest.approx(1 / 61 + 1 / 62) and fused[8] == pytest.approx(1 / 62)
+    assert [i for i, _ in reciprocal_rank_fusion([[7, 8], [9, 7]])] == [7, 9, 8]
+    scores = dict(weighted_fusion([1, 2], np.array([0.9, 0.5]), {2: 4.0, 1: 1.0}, weight=0.5))
+    assert scores[1] == pytest.approx(0.5 * 0.9 + 0.5 * 0.25) and scores[2] == pytest.approx(0.5 * 0.5 + 0.5)
+    assert prompt_terms("Who founded Malrosbré? 7:40, Malrosbre!") == ["who", "founded", "malrosbre", "7", "40"]
+    assert rare_terms({"the": 900, "varnholt": 2, "ferry": 40}, 1000, common_share=0.05, common_floor=10) \
+        == ["varnholt", "ferry"]
