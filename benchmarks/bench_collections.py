@@ -12,6 +12,13 @@ the same search over every passage with its own recall (the reference); "after" 
 the unfiltered K afterwards would have kept. Targets: recall@K no lower than the unfiltered
 search's (the filter loses nothing; the index's own recall on real passages is bench_ingest's); a
 filtered search <= 10x the unfiltered.
+
+Then the chat's whole pre-selection (`retrieval.preselect`, K candidates) fused with the lexical
+search against the vector search alone, same store, same queries, in the same run. Each passage
+has 100 words drawn from a Zipf law (s = 1.1) over 50 000 words, so that a few words are in most
+passages and most words in few, as in prose; a prompt is 10 words of one passage. A first pass
+warms the caches (SQLite's pages, the store's word counts); the timed pass uses other prompts.
+Target: fused <= 1.5x the vector search alone.
 """
 
 from __future__ import annotations
@@ -23,9 +30,19 @@ import time
 import numpy as np
 
 from sift_chat.access import SHARED
+from sift_chat.retrieval import preselect
 from sift_chat.store import NewDocument, NewPassage, Store
 
 DIMENSION = 384
+VOCABULARY = 50_000
+WORDS_PER_PASSAGE = 100
+
+
+def zipf_texts(rng: np.random.Generator, count: int) -> list[str]:
+    """`count` passages of WORDS_PER_PASSAGE words drawn from a Zipf law over VOCABULARY words."""
+    weights = 1.0 / np.arange(1, VOCABULARY + 1) ** 1.1
+    words = rng.choice(VOCABULARY, size=(count, WORDS_PER_PASSAGE), p=weights / weights.sum())
+    return [" ".join(f"w{word}" for word in row) for row in words]
 
 
 def main() -> None:
@@ -42,6 +59,9 @@ def main() -> None:
         return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
 
     vectors, queries = drawn(args.passages), drawn(args.queries)
+    texts = zipf_texts(rng, args.passages)
+    prompts = [" ".join(rng.choice(texts[rng.integers(len(texts))].split(), 10, replace=False))
+               for _ in range(2 * args.queries)]
 
     def owner(document: int) -> str:
         share = document % 20
@@ -50,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         store = Store(folder)
         documents = [NewDocument(f"/doc-{d}.txt", f"hash-{d}", 100, 0.0,
-                                 [NewPassage(i, 0, 1, 1, f"passage {d}-{i}") for i in range(100)],
+                                 [NewPassage(i, 0, 1, 1, texts[d * 100 + i]) for i in range(100)],
                                  vectors[d * 100:(d + 1) * 100], owner(d))
                      for d in range(args.passages // 100)]
         started = time.perf_counter()
@@ -84,6 +104,28 @@ def main() -> None:
             print(f"| {name} | {mask.mean():.0%} | {filtered:.1f} | {unfiltered:.1f} | {filtered / unfiltered:.1f}× | "
                   f"{np.mean(recall):.4f} (worst {np.min(recall):.2f}) | {np.mean(reference):.4f} | "
                   f"{np.mean(kept) * args.k:.0f} of {args.k} |")
+
+        print(f"\n| reader | pre-selection (K = {args.k}), ms/query: vector only | fused, weighted | ratio | "
+              "fused, RRF | ratio | of it the lexical search | candidates found by words only |")
+        print("|---|---|---|---|---|---|---|---|")
+        for readers in (None, [SHARED, "user:big"], [SHARED]):
+            timings = {"vector": 0.0, "weighted": 0.0, "rrf": 0.0}
+            lexical, lexical_only = 0.0, []
+            for run in range(2):  # the first pass warms the caches; the second, with other prompts, is timed
+                timings = dict.fromkeys(timings, 0.0)
+                lexical, lexical_only = 0.0, []
+                for query, prompt in zip(queries, prompts[run * len(queries):]):
+                    for fusion in timings:
+                        started = time.perf_counter()
+                        found = preselect(store, query, prompt, args.k, readers, fusion)
+                        timings[fusion] += time.perf_counter() - started
+                        if fusion == "weighted":
+                            lexical += found.seconds["lexical"]
+                            lexical_only.append(found.lexical_only)
+            vector, weighted, rrf = (1000 * timings[name] / len(queries) for name in ("vector", "weighted", "rrf"))
+            name = "everyone" if readers is None else " + ".join("shared" if r == SHARED else r for r in readers)
+            print(f"| {name} | {vector:.1f} | {weighted:.1f} | **{weighted / vector:.2f}×** | {rrf:.1f} | "
+                  f"{rrf / vector:.2f}× | {1000 * lexical / len(queries):.1f} | {np.mean(lexical_only):.0f} |")
         store.close()
 
 

@@ -11,6 +11,8 @@ pre-selection on a corpus where half of the passages are copies. One command, on
    until that size: within the 32 MiB cap), split alone and then ingested, each in a fresh process
    whose peak resident memory is read from the kernel; the reference is a process that only loads
    the embedder and encodes 64 passages (batches of ENCODE_BATCH, as the ingest). Target: peak < 1 GB.
+   Beside it, the lexical index (FTS5, kept by triggers in the same transactions): the seconds to
+   build it alone from the same passages, and its share of the store's bytes (SQLite's dbstat).
 3. Recall@K of `Store.nearest` (the chat's pre-selection) against exact search over every stored
    vector, on N files each ingested twice (half the passages are copies), beside a plain hnswlib
    index over every passage with the same parameters (what the store did before). A result counts
@@ -108,11 +110,17 @@ def in_child(mode: str, path: Path | str = "", store_folder: Path | str = "") ->
 
 
 def throughput(embedder, files: list[Path], repeats: int) -> dict:
-    ingest_rates, encode_rates, passages = [], [], 0
+    ingest_rates, encode_rates, passages, lexical_seconds = [], [], 0, []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as folder, Store(folder) as store:
             report = ingest(store, embedder, files, embedder_name=EMBEDDER, progress=False)
             texts = [row[0] for row in store.db.execute("SELECT text FROM passages ORDER BY id")]
+            started = time.perf_counter()  # what the lexical index costs: building it again from scratch
+            store.db.execute("INSERT INTO passages_fts (passages_fts) VALUES ('rebuild')")
+            store.db.conn.commit()
+            lexical_seconds.append(time.perf_counter() - started)
+            sizes = dict(store.db.execute("SELECT name LIKE 'passages_fts%', sum(pgsize) FROM dbstat GROUP BY 1"))
+            ingest_seconds = report.seconds
         passages = len(texts)
         ingest_rates.append(passages / report.seconds)
         started = time.perf_counter()
@@ -120,7 +128,9 @@ def throughput(embedder, files: list[Path], repeats: int) -> dict:
         encode_rates.append(passages / (time.perf_counter() - started))
     ingest_rate, encode_rate = statistics.median(ingest_rates), statistics.median(encode_rates)
     return {"files": len(files), "passages": passages, "ingest_passages_per_s": ingest_rate,
-            "encode_passages_per_s": encode_rate, "ratio": ingest_rate / encode_rate}
+            "encode_passages_per_s": encode_rate, "ratio": ingest_rate / encode_rate,
+            "lexical_seconds": statistics.median(lexical_seconds), "ingest_seconds": ingest_seconds,
+            "store_bytes": sum(sizes.values()), "lexical_bytes": sizes.get(1, 0)}
 
 
 def big_file(mib: float, folder: Path) -> Path:
@@ -229,6 +239,11 @@ def main() -> None:
         print(f"| ingest, {row['files']} files, {row['passages']} passages | {row['ingest_passages_per_s']:.1f} "
               f"passages/s | raw encode {row['encode_passages_per_s']:.1f} passages/s: "
               f"**{row['ratio']:.2f}×** | ≥ 0.8× |", flush=True)
+        print(f"| the lexical index (FTS5) in that ingest | built alone in {row['lexical_seconds']:.2f} s "
+              f"({row['lexical_seconds'] / row['ingest_seconds']:.1%} of the ingest's {row['ingest_seconds']:.1f} s); "
+              f"{row['lexical_bytes'] / 2**20:.1f} MiB of the store's {row['store_bytes'] / 2**20:.1f} MiB "
+              f"({row['lexical_bytes'] / row['store_bytes']:.0%}) | the whole ingest, the whole store | "
+              "small beside embedding |", flush=True)
     if args.duplicated_files:
         row = results["recall"] = recall(embedder, files[: args.duplicated_files])
         for line in row["rows"]:

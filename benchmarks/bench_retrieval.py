@@ -71,8 +71,9 @@ def read_orders(store: Store, candidates, picks: list[int], prompt: str) -> dict
         return dict.fromkeys(ORDERS)
     rank = candidates.rank
     texts = {p: t.text for p, t in store.passages(distinct).items()}
+    budget = retrieval.MATCH_BUDGET
     counts = store.term_counts(candidates.terms or retrieval.rare_terms(
-        store.term_counts(prompt_terms(prompt)), store.passage_count()))
+        store.term_counts(prompt_terms(prompt), budget)), budget)
     return {"first pick": distinct[0],
             "fused": min(distinct, key=lambda p: rank[p]),
             "top fused": int(candidates.ids[0]),

@@ -17,6 +17,7 @@ from .adaptation import TRAINING_FORMATS, AdaptationSettings
 from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS, shown
 from .engine import ChatSettings
 from .evaluation import SETTINGS as EVAL_SETTINGS
+from .retrieval import preselect
 from .vocabulary import EVAL_METHODS, EVAL_MODES, METHODS, MODES, method_label
 
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("stats", help="documents, passages, index and models")
 
-    search = commands.add_parser("search", help="the passages nearest to a query")
+    search = commands.add_parser("search", help="the passages a chat message would pre-select (meaning and rare words)")
     search.add_argument("query")
     search.add_argument("-k", type=int, default=10, help="how many passages (default: %(default)s)")
 
@@ -257,8 +258,8 @@ def cmd_search(args) -> int:
         embedder = _embedder(args)
         store.check_embedder(config.embedder_name(args.embedder), embedder.get_embedding_dimension())
         query = embedder.encode(args.query, normalize_embeddings=True)
-        ids, similarities, _ = store.nearest(query, args.k, LOCAL.readable)
-        passages = store.passages(ids)
+        found = preselect(store, query, args.query, args.k, LOCAL.readable)  # as a chat message pre-selects
+        ids, similarities, passages = found.ids, found.similarities, store.passages(found.ids)
     for rank, (passage_id, similarity) in enumerate(zip(ids, similarities), 1):
         passage = passages[int(passage_id)]
         print(f"{rank:>3}. {similarity:.3f}  {shown(passage.path)}:{passage.start_char}-{passage.end_char}")

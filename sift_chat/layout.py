@@ -183,6 +183,12 @@ def build(handlers: Handlers, *, access: Access | None = None):
                                            scale=4)
                     remove = gr.Button("Remove from the corpus", variant="stop", scale=1)
                 remove_report = gr.Markdown()
+                with gr.Row():
+                    search_text = gr.Textbox(label="Search your documents (as the chat finds passages: by meaning "
+                                             "and by rare words such as names)", max_lines=1, scale=4,
+                                             elem_id="corpus-search")
+                    search_go = gr.Button("Search", scale=1, elem_id="corpus-search-go")
+                search_results = gr.HTML(elem_id="corpus-search-results")
 
         panel_outputs = [coverage, chart, picked, timings]
 
@@ -324,6 +330,12 @@ def build(handlers: Handlers, *, access: Access | None = None):
             return [h.remove_document(document_id, caller), *corpus_view(caller)]
 
         remove.click(on_remove, [document], [remove_report, *corpus_outputs])
+
+        def on_search(text, request: gr.Request, profile: gr.OAuthProfile | None):
+            return h.search(text, who(request, profile))
+
+        search_text.submit(on_search, [search_text], [search_results], concurrency_id="search", concurrency_limit=2)
+        search_go.click(on_search, [search_text], [search_results], concurrency_id="search", concurrency_limit=2)
 
     demo.queue(default_concurrency_limit=4, max_size=64)
     return demo

@@ -29,8 +29,8 @@ FUSION = "weighted"  # the app's: its best candidate held the answer most often 
 RRF_K = 60  # the constant of Cormack et al. (2009); ranks below it count alike
 WEIGHT = 0.5  # of the cosine in the weighted sum (its measured alternative)
 MAX_TERMS = 8  # the rarest words of a prompt searched
-COMMON_SHARE = 0.05  # a word in more of the passages than this (and than COMMON_FLOOR) is not searched:
-COMMON_FLOOR = 256  # it says little, and ranking every passage holding it is what a search costs
+MATCH_BUDGET = 1000  # at most this many passages hold the words searched, together: what BM25 ranks
+#                      (and counting a word's passages) costs grows with it, not with the store
 
 _TOKEN = re.compile(r"[^\W_]+")  # unicode61's tokens: runs of letters and digits
 
@@ -42,13 +42,17 @@ def prompt_terms(text: str) -> list[str]:
     return list(dict.fromkeys(token.lower() for token in _TOKEN.findall(folded)))
 
 
-def rare_terms(counts: dict[str, int], total: int, max_terms: int = MAX_TERMS,
-               common_share: float = COMMON_SHARE, common_floor: int = COMMON_FLOOR) -> list[str]:
-    """The words worth searching: those some passage holds and at most
-    max(common_floor, common_share · total) passages do, the rarest `max_terms` of them."""
-    cap = max(common_floor, common_share * total)
-    kept = sorted((count, term) for term, count in counts.items() if 0 < count <= cap)
-    return [term for _, term in kept[:max_terms]]
+def rare_terms(counts: dict[str, int], max_terms: int = MAX_TERMS, budget: int = MATCH_BUDGET) -> list[str]:
+    """The words worth searching, rarest first: as many of the rarest as `max_terms` allows while
+    the passages holding them number at most `budget` together. A common word says little (BM25
+    weighs it near zero) and is what makes a search slow."""
+    kept, matched = [], 0
+    for count, term in sorted((count, term) for term, count in counts.items() if count > 0):
+        if len(kept) == max_terms or matched + count > budget:
+            break
+        kept.append(term)
+        matched += count
+    return kept
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
@@ -112,7 +116,7 @@ def preselect(store: Store, query: np.ndarray, prompt: str, k: int, owners: Iter
         return Candidates(vector_ids, vectors, similarities, seconds=seconds)
 
     started = time.perf_counter()
-    terms = rare_terms(store.term_counts(prompt_terms(prompt)), store.passage_count())
+    terms = rare_terms(store.term_counts(prompt_terms(prompt), MATCH_BUDGET))
     lexical_ids, bm25 = store.lexical(terms, k, owners)
     seconds["lexical"] = time.perf_counter() - started
 

@@ -5,6 +5,7 @@
                settings, store the exchange only when it is complete and not stopped
     compare    one prompt, NN and SIFT: selected once each, both answers, nothing stored
     ingest     uploads and folders into the corpus, with a report of what was skipped and why
+    search     the passages a prompt would pre-select (the chat's fused search), for the Corpus tab
 
 Every call names its caller (`access.Caller`, which the shell got from the server's side of the
 request): a caller sees their own chats, and selects from their own documents and the shared
@@ -33,7 +34,15 @@ from .uploads import collection_folder, private_copy, quota_refusal, safe_name, 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
 MAX_UPLOAD_BYTES = DEFAULT_MAX_FILE_BYTES  # 32 MiB, as the corpus stage reads at most
 MAX_INGEST_FILES, MAX_INGEST_BYTES = 100, 64 * 2**20  # the uploads one ingest takes: bounded work per request
+MAX_SEARCH_CHARACTERS, MAX_SEARCH_RESULTS = 1000, 50  # what one search may cost
 TITLE_CHARACTERS = 60
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    passages: list  # store.Passage, best first
+    similarities: list[float]  # each one's cosine to the query
+    terms: list[str]  # the query's words searched in the lexical index
 
 
 # -- what a turn reports, besides the engine's own events --------------------------------------
@@ -349,6 +358,24 @@ class Service:
             self._leave(turn)
 
     # -- the corpus ------------------------------------------------------------------------
+
+    def search(self, text: str, caller: Caller, k: int = 10) -> SearchResult:
+        """The k passages among the caller's and the shared documents that a chat message saying
+        `text` would pre-select first (the same fused search, `Engine.preselect`), best first.
+        ValueError (one line) for an empty or overlong query."""
+        text = text.strip() if isinstance(text, str) else ""
+        if not text:
+            raise ValueError("type a few words to search for")
+        if len(text) > MAX_SEARCH_CHARACTERS:
+            raise ValueError(f"the search is longer than {MAX_SEARCH_CHARACTERS} characters: shorten it")
+        k = max(1, min(int(k), MAX_SEARCH_RESULTS))
+        if self.store.passage_count(caller.readable) == 0:
+            return SearchResult([], [], [])
+        found = self.engine.preselect(self.engine.embed(text), text, ChatSettings(candidates=k), caller.readable)
+        passages = self.store.passages(found.ids)
+        return SearchResult([passages[int(i)] for i in found.ids if int(i) in passages],
+                            [float(s) for i, s in zip(found.ids, found.similarities) if int(i) in passages],
+                            list(found.terms))
 
     def documents(self, caller: Caller) -> list[dict]:
         """The documents the caller reads: the shared library's and their own, by path."""

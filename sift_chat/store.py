@@ -142,6 +142,11 @@ def _in_chunks(ids: list[int], size: int = 500):
         yield chunk, ",".join("?" * len(chunk))
 
 
+def _fts_term(term: str) -> str:
+    """A term as an FTS5 string: quoted, so that no word of a prompt is read as query syntax."""
+    return '"' + term.replace('"', '""') + '"'
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
@@ -243,6 +248,8 @@ class Store:
         self.index: VectorIndex | None = None
         self._index_version = -1
         self._owner_of: dict[int, str] = {}  # passage id → its document's owner, in step with the index
+        self._term_counts: dict[str, int] = {}  # term → passages holding it (capped), at _term_counts_at
+        self._term_counts_at: tuple[int, int] | None = None  # (passages_version, cap)
         self._sync_index()
 
     def _migrate(self) -> None:
@@ -751,17 +758,24 @@ class Store:
         return self.index.search(query, k, allowed)
 
     @_serialized
-    def term_counts(self, terms: Iterable[str]) -> dict[str, int]:
+    def term_counts(self, terms: Iterable[str], cap: int) -> dict[str, int]:
         """How many passages hold each of these terms (folded as the FTS tokenizer folds them:
-        `retrieval.prompt_terms`); a term no passage holds is left out."""
-        terms = list(dict.fromkeys(terms))
-        if not self.has_lexical or not terms:
+        `retrieval.prompt_terms`), counted up to cap + 1 (more is cap + 1: counting walks the
+        term's list of passages); a term no passage holds is left out. Counts are kept until the
+        passages change: a prompt's common words are the costly ones and come back."""
+        if not self.has_lexical:
             return {}
+        version = self.passages_version
+        if self._term_counts_at != (version, cap):
+            self._term_counts, self._term_counts_at = {}, (version, cap)
         found = {}
-        for term in terms:  # one lookup each: fts5vocab answers `term = ?` from the index, IN by a scan
-            row = self.db.execute("SELECT doc FROM passages_terms WHERE term = ?", [term]).fetchone()
-            if row:
-                found[term] = row[0]
+        for term in dict.fromkeys(terms):
+            if term not in self._term_counts:
+                self._term_counts[term] = self.db.execute(
+                    "SELECT count(*) FROM (SELECT rowid FROM passages_fts WHERE passages_fts MATCH ? LIMIT ?)",
+                    [_fts_term(term), cap + 1]).fetchone()[0]
+            if self._term_counts[term]:
+                found[term] = self._term_counts[term]
         return found
 
     @_serialized
@@ -769,9 +783,10 @@ class Store:
                 owners: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k passages that best match any of `terms` by BM25 (FTS5's `bm25`, negated so that
         higher is better): (ids, scores), best first; only passages of these owners' documents
-        when `owners` is given. The owner filter is part of the query, before its LIMIT, so k of
-        the caller's passages come back however many better ones belong to others. Without the
-        lexical index (a read-only store made before it) nothing is found."""
+        when `owners` is given. The owner filter runs over the ranked matches before k are
+        counted (as the vector index's filter does), so k of the caller's passages come back
+        however many better ones belong to others. Without the lexical index (a read-only store
+        made before it) nothing is found."""
         terms = [term for term in dict.fromkeys(terms) if term]
         empty = np.zeros(0, np.int64), np.zeros(0, np.float32)
         if not self.has_lexical:
@@ -780,17 +795,20 @@ class Store:
             return empty
         if not terms or k <= 0:
             return empty
-        match = " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)  # quoted: never FTS syntax
-        where, values = _owned_by(owners)
-        owned = where.replace("WHERE", "AND", 1)
-        rows = self.db.execute(
-            "SELECT passages_fts.rowid, -bm25(passages_fts) AS score FROM passages_fts "
-            "JOIN passages p ON p.id = passages_fts.rowid JOIN documents d ON d.id = p.document_id "
-            f"WHERE passages_fts MATCH ? {owned} ORDER BY score DESC, passages_fts.rowid LIMIT ?",
-            [match, *values, k]).fetchall()
-        if not rows:
-            return empty
-        ids, scores = zip(*rows)
+        self._sync_index()  # the owners of the passages, as of now
+        allowed = None if owners is None else set(owners)
+        cursor = self.db.execute(
+            "SELECT rowid, -bm25(passages_fts) FROM passages_fts WHERE passages_fts MATCH ? "
+            "ORDER BY bm25(passages_fts), rowid", [" OR ".join(_fts_term(term) for term in terms)])
+        ids, scores = [], []
+        for passage_id, score in cursor:
+            # a passage written since the sync has no owner here yet: left out, never shown to the wrong caller
+            if allowed is None or self._owner_of.get(passage_id) in allowed:
+                ids.append(passage_id)
+                scores.append(score)
+                if len(ids) == k:
+                    break
+        cursor.close()
         return np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
     @_serialized

@@ -416,6 +416,29 @@ class Handlers:
         return (f"**{len(documents)} documents{mine}, {passages} passages**, embedded with "
                 f"`{self.store.embedder or self.engine.embedder_name}`.")
 
+    def search(self, text: str, caller: Caller) -> str:
+        """The passages a chat message with these words would read first, as cards (HTML)."""
+        try:
+            result = self.service.search(text, caller)
+        except ValueError as error:
+            return _error(str(error))
+        if not result.passages:
+            return "<div class='sc-empty'>Nothing found: the corpus you read is empty.</div>"
+        words = ", ".join(result.terms) or "none (only meaning)"
+        cards = []
+        for rank, (passage, similarity) in enumerate(zip(result.passages, result.similarities), 1):
+            text = " ".join(passage.text.split())
+            text = text if len(text) <= 500 else text[:499] + "…"
+            where = f":{passage.start_char}–{passage.end_char}"
+            cards.append(
+                f"<div class='sc-pick' data-passage='{passage.id}'><div class='sc-head'><b>{rank}.</b> "
+                f"similarity {similarity:.2f} · <span class='sc-source' title='{html.escape(passage.path, quote=True)}"
+                f"{where}'>{html.escape(Path(passage.path).name)}{where}</span></div>"
+                f"<div class='sc-text'>{html.escape(text)}</div></div>")
+        caption = (f"<div class='sc-caption'>The passages a chat message saying this would pre-select first, "
+                   f"by meaning and by its rarest words (searched: {html.escape(words)}).</div>")
+        return f"<div class='sc-picks'>{caption}{''.join(cards)}</div>"
+
     def offers_sample(self) -> bool:
         return self.service.offers_sample()
 

@@ -58,9 +58,10 @@ def test_the_lexical_index_follows_ingest_replace_remove_and_reembedding(tmp_pat
         store.replace_embeddings(ids, unit(rng.normal(size=vectors.shape)), "test-embedder")
         assert found(store, "Varnholt") == {"Varnholt lies on the river Teme."}
 
+        assert store.term_counts(["krommson"], 10) == {"krommson": 1}
         assert store.remove(["/b.txt"]) == ["/b.txt"]
         assert found(store, "Krommson") == set() == holding(store, "krommson")
-        assert store.term_counts(["krommson", "varnholt"]) == {"varnholt": 1}
+        assert store.term_counts(["krommson", "varnholt", "river"], 10) == {"varnholt": 1, "river": 1}
 
     with Store(tmp_path / "store") as reopened:  # what was committed is what the index holds
         assert found(reopened, "Varnholt") == {"Varnholt lies on the river Teme."}
@@ -154,5 +155,6 @@ def test_fusion_math():
     scores = dict(weighted_fusion([1, 2], np.array([0.9, 0.5]), {2: 4.0, 1: 1.0}, weight=0.5))
     assert scores[1] == pytest.approx(0.5 * 0.9 + 0.5 * 0.25) and scores[2] == pytest.approx(0.5 * 0.5 + 0.5)
     assert prompt_terms("Who founded Malrosbré? 7:40, Malrosbre!") == ["who", "founded", "malrosbre", "7", "40"]
-    assert rare_terms({"the": 900, "varnholt": 2, "ferry": 40}, 1000, common_share=0.05, common_floor=10) \
-        == ["varnholt", "ferry"]
+    counts = {"the": 900, "varnholt": 2, "ferry": 40, "who": 300}
+    assert rare_terms(counts, budget=1000) == ["varnholt", "ferry", "who"]  # 342 passages; with "the": 1242
+    assert rare_terms(counts, max_terms=1) == ["varnholt"]

@@ -142,6 +142,9 @@ def test_two_users_keep_their_chats_and_documents_apart(app, tmp_path):
     for folder, shared in ((str(notes["user:alice"][1]), False), (str(root / "data"), True), ("/etc", False)):
         report = bob.predict(None, folder, shared, api_name="/on_ingest")[0]
         assert "Only admins" in report or "turned off" in report
+    for name, fact, other in (("alice", "Ada Quill", "Bram Oak"), ("bob", "Bram Oak", "Ada Quill")):
+        found = {"alice": alice, "bob": bob}[name].predict(f"Skellport harbour master {other}", api_name="/on_search")
+        assert fact in found and other not in found  # the Corpus tab's search: one's own and the shared only
     compared = bob.predict(QUESTION, *SETTINGS, api_name="/on_compare")
     assert "Bram Oak" in str(compared) and "Ada Quill" not in str(compared)
     answered = bob.predict(QUESTION, *SETTINGS, api_name="/on_send")

@@ -145,25 +145,29 @@ def test_the_panel_says_which_passages_were_read_and_which_learned_from(sample, 
     panel = last(updates, "panel")
     cards = render_passages(panel)
     distinct = list(dict.fromkeys(p["passage_id"] for p in panel.picks))
+    numbered = [p["passage_id"] for p in panel.numbered]  # the context modes: the pre-selection's lead first
+    assert numbered == (distinct if mode == "fine-tune" else
+                        [panel.lead["passage_id"], *(i for i in distinct if i != panel.lead["passage_id"])])
     read = ChatSettings().context_passages
-    assert panel.read == (distinct[:read] if mode != "fine-tune" else [])
+    assert panel.read == (numbered[:read] if mode != "fine-tune" else [])
     assert cards.count("sc-badge sc-read") == len(panel.read)
     assert cards.count("sc-badge sc-learned") == (len(panel.picks) if mode != "context" else 0)
     caption = cards.split("</div>")[0]
-    said = "passage [1]" if read == 1 else f"passages [1]–[{min(read, len(distinct))}]"
+    said = "passage [1]" if read == 1 else f"passages [1]–[{min(read, len(numbered))}]"
     if mode == "context":
         assert "learned from none" in caption and f"read {said}" in caption
     elif mode == "fine-tune":
         assert "learned from these 3 passages" in caption and "did not read them" in caption
     else:
         assert f"read {said} in its prompt and learned from 3" in caption
-    for number, passage_id in enumerate(distinct, 1):  # numbered as the answer cites them, with its source
+    for number, passage_id in enumerate(numbered, 1):  # numbered as the answer cites them, with its source
         assert f"data-passage='{passage_id}' data-number='{number}'" in cards
     pick = panel.picks[0]
     assert f"{Path(pick['path']).name}:{pick['start_char']}–{pick['end_char']}" in cards
     # the stored answer reopens with the same reading, learning and citations
     stored = sample.open_chat(last(updates, "chat_id"), owner)["panel"]
-    assert (stored.mode, stored.read, stored.citations) == (mode, panel.read, panel.citations)
+    assert (stored.mode, stored.read, stored.citations, stored.lead) == (mode, panel.read, panel.citations, panel.lead)
+    assert [p["passage_id"] for p in stored.numbered] == numbered
 
 
 def test_cited_passages_are_marked_under_the_numbers_the_answer_uses():
@@ -175,6 +179,14 @@ def test_cited_passages_are_marked_under_the_numbers_the_answer_uses():
     assert "<b>[1]</b> step 1" in cards and "<b>[2]</b> step 2" in cards and "<b>[1]</b> step 3" in cards
     assert cards.count("sc-badge sc-cited") == 1
     assert cards.index("sc-badge sc-cited") > cards.index("data-passage='9'")  # on [2], the passage with id 9
+
+    lead = {"passage_id": 3, "path": "/docs/3.md", "start_char": 5, "end_char": 9, "text": "Varnholt lies on the river Esk."}
+    panel = Panel("sift", 1.0, picks, [], "max_steps", mode="context", read=[3], citations=[1, 3], lead=lead)
+    assert panel.numbers == {3: 1, 7: 2, 9: 3} and panel.cite("It lies on the river Esk.")[1] == [1]
+    cards = render_passages(panel)  # read first though SIFT did not pick it: its own card, [1]
+    assert cards.index("data-passage='3' data-number='1'") < cards.index("data-passage='7' data-number='2'")
+    assert "3.md:5–9" in cards and cards.count("sc-badge sc-cited") == 2 and cards.count("sc-badge sc-read") == 1
+    assert Panel.from_stored(None, [], {}) is None
 
 
 def test_chats_are_private_to_their_owner(sample):
@@ -278,6 +290,21 @@ def test_uploads_and_folders_are_ingested_and_bad_files_reported(handlers, tmp_p
     assert "The ingest failed: disk full" in result["report"] and len(h.documents(LOCAL)) == 11
     assert h.remove_document(stored["id"], LOCAL) == "Removed notes.md."
     assert not Path(stored["path"]).exists()
+
+
+def test_the_corpus_search_finds_by_name_among_the_callers_documents_only(sample, tmp_path):
+    handlers = sample
+    diary = tmp_path / "uploads-from-browser" / "diary.txt"  # as the browser uploads it
+    diary.write_text("Quennelby's lighthouse keeper is Ottoline Grask.")
+    assert handlers.ingest([str(diary)], caller=user("alice"))["error"] == ""
+    found = handlers.search("Who keeps the lighthouse at Quennelby?", user("alice"))
+    assert found.index("Ottoline Grask") < found.index("Matthias Orrey")  # her passage names the place: first
+    assert "quennelby" in found  # the words searched are shown
+    for caller in (user("bob"), LOCAL):  # the shared library, without her diary
+        found = handlers.search("Quennelby Ottoline Grask", caller)
+        assert "Ottoline" not in found and "lighthouse.md" in handlers.search("lighthouse keeper", caller)
+    assert "type a few words" in handlers.search("   ", LOCAL)
+    assert "longer than 1000 characters" in handlers.search("x" * 1001, LOCAL)
 
 
 def test_removing_a_document_removes_its_passages(sample):
