@@ -29,8 +29,9 @@ FUSION = "weighted"  # the app's: its best candidate held the answer most often 
 RRF_K = 60  # the constant of Cormack et al. (2009); ranks below it count alike
 WEIGHT = 0.5  # of the cosine in the weighted sum (its measured alternative)
 MAX_TERMS = 8  # the rarest words of a prompt searched
-MATCH_BUDGET = 1000  # at most this many passages hold the words searched, together: what BM25 ranks
-#                      (and counting a word's passages) costs grows with it, not with the store
+MATCH_BUDGET = 500  # at most this many passages hold the words searched, together: what BM25 ranks
+#                     (and counting a word's passages) costs grows with it, not with the store
+LEXICAL_CANDIDATES = 50  # the best BM25 matches fused with the vector search's K (fewer when K is)
 
 _TOKEN = re.compile(r"[^\W_]+")  # unicode61's tokens: runs of letters and digits
 
@@ -102,8 +103,9 @@ class Candidates:
 def preselect(store: Store, query: np.ndarray, prompt: str, k: int, owners: Iterable[str] | None = None,
               fusion: str = FUSION) -> Candidates:
     """The k candidates for `prompt` (embedded as `query`) among these owners' passages: the k
-    nearest by vector and the k best by BM25 over the prompt's rare words, fused by `fusion`
-    (rrf, weighted, or vector for the vector search alone), best first."""
+    nearest by vector and the LEXICAL_CANDIDATES best by BM25 over the prompt's rare words (each
+    costs a read of its vector from SQLite; further down, matches share only commoner words),
+    fused by `fusion` (weighted, rrf, or vector for the vector search alone), best first."""
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     owners = None if owners is None else list(owners)
@@ -117,14 +119,14 @@ def preselect(store: Store, query: np.ndarray, prompt: str, k: int, owners: Iter
 
     started = time.perf_counter()
     terms = rare_terms(store.term_counts(prompt_terms(prompt), MATCH_BUDGET))
-    lexical_ids, bm25 = store.lexical(terms, k, owners)
+    lexical_ids, bm25 = store.lexical(terms, min(k, LEXICAL_CANDIDATES), owners)
     seconds["lexical"] = time.perf_counter() - started
 
     started = time.perf_counter()
     vector_ranked = vector_ids.tolist()  # best first
     known = set(vector_ranked)
     missing = [int(i) for i in lexical_ids.tolist() if int(i) not in known]
-    if missing:  # found by words only: their vectors from SQLite (the truth, copies included)
+    if missing:  # found by words only: their vectors from SQLite (hnswlib's get_items is 3x slower: README)
         extra_ids, extra_vectors = store.embeddings(missing)
         norm = max(float(np.linalg.norm(query)), 1e-12)
         vector_ids = np.concatenate([vector_ids, extra_ids])

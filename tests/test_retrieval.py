@@ -158,3 +158,4 @@ def test_fusion_math():
     counts = {"the": 900, "varnholt": 2, "ferry": 40, "who": 300}
     assert rare_terms(counts, budget=1000) == ["varnholt", "ferry", "who"]  # 342 passages; with "the": 1242
     assert rare_terms(counts, max_terms=1) == ["varnholt"]
+
