@@ -196,3 +196,43 @@ def test_on_loopback_only_the_holder_of_the_token_is_served(local_app, targets):
     assert documents(data) == before
     assert not files_holding(data / "web-uploads", b"4711")
     assert oct(os.stat(data / "web-uploads").st_mode & 0o777) == "0o700"  # Gradio's uploads: this account's only
+
+
+def test_with_sign_in_a_caller_who_has_not_signed_in_gets_nothing_at_all(signin_app):
+    served, root = signin_app
+    url, data = served.url, root / "data"
+    before = sorted(p.name for p in (data / "web-uploads").rglob("*"))
+    anonymous = httpx.Client(timeout=60)
+    assert anonymous.post(url + "gradio_api/upload", files=[("files", ("x.txt", b"x"))]).status_code == 401
+    assert anonymous.get(url + "gradio_api/file=/etc/passwd").status_code in (401, 404)
+    for path, body in (("gradio_api/queue/join", {"data": [], "fn_index": 0, "session_hash": "x"}),
+                       ("gradio_api/call/on_ingest", {"data": [[file_data("/etc/passwd")], "", False]}),
+                       ("v1/chat/completions", {"model": "sift-chat", "messages": [{"role": "user", "content": "hi"}]})):
+        assert anonymous.post(url + path, json=body).status_code == 401, path
+    assert anonymous.get(url + "v1/models").status_code == 401  # serving publicly: no key, no API
+    assert sorted(p.name for p in (data / "web-uploads").rglob("*")) == before  # nothing written
+
+
+def test_the_api_reads_only_the_shared_library(signin_app):
+    served, root = signin_app
+    url = served.url
+    alice = signed_in(url, "alice")
+    diary = upload(alice, url, "lighthouse-diary.txt", b"The lighthouse keeper's secret code is LAMP-4711.")
+    assert call(alice, url, "on_ingest", [[file_data(diary)], "", False])[1] is None
+    assert any(owner == "user:alice" and path.endswith("lighthouse-diary.txt") for owner, path in documents(root / "data"))
+    response = httpx.post(url + "v1/chat/completions", timeout=120, headers={"Authorization": "Bearer api-key"},
+                          json={"model": "sift-chat", "max_tokens": 2, "sift": {"mode": "context", "passages": 8},
+                                "messages": [{"role": "user", "content": "What is the lighthouse keeper's secret code?"}]})
+    assert response.status_code == 200
+    picks = response.json()["sift"]["selection"]["picks"]
+    assert len(picks) == 8 and not any("4711" in pick["text"] or "diary" in pick["path"] for pick in picks)
+
+
+def test_an_upload_over_the_limit_writes_nothing(signin_app):
+    served, root = signin_app
+    url, folder = served.url, root / "data" / "web-uploads"
+    bob = signed_in(url, "bob")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    response = bob.post(url + "gradio_api/upload", files=[("files", (f"{i}.txt", b"x" * 2**20)) for i in range(66)])
+    assert response.status_code == 413
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
