@@ -142,13 +142,15 @@ def test_the_extension_says_what_was_read_what_is_cited_and_how_the_answer_ended
         selection = extension["selection"]
         numbers = [p["number"] for p in selection["picks"]]
         distinct = list(dict.fromkeys(p["passage_id"] for p in selection["picks"]))
-        assert numbers == [distinct.index(p["passage_id"]) + 1 for p in selection["picks"]]
+        lead = selection["lead"]  # the pre-selection's best candidate: read first, numbered [1]
+        numbered = [lead["passage_id"], *(i for i in distinct if i != lead["passage_id"])]
+        assert lead["number"] == 1 and numbers == [numbered.index(p["passage_id"]) + 1 for p in selection["picks"]]
         assert text == said and reason == "stop" and extension["ended"] == "end"  # as the model wrote it
         [number] = extension["citations"]
         assert extension["cited_answer"] == f"The lighthouse keeper is Matthias Orrey, since 1998 [{number}]."
-        [cited] = [p for p in selection["picks"] if p["number"] == number and not p["repeat"]]
+        cited = {1: lead, **{p["number"]: p for p in selection["picks"] if not p["repeat"]}}[number]
         assert Path(cited["path"]).name == "lighthouse.md"
-        assert extension["read"] == selection["read"] == distinct[:ChatSettings().context_passages]
+        assert extension["read"] == selection["read"] == numbered[:ChatSettings().context_passages]
         assert selection["citations"] == [number] and selection["mode"] == "context"
     monkeypatch.undo()
 
