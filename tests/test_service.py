@@ -202,10 +202,10 @@ def test_settings_travel_with_each_request_and_are_not_left_on_the_engine(servic
 def test_compare_selects_once_per_method_and_answers_as_a_chat_turn_would(service, monkeypatch):
     calls = []
     select = service.engine.select
-    monkeypatch.setattr(service.engine, "select", lambda q, s, m=None, owners=None:
-                        calls.append(m or s.method) or select(q, s, m, owners))
+    monkeypatch.setattr(service.engine, "select", lambda q, s, m=None, owners=None, prompt="":
+                        calls.append((m or s.method, prompt)) or select(q, s, m, owners, prompt))
     events = list(service.compare(service.new_turn(), QUESTION, FAST, caller=LOCAL))
-    assert sorted(calls) == ["nn", "sift"]
+    assert sorted(calls) == [("nn", QUESTION), ("sift", QUESTION)]  # each pre-selects by the prompt's words too
     answers = {m: e for m, e in events if isinstance(e, Answered)}
     assert set(answers) == {"nn", "sift"} and service.store.chats(OWNER) == []
     for method in ("nn", "sift"):
@@ -219,8 +219,9 @@ def test_compare_selects_once_per_method_and_answers_as_a_chat_turn_would(servic
                                                   caller=LOCAL) if isinstance(e, Answered)]
     assert [m for m, _ in reading] == ["nn", "sift"]
     for _, answered in reading:  # each panel says what its answer read and cites
-        distinct = list(dict.fromkeys(p["passage_id"] for p in answered.panel.picks))
-        assert answered.panel.read == answered.record.read == distinct[:ChatSettings().context_passages]
+        numbered = [p["passage_id"] for p in answered.panel.numbered]  # the lead first, then the picks
+        assert numbered[0] == answered.panel.lead["passage_id"] == answered.record.numbered[0]
+        assert answered.panel.read == answered.record.read == numbered[:ChatSettings().context_passages]
         assert answered.panel.citations == answered.record.citations
         # both methods would read the same first pick: a comparison in context mode learns too
         assert answered.panel.mode == "both" and answered.record.losses
