@@ -14,6 +14,7 @@ one's adaptation.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +29,11 @@ from .generation import answer_processors, cite, contrast, conversation, next_to
 from .record import AnswerRecord, SelectionRecord
 from .selection import Selection, select
 from .store import Passage, Store
-from .vocabulary import METHODS, MODES
+from .vocabulary import METHODS, MODES, SettingError, quoted
+
+# Bounds of the settings a request may carry (the app's sliders and the API check the same ones)
+SEED_MAX = 2**63 - 1  # seed in [0, SEED_MAX]: what torch's generators take
+MIN_REDUCTION_MAX = 1.0  # min_reduction in [0, 1]: a share of the prompt's prior uncertainty σ₀² = 1
 
 
 @dataclass(frozen=True)
@@ -57,30 +62,37 @@ class ChatSettings:
     def __post_init__(self):
         def check(ok: bool, message: str):
             if not ok:
-                raise ValueError(f"invalid chat setting: {message}")
+                raise SettingError(message.split()[0], f"invalid chat setting: {message}")
 
-        check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {quoted(self.method)}")
+        check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {quoted(self.mode)}")
         check(isinstance(self.passages, int) and 0 <= self.passages <= 1000,
-              f"passages must be an integer in [0, 1000], got {self.passages!r}")
+              f"passages must be an integer in [0, 1000], got {quoted(self.passages)}")
         check(isinstance(self.candidates, int) and self.candidates >= 1,
-              f"candidates must be an integer >= 1, got {self.candidates!r}")
+              f"candidates must be an integer >= 1, got {quoted(self.candidates)}")
         check(isinstance(self.lam, (int, float)) and 0 < self.lam < float("inf"),
-              f"lam must be a number > 0, got {self.lam!r}")
+              f"lam must be a number > 0, got {quoted(self.lam)}")
         check(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 8192,
-              f"max_new_tokens must be an integer in [1, 8192], got {self.max_new_tokens!r}")
+              f"max_new_tokens must be an integer in [1, 8192], got {quoted(self.max_new_tokens)}")
         check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 5,
-              f"temperature must be in [0, 5], got {self.temperature!r}")
+              f"temperature must be in [0, 5], got {quoted(self.temperature)}")
         check(isinstance(self.max_context_tokens, int) and self.max_context_tokens >= 64,
-              f"max_context_tokens must be an integer >= 64, got {self.max_context_tokens!r}")
+              f"max_context_tokens must be an integer >= 64, got {quoted(self.max_context_tokens)}")
         check(isinstance(self.repetition_penalty, (int, float)) and 1 <= self.repetition_penalty <= 3,
-              f"repetition_penalty must be in [1, 3], got {self.repetition_penalty!r}")
+              f"repetition_penalty must be in [1, 3], got {quoted(self.repetition_penalty)}")
         check(isinstance(self.no_repeat_ngram, int) and 0 <= self.no_repeat_ngram <= 64,
-              f"no_repeat_ngram must be an integer in [0, 64], got {self.no_repeat_ngram!r}")
+              f"no_repeat_ngram must be an integer in [0, 64], got {quoted(self.no_repeat_ngram)}")
         check(isinstance(self.loop_tokens, int) and 0 <= self.loop_tokens <= 256,
-              f"loop_tokens must be an integer in [0, 256], got {self.loop_tokens!r}")
+              f"loop_tokens must be an integer in [0, 256], got {quoted(self.loop_tokens)}")
         check(isinstance(self.context_contrast, (int, float)) and 0 <= self.context_contrast <= 3,
-              f"context_contrast must be in [0, 3], got {self.context_contrast!r}")
+              f"context_contrast must be in [0, 3], got {quoted(self.context_contrast)}")
+        check(self.min_reduction is None or (_real(self.min_reduction) and 0 <= self.min_reduction <= MIN_REDUCTION_MAX),
+              f"min_reduction must be a number in [0, {MIN_REDUCTION_MAX:g}] (a share of σ₀²), "
+              f"got {quoted(self.min_reduction)}")
+        check(self.alpha is None or (_real(self.alpha) and 0 < self.alpha < float("inf")),
+              f"alpha must be a number > 0, got {quoted(self.alpha)}")
+        check(_integer(self.seed) and 0 <= self.seed <= SEED_MAX,
+              f"seed must be an integer in [0, 2**63 - 1], got {quoted(self.seed)}")
 
     @property
     def fine_tunes(self) -> bool:
@@ -463,6 +475,14 @@ class Engine:
                 yield text[len(emitted):]
                 emitted = text
         return ended, self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _distinct(picks: list[Picked]) -> list[Passage]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .access import SHARED, Access, Caller
+from .adaptation import LEARNING_RATE_MAX
 from .guard import PRIVATE, GuardedBlocks
 from .panel import SETTING_NAMES, default_settings
 from .service import MAX_UPLOAD_BYTES
@@ -99,6 +100,7 @@ def build(handlers: Handlers, *, access: Access | None = None):
                 min_reduction = gr.Slider(0.001, 0.2, value=defaults["min_reduction"], step=0.001,
                                           label="Minimum reduction", info=HELP["min_reduction"])
                 learning_rate = gr.Number(value=defaults["learning_rate"], label="Learning rate", minimum=0,
+                                          maximum=LEARNING_RATE_MAX,
                                           info=HELP["learning_rate"])
                 lora_layers = gr.Slider(0, h.engine.layer_count, value=defaults["lora_layers"], step=1,
                                         label="LoRA layers", info=HELP["lora_layers"])

@@ -194,6 +194,11 @@ class Service:
         """A ticket for one request: from now on `stop(owner)` stops it, even before it runs."""
         return self.queue.issue(owner)
 
+    def release(self, turn: Turn) -> None:
+        """The shell is done with this turn (its client went away, or it answered): stopped if it
+        still runs (the model is let go at its next event), and its owner may send the next one now."""
+        self.queue.release(turn)
+
     def stop(self, owner: str) -> tuple[int, Kept | None]:
         """Stop the owner's open turns: (how many were stopped before storing anything, what one
         had stored already). A turn that finished a moment ago counts as stored too late to stop."""

@@ -234,7 +234,7 @@ class Handlers:
         if not text:
             raise ValueError(f"The {what} is empty: type a question.")
         try:
-            return text, *parse_settings(settings, self.base_adaptation)
+            return text, *parse_settings(settings, self.base_adaptation, layers=self.engine.layer_count)
         except ValueError as error:
             raise ValueError(f"Check the settings: {error}") from None
 

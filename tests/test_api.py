@@ -192,13 +192,24 @@ def test_the_extension_round_trips_and_is_validated_like_the_app(client):
     assert extension["selection"]["method"] == "nn" and len(extension["selection"]["picks"]) == 2
     for bad, message in [({"method": "random"}, "method must be one of"), ({"lam": 0}, "lam must be"),
                          ({"passages": "many"}, "passages must be a number"),
-                         ({"learning_rate": -1}, "learning_rate must be a finite number > 0"),
-                         ({"lora_layers": 9}, "lora_layers must be at most 4"),
+                         ({"learning_rate": -1}, "learning_rate must be a finite number > 0 and <= 1"),
+                         ({"learning_rate": 1e308}, "learning_rate must be a finite number > 0 and <= 1"),
+                         ({"lora_layers": 9}, "lora_layers must be an integer in [0, 4]"),
+                         ({"lora_layers": -3}, "lora_layers must be an integer in [0, 4]"),
+                         ({"min_reduction": -1}, "min_reduction must be a number in [0, 1]"),
                          ({"context_contrast": 9}, "context_contrast must be in [0, 3]"),
                          ({"temperature": 1}, "unknown sift setting")]:
         with pytest.raises(openai.BadRequestError) as caught:
             ask(client, sift=bad, max_tokens=2)
         assert message in str(caught.value), bad
+        assert caught.value.body["param"] == "sift." + next(iter(bad)), bad  # names the field
+    for field, value, message in [("seed", 10**30, "seed must be an integer in [0, 2**63 - 1]"),
+                                  ("seed", -1, "seed must be an integer in [0, 2**63 - 1]"),
+                                  ("max_tokens", 0, "max_new_tokens must be an integer in [1, 8192]"),
+                                  ("temperature", 3, "temperature must be a number in [0, 2]")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(client, sift={"mode": "off"}, **{field: value})
+        assert message in str(caught.value) and caught.value.body["param"] == field, (field, value)
     infinite = ('{"model": "sift-chat", "messages": [{"role": "user", "content": "hi"}], '
                 '"sift": {"learning_rate": 1e999}}')  # JSON's way to write what no client sends
     response = httpx.post(str(client.base_url) + "chat/completions", content=infinite, timeout=30)
