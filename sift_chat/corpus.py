@@ -193,11 +193,13 @@ def ingest(
     max_tokens = passage_token_limit(embedder, passage_tokens)
     report = IngestReport()
     started = time.perf_counter()
+    paths = list(paths)
     files = list(iter_files(paths, report.skipped, forbidden=[store.folder, *forbidden], trusted=trusted))
+    name_of = document_names(paths)
     sizes = [_size_or_zero(path) for path in files]
     total_bytes = sum(sizes)
     counts = {"files": 0, "bytes": 0, "split_bytes": 0, "split_passages": 0, "embedded": 0}
-    pending: list[tuple[str, str, int, float, list[NewPassage]]] = []
+    pending: list[tuple[str, str, int, float, list[NewPassage], str]] = []
     bar = tqdm(total=0, unit="passage", disable=not progress, desc="ingest", dynamic_ncols=True, delay=1.0)
 
     def tell() -> None:
@@ -211,9 +213,9 @@ def ingest(
 
     def flush() -> None:
         # one matrix per document, filled in place: a long document's vectors are held once
-        matrices = [np.empty((len(passages), dimension), np.float32) for *_, passages in pending]
+        matrices = [np.empty((len(passages), dimension), np.float32) for *_, passages, _ in pending]
         wanted: dict[str, list[tuple[int, int]]] = {}  # text → (document, row) slots to fill
-        for number, (*_, passages) in enumerate(pending):
+        for number, (*_, passages, _) in enumerate(pending):
             for row, passage in enumerate(passages):
                 wanted.setdefault(passage.text, []).append((number, row))
 
@@ -232,8 +234,8 @@ def ingest(
             for text, vector in zip(chunk, encoded):
                 fill(text, vector)
             tell()
-        store.write_documents([NewDocument(path, content_hash, size, mtime, passages, matrix, owner)
-                               for (path, content_hash, size, mtime, passages), matrix in zip(pending, matrices)],
+        store.write_documents([NewDocument(path, content_hash, size, mtime, passages, matrix, owner, name)
+                               for (path, content_hash, size, mtime, passages, name), matrix in zip(pending, matrices)],
                               embedder_name)
         report.passages += sum(len(matrix) for matrix in matrices)
         pending.clear()
@@ -253,15 +255,17 @@ def ingest(
             tell()
             continue
         if not passages:  # unchanged
+            if known and known.get("name") != name_of(path):  # given again, from another folder
+                store.name_document(key, name_of(path), owner)
             report.unchanged.append(key)
             tell()
             continue
         counts["split_bytes"] += size
         counts["split_passages"] += len(passages)
         (report.updated if known else report.added).append(key)
-        pending.append((key, content_hash, info.st_size, info.st_mtime, passages))
+        pending.append((key, content_hash, info.st_size, info.st_mtime, passages, name_of(path)))
         tell()
-        if sum(len(p) for *_, p in pending) >= batch_passages:
+        if sum(len(p) for *_, p, _ in pending) >= batch_passages:
             flush()
     if pending:
         flush()
@@ -269,6 +273,23 @@ def ingest(
     bar.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def document_names(given: Iterable[str | os.PathLike]) -> Callable[[Path], str]:
+    """How a file found under `given` (`iter_files`) is shown: by the path the user named, not
+    the server's. A file given directly (an upload's copy) by its name; a file in a folder by the
+    folder's name and its path inside it (brindlemoor/lighthouse.md)."""
+    roots = [Path(path).expanduser().resolve() for path in given]
+
+    def name_of(path: Path) -> str:
+        for root in roots:
+            if path == root:
+                return root.name
+            if root in path.parents:
+                return (Path(root.name) / path.relative_to(root)).as_posix()
+        return path.name
+
+    return name_of
 
 
 def _read_and_split(store: Store, path: Path, owner: str, max_file_bytes: int, tokenizer, max_tokens: int,

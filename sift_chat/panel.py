@@ -8,6 +8,7 @@ same picks, σ² and timings for a panel, a terminal table or a JSON extension f
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 from .adaptation import AdaptationSettings
@@ -84,7 +85,9 @@ class Panel:
 
     method: str
     prior_variance: float
-    picks: list[dict]  # step, passage_id, path, start_char, end_char, text, similarity, posterior_variance, uncertainty_reduction, repeat
+    # step, passage_id, path (the document as the user named it, never the server's path), start_char,
+    # end_char, text, similarity, posterior_variance, uncertainty_reduction, repeat
+    picks: list[dict]
     nn_variance: list[float]
     stop_reason: str
     losses: list[float | None] = field(default_factory=list)
@@ -124,7 +127,7 @@ class Panel:
 
     @classmethod
     def from_selected(cls, selected: Selected, mode: str = "fine-tune") -> "Panel":
-        picks = [{"step": p.step, "passage_id": p.passage.id, "path": p.passage.path,
+        picks = [{"step": p.step, "passage_id": p.passage.id, "path": shown_name(p.passage),
                   "start_char": p.passage.start_char, "end_char": p.passage.end_char, "text": p.passage.text,
                   "similarity": p.similarity, "posterior_variance": p.posterior_variance,
                   "uncertainty_reduction": p.uncertainty_reduction, "repeat": p.repeat}
@@ -142,7 +145,7 @@ class Panel:
         for row in rows:
             passage = passages.get(row["passage_id"])
             picks.append({"step": row["step"], "passage_id": row["passage_id"],
-                          "path": passage.path if passage else "(removed document)",
+                          "path": shown_name(passage) if passage else "(removed document)",
                           "start_char": passage.start_char if passage else None,
                           "end_char": passage.end_char if passage else None,
                           "text": passage.text if passage else "",
@@ -171,6 +174,12 @@ class Panel:
                 "final_variance": self.final_variance, "stop_reason": self.stop_reason,
                 "nn_posterior_variance": self.nn_variance, "picks": picks,
                 "read": list(self.read), "citations": list(self.citations)}
+
+
+def shown_name(passage) -> str:
+    """A passage's document as users see it: the name it was given (an upload's, or its path in
+    the folder ingested), never the server's path."""
+    return passage.name or Path(passage.path).name
 
 
 def _finite(value):

@@ -405,12 +405,12 @@ class Handlers:
 
     def documents(self, caller: Caller) -> list[list]:
         """[name, collection, passages, size, added] for every document the caller reads."""
-        return [[Path(d["path"]).name, _collection(d["owner"], caller), d["passage_count"], _size(d["size"]),
+        return [[d.get("name") or Path(d["path"]).name, _collection(d["owner"], caller), d["passage_count"], _size(d["size"]),
                  d["ingested_at"].replace("T", " ")] for d in self.service.documents(caller)]
 
     def removable(self, caller: Caller) -> list[tuple[str, int]]:
         """(name and collection, id) of the documents the caller may remove."""
-        return [(f"{Path(d['path']).name} ({_collection(d['owner'], caller)})", d["id"])
+        return [(f"{d.get('name') or Path(d['path']).name} ({_collection(d['owner'], caller)})", d["id"])
                 for d in self.service.documents(caller) if caller.may_change(d["owner"])]
 
     def ingest(self, uploads: list | None = None, folder: str | None = None,

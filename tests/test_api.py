@@ -110,8 +110,10 @@ def test_models_and_a_completion_with_the_panel_in_it(client, server):
     selection = extension["selection"]
     assert selection["method"] == "sift" and len(selection["picks"]) == 3
     first = selection["picks"][0]
-    source = Path(first["path"])
-    assert source.parent == SAMPLE.resolve() and first["text"] in source.read_text()
+    folder, name = first["path"].split("/")  # named as ingested: the folder's name and the file's, no server path
+    source = SAMPLE / name
+    assert folder == SAMPLE.name and first["text"] in source.read_text()
+    assert str(ROOT) not in json.dumps(extension)
     assert source.read_text()[first["start_char"]:first["end_char"]].strip()[:40] == first["text"].strip()[:40]
     variances = [selection["prior_variance"]] + [p["posterior_variance"] for p in selection["picks"]]
     reductions = [a - b for a, b in zip(variances, variances[1:])]
