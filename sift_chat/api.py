@@ -56,12 +56,18 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None):
         super().__init__(message)
+        message, param = (_printable(text) for text in (message, param))
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
     def response(self) -> JSONResponse:
         headers = {"Retry-After": "5"} if self.status in (429, 503) else None
         return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
                                        "code": self.code}}, status_code=self.status, headers=headers)
+
+
+def _printable(text: str | None) -> str | None:
+    """Text a JSON response can carry: what a client sent may hold half of a surrogate pair."""
+    return text if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -255,14 +261,20 @@ def _parse(body: dict, service: Service) -> CompletionRequest:
 
 
 def _text(content, i: int) -> str:
-    """A message's text: a string, or a list of text parts."""
-    if isinstance(content, str):
-        return content
+    """A message's text: a string, or a list of text parts; Unicode that UTF-8 can carry (JSON's
+    escapes can name half of a surrogate pair, which no tokenizer reads)."""
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "\n".join(p["text"] for p in content)
-    raise ApiError(400, f"messages[{i}].content must be text (a string or text parts)",
-                   param=f"messages[{i}].content")
+        content = "\n".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be text (a string or text parts)",
+                       param=f"messages[{i}].content")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"messages[{i}].content is not valid Unicode: it holds half of a surrogate pair",
+                       param=f"messages[{i}].content") from None
+    return content
 
 
 def _sampling(body: dict) -> dict:
