@@ -346,6 +346,42 @@ def test_a_client_that_goes_away_mid_stream_leaves_the_model_at_base(server, mon
     assert server.service.store.chats() == [] and server.service.store.chats(None) == []
 
 
+def test_a_client_that_hangs_up_frees_the_model_and_its_ticket_while_stepping_and_while_waiting(server, monkeypatch):
+    import hashlib
+
+    step = server.service.engine.adapter.step
+    monkeypatch.setattr(server.service.engine.adapter, "step", lambda text, prefix="": time.sleep(0.5) or step(text, prefix))
+    body = {"model": "sift-chat", "max_tokens": 4, "messages": [{"role": "user", "content": QUESTION}],
+            "sift": {"mode": "both", "passages": 8}}
+    key = "hangs-up"
+    owner, queue = "api:" + hashlib.sha256(key.encode()).hexdigest()[:16], server.service.queue
+
+    def hang_up_after(seconds: float) -> float:  # a plain request (not streamed) whose client gives up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                       timeout=httpx.Timeout(30, read=seconds))
+        return time.monotonic()
+
+    hung_up = hang_up_after(1.2)  # during the 8 steps of 0.5 s
+    while not idle(server.service) and time.monotonic() - hung_up < 10:
+        time.sleep(0.02)
+    assert idle(server.service) and time.monotonic() - hung_up < 1.0  # within a step, not the 5 left
+    assert queue.open_turns(owner) == []
+
+    holder = server.service.new_turn()  # another request has the model: this one waits in line
+    queue.enter(holder)
+    try:
+        hung_up = hang_up_after(0.5)
+        while queue.open_turns(owner) and time.monotonic() - hung_up < 10:
+            time.sleep(0.01)
+        assert queue.open_turns(owner) == [] and queue.waiting == 0 and time.monotonic() - hung_up < 0.5
+    finally:
+        queue.leave(holder)
+    monkeypatch.undo()
+    keyed = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=120)
+    assert ask(keyed, sift={"mode": "off"}, max_tokens=2)[1] in ("stop", "length")  # not locked out
+
+
 def test_the_app_is_served_beside_the_api(server):
     page = httpx.get(server.root, timeout=30)
     assert page.status_code == 200 and "gradio" in page.text.lower()
