@@ -1,5 +1,5 @@
 """What one `/v1` request may cost and what a hostile body gets, against `app.py` as users start it
-(`served_app` in conftest: a subprocess, raw HTTP): every malformed body and out-of-range setting
+(`served_api` in conftest: a subprocess, raw HTTP): every malformed body and out-of-range setting
 a 4xx with an OpenAI error object naming the field, never a 500 or a traceback in the server's log;
 a conversation over the bounds refused before the model; a stream dropped after its first chunk
 frees its caller at once; picks name documents as they were ingested, not by server paths.
@@ -104,9 +104,9 @@ MALFORMED = [
 ]
 
 
-def test_malformed_bodies_get_an_openai_error_naming_the_field_and_no_traceback(served_app):
+def test_malformed_bodies_get_an_openai_error_naming_the_field_and_no_traceback(served_api):
     for case, content, param in MALFORMED:
-        response = post(served_app, content if isinstance(content, bytes) else json.dumps(content).encode())
+        response = post(served_api, content if isinstance(content, bytes) else json.dumps(content).encode())
         assert_openai_error(response, None, param, case)
         if param == "messages" and "bound" in case:
             assert response.json()["error"]["code"] == "conversation_too_long", case
@@ -117,40 +117,40 @@ def test_malformed_bodies_get_an_openai_error_naming_the_field_and_no_traceback(
                          ("min_reduction 0, lora_layers 0", {"sift": {"mode": "off", "min_reduction": 0,
                                                                       "lora_layers": 0}}),
                          ("unicode", {"messages": [{"role": "user", "content": "Wer hütet den Leuchtturm? 灯台 🙂"}]})]:
-        response = post(served_app, body(**fields))
+        response = post(served_api, body(**fields))
         assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"], (case, response.text)
-    log = served_app.log()
+    log = served_api.log()
     assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
 
 
-def test_a_conversation_at_the_bound_is_answered_and_one_over_it_is_refused_before_the_model(served_app):
+def test_a_conversation_at_the_bound_is_answered_and_one_over_it_is_refused_before_the_model(served_api):
     turns = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}: who keeps the lighthouse?"}
              for i in range(MAX_MESSAGES - 1)]  # about 36 KB: dropping two turns per rendering held the model ~27 s
-    response = post(served_app, body(messages=[*turns, *USER]))
+    response = post(served_api, body(messages=[*turns, *USER]))
     assert response.status_code == 200, response.text
     assert any("older turns were left out" in n for n in response.json()["sift"]["notices"])
-    response = post(served_app, body(messages=[*turns, *USER, *USER]), timeout=10)
+    response = post(served_api, body(messages=[*turns, *USER, *USER]), timeout=10)
     assert_openai_error(response, 400, "messages")
     assert "more than the 1000" in response.json()["error"]["message"]
 
 
-def test_a_stream_dropped_after_its_first_chunk_frees_its_caller_at_once(served_app):
-    with httpx.stream("POST", served_app.api + "/chat/completions", headers=served_app.headers, timeout=60,
+def test_a_stream_dropped_after_its_first_chunk_frees_its_caller_at_once(served_api):
+    with httpx.stream("POST", served_api.api + "/chat/completions", headers=served_api.headers, timeout=60,
                       json=body(stream=True, max_tokens=64, sift={"mode": "both", "passages": 8})) as response:
         assert response.status_code == 200
         first = next(response.iter_lines())
         assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
     # the same caller (one key: all its clients are one caller) right after: answered, not 429 one_at_a_time
-    response = post(served_app, body(), timeout=60)
+    response = post(served_api, body(), timeout=60)
     assert response.status_code == 200, response.text
     for _ in range(2):  # and again: nothing of the dropped one holds the line
-        assert post(served_app, body(), timeout=60).status_code == 200
+        assert post(served_api, body(), timeout=60).status_code == 200
 
 
-def test_picks_name_documents_as_ingested_not_by_server_paths(served_app):
-    response = post(served_app, body(sift={"mode": "context", "passages": 3}))
+def test_picks_name_documents_as_ingested_not_by_server_paths(served_api):
+    response = post(served_api, body(sift={"mode": "context", "passages": 3}))
     assert response.status_code == 200, response.text
     picks = response.json()["sift"]["selection"]["picks"]
     assert len(picks) == 3 and all(p["path"].startswith("brindlemoor/") for p in picks)
     text = response.text
-    assert str(served_app.home) not in text and "/corpora/" not in text and '"/' not in text
+    assert str(served_api.home) not in text and "/corpora/" not in text and '"/' not in text
