@@ -14,8 +14,10 @@ in a last chunk before [DONE]. `finish_reason` is "length" when the answer was c
 401 no or wrong key, 403 a foreign Host or Origin on loopback (`sift_chat.perimeter`), 404 unknown
 model or path, 413 too large, 429 too many waiting or this caller's previous request still waiting
 or running (one at a time per caller: its bearer token), 503 the
-model is loading, 500 (without a traceback) for anything else. Nothing is stored: a request that
-ends early (the client went away) leaves the model at base and the line.
+model is loading, 500 (without a traceback) for anything else; a 400 names the field in `param`.
+A request carries at most MAX_MESSAGES messages and MAX_CHARACTERS characters (400 otherwise,
+before the model). Nothing is stored: a client that goes away stops its request at once, at any
+stage (the model back at base at its next event, out of the line), and frees its caller's ticket.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON: far more than any context this model 
 # one request's conversation: the prompt is fitted to the model's context (2048 tokens by default)
 # in time linear in its length, and what does not fit is left out; beyond these it is refused (400)
 MAX_MESSAGES = 1000
-MAX_CHARACTERS = 200_000  # in all messages together: about 50 000 tokens, 25 contexts of 2048
+MAX_CHARACTERS = 200_000  # in all messages together: far more than the model reads
 # the app's settings, less the two the OpenAI fields carry (max_tokens; adaptive = min_reduction given)
 EXTENSION_KEYS = tuple(name for name in SETTING_NAMES if name not in ("adaptive", "max_new_tokens"))
 ROLES = ("system", "developer", "user", "assistant")
