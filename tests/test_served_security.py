@@ -10,6 +10,7 @@ local owner's neighbours on the machine (no token), and from another site's page
 from __future__ import annotations
 
 import os
+import time
 import socket
 import sqlite3
 from pathlib import Path
@@ -74,14 +75,14 @@ def targets(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def signin_app(tmp_path_factory, model):
     """`app.py --auth users.json --host 0.0.0.0` (a LAN or a server, the documented public setup):
-    alice and bob, and carol an admin."""
+    alice and bob, and carol an admin; each may add 2 documents of their own."""
     root = tmp_path_factory.mktemp("served-auth")
     users = UsersFile(root / "users.json")
     for name, password in PASSWORDS.items():
         users.add(name, password, admin=name == "carol")
     assert cli.main(["--data-dir", str(root / "data"), "ingest", "--quiet", str(SAMPLE)]) == 0
     with served_app(root / "data", "--host", "0.0.0.0", "--auth", str(root / "users.json"),
-                    "--api-key", "api-key", "--chat-model", model) as served:
+                    "--api-key", "api-key", "--quota-documents", "2", "--chat-model", model) as served:
         yield served, root
 
 
@@ -236,3 +237,50 @@ def test_an_upload_over_the_limit_writes_nothing(signin_app):
     response = bob.post(url + "gradio_api/upload", files=[("files", (f"{i}.txt", b"x" * 2**20)) for i in range(66)])
     assert response.status_code == 413
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+
+
+def test_while_the_models_load_the_perimeter_holds(tmp_path, model):
+    """The port opens before the models are in: the loading page checks Host, origin and token too."""
+    with served_app(tmp_path / "data", "--chat-model", model, env={"SIFT_CHAT_TOKEN": TOKEN}, wait=False) as served:
+        seen: dict[str, int] = {}
+        deadline = time.monotonic() + 120
+        while "token" not in seen and time.monotonic() < deadline:
+            try:
+                seen["token"] = httpx.get(served.url + "config", headers={"Authorization": f"Bearer {TOKEN}"}).status_code
+                seen["no token"] = httpx.get(served.url + "config").status_code
+                seen["foreign host"] = httpx.get(served.url + "config", headers={
+                    "Authorization": f"Bearer {TOKEN}", "Host": "evil.example"}).status_code
+                seen["foreign origin"] = httpx.get(served.url + "config", headers={
+                    "Authorization": f"Bearer {TOKEN}", "Origin": "http://evil.example"}).status_code
+            except httpx.HTTPError:  # not listening yet
+                seen.clear()
+                time.sleep(0.05)
+        assert seen == {"token": 503, "no token": 401, "foreign host": 403, "foreign origin": 403}, seen
+
+
+def test_app_py_refuses_to_serve_beyond_this_machine_without_sign_in(tmp_path):
+    import subprocess
+    import sys
+
+    from .served import ROOT
+
+    for options in (["--host", "0.0.0.0"], ["--share"]):
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, str(ROOT / "app.py"), "--port", "9", "--data-dir", str(tmp_path),
+                                 *options], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                env={k: v for k, v in os.environ.items() if k not in ("SPACE_ID", "SIFT_CHAT_AUTH")})
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1].startswith("error: serving beyond this machine needs sign-in")
+        assert "loading the models" not in result.stderr and time.monotonic() - started < 60  # before any model
+
+
+def test_the_quota_holds_over_http(signin_app):
+    served, root = signin_app
+    url, data = served.url, root / "data"
+    carol = signed_in(url, "carol")
+    notes = [upload(carol, url, f"note-{i}.txt", f"Carol's note {i} on the tides.".encode()) for i in range(3)]
+    status, error, output = call(carol, url, "on_ingest", [[file_data(n) for n in notes[:2]], "", False])
+    assert error is None and "2 added" in output[0]
+    status, error, output = call(carol, url, "on_ingest", [[file_data(notes[2])], "", False])
+    assert "Over your quota of 2 documents" in (error or output[0]) and "nothing was added" in (error or output[0])
+    assert sum(owner == "user:carol" for owner, _ in documents(data)) == 2
