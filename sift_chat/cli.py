@@ -202,6 +202,7 @@ def cmd_ingest(args) -> int:
         print("error: give files or folders to ingest", file=sys.stderr)
         return 2
     name = config.embedder_name(args.embedder)
+    parse_seconds = config.parse_seconds(args.parse_seconds)
     with _store(args) as store:
         embedder = _embedder(args)
         if args.reembed:
@@ -212,7 +213,7 @@ def cmd_ingest(args) -> int:
         report = ingest(store, embedder, args.paths, embedder_name=name,
                         passage_tokens=args.passage_tokens, overlap=args.overlap,
                         progress=not args.quiet, forbidden=[config.data_dir(args.data_dir)],
-                        parse_seconds=config.parse_seconds(args.parse_seconds))
+                        parse_seconds=parse_seconds)
     for path, reason in report.skipped:
         print(f"skipped {shown(path)}: {reason}", file=sys.stderr)
     print(report.summary())

@@ -116,6 +116,25 @@ def test_a_file_that_parses_too_long_is_skipped_with_its_reason_and_the_ingest_g
     assert any("Ada Quill" in t for t in texts) and any("noon" in t for t in texts)
 
 
+def test_the_cli_takes_the_bound_from_its_flag_or_the_environment(tmp_path, monkeypatch, capsys):
+    """`ingest --parse-seconds S` (else $SIFT_CHAT_PARSE_SECONDS) bounds each file; a bound that
+    is not a positive number is refused in one line before anything is read."""
+    hostile = hostile_html(tmp_path / "empty-tags.html", 4)
+    (tmp_path / "notes.txt").write_text("The glassworks of Brindlemoor make lantern glass.")
+    data = ["--data-dir", str(tmp_path / "data"), "ingest", "--quiet"]
+    for flag, environment in ((["--parse-seconds", "0"], None), (["--parse-seconds", "nan"], None), ([], "soon")):
+        if environment:
+            monkeypatch.setenv("SIFT_CHAT_PARSE_SECONDS", environment)
+        assert cli.main([*data, *flag, str(hostile)]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("error: the parse time bound must be a positive number")
+    assert not (tmp_path / "data" / "store").exists()
+    monkeypatch.setenv("SIFT_CHAT_PARSE_SECONDS", "1")
+    assert cli.main([*data, str(hostile), str(tmp_path / "notes.txt")]) == 0
+    out = capsys.readouterr()
+    assert f"skipped {hostile}: parsing the HTML took over 1 s" in out.err and "1 added" in out.out
+
+
 def test_the_parse_worker_reads_what_this_process_reads(tmp_path):
     """The child's text is this process's text, for HTML and PDF; hostile bytes get the same
     one-line reasons; and a worker that was killed for its time is replaced for the next file."""
