@@ -9,9 +9,6 @@ The tiny random Llama stands in for the chat model; the embedder is the real def
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,6 +29,7 @@ from sift_chat.reading import UnreadableFile, parse_here
 from sift_chat.service import Answered, Service, Stored
 from sift_chat.store import Store
 
+from .served import served_app
 from .test_corpus import minimal_pdf
 from .tiny import save_tiny_chat_model, tiny_model, tiny_tokenizer
 
@@ -251,14 +249,6 @@ SETTINGS = tuple({**default_settings(), "mode": "context", "passages": 3, "max_n
                  for name in SETTING_NAMES)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_the_served_app_answers_while_it_ingests_a_hostile_file(tmp_path):
     """`app.py --auth` with an admin ingesting a folder with the 19.5 MiB hostile HTML through
     the app (its parse bounded at 20 s by $SIFT_CHAT_PARSE_SECONDS): a /v1 answer and a chat in
@@ -275,26 +265,9 @@ def test_the_served_app_answers_while_it_ingests_a_hostile_file(tmp_path):
     folder.mkdir()
     hostile = hostile_html(folder / "empty-tags.html")
     (folder / "tides.txt").write_text("High tide at Skellport comes at noon.")
-    port, log = free_port(), tmp_path / "app.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "SIFT_CHAT_TOKEN": KEY,
-           "SIFT_CHAT_PARSE_SECONDS": "20"}
-    env.pop("SPACE_ID", None)
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--auth", str(tmp_path / "users.json"),
-             "--api-key", KEY, "--data-dir", str(data), "--chat-model", save_tiny_chat_model(tmp_path / "model"),
-             "--device", "cpu"], cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(url, timeout=2).status_code in (200, 401):
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with served_app(data, "--auth", str(tmp_path / "users.json"), "--api-key", KEY, "--chat-model",
+                    save_tiny_chat_model(tmp_path / "model"), env={"SIFT_CHAT_PARSE_SECONDS": "20"}) as served:
+        url = served.url
         ada = Client(url, auth=("ada", "ada-password"), verbose=False)
         ada.predict(QUESTION, *SETTINGS, api_name="/on_send")  # warm: the first answer loads what it needs
 
@@ -320,11 +293,4 @@ def test_the_served_app_answers_while_it_ingests_a_hostile_file(tmp_path):
         report = job.result(timeout=180)[0]
         assert "parsing the HTML took over 20 s" in report and hostile.name in report
         assert "1 added" in report  # tides.txt
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert "Traceback" not in log.read_text()
+    assert "Traceback" not in served.printed()
