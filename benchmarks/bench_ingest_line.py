@@ -73,21 +73,21 @@ def timed_ingest(store, embedder, path: Path, parse_seconds: float | None) -> di
     return {"seconds": time.perf_counter() - started, "outcome": report.skipped[0][1] if report.skipped else "added"}
 
 
-def answer_seconds(engine, question: str) -> float:
-    from sift_chat.engine import ChatSettings, Done
+def answer_seconds(engine, question: str, settings) -> float:
+    from sift_chat.engine import Done
 
     started = time.perf_counter()
-    assert any(isinstance(e, Done) for e in engine.respond(question, settings=ChatSettings()))
+    assert any(isinstance(e, Done) for e in engine.respond(question, settings=settings))
     return time.perf_counter() - started
 
 
-def answer_during(engine, store, path: Path, parse_seconds: float | None, question: str) -> dict:
+def answer_during(engine, store, path: Path, parse_seconds: float | None, question: str, settings) -> dict:
     """One answer started 2 s into an ingest of `path`; the ingest's own seconds too."""
     ingested = {}
     thread = threading.Thread(target=lambda: ingested.update(timed_ingest(store, engine.embedder, path, parse_seconds)))
     thread.start()
     time.sleep(2)
-    seconds = answer_seconds(engine, question)
+    seconds = answer_seconds(engine, question, settings)
     still = thread.is_alive()
     thread.join()
     return {"answer_seconds": seconds, "ingest_still_running": still, **ingested}
@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--bound", type=float, default=60.0, help="the parse bound of the ingest (seconds)")
     parser.add_argument("--before-limit", type=float, default=600, help="stop the unbounded parse after this")
     parser.add_argument("--skip-chat", action="store_true", help="rows 1-2 only (no chat model)")
+    parser.add_argument("--skip-parse", action="store_true", help="row 3 only")
+    parser.add_argument("--max-new-tokens", type=int, help="of the chat answer (default: the chat's default)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,11 +120,11 @@ def main() -> None:
     print("|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        reference = parse_in_child(REAL_PAGE) if REAL_PAGE.is_file() else None
+        reference = parse_in_child(REAL_PAGE) if REAL_PAGE.is_file() and not args.skip_parse else None
         refers = (f"a real 1.8 MiB page (print.html): {reference['seconds']:.1f} s, peak {reference['peak_mib']:.0f} MiB"
                   if reference else "(no reference page here)")
         embedder = load_embedder(EMBEDDER, "cpu")
-        for shape in args.shapes.split(","):
+        for shape in [] if args.skip_parse else args.shapes.split(","):
             path = hostile(folder, args.mib, shape)
             before = parse_in_child(path, args.before_limit)
             with Store(folder / f"store-{shape}") as store:
@@ -141,19 +143,30 @@ def main() -> None:
                 ingest(store, embedder, [SAMPLE], embedder_name=EMBEDDER, progress=False)
                 engine = Engine(store, embedder, model, tokenizer, embedder_name=EMBEDDER)
                 question = "Who founded Brindlemoor and who keeps the lighthouse?"
-                answer_seconds(engine, question)  # warm-up
-                alone = answer_seconds(engine, question)
+                from dataclasses import replace
+
+                from sift_chat.engine import ChatSettings
+
+                settings = ChatSettings()
+                if args.max_new_tokens:
+                    settings = replace(settings, max_new_tokens=args.max_new_tokens)
+                answer_seconds(engine, question, settings)  # warm-up
                 path = hostile(folder, args.mib, args.shapes.split(",")[0])
-                before = answer_during(engine, store, path, None, question)
-                after = answer_during(engine, store, path, args.bound, question)
-            results["chat"] = {"alone": alone, "before": before, "after": after}
+                alone_first = answer_seconds(engine, question, settings)
+                before = answer_during(engine, store, path, None, question, settings)
+                after = answer_during(engine, store, path, args.bound, question, settings)
+                alone_last = answer_seconds(engine, question, settings)
+            alone = (alone_first + alone_last) / 2
+            results["chat"] = {"alone": [alone_first, alone_last], "before": before, "after": after,
+                               "max_new_tokens": settings.max_new_tokens}
             print(f"| one chat answer while the hostile file is parsed in the server's process (before) | "
                   f"**{before['answer_seconds']:.1f} s** (the ingest took {before['seconds']:.0f} s; in the app the "
-                  f"answer also waited in the model's line for it: ~{before['seconds'] + alone:.0f} s) | alone: {alone:.1f} s |",
+                  f"answer also waited in the model's line for it: ~{before['seconds'] + alone:.0f} s) | alone: "
+                  f"{alone_first:.1f} s before, {alone_last:.1f} s after |",
                   flush=True)
             print(f"| one chat answer while the hostile file is parsed by the child (now) | "
                   f"**{after['answer_seconds']:.1f} s** (the ingest took {after['seconds']:.0f} s: {after['outcome']}) | "
-                  f"alone: {alone:.1f} s |", flush=True)
+                  f"alone: {alone_first:.1f} s before, {alone_last:.1f} s after |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
