@@ -87,8 +87,8 @@ def test_host_and_origin_headers_are_read_as_browsers_send_them():
     assert [perimeter.host_of(h) for h in ("localhost:7860", "127.0.0.1", "[::1]:80", "LocalHost", "evil.example:7860")] \
         == ["localhost", "127.0.0.1", "::1", "localhost", "evil.example"]
     assert [perimeter.host_of(h) for h in ("", "::1", "[::1]x", "a:b", "user@localhost")] == [None] * 5
-    assert [perimeter.origin_host(o) for o in ("http://localhost:7860", "https://[::1]", "null", "file://", "x")] \
-        == ["localhost", "::1", None, None, None]
+    assert [perimeter.port_of(h) for h in ("localhost:7860", "[::1]:80", "[::1]", "localhost", "a:b")] \
+        == [7860, 80, None, None, None]
     hosts = perimeter.allowed_hosts(public=False)
     assert perimeter.refusal([("host", "localhost:1")], hosts) == ""
     assert perimeter.refusal([("host", "127.0.0.1:1"), ("origin", "http://127.0.0.1:1")], hosts) == ""
