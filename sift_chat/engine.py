@@ -25,6 +25,7 @@ import torch
 
 from . import config
 from .adaptation import AdaptationSettings, Adapter, decoder_layers
+from .embedding import shared
 from .generation import answer_processors, cite, contrast, conversation, next_token, repeat_start, training_text
 from .record import AnswerRecord, SelectionRecord
 from .selection import Selection, select
@@ -196,7 +197,7 @@ class Engine:
                  adaptation: AdaptationSettings | None = None):
         self.store = store
         store.check_embedder(embedder_name, embedder.get_embedding_dimension())
-        self.embedder = embedder
+        self.embedder = shared(embedder)  # the ingest embeds beside the chat: one batch at a time
         self.embedder_name = embedder_name
         self.tokenizer = tokenizer
         self.stop_ids = _stop_ids(tokenizer)
@@ -258,13 +259,14 @@ class Engine:
                owners: Iterable[str] | None = None) -> Selected:
         """Pre-select K candidates from the index (among the documents of `owners`: the caller's
         and the shared library), then pick up to N of them with `method`."""
-        ids, _, vectors = self.store.nearest(query.numpy(), settings.candidates, owners)
-        candidates = torch.from_numpy(vectors)
-        method = method or settings.method
-        selection = select(query, candidates, method, settings.passages, settings.lam,
-                           settings.min_reduction, settings.alpha)
-        nn = select(query, candidates, "nn", settings.passages, settings.lam)
-        return self._describe(selection, ids, nn)
+        with self.store.lock:  # an ingest may replace a document: its passages go with the ids found
+            ids, _, vectors = self.store.nearest(query.numpy(), settings.candidates, owners)
+            candidates = torch.from_numpy(vectors)
+            method = method or settings.method
+            selection = select(query, candidates, method, settings.passages, settings.lam,
+                               settings.min_reduction, settings.alpha)
+            nn = select(query, candidates, "nn", settings.passages, settings.lam)
+            return self._describe(selection, ids, nn)
 
     def _describe(self, selection: Selection, ids, nn: Selection) -> Selected:
         passage_ids = [int(ids[i]) for i in selection.indices.tolist()]

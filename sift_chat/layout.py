@@ -312,8 +312,9 @@ def build(handlers: Handlers, *, access: Access | None = None):
                 gr.Warning(result["error"])
             return [result["report"], None, *corpus_view(caller)]
 
+        # the ingests' own line: a chat never waits behind an ingest (the service shares the embedder)
         ingest_go.click(on_ingest, [uploads, folder, to_shared], [ingest_report, uploads, *corpus_outputs],
-                        concurrency_id="model", concurrency_limit=1)
+                        concurrency_id="ingest", concurrency_limit=1)
 
         def on_sample(request: gr.Request, profile: gr.OAuthProfile | None, progress=gr.Progress()):
             caller = who(request, profile)
@@ -321,7 +322,7 @@ def build(handlers: Handlers, *, access: Access | None = None):
             return [result["report"], *corpus_view(caller)]
 
         add_sample.click(on_sample, None, [ingest_report, *corpus_outputs],
-                         concurrency_id="model", concurrency_limit=1)
+                         concurrency_id="ingest", concurrency_limit=1)
 
         def on_remove(document_id, request: gr.Request, profile: gr.OAuthProfile | None):
             caller = who(request, profile)
