@@ -26,7 +26,7 @@ from .access import SHARED, Caller
 from .adaptation import AdaptationSettings
 from .corpus import IngestProgress
 from .engine import ChatSettings, Engine, Notice, Prompted, Selected, Stage, Step, Token
-from .panel import Panel, parse_settings
+from .panel import Panel, parse_settings, shown_name
 from .reading import shown as printable_path
 from .service import Answered, IngestOutcome, Service, Stopped, Stored, Waiting, first_line
 from .store import Store
@@ -250,7 +250,7 @@ class Handlers:
         if not text:
             raise ValueError(f"The {what} is empty: type a question.")
         try:
-            return text, *parse_settings(settings, self.base_adaptation)
+            return text, *parse_settings(settings, self.base_adaptation, layers=self.engine.layer_count)
         except ValueError as error:
             raise ValueError(f"Check the settings: {error}") from None
 
@@ -432,8 +432,8 @@ class Handlers:
             where = f":{passage.start_char}–{passage.end_char}"
             cards.append(
                 f"<div class='sc-pick' data-passage='{passage.id}'><div class='sc-head'><b>{rank}.</b> "
-                f"similarity {similarity:.2f} · <span class='sc-source' title='{html.escape(passage.path, quote=True)}"
-                f"{where}'>{html.escape(Path(passage.path).name)}{where}</span></div>"
+                f"similarity {similarity:.2f} · <span class='sc-source' title='{html.escape(shown_name(passage), quote=True)}"
+                f"{where}'>{html.escape(shown_name(passage))}{where}</span></div>"  # never the server's path
                 f"<div class='sc-text'>{html.escape(text)}</div></div>")
         caption = (f"<div class='sc-caption'>The passages a chat message saying this would pre-select first, "
                    f"by meaning and by its rarest words (searched: {html.escape(words)}).</div>")
@@ -444,12 +444,12 @@ class Handlers:
 
     def documents(self, caller: Caller) -> list[list]:
         """[name, collection, passages, size, added] for every document the caller reads."""
-        return [[Path(d["path"]).name, _collection(d["owner"], caller), d["passage_count"], _size(d["size"]),
+        return [[d.get("name") or Path(d["path"]).name, _collection(d["owner"], caller), d["passage_count"], _size(d["size"]),
                  d["ingested_at"].replace("T", " ")] for d in self.service.documents(caller)]
 
     def removable(self, caller: Caller) -> list[tuple[str, int]]:
         """(name and collection, id) of the documents the caller may remove."""
-        return [(f"{Path(d['path']).name} ({_collection(d['owner'], caller)})", d["id"])
+        return [(f"{d.get('name') or Path(d['path']).name} ({_collection(d['owner'], caller)})", d["id"])
                 for d in self.service.documents(caller) if caller.may_change(d["owner"])]
 
     def ingest(self, uploads: list | None = None, folder: str | None = None,

@@ -133,14 +133,14 @@ def test_an_older_store_gets_its_lexical_index_built_on_upgrade(tmp_path):
     with Store(folder) as store:
         store.write_documents([document("/old.txt", ["Orvmere was founded in 1832.", "Orvthorpe trades oak."],
                                         unit(rng.normal(size=(2, DIMENSION))))], "test-embedder")
-    with sqlite3.connect(folder / "store.db") as connection:  # back to schema 2: no lexical index
+    with sqlite3.connect(folder / "store.db") as connection:  # back to schema 3: no lexical index
         connection.executescript("""
             DROP TRIGGER passages_fts_insert; DROP TRIGGER passages_fts_delete; DROP TRIGGER passages_fts_update;
             DROP TABLE passages_terms; DROP TABLE passages_fts;
-            UPDATE meta SET value = '2' WHERE key = 'schema_version';
+            UPDATE meta SET value = '3' WHERE key = 'schema_version';
         """)
     with Store(folder) as store:
-        assert store.meta("schema_version") == str(SCHEMA_VERSION)
+        assert store.meta("schema_version") == str(SCHEMA_VERSION) == "4"
         assert found(store, "Orvmere") == {"Orvmere was founded in 1832."}
         assert found(store, "1832") == {"Orvmere was founded in 1832."}
         store.remove(["/old.txt"])
