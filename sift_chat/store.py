@@ -466,25 +466,26 @@ class Store:
                    owners: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) from SQLite, for the given ids, or for every passage (of these owners'
         documents), in id order."""
-        dimension = self.dimension or 0
-        if ids is None:
-            where, values = _owned_by(owners)
-            count = self.passage_count(owners)
-            batches = [(self.db.execute(f"SELECT p.id, p.embedding FROM passages p JOIN documents d "
-                                        f"ON d.id = p.document_id {where} ORDER BY p.id", values), count)]
-        else:
-            wanted = sorted(int(i) for i in ids)
-            batches = [(self.db.execute(f"SELECT id, embedding FROM passages WHERE id IN ({marks}) ORDER BY id",
-                                        chunk), len(chunk)) for chunk, marks in _in_chunks(wanted)]
-        labels = np.empty(sum(size for _, size in batches), dtype=np.int64)
-        vectors = np.empty((len(labels), dimension), dtype=np.float32)
-        row = 0
-        for cursor, _ in batches:  # row by row into one array: a big store is read once, not thrice
-            for passage_id, blob in cursor:
-                labels[row] = passage_id
-                vectors[row] = np.frombuffer(blob, dtype=np.float32)
-                row += 1
-        return labels[:row], vectors[:row]
+        with self._snapshot():  # the count and the rows of one state: another process may be writing
+            dimension = self.dimension or 0
+            if ids is None:
+                where, values = _owned_by(owners)
+                count = self.passage_count(owners)
+                batches = [(self.db.execute(f"SELECT p.id, p.embedding FROM passages p JOIN documents d "
+                                            f"ON d.id = p.document_id {where} ORDER BY p.id", values), count)]
+            else:
+                wanted = sorted(int(i) for i in ids)
+                batches = [(self.db.execute(f"SELECT id, embedding FROM passages WHERE id IN ({marks}) ORDER BY id",
+                                            chunk), len(chunk)) for chunk, marks in _in_chunks(wanted)]
+            labels = np.empty(sum(size for _, size in batches), dtype=np.int64)
+            vectors = np.empty((len(labels), dimension), dtype=np.float32)
+            row = 0
+            for cursor, _ in batches:  # row by row into one array: a big store is read once, not thrice
+                for passage_id, blob in cursor:
+                    labels[row] = passage_id
+                    vectors[row] = np.frombuffer(blob, dtype=np.float32)
+                    row += 1
+            return labels[:row], vectors[:row]
 
     @_serialized
     def vectors_for_texts(self, texts: Iterable[str]) -> dict[str, np.ndarray]:
