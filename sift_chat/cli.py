@@ -17,7 +17,7 @@ from .adaptation import TRAINING_FORMATS, AdaptationSettings
 from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS, shown
 from .engine import ChatSettings
 from .evaluation import SETTINGS as EVAL_SETTINGS
-from .vocabulary import EVAL_METHODS, EVAL_MODES, METHODS, MODES, method_label
+from .vocabulary import CONTRAST_TARGETS, EVAL_METHODS, EVAL_MODES, METHODS, MODES, method_label
 
 
 
@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--no-repeat-ngram", type=int, default=ChatSettings.no_repeat_ngram)
     qa.add_argument("--context-contrast", type=float, default=ChatSettings.context_contrast,
                     help="α of context-aware decoding (0: off; default %(default)s)")
+    qa.add_argument("--contrast-against", choices=CONTRAST_TARGETS, default=ChatSettings.contrast_against,
+                    help="the conversation without the passages under the adapted or the base model "
+                         "(default: %(default)s)")
     qa.add_argument("--lr", type=float, default=AdaptationSettings.learning_rate)
     qa.add_argument("--top-layers", type=int, default=AdaptationSettings.top_layers)
     qa.add_argument("--targets", default=AdaptationSettings.target_modules)
@@ -434,7 +437,7 @@ def cmd_eval_qa(args) -> int:
     settings = ChatSettings(passages=args.passages, context_passages=args.context_passages, lam=args.lam,
                             max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                             no_repeat_ngram=args.no_repeat_ngram, context_contrast=args.context_contrast,
-                            seed=args.seed)
+                            contrast_against=args.contrast_against, seed=args.seed)
     for configuration in configs:  # every mode and method checked before anything loads
         ChatSettings(mode=configuration.mode,
                      method=settings.method if configuration.method == qa.NO_METHOD else configuration.method)
@@ -453,7 +456,8 @@ def cmd_eval_qa(args) -> int:
     answers = qa.run(engine, questions, configs, settings, progress=not args.quiet)
     title = (f"{corpus.name}: {len(questions)} questions, {settings.passages} passages "
              f"({settings.context_passages} in context), lr {adaptation.learning_rate}, "
-             f"training on {adaptation.training}")
+             f"training on {adaptation.training}; context-aware decoding α = {settings.context_contrast:g} "
+             f"against the {settings.contrast_against} model")
     meta = {"settings": asdict(settings), "adaptation": asdict(adaptation), "corpus": str(corpus),
             "questions_file": str(args.questions)}
     summary = qa.write_report(answers, questions, configs, meta, Path(args.out), title)
