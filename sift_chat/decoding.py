@@ -11,17 +11,25 @@ so the two are rows of one batch, not two forwards one after the other:
 
 Each row may weigh the LoRA adapter on its own (`lora.row_scales`: 1 the adapted model, 0 the base
 model), so one forward serves "adapted, with the passages" and "base, without them".
+
+The steps run on one CPU thread (the prefill on torch's): a token per row makes every matmul
+memory-bound, so a second thread only adds a barrier to every op, and on shared cores each
+barrier waits for a descheduled thread (README: a batch of two at 2 threads took 5x its time
+at 1 thread on the loaded 2-core machine, one row 2.7x).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .lora import row_scales
+
+DECODE_THREADS = 1  # torch threads for a decoding step on the CPU (module docstring)
 
 
 def left_padded(caches: Sequence[DynamicCache], config) -> DynamicCache:
@@ -41,14 +49,17 @@ class Rows:
     """Conversations [1, T_i] decoded together by a causal LM, each row weighing the adapter by
     `adapter_scales[i]` (None: every row adapted). `logits()` are the next-token logits of every
     row [B, V] (fp32); `append(token)` adds the same token to every row. The forward for a token
-    runs when its logits are first asked for, so a token after which decoding stops costs none.
+    runs when its logits are first asked for, so a token after which decoding stops costs none;
+    it runs on at most `threads` torch threads.
 
     One row decodes exactly as a plain loop does (no mask, no position ids)."""
 
-    def __init__(self, model, prompts: Sequence[torch.Tensor], adapter_scales: Sequence[float] | None = None):
+    def __init__(self, model, prompts: Sequence[torch.Tensor], adapter_scales: Sequence[float] | None = None,
+                 threads: int = DECODE_THREADS):
         if not prompts:
             raise ValueError("no conversation to decode")
         self.model = model
+        self.threads = threads  # at most this many torch threads per step, on the CPU
         self.scales = None if adapter_scales is None or all(s == 1 for s in adapter_scales) else list(adapter_scales)
         caches, logits = [], []
         for row, ids in enumerate(prompts):  # each alone: prefill is compute-bound, padding would cost
@@ -86,8 +97,23 @@ class Rows:
                 self.mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], 1)
                 inputs = {"attention_mask": self.mask, "position_ids": self.positions}
                 self.positions = self.positions + 1
-            output = self._forward(input_ids, self.scales, cache=self.cache, **inputs)
+            with at_most_threads(self.threads, self._logits.device):
+                output = self._forward(input_ids, self.scales, cache=self.cache, **inputs)
             self.cache = output.cache
             self._logits = output.logits[:, -1].float()
             self._pending = None
         return self._logits
+
+
+@contextmanager
+def at_most_threads(count: int, device: torch.device) -> Iterator[None]:
+    """At most `count` torch threads inside, for work on the CPU; the caller's count again after."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or before <= count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -147,3 +147,19 @@ def test_contrast_against_is_a_setting_with_two_values():
     assert ChatSettings().contrast_against == "adapted"
     with pytest.raises(ValueError, match="contrast_against must be one of adapted, base"):
         ChatSettings(contrast_against="nothing")
+
+
+def test_steps_run_on_one_thread_and_give_the_callers_count_back(tokenizer):
+    model = tiny_model(tokenizer)
+    threads = []
+    model.model.register_forward_hook(lambda *_: threads.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = Rows(model, [ids_of(tokenizer, "The quick brown fox."), ids_of(tokenizer, "SIFT selects")])
+        rows.append(5)
+        rows.logits()
+        assert threads == [2, 2, 1]  # the prefills on the caller's threads, the step on one
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
