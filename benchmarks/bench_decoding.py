@@ -1,6 +1,7 @@
 """Seconds per answer token: plain greedy, and context-aware decoding as two passes or as one batch.
 
-    .venv/bin/python benchmarks/bench_decoding.py [--tokens 32] [--repeats 3] [--threads N] [--json PATH]
+    .venv/bin/python benchmarks/bench_decoding.py [--tokens 32] [--repeats 3] [--prompts N] [--threads N]
+                                                  [--before] [--json PATH]
 
 On the sample corpus and the default models, for each sample prompt the engine builds what the
 chat default reads (the top passage in the prompt) and the same conversation without it; each way
@@ -11,7 +12,7 @@ decodes as many tokens):
     two passes           a forward with the passage, then one without (the loop before issue 19)
     one batch            both conversations as two rows of one forward (`decoding.Rows`)
     one batch, base      the same, the row without the passage under the base model (adapter off)
-    … torch's threads    plain greedy and two passes as before issue 19: steps on torch's threads
+    … torch's threads    (--before) plain greedy and two passes as before issue 19: steps on torch's threads
 
 Every step but the last two rows' runs on `decoding.DECODE_THREADS` (1) thread, as the engine's
 do, so that the first four rows differ only in batching.
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -97,6 +99,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=len(PROMPTS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--before", action="store_true",
+                        help="also the steps on torch's threads, as before issue 19 (slow on a loaded machine)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -120,18 +124,19 @@ def main() -> None:
         "two passes": lambda read, unread: two_passes(model, read, unread, args.tokens, DECODE_THREADS),
         "one batch": lambda read, unread: rows(model, [read, unread], args.tokens),
         "one batch, base": lambda read, unread: rows(model, [read, unread], args.tokens, (1.0, 0.0)),
-        "plain greedy, torch's threads": lambda read, unread: rows(model, [read], args.tokens,
-                                                                   threads=torch.get_num_threads()),
-        "two passes, torch's threads": lambda read, unread: two_passes(model, read, unread, args.tokens,
-                                                                       torch.get_num_threads()),
     }
+    if args.before:
+        threads = torch.get_num_threads()
+        ways["plain greedy, torch's threads"] = lambda read, unread: rows(model, [read], args.tokens, threads=threads)
+        ways["two passes, torch's threads"] = lambda read, unread: two_passes(model, read, unread, args.tokens, threads)
     load_before = os.getloadavg()
     rows(model, list(conversations[0]), 4)  # warm-up
     prefill = {way: [] for way in ways}
     per_token = {way: [] for way in ways}
     chosen = {way: [] for way in ways}
-    for _ in range(args.repeats):
-        for read, unread in conversations:
+    for repeat in range(args.repeats):
+        for number, (read, unread) in enumerate(conversations, 1):
+            print(f"repeat {repeat + 1}, prompt {number}", file=sys.stderr, flush=True)
             for way, decode in ways.items():  # interleaved: every way sees the same load
                 seconds, times, tokens = decode(read, unread)
                 prefill[way].append(seconds)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .access import SHARED, Access, Caller
+from .adaptation import LEARNING_RATE_MAX
 from .guard import PRIVATE, GuardedBlocks
 from .panel import SETTING_NAMES, default_settings
 from .service import MAX_UPLOAD_BYTES
@@ -70,7 +71,9 @@ def build(handlers: Handlers, *, access: Access | None = None):
         return access.caller(getattr(request, "username", None), getattr(profile, "username", None),
                              getattr(request, "session_hash", None) or "")
 
-    with GuardedBlocks(title="sift-chat", fill_height=True) as demo:  # one-line errors, whatever is sent
+    # one-line errors, whatever is sent; only files this caller uploaded
+    with GuardedBlocks(title="sift-chat", fill_height=True,
+                       caller_key=lambda request: request_caller(access, request).key) as demo:
         chat_id = gr.State(None)
         turn = gr.State(None)  # the ticket of the message being sent: what Stop stops
 
@@ -104,6 +107,7 @@ def build(handlers: Handlers, *, access: Access | None = None):
                 min_reduction = gr.Slider(0.001, 0.2, value=defaults["min_reduction"], step=0.001,
                                           label="Minimum reduction", info=HELP["min_reduction"])
                 learning_rate = gr.Number(value=defaults["learning_rate"], label="Learning rate", minimum=0,
+                                          maximum=LEARNING_RATE_MAX,
                                           info=HELP["learning_rate"])
                 lora_layers = gr.Slider(0, h.engine.layer_count, value=defaults["lora_layers"], step=1,
                                         label="LoRA layers", info=HELP["lora_layers"])
@@ -313,8 +317,9 @@ def build(handlers: Handlers, *, access: Access | None = None):
                 gr.Warning(result["error"])
             return [result["report"], None, *corpus_view(caller)]
 
+        # the ingests' own line: a chat never waits behind an ingest (the service shares the embedder)
         ingest_go.click(on_ingest, [uploads, folder, to_shared], [ingest_report, uploads, *corpus_outputs],
-                        concurrency_id="model", concurrency_limit=1)
+                        concurrency_id="ingest", concurrency_limit=1)
 
         def on_sample(request: gr.Request, profile: gr.OAuthProfile | None, progress=gr.Progress()):
             caller = who(request, profile)
@@ -322,7 +327,7 @@ def build(handlers: Handlers, *, access: Access | None = None):
             return [result["report"], *corpus_view(caller)]
 
         add_sample.click(on_sample, None, [ingest_report, *corpus_outputs],
-                         concurrency_id="model", concurrency_limit=1)
+                         concurrency_id="ingest", concurrency_limit=1)
 
         def on_remove(document_id, request: gr.Request, profile: gr.OAuthProfile | None):
             caller = who(request, profile)
@@ -332,6 +337,34 @@ def build(handlers: Handlers, *, access: Access | None = None):
 
     demo.queue(default_concurrency_limit=4, max_size=64)
     return demo
+
+
+def request_caller(access: Access, request) -> Caller:
+    """The caller of a raw request to Gradio's app (a starlette Request whose scope Gradio's app
+    has seen), from what the server keeps, as Gradio hands it to the handlers (`who`): the
+    sign-in cookie's entry in Gradio's token table, or the OAuth session on a Space."""
+    username = hf_username = None
+    app = request.scope.get("app") if request is not None else None
+    if access.mode == "users" and app is not None and hasattr(app, "tokens"):
+        cookie_id = getattr(app, "cookie_id", "")
+        token = request.cookies.get(f"access-token-{cookie_id}") or \
+            request.cookies.get(f"access-token-unsecure-{cookie_id}")
+        username = app.tokens.get(token) if token else None
+    if access.mode == "space" and request is not None and "session" in request.scope:
+        from gradio.oauth import _get_valid_oauth_info_from_session
+
+        info = _get_valid_oauth_info_from_session(request.session)
+        hf_username = (info or {}).get("userinfo", {}).get("preferred_username")
+    return access.caller(username, hf_username)
+
+
+def app_middleware(demo) -> list:
+    """The middleware inside Gradio's app, for `mount_gradio_app` and `launch` alike."""
+    from starlette.middleware import Middleware
+
+    from .guard import UploadGate
+
+    return [Middleware(UploadGate, blocks=demo)]
 
 
 # -- loading and serving -----------------------------------------------------------------------

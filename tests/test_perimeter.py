@@ -87,13 +87,21 @@ def test_host_and_origin_headers_are_read_as_browsers_send_them():
     assert [perimeter.host_of(h) for h in ("localhost:7860", "127.0.0.1", "[::1]:80", "LocalHost", "evil.example:7860")] \
         == ["localhost", "127.0.0.1", "::1", "localhost", "evil.example"]
     assert [perimeter.host_of(h) for h in ("", "::1", "[::1]x", "a:b", "user@localhost")] == [None] * 5
-    assert [perimeter.origin_host(o) for o in ("http://localhost:7860", "https://[::1]", "null", "file://", "x")] \
-        == ["localhost", "::1", None, None, None]
+    assert [perimeter.port_of(h) for h in ("localhost:7860", "[::1]:80", "[::1]", "localhost", "a:b")] \
+        == [7860, 80, None, None, None]
     hosts = perimeter.allowed_hosts(public=False)
-    assert perimeter.refusal({"host": "localhost:1"}, hosts) == ""
-    assert perimeter.refusal({"host": "127.0.0.1:1", "origin": "http://localhost:2"}, hosts) == ""
-    assert "addressed to" in perimeter.refusal({}, hosts)  # no Host at all: not a browser's request
-    assert "pages served from" in perimeter.refusal({"host": "localhost", "origin": "null"}, hosts)
+    assert perimeter.refusal([("host", "localhost:1")], hosts) == ""
+    assert perimeter.refusal([("host", "127.0.0.1:1"), ("origin", "http://127.0.0.1:1")], hosts) == ""
+    assert perimeter.refusal([("host", "[::1]:80"), ("origin", "http://[::1]")], hosts) == ""  # the scheme's port
+    assert perimeter.refusal([("host", "a.org"), ("referer", "https://a.org/chat?x=1")], None) == ""
+    assert "addressed to" in perimeter.refusal([], hosts)  # no Host at all: not a browser's request
+    for page in ("null", "http://localhost:2", "http://127.0.0.1:1.evil.example", "file:///x", "http://127.0.0.1:99999"):
+        assert "only its own pages" in perimeter.refusal([("host", "127.0.0.1:1"), ("origin", page)], hosts), page
+    assert "only its own pages" in perimeter.refusal([("host", "a.org"), ("referer", "https://b.org/")], None)
+    assert perimeter.refusal([("host", "a.org"), ("origin", "https://b.org:8443")], None, frozenset({"b.org"})) == ""
+    for twice in ([("host", "localhost:1"), ("host", "evil.example")],
+                  [("host", "localhost:1"), ("origin", "http://evil.example"), ("origin", "http://localhost:1")]):
+        assert "once" in perimeter.refusal(twice, hosts)  # whichever a reader takes, refused
     assert perimeter.allowed_hosts(public=True) is None
     assert perimeter.allowed_hosts(public=True, named=["Chat.Example.org:443"]) == \
         perimeter.LOOPBACK_NAMES | {"chat.example.org"}
@@ -120,8 +128,8 @@ def test_on_loopback_a_foreign_host_or_origin_is_refused_with_one_line(servers, 
         response = _send(servers.local, method, path, **headers)
         assert response.status_code == 403, headers
         text = response.json()["error"]["message"] if path.startswith("/v1") else response.text
-        assert text.strip().count("\n") == 0 and "localhost" in text, headers
-    for headers in ({"Host": f"localhost:{port}"}, {"Host": f"[::1]:{port}", "Origin": f"http://127.0.0.1:{port}"}, {}):
+        assert text.strip().count("\n") == 0 and ("localhost" in text or "127.0.0.1" in text), headers
+    for headers in ({"Host": f"localhost:{port}"}, {"Host": f"[::1]:{port}", "Origin": f"http://[::1]:{port}"}, {}):
         assert _send(servers.local, method, path, **headers).status_code == 200, headers
 
 
@@ -166,12 +174,13 @@ def _call(base: str, name: str, body) -> tuple[int, str, object]:
     return 200, result, error
 
 
-def test_every_gradio_endpoint_answers_missing_and_garbage_data_with_one_line(servers, capfd):
+def test_every_gradio_endpoint_answers_missing_and_garbage_data_with_one_line(servers, service, capfd):
     info = httpx.get(servers.local + "/gradio_api/info", timeout=30).json()
     endpoints = {name.lstrip("/"): len(spec["parameters"]) for name, spec in info["named_endpoints"].items()}
     assert {"on_send", "on_pick_message", "on_ingest", "on_remove", "on_compare", "on_open"} <= set(endpoints)
-    errors = 0
+    documents, chats = service.store.document_count(), service.chats(LOCAL)
     for name, arity in endpoints.items():
+        refused = 0
         bodies = [b"", b"{not json", {}, {"data": None}, {"data": "text"}, {"data": []}, {"data": [None] * arity},
                   {"data": ["x" * 40] * arity}, {"data": [12345] * arity}, {"data": [{"path": "/etc/passwd"}] * arity},
                   {"data": [["a", 1]] * arity}, {"data": [None] * (arity + 3)}]
@@ -179,11 +188,15 @@ def test_every_gradio_endpoint_answers_missing_and_garbage_data_with_one_line(se
             status, text, error = _call(servers.local, name, body)
             assert "Traceback" not in text and 'File "' not in text and " object at 0x" not in text, (name, body, text)
             if status == 200 and error is not None:
-                errors += 1
+                refused += 1
                 assert isinstance(error, str) and "\n" not in error and 0 < len(error) <= 300, (name, body, error)
             else:
                 assert status in (200, 422), (name, body, status, text)
-    assert errors > 2 * len(endpoints)  # most of it was refused, each time in one line
+                refused += status == 422
+            if arity and body == bodies[9]:  # a server file named as an upload: never read, by any endpoint
+                assert error and "uploaded through the app" in error, (name, error)
+        assert refused >= 3, name  # no body but `data` is an endpoint's: each refuses those at least
+    assert (service.store.document_count(), service.chats(LOCAL)) == (documents, chats)  # nothing added
     assert "Traceback" not in capfd.readouterr().err  # nor is there one in the server's log
     assert httpx.get(servers.local + "/config", timeout=30).status_code == 200  # and it still serves
 
