@@ -155,9 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "<data-dir>/users.json)")
 
     world = commands.add_parser("make-world", help="write the invented world: documents and questions")
-    world.add_argument("out", help="folder: documents/ and questions.jsonl are written there")
+    world.add_argument("out", help="folder: documents/, questions.jsonl (one fact each) and "
+                       "two-fact-questions.jsonl are written there")
     world.add_argument("--towns", type=int, default=80)
     world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--document-copies", type=int, default=1,
+                       help="write every document this many times, under other names (default: %(default)s)")
     return parser
 
 
@@ -465,9 +468,11 @@ def cmd_eval_qa(args) -> int:
 def cmd_make_world(args) -> int:
     from .world import write_world
 
-    path = write_world(args.out, towns=args.towns, seed=args.seed)
-    print(f"wrote {sum(1 for _ in (Path(args.out) / 'documents').iterdir())} documents and "
-          f"{sum(1 for _ in path.open())} questions to {args.out}")
+    path = write_world(args.out, towns=args.towns, seed=args.seed, document_copies=args.document_copies)
+    two_fact = path.with_name("two-fact-questions.jsonl")
+    print(f"wrote {sum(1 for _ in (Path(args.out) / 'documents').iterdir())} documents, "
+          f"{sum(1 for _ in path.open())} questions and {sum(1 for _ in two_fact.open())} two-fact questions "
+          f"to {args.out}")
     return 0
 
 
