@@ -124,11 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     qa = commands.add_parser("eval-qa", help="answer accuracy on questions with known answers, per mode and method")
     qa.add_argument("--corpus", required=True, help="the documents the questions are about (a folder)")
-    qa.add_argument("--questions", required=True, help="JSONL: question, answers (accepted), reference")
+    qa.add_argument("--questions", required=True, help="JSONL: question, answers (accepted) or facts (the "
+                    "accepted answers of each fact the answer must state), reference")
     qa.add_argument("--modes", default="off,fine-tune,context,both", help="comma-separated (default: %(default)s)")
     qa.add_argument("--methods", default="nn,sift", help="comma-separated (default: %(default)s)")
     qa.add_argument("--limit", type=int, help="only the first N questions (after --sample)")
     qa.add_argument("--sample", type=int, help="a seeded random sample of N questions")
+    qa.add_argument("--max-minutes", type=float,
+                    help="start no question after this long: report the questions answered by then")
     qa.add_argument("-n", "--passages", type=int, default=ChatSettings.passages)
     qa.add_argument("--context-passages", type=int, default=ChatSettings.context_passages)
     qa.add_argument("--lam", type=float, default=ChatSettings.lam)
@@ -433,6 +436,8 @@ def cmd_eval_qa(args) -> int:
     if args.sample:
         questions = random.Random(args.seed).sample(questions, min(args.sample, len(questions)))
     questions = questions[: args.limit] if args.limit else questions
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes:g}")
     configs = qa.configurations(_names(args.modes), _names(args.methods))
     settings = ChatSettings(passages=args.passages, context_passages=args.context_passages, lam=args.lam,
                             max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
@@ -453,12 +458,18 @@ def cmd_eval_qa(args) -> int:
     ingest(store, embedder, [corpus], embedder_name=name, progress=not args.quiet)
     model, tokenizer = load_chat_model(args.chat_model, args.device, home / "models")
     engine = Engine(store, embedder, model, tokenizer, embedder_name=name, adaptation=adaptation)
-    answers = qa.run(engine, questions, configs, settings, progress=not args.quiet)
-    title = (f"{corpus.name}: {len(questions)} questions, {settings.passages} passages "
+    answers = qa.run(engine, questions, configs, settings, progress=not args.quiet,
+                     max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+    answered = len({a.question for a in answers})
+    if answered < len(questions):
+        print(f"stopped after {args.max_minutes:g} minutes: {answered} of {len(questions)} questions answered",
+              file=sys.stderr)
+    title = (f"{corpus.name}: {answered} questions, {settings.passages} passages "
              f"({settings.context_passages} in context), lr {adaptation.learning_rate}, "
              f"training on {adaptation.training}")
     meta = {"settings": asdict(settings), "adaptation": asdict(adaptation), "corpus": str(corpus),
-            "questions_file": str(args.questions)}
+            "questions_file": str(args.questions), "sample": args.sample, "limit": args.limit,
+            "max_minutes": args.max_minutes}
     summary = qa.write_report(answers, questions, configs, meta, Path(args.out), title)
     print(qa.markdown(summary, title))
     print(f"written to {args.out}/answers.md and answers.json")

@@ -282,3 +282,21 @@ def test_eval_qa_reports_where_the_answer_was_for_mixed_question_sets(tmp_path):
     assert all(location in qa.LOCATIONS and configuration != "off" for configuration, location in located)
     assert sum(row["questions"] for row in result["summary"]["by_location"]
                if row["configuration"] == "both sift") == 4
+
+
+def test_eval_qa_stops_starting_questions_after_max_minutes(tmp_path, capsys):
+    world = tmp_path / "world"
+    assert main(["make-world", str(world), "--towns", "2"]) == 0
+    model = save_tiny_chat_model(tmp_path / "tiny")
+    out = tmp_path / "out"
+    # a budget shorter than one answer: the first question is answered in every configuration, no other
+    assert main(["--data-dir", str(tmp_path / "home"), "--chat-model", model, "--device", "cpu",
+                 "eval-qa", "--corpus", str(world / "documents"), "--questions", str(world / "questions.jsonl"),
+                 "--limit", "3", "--modes", "off,context", "--methods", "sift", "-n", "2",
+                 "--max-new-tokens", "3", "--max-minutes", "0.00001", "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "answers.json").read_text())
+    assert sorted((a["question"], a["configuration"]) for a in result["answers"]) == [(0, "context sift"), (0, "off")]
+    assert result["title"].startswith("documents: 1 questions")
+    assert "1 of 3 questions answered" in capsys.readouterr().err
+    assert main(["eval-qa", "--corpus", str(world), "--questions", str(world / "questions.jsonl"),
+                 "--max-minutes", "0"]) == 2
