@@ -68,7 +68,9 @@ def build(handlers: Handlers, *, access: Access | None = None):
         return access.caller(getattr(request, "username", None), getattr(profile, "username", None),
                              getattr(request, "session_hash", None) or "")
 
-    with GuardedBlocks(title="sift-chat", fill_height=True) as demo:  # one-line errors, whatever is sent
+    # one-line errors, whatever is sent; only files this caller uploaded
+    with GuardedBlocks(title="sift-chat", fill_height=True,
+                       caller_key=lambda request: request_caller(access, request).key) as demo:
         chat_id = gr.State(None)
         turn = gr.State(None)  # the ticket of the message being sent: what Stop stops
 
@@ -327,6 +329,34 @@ def build(handlers: Handlers, *, access: Access | None = None):
 
     demo.queue(default_concurrency_limit=4, max_size=64)
     return demo
+
+
+def request_caller(access: Access, request) -> Caller:
+    """The caller of a raw request to Gradio's app (a starlette Request whose scope Gradio's app
+    has seen), from what the server keeps, as Gradio hands it to the handlers (`who`): the
+    sign-in cookie's entry in Gradio's token table, or the OAuth session on a Space."""
+    username = hf_username = None
+    app = request.scope.get("app") if request is not None else None
+    if access.mode == "users" and app is not None and hasattr(app, "tokens"):
+        cookie_id = getattr(app, "cookie_id", "")
+        token = request.cookies.get(f"access-token-{cookie_id}") or \
+            request.cookies.get(f"access-token-unsecure-{cookie_id}")
+        username = app.tokens.get(token) if token else None
+    if access.mode == "space" and request is not None and "session" in request.scope:
+        from gradio.oauth import _get_valid_oauth_info_from_session
+
+        info = _get_valid_oauth_info_from_session(request.session)
+        hf_username = (info or {}).get("userinfo", {}).get("preferred_username")
+    return access.caller(username, hf_username)
+
+
+def app_middleware(demo) -> list:
+    """The middleware inside Gradio's app, for `mount_gradio_app` and `launch` alike."""
+    from starlette.middleware import Middleware
+
+    from .guard import UploadGate
+
+    return [Middleware(UploadGate, blocks=demo)]
 
 
 # -- loading and serving -----------------------------------------------------------------------

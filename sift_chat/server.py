@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
+import secrets
 import sys
 from typing import Any, Callable, Sequence
 
@@ -43,6 +44,12 @@ def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> ar
                         help="comma-separated host names the app is reached by; requests naming any other "
                              "host (Host or Origin) get 403 (default: $SIFT_CHAT_ALLOWED_HOSTS; on loopback "
                              "localhost, 127.0.0.1 and [::1] always, serving publicly no check without it)")
+    parser.add_argument("--token", default=os.environ.get("SIFT_CHAT_TOKEN"),
+                        help="on loopback without --auth: the token every caller needs (default: "
+                             "$SIFT_CHAT_TOKEN, else a random one printed at start in the app's address)")
+    parser.add_argument("--no-token", action="store_true",
+                        help="on loopback without --auth: no token (any account on this machine may then use "
+                             "the app and the API, and read what the app reads)")
     parser.add_argument("--auth", metavar="FILE", default=os.environ.get("SIFT_CHAT_AUTH"),
                         help="users file: the app asks to sign in, and each user has their own chats and "
                              "documents (manage it with `python -m sift_chat users`; default: $SIFT_CHAT_AUTH)")
@@ -97,13 +104,22 @@ def access_for(args: argparse.Namespace) -> Access:
     return Access("local")
 
 
+def local_token(args: argparse.Namespace, access: Access) -> str | None:
+    """The token every caller of the local owner's server needs (None: sign-in decides instead,
+    or --no-token)."""
+    if access.mode != "local" or args.no_token:
+        return None
+    return args.token or secrets.token_urlsafe(24)
+
+
 def create_server(service, *, api_key: str | None = None, public: bool = False, access: Access | None = None,
-                  allowed_hosts: Sequence[str] = ()):
+                  allowed_hosts: Sequence[str] = (), token: str | None = None):
     """The FastAPI web app: /v1 (the API) and, mounted at /, the Gradio app; both over `service`,
-    behind the Host and Origin check of `sift_chat.perimeter`. With a users file, the app asks to
-    sign in (Gradio's login, checked against the hashes)."""
+    behind the checks of `sift_chat.perimeter` (Host, same origin, and `token` when given). With a
+    users file, the app asks to sign in (Gradio's login, checked against the hashes)."""
     import gradio as gr
     from fastapi import FastAPI
+    from fastapi.middleware.cors import CORSMiddleware
 
     from . import layout, ui
     from .api import ApiState, create_router
@@ -111,15 +127,19 @@ def create_server(service, *, api_key: str | None = None, public: bool = False, 
 
     access = access or Access("local")
     app = FastAPI(title="sift-chat", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(CORSMiddleware, allow_origins=[])  # no other site's page reads an answer (Gradio's own
+    # CORS layer, which steps aside for this one, answers any origin with credentials)
     app.add_middleware(perimeter.UploadLimit, max_bytes=service.max_ingest_bytes + 2**20)  # and the form's own bytes
-    hosts = perimeter.allowed_hosts(public, allowed_hosts)
-    if hosts is not None:  # the outermost: checked first
-        app.add_middleware(perimeter.HostCheck, hosts=hosts)
+    if token:
+        app.add_middleware(perimeter.TokenCheck, token=token, api_key=api_key)
+    app.add_middleware(perimeter.HostCheck, hosts=perimeter.allowed_hosts(public, allowed_hosts),
+                       named=allowed_hosts)  # the outermost: checked first
     app.state.api = ApiState(service, api_key=api_key, key_required=public)
     app.include_router(create_router(app.state.api))
     demo = layout.build(ui.Handlers(service), access=access)
     return gr.mount_gradio_app(app, demo, path="/", max_file_size=layout.MAX_UPLOAD_BYTES, show_error=True,
-                               theme=layout.THEME, css=layout.CSS, **PRIVATE, **layout.sign_in(access))
+                               theme=layout.THEME, css=layout.CSS, app_kwargs={"middleware": layout.app_middleware(demo)},
+                               **PRIVATE, **layout.sign_in(access))
 
 
 class WhileLoading:
@@ -176,6 +196,16 @@ class WhileLoading:
         self.app = app
 
 
+def private_upload_folder(home) -> None:
+    """Gradio's upload folder (where uploads land before an ingest copies them) inside the data
+    folder, readable by this account only, unless $GRADIO_TEMP_DIR names another."""
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        folder = home / "web-uploads"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder.chmod(0o700)
+        os.environ["GRADIO_TEMP_DIR"] = str(folder)
+
+
 def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     args = parse_args(argv, prog)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no calls home
@@ -191,6 +221,8 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    token = local_token(args, access)
+    private_upload_folder(home)
 
     def load_service() -> Service:
         from gradio.utils import get_upload_folder
@@ -211,8 +243,9 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         from starlette.middleware import Middleware
 
         limit = Middleware(perimeter.UploadLimit, max_bytes=service.max_ingest_bytes + 2**20)
-        layout.launch(layout.build(ui.Handlers(service), access=access), host=args.host, port=args.port,
-                      share=True, app_kwargs={"middleware": [limit]}, **layout.sign_in(access))
+        demo = layout.build(ui.Handlers(service), access=access)
+        layout.launch(demo, host=args.host, port=args.port, share=True,
+                      app_kwargs={"middleware": [limit, *layout.app_middleware(demo)]}, **layout.sign_in(access))
         return 0
     import uvicorn
 
@@ -220,9 +253,11 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
 
     def load() -> Any:
         app = create_server(load_service(), api_key=args.api_key, public=public, access=access,
-                            allowed_hosts=allowed)
-        print(f"sift-chat: the app on http://{args.host}:{args.port}/ and the API on "
-              f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+                            allowed_hosts=allowed, token=token)
+        address = f"http://{'localhost' if args.host in LOOPBACK else args.host}:{args.port}"
+        print(f"sift-chat: the app on {address}/{f'?token={token}' if token else ''} and the API on {address}/v1"
+              + (" (its key: the same token, as 'Authorization: Bearer TOKEN')" if token and not args.api_key else ""),
+              file=sys.stderr, flush=True)
         return app
 
     failures: list[Exception] = []
@@ -232,9 +267,9 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         server.should_exit = True
 
     web_app = WhileLoading(load, failed)
-    hosts = perimeter.allowed_hosts(public, allowed)
-    if hosts is not None:  # the loading page too
-        web_app = perimeter.HostCheck(web_app, hosts)
+    if token:  # the loading page too
+        web_app = perimeter.TokenCheck(web_app, token, args.api_key)
+    web_app = perimeter.HostCheck(web_app, perimeter.allowed_hosts(public, allowed), allowed)
     server = uvicorn.Server(uvicorn.Config(web_app, host=args.host, port=args.port, log_level="warning",
                                            lifespan="on"))
     server.run()

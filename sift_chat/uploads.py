@@ -1,6 +1,7 @@
-"""What a caller may add to a collection, and where it is kept: uploads are read only from the web
-server's upload folder, copied owner-only into the data folder (one folder per collection), and
-counted against the owner's quota before anything is read.
+"""What a caller may add to a collection, and where it is kept: an upload is read only when this
+caller's own upload request brought it (`UploadLedger`, kept by the web layer) and it lies in the
+web server's upload folder; it is copied owner-only into the data folder (one folder per
+collection), and counted against the owner's quota before anything is read.
 """
 
 from __future__ import annotations
@@ -10,11 +11,45 @@ import os
 import re
 import secrets
 import shutil
+import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
+from typing import Iterable
 
 from .access import SHARED
 from .reading import UnreadableFile, iter_files, regular_file_stat
 from .store import Store
+
+
+class UploadLedger:
+    """The files the web server wrote for each caller's upload requests, as the paths it answered
+    with: what that caller may later name as an upload. Gradio makes this check itself only in an
+    app started by `launch()` (not when mounted, as `server.py` serves it), and never per user.
+    A path is held for `max_age` seconds; a caller's oldest paths go beyond `per_caller`."""
+
+    def __init__(self, max_age: float = 3600, per_caller: int = 1000):
+        self.max_age, self.per_caller = max_age, per_caller
+        self._paths: dict[str, OrderedDict[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, caller_key: str, paths: Iterable[str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            held = self._paths.setdefault(caller_key, OrderedDict())
+            for path in paths:
+                held[os.path.abspath(path)] = now
+                held.move_to_end(os.path.abspath(path))
+            while len(held) > self.per_caller:
+                held.popitem(last=False)
+
+    def holds(self, caller_key: str, path: str) -> bool:
+        """Whether `path` came with one of this caller's upload requests in the last `max_age` s."""
+        if not isinstance(path, str) or not path:
+            return False
+        with self._lock:
+            recorded = self._paths.get(caller_key, {}).get(os.path.abspath(path))
+        return recorded is not None and time.monotonic() - recorded <= self.max_age
 
 
 def upload_refusal(source: Path | None, upload_folder: Path | None, max_bytes: int) -> str:

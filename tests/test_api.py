@@ -344,7 +344,8 @@ def test_app_py_serves_the_app_and_the_api_on_one_port(tmp_path):
     log = tmp_path / "app.log"
     with log.open("w") as output:
         process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--chat-model", model,
-                                    "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--api-key", "k" * 20],
+                                    "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--api-key", "k" * 20,
+                                    "--token", "t" * 20],
                                    cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
                                    env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -361,7 +362,9 @@ def test_app_py_serves_the_app_and_the_api_on_one_port(tmp_path):
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         assert loading and set(loading) == {(503, "model_loading")}  # the port opens before the models are in
-        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).status_code == 401  # the app wants its token
+        with httpx.Client(timeout=30, follow_redirects=True) as browser:  # the address app.py printed
+            assert browser.get(f"http://127.0.0.1:{port}/?token={'t' * 20}").status_code == 200
         text, reason, extension = ask(keyed, sift={"mode": "off"}, max_tokens=3)
         assert reason in ("stop", "length") and extension["selection"] is None  # an empty corpus
     finally:

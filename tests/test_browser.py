@@ -28,6 +28,7 @@ from .tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
+TOKEN = "browser-test-token"  # app.py's --token: what the printed address carries
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
@@ -88,7 +89,8 @@ def _wait_until_serving(url: str, process: subprocess.Popen, log: Path, seconds:
         if process.poll() is not None:
             pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+            with urllib.request.urlopen(request, timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -106,7 +108,7 @@ def app_url(tmp_path, browser_driver):
     model = _save_tiny_chat_model(tmp_path / "tiny-chat-model")
     port = _free_port()
     log = tmp_path / "app.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "SIFT_CHAT_TOKEN": TOKEN}
     env.pop("SPACE_ID", None)
     with log.open("w") as output:
         process = subprocess.Popen(
@@ -116,7 +118,7 @@ def app_url(tmp_path, browser_driver):
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_serving(url, process, log)
-        yield url
+        yield f"{url}?token={TOKEN}"  # the address app.py prints: the page keeps the token as a cookie
     finally:
         process.terminate()
         try:

@@ -90,10 +90,18 @@ def test_host_and_origin_headers_are_read_as_browsers_send_them():
     assert [perimeter.origin_host(o) for o in ("http://localhost:7860", "https://[::1]", "null", "file://", "x")] \
         == ["localhost", "::1", None, None, None]
     hosts = perimeter.allowed_hosts(public=False)
-    assert perimeter.refusal({"host": "localhost:1"}, hosts) == ""
-    assert perimeter.refusal({"host": "127.0.0.1:1", "origin": "http://localhost:2"}, hosts) == ""
-    assert "addressed to" in perimeter.refusal({}, hosts)  # no Host at all: not a browser's request
-    assert "pages served from" in perimeter.refusal({"host": "localhost", "origin": "null"}, hosts)
+    assert perimeter.refusal([("host", "localhost:1")], hosts) == ""
+    assert perimeter.refusal([("host", "127.0.0.1:1"), ("origin", "http://127.0.0.1:1")], hosts) == ""
+    assert perimeter.refusal([("host", "[::1]:80"), ("origin", "http://[::1]")], hosts) == ""  # the scheme's port
+    assert perimeter.refusal([("host", "a.org"), ("referer", "https://a.org/chat?x=1")], None) == ""
+    assert "addressed to" in perimeter.refusal([], hosts)  # no Host at all: not a browser's request
+    for page in ("null", "http://localhost:2", "http://127.0.0.1:1.evil.example", "file:///x", "http://127.0.0.1:99999"):
+        assert "only its own pages" in perimeter.refusal([("host", "127.0.0.1:1"), ("origin", page)], hosts), page
+    assert "only its own pages" in perimeter.refusal([("host", "a.org"), ("referer", "https://b.org/")], None)
+    assert perimeter.refusal([("host", "a.org"), ("origin", "https://b.org:8443")], None, frozenset({"b.org"})) == ""
+    for twice in ([("host", "localhost:1"), ("host", "evil.example")],
+                  [("host", "localhost:1"), ("origin", "http://evil.example"), ("origin", "http://localhost:1")]):
+        assert "once" in perimeter.refusal(twice, hosts)  # whichever a reader takes, refused
     assert perimeter.allowed_hosts(public=True) is None
     assert perimeter.allowed_hosts(public=True, named=["Chat.Example.org:443"]) == \
         perimeter.LOOPBACK_NAMES | {"chat.example.org"}
@@ -120,8 +128,8 @@ def test_on_loopback_a_foreign_host_or_origin_is_refused_with_one_line(servers, 
         response = _send(servers.local, method, path, **headers)
         assert response.status_code == 403, headers
         text = response.json()["error"]["message"] if path.startswith("/v1") else response.text
-        assert text.strip().count("\n") == 0 and "localhost" in text, headers
-    for headers in ({"Host": f"localhost:{port}"}, {"Host": f"[::1]:{port}", "Origin": f"http://127.0.0.1:{port}"}, {}):
+        assert text.strip().count("\n") == 0 and ("localhost" in text or "127.0.0.1" in text), headers
+    for headers in ({"Host": f"localhost:{port}"}, {"Host": f"[::1]:{port}", "Origin": f"http://[::1]:{port}"}, {}):
         assert _send(servers.local, method, path, **headers).status_code == 200, headers
 
 
