@@ -231,6 +231,34 @@ def run(engine: Engine, questions: Sequence[Question], configs: Sequence[Configu
     return answers
 
 
+def pick_locations(picks, questions: Sequence[Question], methods: Sequence[str]) -> list[dict]:
+    """Where each question's facts are among the picks of each method, without the chat model: as
+    `both` would use them (the first distinct pick read, every pick stepped on). `picks(question,
+    method)` is the list of passages selected for a question's text, in the order picked."""
+    located = []
+    for index, question in enumerate(questions):
+        for method in methods:
+            passages = picks(question.question, method)
+            texts = [p.text for p in passages]
+            locations = [fact_location(accepted, texts[:1], texts, texts, question.subject)
+                         for accepted in question.facts]
+            located.append({"question": index, "method": method, "fact_locations": locations,
+                            "location": question_location(locations), "picked": [_where(p) for p in passages]})
+    return located
+
+
+def pick_table(located: list[dict]) -> str:
+    """Per method and location: how many questions, and their share."""
+    lines = ["| method | answer location (as `both` uses the picks) | questions | share (%) |", "|---|---|---|---|"]
+    for method in dict.fromkeys(row["method"] for row in located):
+        mine = [row for row in located if row["method"] == method]
+        for location in LOCATIONS:
+            count = sum(row["location"] == location for row in mine)
+            if count:
+                lines.append(f"| {method} | {location} | {count} | {100 * count / len(mine):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 # -- the report ---------------------------------------------------------------------------
 
 

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--methods", default="nn,sift", help="comma-separated (default: %(default)s)")
     qa.add_argument("--limit", type=int, help="only the first N questions (after --sample)")
     qa.add_argument("--sample", type=int, help="a seeded random sample of N questions")
+    qa.add_argument("--picks-only", action="store_true",
+                    help="no answers: where each question's facts are among each method's picks (fast, "
+                         "no chat model); picks.md and picks.json")
     qa.add_argument("--max-minutes", type=float,
                     help="start no question after this long: report the questions answered by then")
     qa.add_argument("-n", "--passages", type=int, default=ChatSettings.passages)
@@ -456,6 +459,8 @@ def cmd_eval_qa(args) -> int:
     embedder = _embedder(args)
     store = Store(home / "eval-qa" / f"{corpus.name}-{hashlib.sha1(str(corpus).encode()).hexdigest()[:8]}")
     ingest(store, embedder, [corpus], embedder_name=name, progress=not args.quiet)
+    if args.picks_only:
+        return _pick_locations(args, store, embedder, questions, settings, corpus)
     model, tokenizer = load_chat_model(args.chat_model, args.device, home / "models")
     engine = Engine(store, embedder, model, tokenizer, embedder_name=name, adaptation=adaptation)
     answers = qa.run(engine, questions, configs, settings, progress=not args.quiet,
@@ -473,6 +478,36 @@ def cmd_eval_qa(args) -> int:
     summary = qa.write_report(answers, questions, configs, meta, Path(args.out), title)
     print(qa.markdown(summary, title))
     print(f"written to {args.out}/answers.md and answers.json")
+    return 0
+
+
+def _pick_locations(args, store, embedder, questions, settings, corpus: Path) -> int:
+    """eval-qa --picks-only: each method's selection for every question, as chat selects, without
+    the chat model."""
+    import json
+
+    import torch
+
+    from . import answers as qa
+    from .selection import select
+
+    def picks(text: str, method: str):
+        query = embedder.encode(text, normalize_embeddings=True, convert_to_tensor=True).float().cpu()
+        ids, _, vectors = store.nearest(query.numpy(), settings.candidates)
+        chosen = select(query, torch.from_numpy(vectors), method, settings.passages, settings.lam).indices.tolist()
+        passages = store.passages([int(ids[i]) for i in chosen])
+        return [passages[int(ids[i])] for i in chosen]
+
+    located = qa.pick_locations(picks, questions, _names(args.methods))
+    title = f"{corpus.name}: {len(questions)} questions, {settings.passages} picks, λ {settings.lam}"
+    table = f"# {title}\n\n" + qa.pick_table(located)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "picks.md").write_text(table)
+    (out / "picks.json").write_text(json.dumps({"title": title, "questions_file": str(args.questions),
+                                                "located": located}, indent=1))
+    print(table)
+    print(f"written to {args.out}/picks.md and picks.json")
     return 0
 
 

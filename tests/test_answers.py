@@ -300,3 +300,25 @@ def test_eval_qa_stops_starting_questions_after_max_minutes(tmp_path, capsys):
     assert "1 of 3 questions answered" in capsys.readouterr().err
     assert main(["eval-qa", "--corpus", str(world), "--questions", str(world / "questions.jsonl"),
                  "--max-minutes", "0"]) == 2
+
+
+def test_eval_qa_picks_only_locates_the_facts_among_each_methods_picks_without_a_chat_model(tmp_path):
+    world = tmp_path / "world"
+    assert main(["make-world", str(world), "--towns", "2", "--seed", "1"]) == 0
+    out = tmp_path / "out"
+    assert main(["--data-dir", str(tmp_path / "home"), "--chat-model", str(tmp_path / "no-such-model"),
+                 "eval-qa", "--corpus", str(world / "documents"), "--picks-only",
+                 "--questions", str(world / "two-fact-questions.jsonl"), "--methods", "nn,sift", "-n", "3",
+                 "--out", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in (world / "two-fact-questions.jsonl").read_text().splitlines()]
+    located = json.loads((out / "picks.json").read_text())["located"]
+    assert len(located) == 2 * len(records)
+    for row in located:
+        picked = [p.split(":")[0] for p in row["picked"]]
+        assert len(picked) == 3 and (row["method"] == "sift" or len(set(picked)) == 3)
+        for location, names in zip(row["fact_locations"], records[row["question"]]["documents"]):
+            names = set(names)  # as `both` would use them: the first pick read, all stepped on
+            assert location == ("read and learned" if picked[0] in names else
+                                "only learned" if names & set(picked) else "no pick")
+        assert row["location"] in ("only learned", "no pick")  # no passage holds both facts
+    assert "| nn | " in (out / "picks.md").read_text() and "| sift | " in (out / "picks.md").read_text()
