@@ -300,7 +300,7 @@ def summarise(answers: list[Answer], configs: Sequence[Configuration]) -> dict:
 
 
 def _summarise(answers: list[Answer], configs: Sequence[Configuration]) -> dict:
-    rows, by_location = [], []
+    rows, by_location, facts_by_location = [], [], []
     for config in configs:
         mine = [a for a in answers if a.configuration == config.label]
         if not mine:
@@ -314,6 +314,11 @@ def _summarise(answers: list[Answer], configs: Sequence[Configuration]) -> dict:
                      "stopped_looping": sum(a.ended == "repeat" for a in mine),
                      "median_seconds": statistics.median(seconds), "mean_seconds": statistics.fmean(seconds),
                      "cited": sum(bool(a.citations) for a in mine)})
+        for location in LOCATIONS:  # per fact: was a fact that sat here stated?
+            stated = [said for a in mine for where, said in zip(a.fact_locations, a.facts_stated) if where == location]
+            if stated and any(a.facts > 1 for a in mine):
+                facts_by_location.append({"configuration": config.label, "location": location,
+                                          "facts": len(stated), "stated": sum(stated)})
         for location in LOCATIONS:
             here = [a for a in mine if a.location == location]
             if here:
@@ -331,7 +336,7 @@ def _summarise(answers: list[Answer], configs: Sequence[Configuration]) -> dict:
         pairs.append((f"{mode} sift", f"{mode} nn"))
     paired = [p for first, second in pairs if first in labels and second in labels
               if (p := _paired(answers, first, second))]
-    return {"rows": rows, "by_location": by_location, "paired": paired}
+    return {"rows": rows, "by_location": by_location, "facts_by_location": facts_by_location, "paired": paired}
 
 
 def markdown(summary: dict, title: str) -> str:
@@ -361,6 +366,11 @@ def _tables(summary: dict) -> list[str]:
         for row in summary["by_location"]:
             lines.append(f"| {row['configuration']} | {row['location']} | {row['questions']} | {row['share']:.0f} | "
                          f"{pm(row['accuracy'])} | {pm(row['bits'])} |")
+    if summary.get("facts_by_location"):
+        lines += ["", "Each fact of the questions with several facts, by where it was: how many the answer stated:", "",
+                  "| configuration | fact location | facts | stated |", "|---|---|---|---|"]
+        for row in summary["facts_by_location"]:
+            lines.append(f"| {row['configuration']} | {row['location']} | {row['facts']} | {row['stated']} |")
     if summary["paired"]:
         lines += ["", "Paired per question (first − second; accuracy in points, negative bits: the first "
                   "finds the reference answer likelier), all questions and by where the first had the answer:", "",

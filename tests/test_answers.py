@@ -104,6 +104,9 @@ def test_the_report_gives_accuracy_and_bits_by_answer_location():
     text = qa.markdown(summary, "t")
     assert "| both sift | only learned | 2 | 67 | 50.0 ± 50.0 | 5.0 ± 1.0 |" in text
     assert "## Questions about 2 facts" in text
+    facts = {(r["configuration"], r["location"]): (r["facts"], r["stated"]) for r in summary["facts_by_location"]}
+    assert facts["both sift", "only learned"] == (4, 2) and facts["context sift", "picked, unused"] == (4, 0)
+    assert "| both sift | only learned | 4 | 2 |" in text
 
 
 def test_answer_bits_are_the_sum_of_the_reference_tokens_surprisal():
