@@ -29,12 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lora import add_lora, layer_index, remove_lora
+from .vocabulary import SettingError
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # What a step's loss is on: the passage alone; the passage as the answer to the question (in the chat
 # template, after the question); the passage inside the chat template as the model later reads it.
 TRAINING_FORMATS = ("passage", "answer", "chat")
+# learning_rate in (0, LEARNING_RATE_MAX]: the evaluation's best is 1e-3; a step of 1 already
+# overwrites what the model knew (the app's field and the API check this same bound)
+LEARNING_RATE_MAX = 1.0
 
 StepCallback = Callable[[int, int, float], None]  # on_step(i, n, loss): step i of n (1-based) took `loss`
 
@@ -61,14 +65,15 @@ class AdaptationSettings:
     def __post_init__(self):
         def check(ok: bool, message: str):
             if not ok:
-                raise ValueError(f"invalid adaptation setting: {message}")
+                raise SettingError(message.split()[0], f"invalid adaptation setting: {message}")
 
         check(_is_int(self.rank) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}")
         check(_is_real(self.alpha) and self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
         check(_is_real(self.dropout) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
         check(
-            _is_real(self.learning_rate) and math.isfinite(self.learning_rate) and self.learning_rate > 0,
-            f"learning_rate must be a finite number > 0, got {self.learning_rate!r}",
+            _is_real(self.learning_rate) and math.isfinite(self.learning_rate)
+            and 0 < self.learning_rate <= LEARNING_RATE_MAX,
+            f"learning_rate must be a finite number > 0 and <= {LEARNING_RATE_MAX:g}, got {self.learning_rate!r}",
         )
         check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         check(

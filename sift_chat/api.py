@@ -14,19 +14,22 @@ in a last chunk before [DONE]. `finish_reason` is "length" when the answer was c
 401 no or wrong key, 403 a foreign Host or Origin on loopback (`sift_chat.perimeter`), 404 unknown
 model or path, 413 too large, 429 too many waiting or this caller's previous request still waiting
 or running (one at a time per caller: its bearer token), 503 the
-model is loading, 500 (without a traceback) for anything else. Nothing is stored: a request that
-ends early (the client went away) leaves the model at base and the line.
+model is loading, 500 (without a traceback) for anything else; a 400 names the field in `param`.
+A request carries at most MAX_MESSAGES messages and MAX_CHARACTERS characters (400 otherwise,
+before the model). Nothing is stored: a client that goes away stops its request at once, at any
+stage (the model back at base at its next event, out of the line), and frees its caller's ticket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import anyio
 from fastapi import APIRouter, Request
@@ -36,11 +39,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .access import LOCAL
 from .engine import ChatSettings, Notice, Prompted, Selected, Step, Token
 from .panel import SETTING_NAMES, Panel, parse_settings
-from .service import Answered, Service, Waiting, first_line
+from .service import Answered, Service, Stopped, Waiting, first_line
 from .turns import Busy, QueueFull, Turn
+from .vocabulary import SettingError, quoted
 
 MODEL_ID = "sift-chat"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON: far more than any context this model reads
+# one request's conversation: the prompt is fitted to the model's context (2048 tokens by default)
+# in time linear in its length, and what does not fit is left out; beyond these it is refused (400)
+MAX_MESSAGES = 1000
+MAX_CHARACTERS = 200_000  # in all messages together: far more than the model reads
 # the app's settings, less the two the OpenAI fields carry (max_tokens; adaptive = min_reduction given)
 EXTENSION_KEYS = tuple(name for name in SETTING_NAMES if name not in ("adaptive", "max_new_tokens"))
 ROLES = ("system", "developer", "user", "assistant")
@@ -50,12 +58,18 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None):
         super().__init__(message)
+        message, param = (_printable(text) for text in (message, param))
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
     def response(self) -> JSONResponse:
         headers = {"Retry-After": "5"} if self.status in (429, 503) else None
         return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
                                        "code": self.code}}, status_code=self.status, headers=headers)
+
+
+def _printable(text: str | None) -> str | None:
+    """Text a JSON response can carry: what a client sent may hold half of a surrogate pair."""
+    return text if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -116,16 +130,17 @@ def create_router(state: ApiState) -> APIRouter:
             return error.response()
         answer = _answer(service, turn, parsed)
         if parsed.stream:
-            return StreamingResponse(_sse(_chunks(answer), request), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return AnswerStream(_chunks(answer), lambda: service.release(turn))
         try:
-            return JSONResponse(await run_in_threadpool(_complete, answer))
+            return JSONResponse(await _answered(request, answer, turn, service))
         except ApiError as error:
             return error.response()
         except QueueFull as error:
             return ApiError(429, str(error), "rate_limit_exceeded", code="queue_full").response()
         except Exception as error:  # the model failed: say so, without a traceback
             return ApiError(500, f"the answer failed: {first_line(error)}", "server_error").response()
+        finally:
+            service.release(turn)
 
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def unknown(path: str):
@@ -173,19 +188,26 @@ async def _body(request: Request, limit: int) -> dict:
         if len(data) > limit:
             raise ApiError(413, f"the request is larger than {limit} bytes", code="request_too_large")
     try:
-        body = json.loads(data)
-    except (UnicodeDecodeError, ValueError):
+        body = json.loads(data, parse_constant=_not_json)
+    except RecursionError:  # nested deeper than Python's parser goes
+        raise ApiError(400, "the body is not JSON this server reads: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError):  # also NaN and Infinity, and integers too long to read
         raise ApiError(400, "the body is not JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
 
 
+def _not_json(constant: str):
+    """NaN, Infinity and -Infinity: Python's JSON reads them, JSON has no such values."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 def _check_model(model) -> None:
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required", param="model")
     if model != MODEL_ID:
-        raise ApiError(404, f"the model {model!r} does not exist here: use {MODEL_ID!r}", param="model",
+        raise ApiError(404, f"the model {quoted(model)} does not exist here: use {MODEL_ID!r}", param="model",
                        code="model_not_found")
 
 
@@ -195,14 +217,21 @@ def _parse(body: dict, service: Service) -> CompletionRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
-    turns = []
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(400, f"messages has {len(messages)} messages, more than the {MAX_MESSAGES} one request "
+                            "may carry: leave out the oldest", param="messages", code="conversation_too_long")
+    turns, characters = [], 0
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message["role"] not in ROLES:
             raise ApiError(400, f"messages[{i}] needs a role ({', '.join(ROLES)})", param=f"messages[{i}].role")
         turns.append({"role": message["role"], "content": _text(message.get("content"), i)})
+        characters += len(turns[-1]["content"])
+        if characters > MAX_CHARACTERS:
+            raise ApiError(400, f"the messages are longer than the {MAX_CHARACTERS} characters one request may "
+                                "carry: leave out the oldest", param="messages", code="conversation_too_long")
     if turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
         raise ApiError(400, "the last message must be the user's, with text", param="messages")
-    if body.get("n") not in (None, 1):
+    if body.get("n") is not None and (isinstance(body["n"], bool) or body["n"] != 1):
         raise ApiError(400, "n must be 1: one answer per request", param="n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -215,49 +244,52 @@ def _parse(body: dict, service: Service) -> CompletionRequest:
     extension = body.get("sift") or {}
     if not isinstance(extension, dict):
         raise ApiError(400, "sift must be an object", param="sift")
-    unknown = set(extension) - set(EXTENSION_KEYS)
+    unknown = sorted(set(extension) - set(EXTENSION_KEYS))
     if unknown:
-        raise ApiError(400, f"unknown sift setting(s) {', '.join(sorted(map(str, unknown)))}: use "
-                            f"{', '.join(EXTENSION_KEYS)}", param="sift")
-    tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    values = {**extension, "adaptive": extension.get("min_reduction") is not None, "max_new_tokens": tokens}
+        raise ApiError(400, f"unknown sift setting(s) {', '.join(quoted(k) for k in unknown[:5])}: use "
+                            f"{', '.join(EXTENSION_KEYS)}", param=f"sift.{unknown[0][:40]}")
+    tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    values = {**extension, "adaptive": extension.get("min_reduction") is not None,
+              "max_new_tokens": body.get(tokens_field)}
+    fields = {"max_new_tokens": tokens_field, "adaptive": "sift.min_reduction"}
     try:
-        chat, adaptation = parse_settings(values, service.base_adaptation)
-    except ValueError as error:
-        raise ApiError(400, str(error), param="sift") from None
-    layers = service.engine.layer_count
-    if adaptation.top_layers is not None and adaptation.top_layers > layers:
-        raise ApiError(400, f"lora_layers must be at most {layers}, the model's layers (0: all), "
-                            f"got {adaptation.top_layers}", param="sift")
-    try:
+        chat, adaptation = parse_settings(values, service.base_adaptation, layers=service.engine.layer_count)
         chat = ChatSettings(**{**chat.__dict__, **_sampling(body)})
-    except ValueError as error:
-        raise ApiError(400, str(error)) from None
+    except SettingError as error:
+        raise ApiError(400, str(error), param=fields.get(error.name) or (
+            f"sift.{error.name}" if error.name in EXTENSION_KEYS else error.name)) from None
     history = [t for t in turns[:-1] if t["role"] in ("user", "assistant")]
     return CompletionRequest(turns[-1]["content"], history, chat, adaptation, stop, stream, extension)
 
 
 def _text(content, i: int) -> str:
-    """A message's text: a string, or a list of text parts."""
-    if isinstance(content, str):
-        return content
+    """A message's text: a string, or a list of text parts; Unicode that UTF-8 can carry (JSON's
+    escapes can name half of a surrogate pair, which no tokenizer reads)."""
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "\n".join(p["text"] for p in content)
-    raise ApiError(400, f"messages[{i}].content must be text (a string or text parts)",
-                   param=f"messages[{i}].content")
+        content = "\n".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be text (a string or text parts)",
+                       param=f"messages[{i}].content")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"messages[{i}].content is not valid Unicode: it holds half of a surrogate pair",
+                       param=f"messages[{i}].content") from None
+    return content
 
 
 def _sampling(body: dict) -> dict:
+    """temperature (OpenAI's range, [0, 2]) and seed (`ChatSettings` checks its range)."""
     out = {}
     if body.get("temperature") is not None:
         value = body["temperature"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
-            raise ValueError(f"temperature must be a number in [0, 2], got {value!r}")
+            raise SettingError("temperature", f"temperature must be a number in [0, 2], got {quoted(value)}")
         out["temperature"] = float(value)
     if body.get("seed") is not None:
         if isinstance(body["seed"], bool) or not isinstance(body["seed"], int):
-            raise ValueError(f"seed must be an integer, got {body['seed']!r}")
+            raise SettingError("seed", f"seed must be an integer, got {quoted(body['seed'])}")
         out["seed"] = body["seed"]
     return out
 
@@ -303,6 +335,8 @@ def _answer(service: Service, turn: Turn, request: CompletionRequest) -> Iterato
                 yield "step", event.index, event.total
             elif isinstance(event, Notice):
                 notices.append(event.message)
+            elif isinstance(event, Stopped):  # its client went away
+                return
             elif isinstance(event, Token):  # sent as the stored answer reads: without outer whitespace
                 pieces.append(event.text)
                 shown = "".join(pieces).lstrip()
@@ -331,7 +365,28 @@ def _answer(service: Service, turn: Turn, request: CompletionRequest) -> Iterato
         run.close()  # the model back at base, out of the line
 
 
-def _complete(answer: Iterator[tuple]) -> dict:
+async def _answered(request: Request, answer: Iterator[tuple], turn: Turn, service: Service) -> dict:
+    """The completion, made in a worker thread; the moment the client goes away (while the
+    turn waits, selects, steps or generates) the turn is stopped and its ticket freed."""
+    async def stop_when_gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        service.release(turn)
+
+    completion, failure = None, None
+    async with anyio.create_task_group() as group:
+        group.start_soon(stop_when_gone)
+        try:
+            completion = await run_in_threadpool(_complete, answer, turn)
+        except Exception as error:  # raised below, not as a task group's exception group
+            failure = error
+        group.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return completion
+
+
+def _complete(answer: Iterator[tuple], turn: Turn) -> dict:
     try:
         for item in answer:
             if item[0] == "end":
@@ -342,6 +397,8 @@ def _complete(answer: Iterator[tuple]) -> dict:
                         "sift": extension}
     finally:
         answer.close()
+    if turn.stopped:  # no one is left to read this
+        raise ApiError(400, "the request was stopped: its client went away", code="client_gone")
     raise ApiError(500, "the answer ended without a result", "server_error")
 
 
@@ -374,11 +431,38 @@ def _chunks(answer: Iterator[tuple]) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-async def _sse(chunks: Iterator[str], request: Request):
-    """Iterate a blocking generator in worker threads; when the client goes away, close it (the
-    model goes back to base, the turn leaves the line)."""
+class AnswerStream(StreamingResponse):
+    """An answer as server-sent events, made in worker threads. It listens for the client going
+    away all along (not only between chunks): then `release()` stops the turn at once, whatever
+    stage it is in (waiting, selecting, stepping, generating; the model is let go at its next
+    event), and frees the caller's ticket, also when the answer never started."""
+
+    def __init__(self, chunks: Iterator[str], release: Callable[[], None]):
+        super().__init__(_pumped(chunks), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                async def stream():
+                    with contextlib.suppress(OSError):  # the client went away while a chunk was sent
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                self.release()
+                group.cancel_scope.cancel()
+        finally:
+            self.release()
+
+
+async def _pumped(chunks: Iterator[str]):
+    """Iterate a blocking generator in worker threads; closed (the model back at base, the turn
+    out of the line) however the stream ends."""
     try:
-        while not await request.is_disconnected():
+        while True:
             chunk = await anyio.to_thread.run_sync(next, chunks, None)
             if chunk is None:
                 return

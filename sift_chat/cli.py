@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens shared by consecutive passages (default: %(default)s)")
     ingest.add_argument("--reembed", action="store_true",
                         help="re-embed every stored passage with this embedder first")
+    ingest.add_argument("--parse-seconds", type=float,
+                        help=f"skip an HTML or PDF file whose parsing takes longer (default: "
+                             f"${config.ENV_PARSE_SECONDS} or 60)")
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
 
     remove = commands.add_parser("rm", help="remove documents (files or whole folders) from the store")
@@ -208,6 +211,7 @@ def cmd_ingest(args) -> int:
         print("error: give files or folders to ingest", file=sys.stderr)
         return 2
     name = config.embedder_name(args.embedder)
+    parse_seconds = config.parse_seconds(args.parse_seconds)
     with _store(args) as store:
         embedder = _embedder(args)
         if args.reembed:
@@ -217,7 +221,8 @@ def cmd_ingest(args) -> int:
             return 0
         report = ingest(store, embedder, args.paths, embedder_name=name,
                         passage_tokens=args.passage_tokens, overlap=args.overlap,
-                        progress=not args.quiet, forbidden=[config.data_dir(args.data_dir)])
+                        progress=not args.quiet, forbidden=[config.data_dir(args.data_dir)],
+                        parse_seconds=parse_seconds)
     for path, reason in report.skipped:
         print(f"skipped {shown(path)}: {reason}", file=sys.stderr)
     print(report.summary())

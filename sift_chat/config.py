@@ -18,6 +18,7 @@ ENV_HOME = "SIFT_CHAT_HOME"
 ENV_EMBEDDER = "SIFT_CHAT_EMBEDDER"
 ENV_CHAT_MODEL = "SIFT_CHAT_MODEL"
 ENV_DEVICE = "SIFT_CHAT_DEVICE"
+ENV_PARSE_SECONDS = "SIFT_CHAT_PARSE_SECONDS"
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -37,6 +38,22 @@ def embedder_name(explicit: str | None = None) -> str:
 
 def chat_model_name(explicit: str | None = None) -> str:
     return explicit or os.environ.get(ENV_CHAT_MODEL) or DEFAULT_CHAT_MODEL
+
+
+def parse_seconds(explicit: float | None = None) -> float:
+    """How long the ingest may parse one HTML or PDF file before it skips it (`parsing`): the
+    flag, else $SIFT_CHAT_PARSE_SECONDS, else 60."""
+    from .parsing import PARSE_SECONDS
+
+    value = explicit if explicit is not None else os.environ.get(ENV_PARSE_SECONDS) or PARSE_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"the parse time bound must be a positive number of seconds, not {value!r} "
+                         f"(--parse-seconds or ${ENV_PARSE_SECONDS})")
+    return seconds
 
 
 def resolve_device(explicit: str | None = None) -> torch.device:

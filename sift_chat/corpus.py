@@ -15,8 +15,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .reading import (DEFAULT_MAX_FILE_BYTES, UnreadableFile, iter_files, read_bytes, read_text,  # noqa: F401
-                      regular_file_stat, shown)
+from .parsing import PARSE_SECONDS, ParseWorker
+from .reading import (DEFAULT_MAX_FILE_BYTES, UnreadableFile, iter_files, parse_here, read_bytes,  # noqa: F401
+                      read_text, regular_file_stat, shown)
 from .store import SHARED, NewDocument, NewPassage, Store
 
 DEFAULT_PASSAGE_TOKENS = 192
@@ -171,6 +172,7 @@ def ingest(
     owner: str = SHARED,
     forbidden: Iterable[str | os.PathLike] = (),
     trusted: Iterable[str | os.PathLike] = (),
+    parse_seconds: float | None = PARSE_SECONDS,
 ) -> IngestReport:
     """Ingest files and folders. Unchanged files (same content hash) are left as they are; changed
     ones replace their passages. Documents are embedded in batches across files and written one
@@ -184,6 +186,9 @@ def ingest(
 
     The documents are `owner`'s (by default the shared library's). Hidden files and folders, the
     store and the `forbidden` folders are never read, also when named directly (`iter_files`).
+
+    HTML and PDF files are parsed in a child process (`parsing.ParseWorker`): one whose parse
+    takes over `parse_seconds` is skipped with that reason (None: parsed here, without a bound).
     """
     from tqdm.auto import tqdm
 
@@ -193,11 +198,13 @@ def ingest(
     max_tokens = passage_token_limit(embedder, passage_tokens)
     report = IngestReport()
     started = time.perf_counter()
+    paths = list(paths)
     files = list(iter_files(paths, report.skipped, forbidden=[store.folder, *forbidden], trusted=trusted))
+    name_of = document_names(paths)
     sizes = [_size_or_zero(path) for path in files]
     total_bytes = sum(sizes)
     counts = {"files": 0, "bytes": 0, "split_bytes": 0, "split_passages": 0, "embedded": 0}
-    pending: list[tuple[str, str, int, float, list[NewPassage]]] = []
+    pending: list[tuple[str, str, int, float, list[NewPassage], str]] = []
     bar = tqdm(total=0, unit="passage", disable=not progress, desc="ingest", dynamic_ncols=True, delay=1.0)
 
     def tell() -> None:
@@ -211,9 +218,9 @@ def ingest(
 
     def flush() -> None:
         # one matrix per document, filled in place: a long document's vectors are held once
-        matrices = [np.empty((len(passages), dimension), np.float32) for *_, passages in pending]
+        matrices = [np.empty((len(passages), dimension), np.float32) for *_, passages, _ in pending]
         wanted: dict[str, list[tuple[int, int]]] = {}  # text → (document, row) slots to fill
-        for number, (*_, passages) in enumerate(pending):
+        for number, (*_, passages, _) in enumerate(pending):
             for row, passage in enumerate(passages):
                 wanted.setdefault(passage.text, []).append((number, row))
 
@@ -232,37 +239,44 @@ def ingest(
             for text, vector in zip(chunk, encoded):
                 fill(text, vector)
             tell()
-        store.write_documents([NewDocument(path, content_hash, size, mtime, passages, matrix, owner)
-                               for (path, content_hash, size, mtime, passages), matrix in zip(pending, matrices)],
+        store.write_documents([NewDocument(path, content_hash, size, mtime, passages, matrix, owner, name)
+                               for (path, content_hash, size, mtime, passages, name), matrix in zip(pending, matrices)],
                               embedder_name)
         report.passages += sum(len(matrix) for matrix in matrices)
         pending.clear()
 
-    for path, size in zip(files, sizes):
-        key = str(path)
-        try:
-            passages, content_hash, info, known = _read_and_split(store, path, owner, max_file_bytes,
-                                                                  embedder.tokenizer, max_tokens, overlap)
-        except UnreadableFile as reason:
-            report.skipped.append((key, str(reason)))
-            passages = None
-        finally:
-            counts["files"] += 1
-            counts["bytes"] += size
-        if passages is None:
+    parser = ParseWorker(parse_seconds) if parse_seconds else None
+    try:
+        for path, size in zip(files, sizes):
+            key = str(path)
+            try:
+                passages, content_hash, info, known = _read_and_split(
+                    store, path, owner, max_file_bytes, embedder.tokenizer, max_tokens, overlap, parser or parse_here)
+            except UnreadableFile as reason:
+                report.skipped.append((key, str(reason)))
+                passages = None
+            finally:
+                counts["files"] += 1
+                counts["bytes"] += size
+            if passages is None:
+                tell()
+                continue
+            if not passages:  # unchanged
+                if known and known.get("name") != name_of(path):  # given again, from another folder
+                    store.name_document(key, name_of(path), owner)
+                report.unchanged.append(key)
+                tell()
+                continue
+            counts["split_bytes"] += size
+            counts["split_passages"] += len(passages)
+            (report.updated if known else report.added).append(key)
+            pending.append((key, content_hash, info.st_size, info.st_mtime, passages, name_of(path)))
             tell()
-            continue
-        if not passages:  # unchanged
-            report.unchanged.append(key)
-            tell()
-            continue
-        counts["split_bytes"] += size
-        counts["split_passages"] += len(passages)
-        (report.updated if known else report.added).append(key)
-        pending.append((key, content_hash, info.st_size, info.st_mtime, passages))
-        tell()
-        if sum(len(p) for *_, p in pending) >= batch_passages:
-            flush()
+            if sum(len(p) for *_, p, _ in pending) >= batch_passages:
+                flush()
+    finally:
+        if parser is not None:
+            parser.close()
     if pending:
         flush()
     tell()
@@ -271,8 +285,25 @@ def ingest(
     return report
 
 
+def document_names(given: Iterable[str | os.PathLike]) -> Callable[[Path], str]:
+    """How a file found under `given` (`iter_files`) is shown: by the path the user named, not
+    the server's. A file given directly (an upload's copy) by its name; a file in a folder by the
+    folder's name and its path inside it (brindlemoor/lighthouse.md)."""
+    roots = [Path(path).expanduser().resolve() for path in given]
+
+    def name_of(path: Path) -> str:
+        for root in roots:
+            if path == root:
+                return root.name
+            if root in path.parents:
+                return (Path(root.name) / path.relative_to(root)).as_posix()
+        return path.name
+
+    return name_of
+
+
 def _read_and_split(store: Store, path: Path, owner: str, max_file_bytes: int, tokenizer, max_tokens: int,
-                    overlap: int):
+                    overlap: int, parse=parse_here):
     """(passages, content hash, stat, known document) for a file to write, ([], …) for one that
     is unchanged, or UnreadableFile."""
     key = str(path)
@@ -285,7 +316,7 @@ def _read_and_split(store: Store, path: Path, owner: str, max_file_bytes: int, t
     if known and known["content_hash"] == content_hash:
         store.touch_document(key, info.st_mtime, owner)
         return [], None, info, known
-    text = read_text(path, data, max_file_bytes)
+    text = read_text(path, data, max_file_bytes, parse)
     del data
     passages = list(iter_passages(text, tokenizer, max_tokens, overlap))
     if not passages:

@@ -14,6 +14,7 @@ one's adaptation.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -24,11 +25,16 @@ import torch
 
 from . import config
 from .adaptation import AdaptationSettings, Adapter, decoder_layers
+from .embedding import shared
 from .generation import answer_processors, cite, contrast, conversation, next_token, repeat_start, training_text
 from .record import AnswerRecord, SelectionRecord
 from .selection import Selection, select
 from .store import Passage, Store
-from .vocabulary import METHODS, MODES
+from .vocabulary import METHODS, MODES, SettingError, quoted
+
+# Bounds of the settings a request may carry (the app's sliders and the API check the same ones)
+SEED_MAX = 2**63 - 1  # seed in [0, SEED_MAX]: what torch's generators take
+MIN_REDUCTION_MAX = 1.0  # min_reduction in [0, 1]: a share of the prompt's prior uncertainty σ₀² = 1
 
 
 @dataclass(frozen=True)
@@ -57,30 +63,37 @@ class ChatSettings:
     def __post_init__(self):
         def check(ok: bool, message: str):
             if not ok:
-                raise ValueError(f"invalid chat setting: {message}")
+                raise SettingError(message.split()[0], f"invalid chat setting: {message}")
 
-        check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {quoted(self.method)}")
+        check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {quoted(self.mode)}")
         check(isinstance(self.passages, int) and 0 <= self.passages <= 1000,
-              f"passages must be an integer in [0, 1000], got {self.passages!r}")
+              f"passages must be an integer in [0, 1000], got {quoted(self.passages)}")
         check(isinstance(self.candidates, int) and self.candidates >= 1,
-              f"candidates must be an integer >= 1, got {self.candidates!r}")
+              f"candidates must be an integer >= 1, got {quoted(self.candidates)}")
         check(isinstance(self.lam, (int, float)) and 0 < self.lam < float("inf"),
-              f"lam must be a number > 0, got {self.lam!r}")
+              f"lam must be a number > 0, got {quoted(self.lam)}")
         check(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= 8192,
-              f"max_new_tokens must be an integer in [1, 8192], got {self.max_new_tokens!r}")
+              f"max_new_tokens must be an integer in [1, 8192], got {quoted(self.max_new_tokens)}")
         check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 5,
-              f"temperature must be in [0, 5], got {self.temperature!r}")
+              f"temperature must be in [0, 5], got {quoted(self.temperature)}")
         check(isinstance(self.max_context_tokens, int) and self.max_context_tokens >= 64,
-              f"max_context_tokens must be an integer >= 64, got {self.max_context_tokens!r}")
+              f"max_context_tokens must be an integer >= 64, got {quoted(self.max_context_tokens)}")
         check(isinstance(self.repetition_penalty, (int, float)) and 1 <= self.repetition_penalty <= 3,
-              f"repetition_penalty must be in [1, 3], got {self.repetition_penalty!r}")
+              f"repetition_penalty must be in [1, 3], got {quoted(self.repetition_penalty)}")
         check(isinstance(self.no_repeat_ngram, int) and 0 <= self.no_repeat_ngram <= 64,
-              f"no_repeat_ngram must be an integer in [0, 64], got {self.no_repeat_ngram!r}")
+              f"no_repeat_ngram must be an integer in [0, 64], got {quoted(self.no_repeat_ngram)}")
         check(isinstance(self.loop_tokens, int) and 0 <= self.loop_tokens <= 256,
-              f"loop_tokens must be an integer in [0, 256], got {self.loop_tokens!r}")
+              f"loop_tokens must be an integer in [0, 256], got {quoted(self.loop_tokens)}")
         check(isinstance(self.context_contrast, (int, float)) and 0 <= self.context_contrast <= 3,
-              f"context_contrast must be in [0, 3], got {self.context_contrast!r}")
+              f"context_contrast must be in [0, 3], got {quoted(self.context_contrast)}")
+        check(self.min_reduction is None or (_real(self.min_reduction) and 0 <= self.min_reduction <= MIN_REDUCTION_MAX),
+              f"min_reduction must be a number in [0, {MIN_REDUCTION_MAX:g}] (a share of σ₀²), "
+              f"got {quoted(self.min_reduction)}")
+        check(self.alpha is None or (_real(self.alpha) and 0 < self.alpha < float("inf")),
+              f"alpha must be a number > 0, got {quoted(self.alpha)}")
+        check(_integer(self.seed) and 0 <= self.seed <= SEED_MAX,
+              f"seed must be an integer in [0, 2**63 - 1], got {quoted(self.seed)}")
 
     @property
     def fine_tunes(self) -> bool:
@@ -184,13 +197,14 @@ class Engine:
                  adaptation: AdaptationSettings | None = None):
         self.store = store
         store.check_embedder(embedder_name, embedder.get_embedding_dimension())
-        self.embedder = embedder
+        self.embedder = shared(embedder)  # the ingest embeds beside the chat: one batch at a time
         self.embedder_name = embedder_name
         self.tokenizer = tokenizer
         self.stop_ids = _stop_ids(tokenizer)
         self.default_adaptation = adaptation or AdaptationSettings()  # for a message that names none
         self.adapter = Adapter(model, tokenizer, self.default_adaptation)
         self.lock = threading.Lock()  # one adaptation at a time per loaded model
+        self._overhead: dict[str, int] | None = None  # tokens the chat template adds around a message
 
     @classmethod
     def load(cls, data_dir: str | Path | None = None, *, embedder: str | None = None,
@@ -245,13 +259,14 @@ class Engine:
                owners: Iterable[str] | None = None) -> Selected:
         """Pre-select K candidates from the index (among the documents of `owners`: the caller's
         and the shared library), then pick up to N of them with `method`."""
-        ids, _, vectors = self.store.nearest(query.numpy(), settings.candidates, owners)
-        candidates = torch.from_numpy(vectors)
-        method = method or settings.method
-        selection = select(query, candidates, method, settings.passages, settings.lam,
-                           settings.min_reduction, settings.alpha)
-        nn = select(query, candidates, "nn", settings.passages, settings.lam)
-        return self._describe(selection, ids, nn)
+        with self.store.lock:  # an ingest may replace a document: its passages go with the ids found
+            ids, _, vectors = self.store.nearest(query.numpy(), settings.candidates, owners)
+            candidates = torch.from_numpy(vectors)
+            method = method or settings.method
+            selection = select(query, candidates, method, settings.passages, settings.lam,
+                               settings.min_reduction, settings.alpha)
+            nn = select(query, candidates, "nn", settings.passages, settings.lam)
+            return self._describe(selection, ids, nn)
 
     def _describe(self, selection: Selection, ids, nn: Selection) -> Selected:
         passage_ids = [int(ids[i]) for i in selection.indices.tolist()]
@@ -385,16 +400,18 @@ class Engine:
                    settings: ChatSettings) -> tuple[torch.Tensor, str | None]:
         """The token ids of the conversation in the model's chat template (`generation.conversation`),
         and a notice when it had to be shortened to fit `max_context_tokens - max_new_tokens`
-        (oldest turns first, then the start of the prompt)."""
+        (oldest turns first, two at a time, then the start of the prompt).
+
+        In time linear in the conversation's length: each turn is tokenised once, the length
+        without its oldest turns estimated from a running sum (`_kept_from`), and the template
+        rendered for the estimate and its neighbour only (O(log turns) renderings where the
+        template is not a plain sum of its messages)."""
         budget = max(settings.max_context_tokens - settings.max_new_tokens, 32)
         passages = [p.text for p in context]
         notice = None
         turns = [m for m in history if m.get("role") in ("user", "assistant") and m.get("content")]
-        while True:
-            ids = self._template(conversation(prompt, turns, passages))
-            if len(ids) <= budget or not turns:
-                break
-            turns = turns[2:] if len(turns) > 1 else []
+        start, ids = self._kept_from(prompt, turns, passages, budget)
+        if start > 0:
             notice = "the conversation is longer than the model's context: older turns were left out"
         if len(ids) > budget:
             overflow = len(ids) - budget
@@ -404,6 +421,50 @@ class Engine:
             notice = (f"the message is longer than the model's context ({budget} tokens): "
                       f"only its last part was read")
         return torch.tensor([ids], dtype=torch.long), notice
+
+    def _kept_from(self, prompt: str, turns: list[dict], passages: list[str], budget: int) -> tuple[int, list[int]]:
+        """(s, ids): the conversation keeps `turns[s:]`, the fewest dropped (two at a time, the
+        oldest first, a last odd one alone) for its ids to fit in `budget`; all dropped when even
+        none fits. The same s and ids as rendering after each drop, found with a few renderings:
+
+            length(s) ≈ length(no turns) + Σ_{i ≥ s} (tokens(content_i) + overhead(role_i))
+
+        where tokens are counted once per turn and the overhead of a message (the template's
+        markers) once per role; the first s whose estimate fits is rendered, and so is the one
+        before it (`first_fitting` walks on from there when the estimate was off)."""
+        starts = [*range(0, len(turns), 2), len(turns)]
+        rendered: dict[int, list[int]] = {}
+
+        def fits(i: int) -> bool:
+            if i not in rendered:
+                rendered[i] = self._template(conversation(prompt, turns[starts[i]:], passages))
+            return len(rendered[i]) <= budget
+
+        last = len(starts) - 1
+        if fits(last) and last > 0:  # with no turns it fits: estimate where the turns start to fit
+            overhead = self._message_overhead()
+            counts = self.tokenizer([t["content"] for t in turns], add_special_tokens=False)["input_ids"]
+            costs = [len(ids) + overhead.get(t["role"], 0) for ids, t in zip(counts, turns)]
+            length, estimates = len(rendered[last]), [0] * len(starts)
+            for i in range(last - 1, -1, -1):  # a running sum, from the newest turns back
+                length += sum(costs[starts[i]:starts[i + 1]])
+                estimates[i] = length
+            guess = next((i for i in range(last) if estimates[i] <= budget), last)
+            found = first_fitting(len(starts), fits, guess)
+        else:
+            found = None
+        kept = last if found is None else found
+        fits(kept)
+        return starts[kept], rendered[kept]
+
+    def _message_overhead(self) -> dict[str, int]:
+        """Tokens the chat template adds around one message, by role (measured once)."""
+        if self._overhead is None:
+            frame = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+            without, word = len(self._template(frame)), len(self.tokenizer("x", add_special_tokens=False)["input_ids"])
+            self._overhead = {role: len(self._template([frame[0], {"role": role, "content": "x"}, frame[1]]))
+                              - without - word for role in ("user", "assistant")}
+        return self._overhead
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
@@ -463,6 +524,40 @@ class Engine:
                 yield text[len(emitted):]
                 emitted = text
         return ended, self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def first_fitting(n: int, fits, guess: int) -> int | None:
+    """The smallest i in [0, n) with fits(i), for fits False … False True … True (None when none
+    fits), probed from `guess`: 2 calls when the guess is right, O(log n) when it is off (a walk
+    in steps of 1, 2, 4 … away from the guess, then bisection)."""
+    lo, hi = -1, n  # fits(lo) is False and fits(hi) True, as if both were asked
+    if fits(guess):
+        hi, probe, step = guess, guess - 1, 1
+        while probe > lo and fits(probe):
+            hi, step = probe, step * 2
+            probe = hi - step
+        lo = max(probe, lo)
+    else:
+        lo, probe, step = guess, guess + 1, 1
+        while probe < hi and not fits(probe):
+            lo, step = probe, step * 2
+            probe = lo + step
+        hi = min(probe, hi)
+    while hi - lo > 1:
+        middle = (lo + hi) // 2
+        if fits(middle):
+            hi = middle
+        else:
+            lo = middle
+    return hi if hi < n else None
 
 
 def _distinct(picks: list[Picked]) -> list[Passage]:

@@ -31,6 +31,7 @@ import gradio as gr
 import pydantic
 from starlette.requests import Request
 
+from .perimeter import respond
 from .service import first_line, one_line
 from .turns import Busy, QueueFull
 from .uploads import UploadLedger
@@ -119,8 +120,6 @@ class UploadGate:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         if "/gradio_api/file=" in path:
-            from .perimeter import respond
-
             return await respond(send, 404, "404 the app serves no files\n")
         if scope["method"] != "POST" or not path.endswith("/gradio_api/upload"):
             return await self.app(scope, receive, send)

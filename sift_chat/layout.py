@@ -11,6 +11,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .access import SHARED, Access, Caller
+from .adaptation import LEARNING_RATE_MAX
 from .guard import PRIVATE, GuardedBlocks
 from .panel import SETTING_NAMES, default_settings
 from .service import MAX_UPLOAD_BYTES
@@ -101,6 +102,7 @@ def build(handlers: Handlers, *, access: Access | None = None):
                 min_reduction = gr.Slider(0.001, 0.2, value=defaults["min_reduction"], step=0.001,
                                           label="Minimum reduction", info=HELP["min_reduction"])
                 learning_rate = gr.Number(value=defaults["learning_rate"], label="Learning rate", minimum=0,
+                                          maximum=LEARNING_RATE_MAX,
                                           info=HELP["learning_rate"])
                 lora_layers = gr.Slider(0, h.engine.layer_count, value=defaults["lora_layers"], step=1,
                                         label="LoRA layers", info=HELP["lora_layers"])
@@ -310,8 +312,9 @@ def build(handlers: Handlers, *, access: Access | None = None):
                 gr.Warning(result["error"])
             return [result["report"], None, *corpus_view(caller)]
 
+        # the ingests' own line: a chat never waits behind an ingest (the service shares the embedder)
         ingest_go.click(on_ingest, [uploads, folder, to_shared], [ingest_report, uploads, *corpus_outputs],
-                        concurrency_id="model", concurrency_limit=1)
+                        concurrency_id="ingest", concurrency_limit=1)
 
         def on_sample(request: gr.Request, profile: gr.OAuthProfile | None, progress=gr.Progress()):
             caller = who(request, profile)
@@ -319,7 +322,7 @@ def build(handlers: Handlers, *, access: Access | None = None):
             return [result["report"], *corpus_view(caller)]
 
         add_sample.click(on_sample, None, [ingest_report, *corpus_outputs],
-                         concurrency_id="model", concurrency_limit=1)
+                         concurrency_id="ingest", concurrency_limit=1)
 
         def on_remove(document_id, request: gr.Request, profile: gr.OAuthProfile | None):
             caller = who(request, profile)

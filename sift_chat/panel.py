@@ -8,12 +8,14 @@ same picks, σ² and timings for a panel, a terminal table or a JSON extension f
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 from .adaptation import AdaptationSettings
 from .engine import ChatSettings, Selected
 from .generation import cite
 from .record import AnswerRecord
+from .vocabulary import SettingError, quoted
 
 SETTING_NAMES = ("method", "mode", "context_contrast", "passages", "lam", "adaptive", "min_reduction",
                  "learning_rate", "lora_layers", "max_new_tokens")
@@ -29,30 +31,35 @@ def default_settings() -> dict:
             "max_new_tokens": chat.max_new_tokens}
 
 
-def parse_settings(values: dict, base: AdaptationSettings,
-                   chat_base: ChatSettings | None = None) -> tuple[ChatSettings, AdaptationSettings]:
-    """Settings by name (SETTING_NAMES) as the engine's settings; ValueError with a readable
-    message. A value left empty (None) takes its default; what `values` does not name comes from
-    `chat_base` and `base`."""
+def parse_settings(values: dict, base: AdaptationSettings, chat_base: ChatSettings | None = None,
+                   layers: int | None = None) -> tuple[ChatSettings, AdaptationSettings]:
+    """Settings by name (SETTING_NAMES) as the engine's settings; `SettingError` (a ValueError)
+    with a readable message naming the setting. A value left empty (None) takes its default; what
+    `values` does not name comes from `chat_base` and `base`. The bounds are the settings' own
+    (`ChatSettings`, `AdaptationSettings`), and lora_layers in [0, `layers`], the model's layers
+    (0: all): the app and the API check the same."""
     unknown = set(values) - set(SETTING_NAMES)
     if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(sorted(map(str, unknown)))}: "
-                         f"use {', '.join(SETTING_NAMES)}")
+        raise SettingError(sorted(map(str, unknown))[0],
+                           f"unknown setting(s) {', '.join(quoted(str(k)) for k in sorted(map(str, unknown))[:5])}: "
+                           f"use {', '.join(SETTING_NAMES)}")
     values = {**default_settings(), **{k: v for k, v in values.items() if v is not None}}
 
     def number(name: str, kind=float):
         value = values[name]
         if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"{name.replace('_', ' ')} must be {'an integer' if kind is int else 'a number'}, "
-                             f"got {value!r}")
+            raise SettingError(name, f"{name.replace('_', ' ')} must be {'an integer' if kind is int else 'a number'}, "
+                                     f"got {quoted(value)}")
         try:
             value = kind(value)
         except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"{name.replace('_', ' ')} must be a number, got {values[name]!r}") from None
+            raise SettingError(name, f"{name.replace('_', ' ')} must be a number, got {quoted(values[name])}") from None
         if kind is float and not math.isfinite(value):
-            raise ValueError(f"{name.replace('_', ' ')} must be a finite number")
+            raise SettingError(name, f"{name.replace('_', ' ')} must be a finite number")
         return value
 
+    if not isinstance(values["adaptive"], bool):
+        raise SettingError("adaptive", f"adaptive must be true or false, got {quoted(values['adaptive'])}")
     chat = replace(
         chat_base or ChatSettings(),
         method=values["method"], mode=values["mode"], context_contrast=number("context_contrast"),
@@ -60,8 +67,12 @@ def parse_settings(values: dict, base: AdaptationSettings,
         lam=number("lam"), min_reduction=number("min_reduction") if values["adaptive"] else None,
         max_new_tokens=number("max_new_tokens", int),
     )
-    layers = number("lora_layers", int)
-    adaptation = replace(base, learning_rate=number("learning_rate"), top_layers=layers if layers > 0 else None)
+    layers_given = number("lora_layers", int)
+    if layers_given < 0 or (layers is not None and layers_given > layers):
+        bound = f"in [0, {layers}] (the model has {layers} layers; 0: all)" if layers is not None else ">= 0 (0: all)"
+        raise SettingError("lora_layers", f"lora_layers must be an integer {bound}, got {quoted(layers_given)}")
+    adaptation = replace(base, learning_rate=number("learning_rate"),
+                         top_layers=layers_given if layers_given > 0 else None)
     return chat, adaptation
 
 
@@ -74,7 +85,9 @@ class Panel:
 
     method: str
     prior_variance: float
-    picks: list[dict]  # step, passage_id, path, start_char, end_char, text, similarity, posterior_variance, uncertainty_reduction, repeat
+    # step, passage_id, path (the document as the user named it, never the server's path), start_char,
+    # end_char, text, similarity, posterior_variance, uncertainty_reduction, repeat
+    picks: list[dict]
     nn_variance: list[float]
     stop_reason: str
     losses: list[float | None] = field(default_factory=list)
@@ -114,7 +127,7 @@ class Panel:
 
     @classmethod
     def from_selected(cls, selected: Selected, mode: str = "fine-tune") -> "Panel":
-        picks = [{"step": p.step, "passage_id": p.passage.id, "path": p.passage.path,
+        picks = [{"step": p.step, "passage_id": p.passage.id, "path": shown_name(p.passage),
                   "start_char": p.passage.start_char, "end_char": p.passage.end_char, "text": p.passage.text,
                   "similarity": p.similarity, "posterior_variance": p.posterior_variance,
                   "uncertainty_reduction": p.uncertainty_reduction, "repeat": p.repeat}
@@ -132,7 +145,7 @@ class Panel:
         for row in rows:
             passage = passages.get(row["passage_id"])
             picks.append({"step": row["step"], "passage_id": row["passage_id"],
-                          "path": passage.path if passage else "(removed document)",
+                          "path": shown_name(passage) if passage else "(removed document)",
                           "start_char": passage.start_char if passage else None,
                           "end_char": passage.end_char if passage else None,
                           "text": passage.text if passage else "",
@@ -161,6 +174,12 @@ class Panel:
                 "final_variance": self.final_variance, "stop_reason": self.stop_reason,
                 "nn_posterior_variance": self.nn_variance, "picks": picks,
                 "read": list(self.read), "citations": list(self.citations)}
+
+
+def shown_name(passage) -> str:
+    """A passage's document as users see it: the name it was given (an upload's, or its path in
+    the folder ingested), never the server's path."""
+    return passage.name or Path(passage.path).name
 
 
 def _finite(value):

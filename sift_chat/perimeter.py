@@ -50,16 +50,6 @@ def host_of(header: str) -> str | None:
     return name
 
 
-def origin_host(origin: str) -> str | None:
-    """The host of an `Origin` header ('http://localhost:7860' → 'localhost'); None for 'null'
-    (a sandboxed frame or a local file) and anything that is not an http(s) origin."""
-    try:
-        parts = urlsplit(origin.strip())
-        return parts.hostname if parts.scheme in ("http", "https") and parts.hostname else None
-    except ValueError:
-        return None
-
-
 def allowed_hosts(public: bool, named: Iterable[str] = ()) -> frozenset[str] | None:
     """The hosts a request may name: on loopback the loopback names (and any `named`); serving
     publicly, the `named` ones and the loopback names, or None (no check) when none are named."""

@@ -16,7 +16,7 @@ import os
 import stat as stat_module
 import unicodedata
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 DEFAULT_MAX_FILE_BYTES = 32 * 1024 * 1024
 SKIPPED_FOLDERS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", "venv", ".tox"}
@@ -183,25 +183,28 @@ def _too_large(size: int, max_bytes: int, at_least: bool = False) -> str:
             f"{max_bytes / 2**20:.0f} MiB)")
 
 
-def read_text(path: Path, data: bytes | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
+def read_text(path: Path, data: bytes | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+              parse: Callable[[str, str | bytes], str] | None = None) -> str:
     """The text of a file, or UnreadableFile with the reason.
 
     A file is read as PDF when it is named .pdf, or starts with %PDF- and is not text (a note
-    that begins with those five characters stays a note)."""
+    that begins with those five characters stays a note). HTML and PDF go through `parse`
+    (default `parse_here`; the ingest's is `parsing.ParseWorker`, bounded in time)."""
+    parse = parse or parse_here
     if data is None:
         data = read_bytes(path, max_bytes)
     if path.suffix.lower() == ".pdf":
-        text = _pdf_text(data)
+        text = parse("pdf", data)
     else:
         try:
             text = decode_text(data)
         except UnreadableFile:
             if not data.startswith(b"%PDF-"):
                 raise
-            text = _pdf_text(data)
+            text = parse("pdf", data)
         else:
             if path.suffix.lower() in HTML_SUFFIXES:
-                text = _html_text(text)
+                text = parse("html", text)
     if not text.strip():
         raise UnreadableFile("no text")
     return text
@@ -254,6 +257,12 @@ def _bomless_utf16(head: bytes) -> str | None:
     if even_nuls >= 0.9 * pairs and odd_nuls == 0:
         return "utf-16-be"
     return None
+
+
+def parse_here(kind: str, payload: str | bytes) -> str:
+    """The text of an HTML document ("html": its decoded text) or a PDF ("pdf": its bytes), parsed
+    in this process; UnreadableFile when there is none to be had."""
+    return _html_text(payload) if kind == "html" else _pdf_text(payload)
 
 
 def _pdf_text(data: bytes) -> str:

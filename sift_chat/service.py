@@ -4,7 +4,8 @@
     turns      one message: wait in the line for the model, run the engine with this request's
                settings, store the exchange only when it is complete and not stopped
     compare    one prompt, NN and SIFT: selected once each, both answers, nothing stored
-    ingest     uploads and folders into the corpus, with a report of what was skipped and why
+    ingest     uploads and folders into the corpus, with a report of what was skipped and why; in
+               its own line (one ingest at a time), beside the model's: a chat never waits for it
 
 Every call names its caller (`access.Caller`, which the shell got from the server's side of the
 request): a caller sees their own chats, and selects from their own documents and the shared
@@ -15,11 +16,13 @@ or HTTP. The engine holds no per-request state: settings travel with each call.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import config
 from .access import QUOTA_BYTES, QUOTA_DOCUMENTS, SHARED, Caller
 from .adaptation import AdaptationSettings
 from .corpus import DEFAULT_MAX_FILE_BYTES, IngestProgress, IngestReport, ingest
@@ -100,10 +103,12 @@ class Service:
     def __init__(self, engine: Engine, data_dir: str | Path, *, allow_server_paths: bool = True,
                  upload_folder: str | Path | None = None,
                  sample_corpus: Path | None = SAMPLE_CORPUS, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-                 max_waiting: int = 16, quota_documents: int = QUOTA_DOCUMENTS, quota_bytes: int = QUOTA_BYTES):
+                 max_waiting: int = 16, quota_documents: int = QUOTA_DOCUMENTS, quota_bytes: int = QUOTA_BYTES,
+                 parse_seconds: float | None = None):
         """`allow_server_paths`: admins may ingest folders on the server; `upload_folder`: where
         the web server puts uploads (Gradio's), the only place an upload is read from (None:
-        uploads are refused); the quota bounds each user's own documents."""
+        uploads are refused); the quota bounds each user's own documents; `parse_seconds`, the
+        time one HTML or PDF file may take to parse (default: `config.parse_seconds()`)."""
         self.engine = engine
         self.data_dir = Path(data_dir)
         self.uploads = self.data_dir / "uploads"  # the copies, one folder per collection
@@ -114,6 +119,8 @@ class Service:
         self.max_upload_bytes = max_upload_bytes
         self.max_ingest_files, self.max_ingest_bytes = MAX_INGEST_FILES, MAX_INGEST_BYTES
         self.queue = TurnQueue(max_waiting)
+        self.parse_seconds = config.parse_seconds(parse_seconds)
+        self.ingest_lock = threading.Lock()  # the ingests' line: one at a time, never the model's
         self.last_turn: dict[str, Turn] = {}  # each owner's latest finished turn, for Stop's answer
 
     @property
@@ -193,6 +200,11 @@ class Service:
     def new_turn(self, owner: str | None = None) -> Turn:
         """A ticket for one request: from now on `stop(owner)` stops it, even before it runs."""
         return self.queue.issue(owner)
+
+    def release(self, turn: Turn) -> None:
+        """The shell is done with this turn (its client went away, or it answered): stopped if it
+        still runs (the model is let go at its next event), and its owner may send the next one now."""
+        self.queue.release(turn)
 
     def stop(self, owner: str) -> tuple[int, Kept | None]:
         """Stop the owner's open turns: (how many were stopped before storing anything, what one
@@ -397,34 +409,40 @@ class Service:
         given, over = within_one_ingest(given, self.max_ingest_files, self.max_ingest_bytes)
         skipped += over
         copies = {self.uploads / collection_folder(owner) / safe_name(source.name): source for source in given}
-        problem = quota_refusal(self.store, owner, {copy: source.stat().st_size for copy, source in copies.items()},
-                                roots, [self.data_dir], self.quota_documents, self.quota_bytes)
-        if problem:
-            return IngestOutcome(None, skipped, problem)
-        paths = []
-        for copy, source in copies.items():
-            try:
-                paths.append(private_copy(source, copy))
-            except OSError as error:
-                skipped.append((safe_name(source.name), f"cannot read the upload: {error.strerror or error}"))
-        return self._ingest(paths + roots, skipped, progress, owner)
+        with self.ingest_lock:  # the quota is checked against what the ingest before this one stored
+            problem = quota_refusal(self.store, owner,
+                                    {copy: source.stat().st_size for copy, source in copies.items()},
+                                    roots, [self.data_dir], self.quota_documents, self.quota_bytes)
+            if problem:
+                return IngestOutcome(None, skipped, problem)
+            paths = []
+            for copy, source in copies.items():
+                try:
+                    paths.append(private_copy(source, copy))
+                except OSError as error:
+                    skipped.append((safe_name(source.name), f"cannot read the upload: {error.strerror or error}"))
+            return self._ingest(paths + roots, skipped, progress, owner)
 
     def add_sample(self, progress: Callable[[IngestProgress], None] | None = None, *,
                    caller: Caller) -> IngestOutcome:
         """The sample corpus into the shared library: by an admin, or by anyone while it is empty."""
         if self.sample_corpus is None:
             return IngestOutcome(None, error="The sample corpus is not here.")
-        if not (caller.admin or self.offers_sample()):
-            return IngestOutcome(None, error="Only admins change the shared library.")
-        return self._ingest([self.sample_corpus], [], progress, SHARED)
+        with self.ingest_lock:
+            if not (caller.admin or self.offers_sample()):
+                return IngestOutcome(None, error="Only admins change the shared library.")
+            return self._ingest([self.sample_corpus], [], progress, SHARED)
 
     def _ingest(self, paths: list[Path], skipped: list[tuple[str, str]], progress, owner: str) -> IngestOutcome:
+        """Called holding `ingest_lock`; the embedder is shared with the chat batch by batch
+        (`embedding.SharedEmbedder`), the parsing is done by a child process (`parsing`)."""
         if not paths:
             return IngestOutcome(None, skipped, "Nothing could be ingested.")
         try:
             report = ingest(self.store, self.engine.embedder, paths, embedder_name=self.engine.embedder_name,
                             progress=False, on_progress=progress, owner=owner, forbidden=[self.data_dir],
-                            trusted=[self.uploads, *([self.sample_corpus] if self.sample_corpus else [])])
+                            trusted=[self.uploads, *([self.sample_corpus] if self.sample_corpus else [])],
+                            parse_seconds=self.parse_seconds)
         except Exception as error:  # each document is written in one transaction: nothing half-stored
             return IngestOutcome(None, skipped, f"The ingest failed: {first_line(error)}. Documents stored before are kept.")
         for path, _ in report.skipped:  # an unreadable upload is not kept

@@ -41,17 +41,18 @@ from .vector_index import IndexGone, IndexMismatch, VectorIndex, saved_indexes
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: documents have an owner ('' = the shared library)
+SCHEMA_VERSION = 3  # 2: documents have an owner ('' = the shared library); 3: and a name to show
 
 DOCUMENT_COLUMNS = """(
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     owner TEXT NOT NULL DEFAULT '',  -- whose document: '' the shared library, else a user's (`access`)
-    path TEXT NOT NULL,
+    path TEXT NOT NULL,  -- where it is read from on the server: never shown to users
     content_hash TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime REAL NOT NULL,
     passage_count INTEGER NOT NULL,
     ingested_at TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT '',  -- as the user named it: the upload's name, or the path in the folder ingested
     UNIQUE (owner, path)  -- one path may be two users' documents
 )"""
 
@@ -117,6 +118,10 @@ def _in_chunks(ids: list[int], size: int = 500):
         yield chunk, ",".join("?" * len(chunk))
 
 
+def _file_name(path: str) -> str:
+    return os.path.basename(path.rstrip("/")) or path
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
@@ -153,6 +158,7 @@ class NewDocument:
     passages: list[NewPassage]
     embeddings: np.ndarray  # (len(passages), dim) float32
     owner: str = SHARED
+    name: str = ""  # as the user named it ('': the file's name)
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,7 @@ class Passage:
     start_char: int
     end_char: int
     text: str
+    name: str = ""  # the document as the user named it (`path` is the server's, never shown)
 
 
 def _serialized(method):
@@ -209,11 +216,13 @@ class Store:
                 if self.meta("schema_version") is None:
                     self.set_meta(schema_version=SCHEMA_VERSION, passages_version=0)
                 self._migrate()
-            elif "owner" not in {row[1] for row in self.db.execute("PRAGMA table_info(documents)")}:
+            elif "owner" not in (columns := {row[1] for row in self.db.execute("PRAGMA table_info(documents)")}):
                 raise StoreError(f"the store {self.folder} was made by an older sift-chat and is read-only here: "
                                  "open it once where it can be written, to upgrade it")
         except sqlite3.OperationalError as error:
             raise StoreError(_busy_or(error, f"cannot open the store {database}", busy_timeout)) from None
+        # a read-only store of schema 2 has no names: its documents show their file's name
+        self._name = "d.name" if not self.read_only or "name" in columns else "''"
         self.index: VectorIndex | None = None
         self._index_version = -1
         self._owner_of: dict[int, str] = {}  # passage id → its document's owner, in step with the index
@@ -222,19 +231,27 @@ class Store:
     def _migrate(self) -> None:
         """Schema 1 → 2: documents get an owner, and the documents there become the shared library;
         chats kept under a browser's key (the app before sign-in) become the local owner's. One
-        transaction; the table is rebuilt (SQLite cannot change a UNIQUE constraint in place)."""
-        if int(self.meta("schema_version") or SCHEMA_VERSION) >= 2:
+        transaction; the table is rebuilt (SQLite cannot change a UNIQUE constraint in place).
+        Schema 2 → 3: documents get a name to show, their file's name (the folder they were
+        ingested from is not known; ingesting them again names them by it)."""
+        version = int(self.meta("schema_version") or SCHEMA_VERSION)
+        if version >= SCHEMA_VERSION:
             return
         self.db.execute("PRAGMA foreign_keys = OFF")  # dropping the old table must not cascade to passages
         try:
             with self._writing():
-                if "owner" not in {row[1] for row in self.db.execute("PRAGMA table_info(documents)")}:
-                    columns = "id, path, content_hash, size, mtime, passage_count, ingested_at"
+                columns = {row[1] for row in self.db.execute("PRAGMA table_info(documents)")}
+                if "owner" not in columns:
+                    copied = "id, path, content_hash, size, mtime, passage_count, ingested_at"
                     self.db.execute(f"CREATE TABLE documents_v2 {DOCUMENT_COLUMNS}")
-                    self.db.execute(f"INSERT INTO documents_v2 ({columns}) SELECT {columns} FROM documents")
+                    self.db.execute(f"INSERT INTO documents_v2 ({copied}) SELECT {copied} FROM documents")
                     self.db.execute("DROP TABLE documents")
                     self.db.execute("ALTER TABLE documents_v2 RENAME TO documents")
                     self.db.execute("UPDATE chats SET owner = ''")
+                elif "name" not in columns:
+                    self.db.execute("ALTER TABLE documents ADD COLUMN name TEXT NOT NULL DEFAULT ''")
+                for document_id, path in self.db.execute("SELECT id, path FROM documents WHERE name = ''").fetchall():
+                    self.db.execute("UPDATE documents SET name = ? WHERE id = ?", [_file_name(path), document_id])
                 self._set_meta(schema_version=SCHEMA_VERSION)
         finally:
             self.db.execute("PRAGMA foreign_keys = ON")
@@ -400,11 +417,11 @@ class Store:
         found: dict[int, Passage] = {}
         for chunk, marks in _in_chunks(ids):
             for row in self.db.query(
-                "SELECT p.id, p.document_id, d.path, p.position, p.start_char, p.end_char, p.text "
-                f"FROM passages p JOIN documents d ON d.id = p.document_id WHERE p.id IN ({marks})",
+                f"SELECT p.id, p.document_id, d.path, p.position, p.start_char, p.end_char, p.text, "
+                f"{self._name} AS name FROM passages p JOIN documents d ON d.id = p.document_id WHERE p.id IN ({marks})",
                 chunk,
             ):
-                found[row["id"]] = Passage(**row)
+                found[row["id"]] = Passage(**{**row, "name": row["name"] or _file_name(row["path"])})
         return found
 
     @_serialized
@@ -461,10 +478,10 @@ class Store:
                 if found is not None:
                     removed.append(found)
                 cursor = self.db.execute(
-                    "INSERT INTO documents (owner, path, content_hash, size, mtime, passage_count, ingested_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO documents (owner, path, content_hash, size, mtime, passage_count, ingested_at, "
+                    "name) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [document.owner, document.path, document.content_hash, document.size, document.mtime,
-                     len(document.passages), _now()],
+                     len(document.passages), _now(), document.name or _file_name(document.path)],
                 )
                 document_id = cursor.lastrowid
                 vectors = np.ascontiguousarray(document.embeddings, dtype=np.float32)
@@ -488,6 +505,14 @@ class Store:
             return  # only a hint that spares the next ingest a hash
         with self._writing():
             self.db.execute("UPDATE documents SET mtime = ? WHERE owner = ? AND path = ?", [mtime, owner, path])
+
+    @_serialized
+    def name_document(self, path: str, name: str, owner: str = SHARED) -> None:
+        """Show an unchanged document by a new name (it was ingested again, from another folder)."""
+        if self.read_only:
+            return
+        with self._writing():
+            self.db.execute("UPDATE documents SET name = ? WHERE owner = ? AND path = ?", [name, owner, path])
 
     @_serialized
     def remove(self, paths: Iterable[str], owner: str = SHARED) -> list[str]:

@@ -125,6 +125,19 @@ class TurnQueue:
                 turn.started = next(self._starts)
             return ahead
 
+    def release(self, turn: Turn) -> None:
+        """The request is over for whoever sent it (answered, failed, or its client went away):
+        stop the turn if it has stored nothing, wake it if it waits, and free its owner's ticket
+        now. A turn that has the model leaves the line at its next event; one that never joined
+        the line is forgotten here (nothing else would: its answer may never have started)."""
+        turn.stop()
+        with self._changed:
+            if turn not in self._line:
+                self._open.pop(turn.arrived, None)
+                if turn.finished_at is None:
+                    turn.finished_at = time.monotonic()
+            self._changed.notify_all()
+
     def leave(self, turn: Turn) -> None:
         """Out of the line (done, failed or stopped), letting the next one in."""
         with self._changed:

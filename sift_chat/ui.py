@@ -234,7 +234,7 @@ class Handlers:
         if not text:
             raise ValueError(f"The {what} is empty: type a question.")
         try:
-            return text, *parse_settings(settings, self.base_adaptation)
+            return text, *parse_settings(settings, self.base_adaptation, layers=self.engine.layer_count)
         except ValueError as error:
             raise ValueError(f"Check the settings: {error}") from None
 
@@ -405,12 +405,12 @@ class Handlers:
 
     def documents(self, caller: Caller) -> list[list]:
         """[name, collection, passages, size, added] for every document the caller reads."""
-        return [[Path(d["path"]).name, _collection(d["owner"], caller), d["passage_count"], _size(d["size"]),
+        return [[d.get("name") or Path(d["path"]).name, _collection(d["owner"], caller), d["passage_count"], _size(d["size"]),
                  d["ingested_at"].replace("T", " ")] for d in self.service.documents(caller)]
 
     def removable(self, caller: Caller) -> list[tuple[str, int]]:
         """(name and collection, id) of the documents the caller may remove."""
-        return [(f"{Path(d['path']).name} ({_collection(d['owner'], caller)})", d["id"])
+        return [(f"{d.get('name') or Path(d['path']).name} ({_collection(d['owner'], caller)})", d["id"])
                 for d in self.service.documents(caller) if caller.may_change(d["owner"])]
 
     def ingest(self, uploads: list | None = None, folder: str | None = None,

@@ -23,3 +23,22 @@ EVAL_MODES = ("fine-tune", "context", "both")  # "off" would only repeat the bas
 
 def method_label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
+
+
+class SettingError(ValueError):
+    """A setting outside its bounds (or of the wrong kind): the message says what to fix, and
+    `name` which setting it is, so an API error can name the field."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+def quoted(value, width: int = 40) -> str:
+    """A value as an error message quotes it: its repr, cut to `width` characters (a hostile
+    value may be huge; an integer too long to print is named by its size)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 96:
+        text = f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    else:
+        text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -36,9 +36,10 @@ class Served:
 
 @contextlib.contextmanager
 def served_app(data_dir: Path, *options: str, ready_headers: dict | None = None,
-               env: dict | None = None) -> Iterator[Served]:
+               env: dict | None = None, wait: bool = True) -> Iterator[Served]:
     """`python app.py --port P --data-dir DATA_DIR OPTIONS…` until the block ends; ready when it
-    answers anything but the loading page's 503 (sending `ready_headers`)."""
+    answers anything but the loading page's 503 (sending `ready_headers`); `wait=False`: as
+    soon as it started (the port may not be open yet)."""
     port = free_port()
     log = data_dir.parent / f"app-{port}.log"
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
@@ -50,7 +51,7 @@ def served_app(data_dir: Path, *options: str, ready_headers: dict | None = None,
     served = Served(f"http://127.0.0.1:{port}/", log)
     try:
         deadline = time.monotonic() + 240
-        while True:
+        while wait:
             assert process.poll() is None, served.printed()[-3000:]
             assert time.monotonic() < deadline, served.printed()[-3000:]
             try:

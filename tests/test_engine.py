@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from sift_chat.access import Caller
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import ChatSettings, Done, Engine, Notice, Prompted, Selected, Stage, Step, Token
-from sift_chat.generation import cite, contrast
+from sift_chat.generation import cite, contrast, conversation
 from sift_chat.service import Answered, Service, Stored
 from sift_chat.store import Store
 
@@ -284,3 +285,82 @@ def test_same_seed_same_answer(engine):
                                        adaptation=AdaptationSettings(learning_rate=1e-2, max_passage_tokens=64,
                                                                      seed=8))][-1]
     assert other.answer != first.answer and other.record.losses[1:] != first.record.losses[1:]
+
+
+def fitted_by_dropping(engine, prompt, history, passages, budget):
+    """The reference: render, drop the two oldest turns, render again … (quadratic in the turns)."""
+    turns = [m for m in history if m.get("role") in ("user", "assistant") and m.get("content")]
+    while True:
+        ids = engine._template(conversation(prompt, turns, passages))
+        if len(ids) <= budget or not turns:
+            return ids
+        turns = turns[2:] if len(turns) > 1 else []
+
+
+def random_conversation(rng, turns: int) -> list[dict]:
+    words = "the lighthouse keeper ferry Skellport 東京 Ünïcode 🙂 festival\n lantern  glass".split(" ")
+    return [{"role": rng.choice(["user", "assistant"]) if rng.random() < 0.2 else ("user", "assistant")[i % 2],
+             "content": " ".join(rng.choice(words) for _ in range(rng.randrange(0, 30)))} for i in range(turns)]
+
+
+@pytest.mark.parametrize("template", ["chatml", "trimming"])
+def test_fitting_the_conversation_keeps_what_dropping_two_turns_at_a_time_kept(engine, template):
+    import random
+
+    if template == "trimming":  # a template that is not a plain sum of its messages: the estimate is off
+        engine.tokenizer = tiny_tokenizer()
+        engine.tokenizer.chat_template = engine.tokenizer.chat_template.replace(
+            "message['content']", "message['content'] | trim | upper")
+        engine._overhead = None
+    rng = random.Random(3)
+    for trial in range(120):
+        history, prompt = random_conversation(rng, rng.randrange(0, 40)), f"question {trial} lantern?"
+        passages = [] if rng.random() < 0.5 else [
+            SimpleNamespace(text="The keeper is Matthias Orrey. " * rng.randrange(1, 6))]
+        settings = ChatSettings(max_context_tokens=rng.randrange(64, 900), max_new_tokens=rng.randrange(1, 64))
+        ids, notice = engine.chat_input(prompt, history, passages, settings)
+        budget = max(settings.max_context_tokens - settings.max_new_tokens, 32)
+        expected = fitted_by_dropping(engine, prompt, history, [p.text for p in passages], budget)
+        if len(expected) <= budget:  # today's fits: the same ids
+            assert ids[0].tolist() == expected, trial
+        else:  # the prompt alone is too long: its last part is read
+            assert ids.shape[1] <= budget and "only its last part" in notice
+
+
+def test_two_thousand_turns_are_fitted_with_a_few_renderings(engine, monkeypatch):
+    import random
+
+    rendered = []  # messages per rendering of the chat template
+    render = engine.tokenizer.apply_chat_template
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template",
+                        lambda messages, **kw: rendered.append(len(messages)) or render(messages, **kw))
+    history = random_conversation(random.Random(0), 2000)
+    settings = ChatSettings(mode="off", max_new_tokens=2, max_context_tokens=512)
+    events = list(engine.respond("And who keeps the lighthouse?", history, settings))
+    assert isinstance(events[-1], Done) and any("older turns were left out" in getattr(e, "message", "")
+                                                for e in events)
+    [prompted] = [e for e in events if isinstance(e, Prompted)]
+    assert prompted.input_ids.shape[1] <= 510
+    # dropping two turns per rendering took about 1 000 renderings of up to 2 000 messages here
+    assert len(rendered) <= 8 and sum(rendered) <= 2 * prompted.input_ids.shape[1] + 20, rendered
+
+
+def test_first_fitting_finds_the_first_that_fits_in_few_probes():
+    import math
+    import random
+
+    from sift_chat.engine import first_fitting
+
+    rng = random.Random(1)
+    for _ in range(500):
+        n = rng.randrange(1, 3000)
+        first = rng.randrange(0, n + 1)  # n: none fits
+        asked = []
+        fits = lambda i: asked.append(i) or i >= first  # noqa: E731
+        guess = rng.randrange(0, n)
+        assert first_fitting(n, fits, guess) == (first if first < n else None)
+        assert len(asked) <= 4 * math.log2(abs(guess - first) + 2) + 2 and len(set(asked)) == len(asked)
+        asked.clear()
+        if first < n:
+            first_fitting(n, fits, first)
+            assert len(asked) <= 2  # a right guess: it and the one before it

@@ -10,6 +10,7 @@ local owner's neighbours on the machine (no token), and from another site's page
 from __future__ import annotations
 
 import os
+import time
 import socket
 import sqlite3
 from pathlib import Path
@@ -74,14 +75,14 @@ def targets(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def signin_app(tmp_path_factory, model):
     """`app.py --auth users.json --host 0.0.0.0` (a LAN or a server, the documented public setup):
-    alice and bob, and carol an admin."""
+    alice and bob, and carol an admin; each may add 2 documents of their own."""
     root = tmp_path_factory.mktemp("served-auth")
     users = UsersFile(root / "users.json")
     for name, password in PASSWORDS.items():
         users.add(name, password, admin=name == "carol")
     assert cli.main(["--data-dir", str(root / "data"), "ingest", "--quiet", str(SAMPLE)]) == 0
     with served_app(root / "data", "--host", "0.0.0.0", "--auth", str(root / "users.json"),
-                    "--api-key", "api-key", "--chat-model", model) as served:
+                    "--api-key", "api-key", "--quota-documents", "2", "--chat-model", model) as served:
         yield served, root
 
 
@@ -196,3 +197,90 @@ def test_on_loopback_only_the_holder_of_the_token_is_served(local_app, targets):
     assert documents(data) == before
     assert not files_holding(data / "web-uploads", b"4711")
     assert oct(os.stat(data / "web-uploads").st_mode & 0o777) == "0o700"  # Gradio's uploads: this account's only
+
+
+def test_with_sign_in_a_caller_who_has_not_signed_in_gets_nothing_at_all(signin_app):
+    served, root = signin_app
+    url, data = served.url, root / "data"
+    before = sorted(p.name for p in (data / "web-uploads").rglob("*"))
+    anonymous = httpx.Client(timeout=60)
+    assert anonymous.post(url + "gradio_api/upload", files=[("files", ("x.txt", b"x"))]).status_code == 401
+    assert anonymous.get(url + "gradio_api/file=/etc/passwd").status_code in (401, 404)
+    for path, body in (("gradio_api/queue/join", {"data": [], "fn_index": 0, "session_hash": "x"}),
+                       ("gradio_api/call/on_ingest", {"data": [[file_data("/etc/passwd")], "", False]}),
+                       ("v1/chat/completions", {"model": "sift-chat", "messages": [{"role": "user", "content": "hi"}]})):
+        assert anonymous.post(url + path, json=body).status_code == 401, path
+    assert anonymous.get(url + "v1/models").status_code == 401  # serving publicly: no key, no API
+    assert sorted(p.name for p in (data / "web-uploads").rglob("*")) == before  # nothing written
+
+
+def test_the_api_reads_only_the_shared_library(signin_app):
+    served, root = signin_app
+    url = served.url
+    alice = signed_in(url, "alice")
+    diary = upload(alice, url, "lighthouse-diary.txt", b"The lighthouse keeper's secret code is LAMP-4711.")
+    assert call(alice, url, "on_ingest", [[file_data(diary)], "", False])[1] is None
+    assert any(owner == "user:alice" and path.endswith("lighthouse-diary.txt") for owner, path in documents(root / "data"))
+    response = httpx.post(url + "v1/chat/completions", timeout=120, headers={"Authorization": "Bearer api-key"},
+                          json={"model": "sift-chat", "max_tokens": 2, "sift": {"mode": "context", "passages": 8},
+                                "messages": [{"role": "user", "content": "What is the lighthouse keeper's secret code?"}]})
+    assert response.status_code == 200
+    picks = response.json()["sift"]["selection"]["picks"]
+    assert len(picks) == 8 and not any("4711" in pick["text"] or "diary" in pick["path"] for pick in picks)
+
+
+def test_an_upload_over_the_limit_writes_nothing(signin_app):
+    served, root = signin_app
+    url, folder = served.url, root / "data" / "web-uploads"
+    bob = signed_in(url, "bob")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    response = bob.post(url + "gradio_api/upload", files=[("files", (f"{i}.txt", b"x" * 2**20)) for i in range(66)])
+    assert response.status_code == 413
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+
+
+def test_while_the_models_load_the_perimeter_holds(tmp_path, model):
+    """The port opens before the models are in: the loading page checks Host, origin and token too."""
+    with served_app(tmp_path / "data", "--chat-model", model, env={"SIFT_CHAT_TOKEN": TOKEN}, wait=False) as served:
+        seen: dict[str, int] = {}
+        deadline = time.monotonic() + 120
+        while "token" not in seen and time.monotonic() < deadline:
+            try:
+                seen["token"] = httpx.get(served.url + "config", headers={"Authorization": f"Bearer {TOKEN}"}).status_code
+                seen["no token"] = httpx.get(served.url + "config").status_code
+                seen["foreign host"] = httpx.get(served.url + "config", headers={
+                    "Authorization": f"Bearer {TOKEN}", "Host": "evil.example"}).status_code
+                seen["foreign origin"] = httpx.get(served.url + "config", headers={
+                    "Authorization": f"Bearer {TOKEN}", "Origin": "http://evil.example"}).status_code
+            except httpx.HTTPError:  # not listening yet
+                seen.clear()
+                time.sleep(0.05)
+        assert seen == {"token": 503, "no token": 401, "foreign host": 403, "foreign origin": 403}, seen
+
+
+def test_app_py_refuses_to_serve_beyond_this_machine_without_sign_in(tmp_path):
+    import subprocess
+    import sys
+
+    from .served import ROOT
+
+    for options in (["--host", "0.0.0.0"], ["--share"]):
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, str(ROOT / "app.py"), "--port", "9", "--data-dir", str(tmp_path),
+                                 *options], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                env={k: v for k, v in os.environ.items() if k not in ("SPACE_ID", "SIFT_CHAT_AUTH")})
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1].startswith("error: serving beyond this machine needs sign-in")
+        assert "loading the models" not in result.stderr and time.monotonic() - started < 60  # before any model
+
+
+def test_the_quota_holds_over_http(signin_app):
+    served, root = signin_app
+    url, data = served.url, root / "data"
+    carol = signed_in(url, "carol")
+    notes = [upload(carol, url, f"note-{i}.txt", f"Carol's note {i} on the tides.".encode()) for i in range(3)]
+    status, error, output = call(carol, url, "on_ingest", [[file_data(n) for n in notes[:2]], "", False])
+    assert error is None and "2 added" in output[0]
+    status, error, output = call(carol, url, "on_ingest", [[file_data(notes[2])], "", False])
+    assert "Over your quota of 2 documents" in (error or output[0]) and "nothing was added" in (error or output[0])
+    assert sum(owner == "user:carol" for owner, _ in documents(data)) == 2

@@ -68,7 +68,7 @@ def test_the_sample_corpus_is_offered_on_an_empty_store_and_listed_once_ingested
     assert "10 added" in result["report"] and seen[-1] == 1.0
     assert not handlers.offers_sample() and "10 documents, 10 passages" in handlers.corpus_summary(LOCAL)
     rows = handlers.documents(LOCAL)
-    assert len(rows) == 10 and {r[0] for r in rows} >= {"founding.md", "lighthouse.md"}
+    assert len(rows) == 10 and {r[0] for r in rows} >= {"brindlemoor/founding.md", "brindlemoor/lighthouse.md"}
     assert all(r[2] == 1 for r in rows)  # passage counts
     again = handlers.add_sample(caller=LOCAL)
     assert "0 added" in again["report"] and "10 unchanged" in again["report"]
@@ -214,6 +214,13 @@ def test_bad_input_gets_a_visible_message_and_loses_nothing(sample, monkeypatch)
     assert "Check the settings" in update["status"] and "lam must be" in update["error"]
     [update] = list(h.respond(QUESTION, None, owner, {"learning_rate": "fast"}))
     assert "learning rate must be a number" in update["status"]
+    layers = h.engine.layer_count
+    for bad, message in [({"learning_rate": 1e308}, "learning_rate must be a finite number > 0 and <= 1"),
+                         ({"lora_layers": -3}, f"lora_layers must be an integer in [0, {layers}]"),
+                         ({"lora_layers": layers + 1}, f"lora_layers must be an integer in [0, {layers}]"),
+                         ({"adaptive": True, "min_reduction": -1}, "min_reduction must be a number in [0, 1]")]:
+        [update] = list(h.respond(QUESTION, None, owner, bad))  # the bounds /v1 applies, in the app too
+        assert "Check the settings" in update["status"] and message in update["error"], bad
     assert h.chat_choices(owner) == []
 
     chat_id = last(list(h.respond(QUESTION, None, owner, FAST)), "chat_id")
@@ -282,7 +289,7 @@ def test_uploads_and_folders_are_ingested_and_bad_files_reported(handlers, tmp_p
 
 def test_removing_a_document_removes_its_passages(sample):
     h = sample
-    [(label, document_id)] = [choice for choice in h.removable(LOCAL) if choice[0].startswith("lighthouse.md")]
+    [(label, document_id)] = [choice for choice in h.removable(LOCAL) if choice[0].startswith("brindlemoor/lighthouse.md")]
     assert h.remove_document(document_id, LOCAL) == "Removed lighthouse.md."
     assert len(h.documents(LOCAL)) == 9 and h.store.passage_count() == 9
     assert "not in the corpus" in h.remove_document(document_id, LOCAL) and "Choose" in h.remove_document(None, LOCAL)
@@ -334,7 +341,7 @@ def test_settings_become_engine_settings_and_the_adapter_follows_them(sample):
     assert any(".layers.0." in n for n in h.engine.adapter.lora_modules) and at_base(h.engine)
 
     failed = list(h.respond(QUESTION, None, user(), {**FAST, "lora_layers": 9}))[-1]
-    assert "top_layers=9 but the model has 4 layers" in failed["status"]
+    assert "Check the settings: lora_layers must be an integer in [0, 4]" in failed["status"]  # before the model
     assert h.engine.adapter.settings.top_layers is None and at_base(h.engine)
     assert last(list(h.respond(QUESTION, None, user(), FAST)), "status").startswith("Answered")
 
