@@ -15,9 +15,10 @@ chat; nothing is stored. Per answer:
   changes);
 - its length in tokens, how it ended (the model stopped, the token limit, a loop), the seconds from
   sending to the whole answer;
-- **where the answer was** (`locate`): whether the passages read, the passages learned from, or
-  only picks that were neither held each fact (a passage holds a fact when it contains one of the
-  fact's accepted answers, as the scorer reads an answer).
+- **where the answer was** (`fact_location`, `question_location`): whether the passages read, the
+  passages learned from, or only picks that were neither held each fact (a passage holds a fact
+  when it contains one of the fact's accepted answers, as the scorer reads an answer, and names
+  the question's subject when it has one).
 
 The report gives per configuration the accuracy, mean answer bits, median length, answers cut at
 the limit, seconds per answer; the same by answer location; and paired differences per question
@@ -204,7 +205,8 @@ def answer_question(engine: Engine, index: int, question: Question, configuratio
     texts = [p.text for p in picks or []]
     locations = [] if picks is None else [fact_location(accepted, [p.text for p in read], texts[:steps], texts,
                                                         question.subject) for accepted in question.facts]
-    return Answer(index, configuration.label, done.answer, all(stated), bits, tokens, done.ended, seconds,
+    return Answer(index, configuration.label, done.answer, states_every_fact(done.raw_answer, question.facts),
+                  bits, tokens, done.ended, seconds,
                   list(done.citations), stated, locations, question_location(locations) if locations else "",
                   [_where(p) for p in picks or []], [_where(p) for p in read], steps)
 
