@@ -217,15 +217,16 @@ def _where(passage) -> str:
 
 def run(engine: Engine, questions: Sequence[Question], configs: Sequence[Configuration],
         settings: ChatSettings, progress: bool = True, max_seconds: float | None = None) -> list[Answer]:
-    """Every question in every configuration. With `max_seconds`, no question is started after that
-    long: the questions answered so far, each in every configuration (still paired)."""
+    """Every question in every configuration. With `max_seconds`, no question after the first is
+    started after that long: the questions answered so far, each in every configuration (still
+    paired)."""
     from tqdm import tqdm
 
     answers = []
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     with tqdm(total=len(questions) * len(configs), disable=not progress, unit="answer") as bar:
         for index, question in enumerate(questions):
-            if deadline is not None and time.monotonic() >= deadline:
+            if index and deadline is not None and time.monotonic() >= deadline:
                 break
             for configuration in configs:
                 answers.append(answer_question(engine, index, question, configuration, settings))

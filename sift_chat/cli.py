@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no answers: where each question's facts are among each method's picks (fast, "
                          "no chat model); picks.md and picks.json")
     qa.add_argument("--max-minutes", type=float,
-                    help="start no question after this long: report the questions answered by then")
+                    help="start no question after this long (the first always runs): report those answered by then")
     qa.add_argument("-n", "--passages", type=int, default=ChatSettings.passages)
     qa.add_argument("--context-passages", type=int, default=ChatSettings.context_passages)
     qa.add_argument("--lam", type=float, default=ChatSettings.lam)

@@ -292,7 +292,7 @@ def test_eval_qa_stops_starting_questions_after_max_minutes(tmp_path, capsys):
     assert main(["make-world", str(world), "--towns", "2"]) == 0
     model = save_tiny_chat_model(tmp_path / "tiny")
     out = tmp_path / "out"
-    # a budget shorter than one answer: the first question is answered in every configuration, no other
+    # a budget shorter than one answer: the first question is still answered in every configuration, no other
     assert main(["--data-dir", str(tmp_path / "home"), "--chat-model", model, "--device", "cpu",
                  "eval-qa", "--corpus", str(world / "documents"), "--questions", str(world / "questions.jsonl"),
                  "--limit", "3", "--modes", "off,context", "--methods", "sift", "-n", "2",
