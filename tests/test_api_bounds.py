@@ -8,10 +8,8 @@ frees its caller at once; picks name documents as they were ingested, not by ser
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
-import pytest
 
 from sift_chat.api import MAX_BODY_BYTES, MAX_CHARACTERS, MAX_MESSAGES
 
