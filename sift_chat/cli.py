@@ -18,7 +18,7 @@ from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS, shown
 from .engine import ChatSettings
 from .evaluation import SETTINGS as EVAL_SETTINGS
 from .retrieval import preselect
-from .vocabulary import EVAL_METHODS, EVAL_MODES, METHODS, MODES, method_label
+from .vocabulary import CONTRAST_TARGETS, EVAL_METHODS, EVAL_MODES, METHODS, MODES, method_label
 
 
 
@@ -128,11 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     qa = commands.add_parser("eval-qa", help="answer accuracy on questions with known answers, per mode and method")
     qa.add_argument("--corpus", required=True, help="the documents the questions are about (a folder)")
-    qa.add_argument("--questions", required=True, help="JSONL: question, answers (accepted), reference")
+    qa.add_argument("--questions", required=True, help="JSONL: question, answers (accepted) or facts (the "
+                    "accepted answers of each fact the answer must state), reference")
     qa.add_argument("--modes", default="off,fine-tune,context,both", help="comma-separated (default: %(default)s)")
     qa.add_argument("--methods", default="nn,sift", help="comma-separated (default: %(default)s)")
     qa.add_argument("--limit", type=int, help="only the first N questions (after --sample)")
     qa.add_argument("--sample", type=int, help="a seeded random sample of N questions")
+    qa.add_argument("--picks-only", action="store_true",
+                    help="no answers: where each question's facts are among each method's picks (fast, "
+                         "no chat model); picks.md and picks.json")
+    qa.add_argument("--max-minutes", type=float,
+                    help="start no question after this long (the first always runs): report those answered by then")
     qa.add_argument("-n", "--passages", type=int, default=ChatSettings.passages)
     qa.add_argument("--context-passages", type=int, default=ChatSettings.context_passages)
     qa.add_argument("--lam", type=float, default=ChatSettings.lam)
@@ -141,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--no-repeat-ngram", type=int, default=ChatSettings.no_repeat_ngram)
     qa.add_argument("--context-contrast", type=float, default=ChatSettings.context_contrast,
                     help="α of context-aware decoding (0: off; default %(default)s)")
+    qa.add_argument("--contrast-against", choices=CONTRAST_TARGETS, default=ChatSettings.contrast_against,
+                    help="the conversation without the passages under the adapted or the base model "
+                         "(default: %(default)s)")
     qa.add_argument("--lr", type=float, default=AdaptationSettings.learning_rate)
     qa.add_argument("--top-layers", type=int, default=AdaptationSettings.top_layers)
     qa.add_argument("--targets", default=AdaptationSettings.target_modules)
@@ -159,9 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "<data-dir>/users.json)")
 
     world = commands.add_parser("make-world", help="write the invented world: documents and questions")
-    world.add_argument("out", help="folder: documents/ and questions.jsonl are written there")
+    world.add_argument("out", help="folder: documents/, questions.jsonl (one fact each) and "
+                       "two-fact-questions.jsonl are written there")
     world.add_argument("--towns", type=int, default=80)
     world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--document-copies", type=int, default=1,
+                       help="write every document this many times, under other names (default: %(default)s)")
     return parser
 
 
@@ -436,11 +448,13 @@ def cmd_eval_qa(args) -> int:
     if args.sample:
         questions = random.Random(args.seed).sample(questions, min(args.sample, len(questions)))
     questions = questions[: args.limit] if args.limit else questions
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes:g}")
     configs = qa.configurations(_names(args.modes), _names(args.methods))
     settings = ChatSettings(passages=args.passages, context_passages=args.context_passages, lam=args.lam,
                             max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                             no_repeat_ngram=args.no_repeat_ngram, context_contrast=args.context_contrast,
-                            seed=args.seed)
+                            contrast_against=args.contrast_against, seed=args.seed)
     for configuration in configs:  # every mode and method checked before anything loads
         ChatSettings(mode=configuration.mode,
                      method=settings.method if configuration.method == qa.NO_METHOD else configuration.method)
@@ -454,26 +468,67 @@ def cmd_eval_qa(args) -> int:
     embedder = _embedder(args)
     store = Store(home / "eval-qa" / f"{corpus.name}-{hashlib.sha1(str(corpus).encode()).hexdigest()[:8]}")
     ingest(store, embedder, [corpus], embedder_name=name, progress=not args.quiet)
+    if args.picks_only:
+        return _pick_locations(args, store, embedder, questions, settings, corpus)
     model, tokenizer = load_chat_model(args.chat_model, args.device, home / "models")
     engine = Engine(store, embedder, model, tokenizer, embedder_name=name, adaptation=adaptation)
-    answers = qa.run(engine, questions, configs, settings, progress=not args.quiet)
-    title = (f"{corpus.name}: {len(questions)} questions, {settings.passages} passages "
+    answers = qa.run(engine, questions, configs, settings, progress=not args.quiet,
+                     max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+    answered = len({a.question for a in answers})
+    if answered < len(questions):
+        print(f"stopped after {args.max_minutes:g} minutes: {answered} of {len(questions)} questions answered",
+              file=sys.stderr)
+    title = (f"{corpus.name}: {answered} questions, {settings.passages} passages "
              f"({settings.context_passages} in context), lr {adaptation.learning_rate}, "
-             f"training on {adaptation.training}")
+             f"training on {adaptation.training}; context-aware decoding α = {settings.context_contrast:g} "
+             f"against the {settings.contrast_against} model")
     meta = {"settings": asdict(settings), "adaptation": asdict(adaptation), "corpus": str(corpus),
-            "questions_file": str(args.questions)}
+            "questions_file": str(args.questions), "sample": args.sample, "limit": args.limit,
+            "max_minutes": args.max_minutes}
     summary = qa.write_report(answers, questions, configs, meta, Path(args.out), title)
     print(qa.markdown(summary, title))
     print(f"written to {args.out}/answers.md and answers.json")
     return 0
 
 
+def _pick_locations(args, store, embedder, questions, settings, corpus: Path) -> int:
+    """eval-qa --picks-only: each method's selection for every question, as chat selects, without
+    the chat model."""
+    import json
+
+    import torch
+
+    from . import answers as qa
+    from .selection import select
+
+    def picks(text: str, method: str):
+        query = embedder.encode(text, normalize_embeddings=True, convert_to_tensor=True).float().cpu()
+        ids, _, vectors = store.nearest(query.numpy(), settings.candidates)
+        chosen = select(query, torch.from_numpy(vectors), method, settings.passages, settings.lam).indices.tolist()
+        passages = store.passages([int(ids[i]) for i in chosen])
+        return [passages[int(ids[i])] for i in chosen]
+
+    located = qa.pick_locations(picks, questions, _names(args.methods))
+    title = f"{corpus.name}: {len(questions)} questions, {settings.passages} picks, λ {settings.lam}"
+    table = f"# {title}\n\n" + qa.pick_table(located)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "picks.md").write_text(table)
+    (out / "picks.json").write_text(json.dumps({"title": title, "questions_file": str(args.questions),
+                                                "located": located}, indent=1))
+    print(table)
+    print(f"written to {args.out}/picks.md and picks.json")
+    return 0
+
+
 def cmd_make_world(args) -> int:
     from .world import write_world
 
-    path = write_world(args.out, towns=args.towns, seed=args.seed)
-    print(f"wrote {sum(1 for _ in (Path(args.out) / 'documents').iterdir())} documents and "
-          f"{sum(1 for _ in path.open())} questions to {args.out}")
+    path = write_world(args.out, towns=args.towns, seed=args.seed, document_copies=args.document_copies)
+    two_fact = path.with_name("two-fact-questions.jsonl")
+    print(f"wrote {sum(1 for _ in (Path(args.out) / 'documents').iterdir())} documents, "
+          f"{sum(1 for _ in path.open())} questions and {sum(1 for _ in two_fact.open())} two-fact questions "
+          f"to {args.out}")
     return 0
 
 

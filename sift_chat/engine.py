@@ -25,13 +25,14 @@ import torch
 
 from . import config
 from .adaptation import AdaptationSettings, Adapter, decoder_layers
+from .decoding import Rows
 from .embedding import shared
 from .generation import answer_processors, cite, contrast, conversation, next_token, repeat_start, training_text
 from .record import AnswerRecord, SelectionRecord
 from .retrieval import FUSION, Candidates, preselect
 from .selection import Selection, select
 from .store import Passage, Store
-from .vocabulary import METHODS, MODES, SettingError, quoted
+from .vocabulary import CONTRAST_TARGETS, METHODS, MODES, SettingError, quoted
 
 # Bounds of the settings a request may carry (the app's sliders and the API check the same ones)
 SEED_MAX = 2**63 - 1  # seed in [0, SEED_MAX]: what torch's generators take
@@ -59,6 +60,9 @@ class ChatSettings:
     max_context_tokens: int = 2048  # prompt + history + passages in context
     context_passages: int = 1  # distinct passages read in the prompt in "context"/"both": the small model answers best from one (README)
     context_contrast: float = 1.0  # α of context-aware decoding (0: off): α = 1 answered best of 0, 0.5, 1 (README)
+    # the conversation without the passages under the adapted or the base model (issue 18: contrasting
+    # the adapted model with itself cancels what the steps taught)
+    contrast_against: str = "adapted"
     seed: int = 0
 
     def __post_init__(self):
@@ -88,6 +92,8 @@ class ChatSettings:
               f"loop_tokens must be an integer in [0, 256], got {quoted(self.loop_tokens)}")
         check(isinstance(self.context_contrast, (int, float)) and 0 <= self.context_contrast <= 3,
               f"context_contrast must be in [0, 3], got {quoted(self.context_contrast)}")
+        check(self.contrast_against in CONTRAST_TARGETS,
+              f"contrast_against must be one of {', '.join(CONTRAST_TARGETS)}, got {quoted(self.contrast_against)}")
         check(self.min_reduction is None or (_real(self.min_reduction) and 0 <= self.min_reduction <= MIN_REDUCTION_MAX),
               f"min_reduction must be a number in [0, {MIN_REDUCTION_MAX:g}] (a share of σ₀²), "
               f"got {quoted(self.min_reduction)}")
@@ -385,9 +391,11 @@ class Engine:
             if truncated:
                 yield Notice(truncated)
             yield Prompted(input_ids, context)
-            # the same conversation without the passages, for context-aware decoding
+            # the same conversation without the passages, for context-aware decoding; against the
+            # base model it differs from the adapted one reading the same words once steps were taken
+            contrasts = context or (settings.contrast_against == "base" and self.adapter.steps > 0)
             unread = (self.chat_input(prompt, history, [], settings)[0]
-                      if context and settings.context_contrast > 0 else None)
+                      if contrasts and settings.context_contrast > 0 else None)
             yield Stage("generate", "started")
             started = time.perf_counter()
             pieces: list[str] = []
@@ -510,30 +518,28 @@ class Engine:
         (how it ended, the answer's text): "end" at a stop token, "limit" after max_new_tokens,
         "repeat" when its last `loop_tokens` tokens repeated earlier ones (the text then ends
         before the repeat). With `unread_ids` (the conversation without its passages) and
-        `settings.context_contrast` > 0, each token is chosen by `generation.contrast` from both.
+        `settings.context_contrast` > 0, each token is chosen by `generation.contrast` from both,
+        the two as rows of one forward per token (`decoding.Rows`); the second row under the base
+        model when `settings.contrast_against` is "base".
 
         Written as a loop in the caller's thread (not `generate` with a streamer thread) so that a
         consumer that stops reading, or a Ctrl-C, stops generation at the next token, and the
         adapter is reset in the same frame.
         """
-        model = self.model
         device = self.adapter.device
         processors = answer_processors(settings.repetition_penalty, settings.no_repeat_ngram)
         generated: list[int] = []
         emitted = ""
-        cache, next_input = None, input_ids.to(device)
         contrasted = unread_ids is not None and settings.context_contrast > 0
-        unread_cache, next_unread = None, unread_ids.to(device) if contrasted else None
+        if contrasted:  # one forward per token for both rows, the second against the base model or not
+            scales = (1.0, 0.0) if settings.contrast_against == "base" else None
+            rows = Rows(self.model, [input_ids.to(device), unread_ids.to(device)], scales)
+        else:
+            rows = Rows(self.model, [input_ids.to(device)])
         ended = "limit"
         for _ in range(settings.max_new_tokens):
-            # logits for the last position only: the head over a large vocabulary is costly
-            output = model(input_ids=next_input, cache=cache, use_cache=True, logits_to_keep=1)
-            cache = output.cache
-            logits = output.logits[0, -1].float()
-            if contrasted:
-                unread = model(input_ids=next_unread, cache=unread_cache, use_cache=True, logits_to_keep=1)
-                unread_cache = unread.cache
-                logits = contrast(logits, unread.logits[0, -1], settings.context_contrast)
+            logits = rows.logits()
+            logits = contrast(logits[0], logits[1], settings.context_contrast) if contrasted else logits[0]
             token = next_token(logits, generated, processors, settings.temperature)
             if token in self.stop_ids:
                 ended = "end"
@@ -544,7 +550,7 @@ class Engine:
                 generated = generated[:repeat]
                 ended = "repeat"
                 break
-            next_input = next_unread = torch.tensor([[token]], device=device)
+            rows.append(token)
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
             if text.endswith("\ufffd"):
                 continue  # half of a multi-byte character: wait for the rest

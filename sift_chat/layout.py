@@ -16,7 +16,7 @@ from .guard import PRIVATE, GuardedBlocks
 from .panel import SETTING_NAMES, default_settings
 from .service import MAX_UPLOAD_BYTES
 from .ui import DEMO_QUESTION, Handlers, render_coverage, render_passages, render_timings, render_variance
-from .vocabulary import METHOD_LABELS, METHODS, MODE_LABELS, MODES
+from .vocabulary import CONTRAST_TARGET_LABELS, CONTRAST_TARGETS, METHOD_LABELS, METHODS, MODE_LABELS, MODES
 
 
 # -- the layout --------------------------------------------------------------------------------
@@ -47,7 +47,9 @@ HELP = {
             "Both: also one LoRA step per passage (about 1.4x slower, not more accurate on our question sets). "
             "Fine-tune: the steps alone. Off: the base model.",
     "context_contrast": "How much the answer favours what the passage says over what the model would say "
-                        "without it (context-aware decoding: a second, cheaper pass per word; 0: off).",
+                        "without it (context-aware decoding: a second row in the same pass per word; 0: off).",
+    "contrast_against": "What the answer is contrasted with: the model without the passage as the steps "
+                        "adapted it, or the base model (which keeps what the steps taught in the contrast).",
     "passages": "At most this many passages, one fine-tuning step each (0: none).",
     "lam": "SIFT's λ: small favours diverse passages, large the most similar ones (λ→∞ repeats the nearest, as NN-F).",
     "adaptive": "Stop selecting once another passage would remove little uncertainty.",
@@ -95,6 +97,9 @@ def build(handlers: Handlers, *, access: Access | None = None):
                                 label="Use the passages to", info=HELP["mode"])
                 context_contrast = gr.Slider(0, 3, value=defaults["context_contrast"], step=0.25,
                                              label="Stick to the passage", info=HELP["context_contrast"])
+                contrast_against = gr.Radio([(CONTRAST_TARGET_LABELS[t], t) for t in CONTRAST_TARGETS],
+                                            value=defaults["contrast_against"], label="Contrast against",
+                                            info=HELP["contrast_against"])
                 passages = gr.Slider(0, 32, value=defaults["passages"], step=1, label="Passages",
                                      info=HELP["passages"])
                 lam = gr.Number(value=defaults["lam"], label="λ", minimum=1e-6, info=HELP["lam"])
@@ -109,7 +114,7 @@ def build(handlers: Handlers, *, access: Access | None = None):
                 max_new_tokens = gr.Slider(16, 1024, value=defaults["max_new_tokens"], step=16,
                                            label="Maximum new tokens", info=HELP["max_new_tokens"],
                                            elem_id="max-new-tokens")
-        settings = [method, mode, context_contrast, passages, lam, adaptive, min_reduction, learning_rate, lora_layers, max_new_tokens]
+        settings = [method, mode, context_contrast, contrast_against, passages, lam, adaptive, min_reduction, learning_rate, lora_layers, max_new_tokens]
 
         gr.Markdown("# sift-chat\nChat with your documents. For every message the model picks the passages "
                     "that most reduce its uncertainty about your question (SIFT), reads the best one and "

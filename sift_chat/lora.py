@@ -16,11 +16,19 @@ and two of those copies; a 256-token step is about 1.08× faster this way, READM
 
 With B = 0 the layer computes exactly what the base layer computes (the LoRA term adds zeros).
 With dropout p > 0 the LoRA branch reads dropout(x), through plain autograd.
+
+In generation (no autograd) a batch's rows can each weigh the adapter, m [batch] (`row_scales`):
+
+    y_i = x_i Wᵀ + b + m_i · s · (x_i Aᵀ) Bᵀ
+
+so one forward serves the adapted model (m_i = 1) and the base model (m_i = 0, bit for bit the
+base layer: the term adds exact zeros) side by side.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +37,8 @@ from torch import nn
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear (`base`) plus the trainable low-rank term s · B A. `enabled = False`
-    makes it the base layer (for the base model while an adapter is held)."""
+    makes it the base layer (for the base model while an adapter is held); `row_scale` [batch],
+    set by `row_scales` for generation, weighs the adapter per row of the batch."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -40,10 +49,16 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.dropout = dropout
         self.enabled = True
+        self.row_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
+        if self.row_scale is not None:
+            if torch.is_grad_enabled():
+                raise RuntimeError("per-row adapter scales are for generation: run under torch.no_grad()")
+            return _lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
+                                self.row_scale)[0]
         if self.dropout > 0 and self.training:
             lora = F.linear(F.linear(F.dropout(x, self.dropout), self.lora_A), self.lora_B)
             return self.base(x) + self.scaling * lora
@@ -55,11 +70,14 @@ class LoRALinear(nn.Module):
         return f"rank={self.lora_A.shape[0]}, scaling={self.scaling:g}, enabled={self.enabled}"
 
 
-def _lora_linear(x, weight, bias, lora_a, lora_b, scaling):
-    """(y, rows, h): y = x Wᵀ + b + s (x Aᵀ) Bᵀ, and x as rows and h = x Aᵀ for the backward."""
+def _lora_linear(x, weight, bias, lora_a, lora_b, scaling, row_scale=None):
+    """(y, rows, h): y = x Wᵀ + b + s (x Aᵀ) Bᵀ, and x as rows and h = x Aᵀ for the backward;
+    with `row_scale` m [batch] (x: [batch, …, in]), row i's h is m_i (x_i Aᵀ)."""
     rows = x.reshape(-1, x.shape[-1])
     y = F.linear(x, weight, bias)  # the base layer's own op, so that B = 0 gives its output bit for bit
     h = rows @ lora_a.T
+    if row_scale is not None:
+        h = (h.view(row_scale.shape[0], -1, h.shape[-1]) * row_scale.view(-1, 1, 1).to(h.dtype)).view_as(h)
     y.view(-1, y.shape[-1]).addmm_(h, lora_b.T, alpha=scaling)
     return y, rows, h
 
@@ -87,6 +105,23 @@ class _LoRALinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad_rows @ weight).addmm_(grad_h, lora_a).view(ctx.x_shape)
         return grad_x, None, None, grad_a, grad_b, None
+
+
+@contextmanager
+def row_scales(model: nn.Module, scales: Sequence[float] | torch.Tensor | None) -> Iterator[nn.Module]:
+    """The model with each LoRA layer weighing its adapter by scales[i] in row i of the batch (1: the
+    adapted model, 0: the base model), for forwards under torch.no_grad(); None leaves every row
+    adapted. Back to None on exit, whatever happens."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if scales is not None and layers:
+        scales = torch.as_tensor(scales, dtype=layers[0].lora_A.dtype, device=layers[0].lora_A.device)
+    for layer in layers:
+        layer.row_scale = scales
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_scale = None
 
 
 def layer_index(name: str, layers_name: str) -> int | None:

@@ -17,15 +17,15 @@ from .generation import cite
 from .record import AnswerRecord
 from .vocabulary import SettingError, quoted
 
-SETTING_NAMES = ("method", "mode", "context_contrast", "passages", "lam", "adaptive", "min_reduction",
-                 "learning_rate", "lora_layers", "max_new_tokens")
+SETTING_NAMES = ("method", "mode", "context_contrast", "contrast_against", "passages", "lam", "adaptive",
+                 "min_reduction", "learning_rate", "lora_layers", "max_new_tokens")
 
 
 def default_settings() -> dict:
     """The settings panel's starting values: the engine's own defaults."""
     chat, adaptation = ChatSettings(), AdaptationSettings()
     return {"method": chat.method, "mode": chat.mode, "context_contrast": chat.context_contrast,
-            "passages": chat.passages, "lam": chat.lam,
+            "contrast_against": chat.contrast_against, "passages": chat.passages, "lam": chat.lam,
             "adaptive": chat.min_reduction is not None, "min_reduction": chat.min_reduction or 0.02,
             "learning_rate": adaptation.learning_rate, "lora_layers": adaptation.top_layers or 0,
             "max_new_tokens": chat.max_new_tokens}
@@ -63,6 +63,7 @@ def parse_settings(values: dict, base: AdaptationSettings, chat_base: ChatSettin
     chat = replace(
         chat_base or ChatSettings(),
         method=values["method"], mode=values["mode"], context_contrast=number("context_contrast"),
+        contrast_against=values["contrast_against"],
         passages=number("passages", int),
         lam=number("lam"), min_reduction=number("min_reduction") if values["adaptive"] else None,
         max_new_tokens=number("max_new_tokens", int),

@@ -14,6 +14,12 @@ METHOD_LABELS = {"sift": "SIFT", "nn": "NN", "nnf": "NN-F", "us": "US"}
 MODES = ("fine-tune", "context", "both", "off")
 MODE_LABELS = {"fine-tune": "Fine-tune", "context": "Context", "both": "Both", "off": "Off"}
 
+# What context-aware decoding contrasts the answer against: the conversation without the passages
+# under the adapted model (the steps' adapter on), or under the base model (adapter off for that
+# row), which keeps what the steps taught in the contrast (in "fine-tune" too: the same conversation).
+CONTRAST_TARGETS = ("adapted", "base")
+CONTRAST_TARGET_LABELS = {"adapted": "The adapted model", "base": "The base model"}
+
 # The evaluation's baseline: the base model, no selection. It is what mode "off" answers with in a
 # chat; the evaluation lists it as a method so that every table has its reference row.
 BASE_MODEL = "none"

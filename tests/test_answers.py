@@ -29,8 +29,8 @@ def test_questions_load_from_jsonl_and_bad_lines_say_where(tmp_path):
     good = tmp_path / "q.jsonl"
     good.write_text('{"question": "Who?", "answers": ["Vance"], "reference": "Vance did."}\n\n'
                     '{"question": "When?", "answers": [1742]}\n')
-    assert qa.load_questions(good) == [qa.Question("Who?", ("Vance",), "Vance did."),
-                                       qa.Question("When?", ("1742",), "1742")]
+    assert qa.load_questions(good) == [qa.Question("Who?", (("Vance",),), "Vance did."),
+                                       qa.Question("When?", (("1742",),), "1742")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Who?", "answers": ["Vance"]}\n{"question": "When?"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2"):
@@ -38,6 +38,75 @@ def test_questions_load_from_jsonl_and_bad_lines_say_where(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no questions"):
         qa.load_questions(tmp_path / "empty.jsonl")
+
+
+def test_a_two_fact_question_counts_only_with_both_facts(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": "Who founded Varnholt, and in what year?", "facts": [["Birk"], ["1523", "MDXXIII"]], '
+                    '"reference": "Varnholt was founded by Ada Birk in 1523.", "town": "Varnholt"}\n'
+                    '{"question": "Who?", "facts": [["Birk"], []]}\n')
+    with pytest.raises(ValueError, match="line 2"):  # a fact nothing answers can never be scored
+        qa.load_questions(path)
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    [question] = qa.load_questions(path)
+    assert question.facts == (("Birk",), ("1523", "MDXXIII")) and question.subject == "Varnholt"
+    assert qa.states_every_fact("Ada Birk founded it in MDXXIII.", question.facts)
+    assert not qa.states_every_fact("It was founded by Ada Birk.", question.facts)
+    assert not qa.states_every_fact("It was founded in 1523.", question.facts)
+    assert not qa.states_every_fact("anything", ())
+
+
+def test_where_the_answer_was_for_each_fact_and_for_the_question():
+    year, founder = ("1523",), ("Birk",)
+    first = "Varnholt was founded in 1523."
+    second = "Ada Birk founded Varnholt."
+    other = "The ferry leaves Varnholt at 7:05."
+    # context: the first pick read, nothing stepped on
+    assert qa.fact_location(year, [first], [], [first, second]) == "read"
+    assert qa.fact_location(founder, [first], [], [first, second]) == "picked, unused"
+    assert qa.fact_location(founder, [first], [], [first, other]) == "no pick"
+    # both: every pick stepped on, the first one read too
+    assert qa.fact_location(year, [first], [first, second], [first, second]) == "read and learned"
+    assert qa.fact_location(founder, [first], [first, second], [first, second]) == "only learned"
+    # fine-tune: nothing read
+    assert qa.fact_location(year, [], [other, first], [other, first]) == "only learned"
+    # a neighbour's passage with the same answer does not hold this town's fact
+    neighbour = "Varnmere was founded in 1523."
+    assert qa.fact_location(year, [neighbour], [], [neighbour], subject="Varnholt") == "no pick"
+    assert qa.fact_location(year, [neighbour], [], [neighbour]) == "read"
+    # a question is where its least available fact was
+    assert qa.question_location(["read and learned", "only learned"]) == "only learned"
+    assert qa.question_location(["read", "picked, unused"]) == "picked, unused"
+    assert qa.question_location(["only learned", "no pick"]) == "no pick"
+    assert qa.question_location(["read"]) == "read"
+
+
+def test_the_report_gives_accuracy_and_bits_by_answer_location():
+    def answer(question, configuration, correct, bits, location, facts=1):
+        return qa.Answer(question, configuration, "", correct, bits, 5, "end", 1.0, [],
+                         [correct] * facts, [location] * facts, location)
+
+    answers = [answer(0, "both sift", True, 4.0, "only learned", 2), answer(0, "context sift", False, 9.0, "picked, unused", 2),
+               answer(1, "both sift", False, 6.0, "only learned", 2), answer(1, "context sift", False, 8.0, "picked, unused", 2),
+               answer(2, "both sift", True, 3.0, "read and learned"), answer(2, "context sift", True, 3.5, "read")]
+    summary = qa.summarise(answers, qa.configurations(["context", "both"], ["sift"]))
+    rows = {(r["configuration"], r["location"]): r for r in summary["by_location"]}
+    assert rows["both sift", "only learned"]["questions"] == 2
+    assert rows["both sift", "only learned"]["accuracy"][0] == pytest.approx(50.0)
+    assert rows["both sift", "only learned"]["bits"][0] == pytest.approx(5.0)
+    assert rows["context sift", "read"]["share"] == pytest.approx(100 / 3)
+    [paired] = [p for p in summary["paired"] if p["first"] == "both sift"]
+    by = {part["location"]: part for part in paired["by_location"]}
+    assert by["only learned"]["questions"] == 2 and by["only learned"]["better"] == 1
+    assert by["only learned"]["bits"][0] == pytest.approx(-3.5)
+    # one- and two-fact questions mixed: each set reported on its own too
+    assert [part["facts"] for part in summary["sets"]] == [1, 2]
+    text = qa.markdown(summary, "t")
+    assert "| both sift | only learned | 2 | 67 | 50.0 ± 50.0 | 5.0 ± 1.0 |" in text
+    assert "## Questions about 2 facts" in text
+    facts = {(r["configuration"], r["location"]): (r["facts"], r["stated"]) for r in summary["facts_by_location"]}
+    assert facts["both sift", "only learned"] == (4, 2) and facts["context sift", "picked, unused"] == (4, 0)
+    assert "| both sift | only learned | 4 | 2 |" in text
 
 
 def test_answer_bits_are_the_sum_of_the_reference_tokens_surprisal():
@@ -95,6 +164,52 @@ def test_the_invented_world_states_each_fact_in_as_many_documents_as_it_says(tmp
     assert (tmp_path / "c" / "questions.jsonl").read_text() != path.read_text()
 
 
+def test_two_fact_questions_need_two_documents_of_the_same_town(tmp_path):
+    write_world(tmp_path / "a", towns=8, seed=5)
+    path = tmp_path / "a" / "two-fact-questions.jsonl"
+    questions = [json.loads(line) for line in path.read_text().splitlines()]
+    documents = {p.name: p.read_text() for p in (tmp_path / "a" / "documents").iterdir()}
+    assert len(questions) >= 8 and len({q["town"] for q in questions}) >= 4
+    for question in questions:
+        town = question["town"]
+        assert question["question"].count(town) == 1 and question["question"].endswith("?")
+        # (another town may share a trade or a river: a document states a town's fact when it names the town)
+        stating = [{name for name, text in documents.items() if town in text and any(a in text for a in accepted)}
+                   for accepted in question["facts"]]
+        # each fact is stated in its own town's documents, as many times as recorded, and never
+        # beside the other one: no single document answers the question
+        for names, copies, listed in zip(stating, question["copies"], question["documents"]):
+            assert names == set(listed) and len(names) == copies
+            assert all(name.startswith(town.lower() + "-") for name in names)
+        assert not stating[0] & stating[1]
+        assert all(question["facts"][i][0] in question["reference"] for i in range(2))
+    # the single-fact questions are still there, one per fact
+    assert len((tmp_path / "a" / "questions.jsonl").read_text().splitlines()) == 8 * 7
+    # the same seed, the same questions
+    write_world(tmp_path / "b", towns=8, seed=5)
+    assert (tmp_path / "b" / "two-fact-questions.jsonl").read_text() == path.read_text()
+    write_world(tmp_path / "c", towns=8, seed=6)
+    assert (tmp_path / "c" / "two-fact-questions.jsonl").read_text() != path.read_text()
+
+
+def test_the_world_with_every_document_three_times(tmp_path):
+    once, thrice = tmp_path / "once", tmp_path / "thrice"
+    write_world(once, towns=4, seed=2)
+    assert main(["make-world", str(thrice), "--towns", "4", "--seed", "2", "--document-copies", "3"]) == 0
+    single = {p.name: p.read_text() for p in (once / "documents").iterdir()}
+    tripled = {p.name: p.read_text() for p in (thrice / "documents").iterdir()}
+    assert len(tripled) == 3 * len(single)
+    for name, text in single.items():
+        stem = name.removesuffix(".txt")
+        assert tripled[name] == tripled[f"{stem}-2.txt"] == tripled[f"{stem}-3.txt"] == text
+    for line_once, line_thrice in zip((once / "questions.jsonl").read_text().splitlines(),
+                                      (thrice / "questions.jsonl").read_text().splitlines()):
+        a, b = json.loads(line_once), json.loads(line_thrice)
+        assert a["question"] == b["question"] and a["copies"] == b["copies"]
+        assert len(b["documents"]) == 3 * len(a["documents"]) and set(a["documents"]) <= set(b["documents"])
+    assert main(["make-world", str(tmp_path / "x"), "--document-copies", "0"]) == 2
+
+
 def test_eval_qa_end_to_end_on_a_tiny_model(tmp_path, capsys):
     world = tmp_path / "world"
     assert main(["make-world", str(world), "--towns", "2"]) == 0
@@ -124,3 +239,89 @@ def test_eval_qa_refuses_an_unknown_mode_before_loading_anything(tmp_path, capsy
     code = main(["--data-dir", str(tmp_path / "home"), "eval-qa", "--corpus", str(tmp_path),
                  "--questions", str(tmp_path / "q.jsonl"), "--modes", "sideways"])
     assert code == 2 and "mode must be one of" in capsys.readouterr().err
+
+
+def test_eval_qa_reports_where_the_answer_was_for_mixed_question_sets(tmp_path):
+    world = tmp_path / "world"
+    assert main(["make-world", str(world), "--towns", "2", "--seed", "1"]) == 0
+    single = [json.loads(line) for line in (world / "questions.jsonl").read_text().splitlines()][:2]
+    two = [json.loads(line) for line in (world / "two-fact-questions.jsonl").read_text().splitlines()][:2]
+    assert len(two) == 2
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(q) + "\n" for q in single + two))
+    model = save_tiny_chat_model(tmp_path / "tiny")
+    out = tmp_path / "out"
+    assert main(["--data-dir", str(tmp_path / "home"), "--chat-model", model, "--device", "cpu",
+                 "eval-qa", "--corpus", str(world / "documents"), "--questions", str(mixed),
+                 "--modes", "off,context,both", "--methods", "sift", "-n", "3",
+                 "--max-new-tokens", "4", "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "answers.json").read_text())
+    records = single + two
+    for a in result["answers"]:
+        facts = records[a["question"]].get("facts") or [records[a["question"]]["answers"]]
+        assert len(a["facts_stated"]) == len(facts) and a["correct"] == all(a["facts_stated"])
+        if a["configuration"] == "off":
+            assert a["location"] == "" and a["picked"] == [] and a["steps"] == 0
+            continue
+        # every world document is one passage: the location follows from which files were picked,
+        # read and stepped on, and the files that state each fact
+        files = lambda places: {p.split(":")[0] for p in places}  # noqa: E731
+        picked, read = files(a["picked"]), files(a["read"])
+        learned = files(a["picked"][: a["steps"]])
+        assert len(read) == 1 and a["steps"] == (3 if a["configuration"] == "both sift" else 0)
+        listed = records[a["question"]]["documents"]
+        for location, names in zip(a["fact_locations"], listed if len(facts) > 1 else [listed]):
+            names = set(names)
+            expected = ("read and learned" if names & read and names & learned else "read" if names & read
+                        else "only learned" if names & learned else "picked, unused" if names & picked
+                        else "no pick")
+            assert location == expected, a
+        assert a["location"] == qa.question_location(a["fact_locations"])
+    text = (out / "answers.md").read_text()
+    assert "| configuration | answer location | questions |" in text
+    assert "## Questions about one fact" in text and "## Questions about 2 facts" in text
+    assert [part["facts"] for part in result["summary"]["sets"]] == [1, 2]
+    located = {(row["configuration"], row["location"]) for row in result["summary"]["by_location"]}
+    assert all(location in qa.LOCATIONS and configuration != "off" for configuration, location in located)
+    assert sum(row["questions"] for row in result["summary"]["by_location"]
+               if row["configuration"] == "both sift") == 4
+
+
+def test_eval_qa_stops_starting_questions_after_max_minutes(tmp_path, capsys):
+    world = tmp_path / "world"
+    assert main(["make-world", str(world), "--towns", "2"]) == 0
+    model = save_tiny_chat_model(tmp_path / "tiny")
+    out = tmp_path / "out"
+    # a budget shorter than one answer: the first question is still answered in every configuration, no other
+    assert main(["--data-dir", str(tmp_path / "home"), "--chat-model", model, "--device", "cpu",
+                 "eval-qa", "--corpus", str(world / "documents"), "--questions", str(world / "questions.jsonl"),
+                 "--limit", "3", "--modes", "off,context", "--methods", "sift", "-n", "2",
+                 "--max-new-tokens", "3", "--max-minutes", "0.00001", "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "answers.json").read_text())
+    assert sorted((a["question"], a["configuration"]) for a in result["answers"]) == [(0, "context sift"), (0, "off")]
+    assert result["title"].startswith("documents: 1 questions")
+    assert "1 of 3 questions answered" in capsys.readouterr().err
+    assert main(["eval-qa", "--corpus", str(world), "--questions", str(world / "questions.jsonl"),
+                 "--max-minutes", "0"]) == 2
+
+
+def test_eval_qa_picks_only_locates_the_facts_among_each_methods_picks_without_a_chat_model(tmp_path):
+    world = tmp_path / "world"
+    assert main(["make-world", str(world), "--towns", "2", "--seed", "1"]) == 0
+    out = tmp_path / "out"
+    assert main(["--data-dir", str(tmp_path / "home"), "--chat-model", str(tmp_path / "no-such-model"),
+                 "eval-qa", "--corpus", str(world / "documents"), "--picks-only",
+                 "--questions", str(world / "two-fact-questions.jsonl"), "--methods", "nn,sift", "-n", "3",
+                 "--out", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in (world / "two-fact-questions.jsonl").read_text().splitlines()]
+    located = json.loads((out / "picks.json").read_text())["located"]
+    assert len(located) == 2 * len(records)
+    for row in located:
+        picked = [p.split(":")[0] for p in row["picked"]]
+        assert len(picked) == 3 and (row["method"] == "sift" or len(set(picked)) == 3)
+        for location, names in zip(row["fact_locations"], records[row["question"]]["documents"]):
+            names = set(names)  # as `both` would use them: the first pick read, all stepped on
+            assert location == ("read and learned" if picked[0] in names else
+                                "only learned" if names & set(picked) else "no pick")
+        assert row["location"] in ("only learned", "no pick")  # no passage holds both facts
+    assert "| nn | " in (out / "picks.md").read_text() and "| sift | " in (out / "picks.md").read_text()

@@ -190,7 +190,7 @@ def test_history_reaches_the_model(client, server, monkeypatch):
 
 def test_the_extension_round_trips_and_is_validated_like_the_app(client):
     sift = {"method": "nn", "mode": "both", "passages": 2, "lam": 0.1, "learning_rate": 0.005, "lora_layers": 2,
-            "context_contrast": 0.5}
+            "context_contrast": 0.5, "contrast_against": "base"}
     _, _, extension = ask(client, sift=sift, max_tokens=3)
     assert {k: extension[k] for k in sift} == sift
     assert extension["selection"]["method"] == "nn" and len(extension["selection"]["picks"]) == 2
@@ -202,6 +202,7 @@ def test_the_extension_round_trips_and_is_validated_like_the_app(client):
                          ({"lora_layers": -3}, "lora_layers must be an integer in [0, 4]"),
                          ({"min_reduction": -1}, "min_reduction must be a number in [0, 1]"),
                          ({"context_contrast": 9}, "context_contrast must be in [0, 3]"),
+                         ({"contrast_against": "other"}, "contrast_against must be one of adapted, base"),
                          ({"temperature": 1}, "unknown sift setting")]:
         with pytest.raises(openai.BadRequestError) as caught:
             ask(client, sift=bad, max_tokens=2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from sift_chat.lora import LoRALinear, _LoRALinearFunction, add_lora, layer_index, remove_lora
+from sift_chat.lora import LoRALinear, _LoRALinearFunction, add_lora, layer_index, remove_lora, row_scales
 from tests.tiny import logits, tiny_model, tiny_tokenizer
 
 
@@ -69,6 +69,34 @@ def test_zero_b_is_the_base_layer_bit_for_bit():
     with torch.no_grad():
         layer.lora_B.normal_()
     assert torch.equal(layer(x), layer.base(x))
+
+
+def test_row_scales_give_base_rows_bit_for_bit_beside_adapted_rows():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    layers = add_lora(model, ["q_proj", "v_proj", "up_proj", "down_proj"], rank=2, alpha=4.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in layers.values():  # a non-zero B: the adapted model differs from the base model
+            layer.lora_A.normal_()
+            layer.lora_B.normal_(std=0.5)
+    ids = torch.tensor([tokenizer(text)["input_ids"][:5] for text in
+                        ["The quick brown fox jumps.", "SIFT selects passages that", "Nearest neighbours retrieve the"]])
+    adapted = logits(model, ids)
+    for layer in layers.values():
+        layer.enabled = False
+    base = logits(model, ids)
+    for layer in layers.values():
+        layer.enabled = True
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    with row_scales(model, [1.0, 0.0, 1.0]):  # one forward: rows 0 and 2 adapted, row 1 the base model
+        mixed = logits(model, ids)
+        with pytest.raises(RuntimeError, match="generation"):  # a step would learn through a masked row
+            model(input_ids=ids, use_cache=False)
+    assert torch.equal(mixed[1], base[1])
+    assert torch.equal(mixed[[0, 2]], adapted[[0, 2]])
+    assert all(layer.row_scale is None for layer in layers.values())  # back to every row adapted
+    assert torch.equal(logits(model, ids), adapted)
 
 
 def test_dropout_applies_to_the_lora_branch_in_training_only():

@@ -348,10 +348,11 @@ def test_settings_become_engine_settings_and_the_adapter_follows_them(sample):
     h = sample
     chat, adaptation = parse_settings({"method": "nn", "mode": "both", "passages": 5.0, "lam": 0.1,
                                        "adaptive": True, "min_reduction": 0.05, "learning_rate": 0.01,
-                                       "lora_layers": 2, "max_new_tokens": 32.0, "context_contrast": 0.5},
+                                       "lora_layers": 2, "max_new_tokens": 32.0, "context_contrast": 0.5,
+                                       "contrast_against": "base"},
                                       h.base_adaptation)
     assert (chat.method, chat.mode, chat.passages, chat.lam, chat.min_reduction, chat.max_new_tokens,
-            chat.context_contrast) == ("nn", "both", 5, 0.1, 0.05, 32, 0.5)
+            chat.context_contrast, chat.contrast_against) == ("nn", "both", 5, 0.1, 0.05, 32, 0.5, "base")
     assert adaptation.learning_rate == 0.01 and adaptation.top_layers == 2
     assert adaptation.max_passage_tokens == 64  # the engine's other settings are kept
     chat, adaptation = parse_settings({"adaptive": False, "lora_layers": 0}, h.base_adaptation)

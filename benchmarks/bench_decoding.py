@@ -1,0 +1,169 @@
+"""Seconds per answer token: plain greedy, and context-aware decoding as two passes or as one batch.
+
+    .venv/bin/python benchmarks/bench_decoding.py [--tokens 32] [--repeats 3] [--prompts N] [--threads N]
+                                                  [--before] [--json PATH]
+
+On the sample corpus and the default models, for each sample prompt the engine builds what the
+chat default reads (the top passage in the prompt) and the same conversation without it; each way
+of decoding then takes `--tokens` greedy steps from it (the stop token ignored, so every way
+decodes as many tokens):
+
+    plain greedy         one row, one forward per token (context-aware decoding off)
+    two passes           a forward with the passage, then one without (the loop before issue 19)
+    one batch            both conversations as two rows of one forward (`decoding.Rows`)
+    one batch, base      the same, the row without the passage under the base model (adapter off)
+    … torch's threads    (--before) plain greedy and two passes as before issue 19: steps on torch's threads
+
+Every step but the last two rows' runs on `decoding.DECODE_THREADS` (1) thread, as the engine's
+do, so that the first four rows differ only in batching.
+
+Prints the median seconds of the prefill (from the ids to the first token's logits) and per token
+after it, over prompts × repeats, the ways interleaved so all see the same load; each way's
+per-token time against plain greedy in the same run; whether the two-pass and batched contrast
+chose the same tokens; and the load average before and after (the machine may be shared). Bar
+(issue 19): context-aware decoding ≤ 1.15× plain greedy per answer token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+from sift_chat import config  # noqa: E402
+from sift_chat.corpus import ingest  # noqa: E402
+from sift_chat.decoding import DECODE_THREADS, Rows, at_most_threads  # noqa: E402
+from sift_chat.engine import ChatSettings, Engine  # noqa: E402
+from sift_chat.generation import contrast  # noqa: E402
+from sift_chat.models import load_chat_model, load_embedder  # noqa: E402
+from sift_chat.store import Store  # noqa: E402
+
+PROMPTS = [
+    "Who founded Brindlemoor and who keeps the lighthouse?",
+    "When is the lantern festival and what is eaten there?",
+    "How many people live in Brindlemoor, and when does the ferry leave?",
+    "What are the bottles of the glassworks coloured with?",
+    "Tell me about the history of the town.",
+]
+ALPHA = 1.0
+
+
+@torch.no_grad()
+def two_passes(model, read, unread, tokens: int, threads: int) -> tuple[float, list[float], list[int]]:
+    """The loop before issue 19: each token a forward with the passage, then one without (the steps
+    on at most `threads` threads)."""
+    started = time.perf_counter()
+    out, alone = model(input_ids=read, use_cache=True, logits_to_keep=1), model(input_ids=unread, use_cache=True,
+                                                                               logits_to_keep=1)
+    prefill, times, chosen = time.perf_counter() - started, [], []
+    for _ in range(tokens):
+        token = int(contrast(out.logits[0, -1].float(), alone.logits[0, -1], ALPHA).argmax())
+        chosen.append(token)
+        step = time.perf_counter()
+        ids = torch.tensor([[token]])
+        with at_most_threads(threads, ids.device):
+            out = model(input_ids=ids, cache=out.cache, use_cache=True, logits_to_keep=1)
+            alone = model(input_ids=ids, cache=alone.cache, use_cache=True, logits_to_keep=1)
+        times.append(time.perf_counter() - step)
+    return prefill, times, chosen
+
+
+def rows(model, prompts, tokens: int, scales=None, threads: int = DECODE_THREADS) -> tuple[float, list[float], list[int]]:
+    started = time.perf_counter()
+    decoding = Rows(model, prompts, scales, threads)
+    logits = decoding.logits()
+    prefill, times, chosen = time.perf_counter() - started, [], []
+    for _ in range(tokens):
+        token = int((contrast(logits[0], logits[1], ALPHA) if len(prompts) == 2 else logits[0]).argmax())
+        chosen.append(token)
+        step = time.perf_counter()
+        decoding.append(token)
+        logits = decoding.logits()
+        times.append(time.perf_counter() - step)
+    return prefill, times, chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32, help="greedy steps per prompt (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs over the prompts (default: %(default)s)")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--before", action="store_true",
+                        help="also the steps on torch's threads, as before issue 19 (slow on a loaded machine)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    embedder = load_embedder(config.DEFAULT_EMBEDDER, args.device)
+    model, tokenizer = load_chat_model(config.DEFAULT_CHAT_MODEL, args.device, config.data_dir() / "models")
+    with tempfile.TemporaryDirectory() as folder, Store(folder) as store:
+        ingest(store, embedder, [ROOT / "corpora" / "brindlemoor"], embedder_name=config.DEFAULT_EMBEDDER,
+               progress=False)
+        engine = Engine(store, embedder, model, tokenizer, embedder_name=config.DEFAULT_EMBEDDER)
+        settings = ChatSettings()
+        conversations = []
+        for prompt in PROMPTS[: args.prompts]:
+            picks = engine.select(engine.embed(prompt), settings).picks
+            read = engine.chat_input(prompt, [], [picks[0].passage], settings)[0]
+            conversations.append((read, engine.chat_input(prompt, [], [], settings)[0]))
+    model = engine.model  # with the LoRA layers in it, at B = 0, as the engine answers
+    ways = {
+        "plain greedy": lambda read, unread: rows(model, [read], args.tokens),
+        "two passes": lambda read, unread: two_passes(model, read, unread, args.tokens, DECODE_THREADS),
+        "one batch": lambda read, unread: rows(model, [read, unread], args.tokens),
+        "one batch, base": lambda read, unread: rows(model, [read, unread], args.tokens, (1.0, 0.0)),
+    }
+    if args.before:
+        threads = torch.get_num_threads()
+        ways["plain greedy, torch's threads"] = lambda read, unread: rows(model, [read], args.tokens, threads=threads)
+        ways["two passes, torch's threads"] = lambda read, unread: two_passes(model, read, unread, args.tokens, threads)
+    load_before = os.getloadavg()
+    rows(model, list(conversations[0]), 4)  # warm-up
+    prefill = {way: [] for way in ways}
+    per_token = {way: [] for way in ways}
+    chosen = {way: [] for way in ways}
+    for repeat in range(args.repeats):
+        for number, (read, unread) in enumerate(conversations, 1):
+            print(f"repeat {repeat + 1}, prompt {number}", file=sys.stderr, flush=True)
+            for way, decode in ways.items():  # interleaved: every way sees the same load
+                seconds, times, tokens = decode(read, unread)
+                prefill[way].append(seconds)
+                per_token[way].append(statistics.median(times))
+                chosen[way].append(tokens)
+    load_after = os.getloadavg()
+
+    medians = {way: (statistics.median(prefill[way]), statistics.median(per_token[way])) for way in ways}
+    reference = medians["plain greedy"][1]
+    same = sum(a == b for a, b in zip(chosen["two passes"], chosen["one batch"]))
+    print(f"{config.DEFAULT_CHAT_MODEL}, fp32, {torch.get_num_threads()} threads, {os.cpu_count()} cores; sample "
+          f"corpus, {len(conversations)} prompts × {args.repeats} repeats, {args.tokens} tokens each; prompt with "
+          f"the passage {statistics.median(r.shape[1] for r, _ in conversations):g} tokens, without "
+          f"{statistics.median(u.shape[1] for _, u in conversations):g} (medians); α = {ALPHA:g}")
+    print(f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after\n")
+    print("| decoding | prefill, s | per token, ms | per token vs plain greedy |")
+    print("|---|---|---|---|")
+    for way, (first, step) in medians.items():
+        print(f"| {way} | {first:.3f} | {step * 1000:.1f} | {step / reference:.2f}x |")
+    batched = medians["one batch"][1] / reference
+    print(f"\nthe two passes and one batch chose the same tokens for {same} of {len(chosen['one batch'])} runs")
+    print(f"bar: context-aware decoding <= 1.15x plain greedy per token: {'met' if batched <= 1.15 else 'MISSED'} "
+          f"({batched:.2f}x; two passes {medians['two passes'][1] / reference:.2f}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"prefill": prefill, "per_token": per_token, "load": [load_before,
+                                                                                                    load_after]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Decoding several conversations at once: one forward per token for all of them, each with its own KV cache.
+
+Context-aware decoding scores every answer token from two conversations, with and without the
+passages (`generation.contrast`). Decoding a small model on a CPU is bound by reading its weights,
+so the two are rows of one batch, not two forwards one after the other:
+
+    prefill   each conversation alone (no work on padding), its own DynamicCache
+    merge     the caches left-padded to the longest, as one batch's DynamicCache; the attention
+              mask is 0 over each row's padding, and each row's position ids count its own tokens
+    step      the chosen token appended to every row, one forward over the batch
+
+Each row may weigh the LoRA adapter on its own (`lora.row_scales`: 1 the adapted model, 0 the base
+model), so one forward serves "adapted, with the passages" and "base, without them".
+
+The steps run on one CPU thread (the prefill on torch's): a token per row makes every matmul
+memory-bound, so a second thread only adds a barrier to every op, and on shared cores each
+barrier waits for a descheduled thread (README: a batch of two at 2 threads took 5x its time
+at 1 thread on the loaded 2-core machine, one row 2.7x).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from .lora import row_scales
+
+DECODE_THREADS = 1  # torch threads for a decoding step on the CPU (module docstring)
+
+
+def left_padded(caches: Sequence[DynamicCache], config) -> DynamicCache:
+    """One batch's cache from single-row caches of lengths T_i: each layer's keys and values
+    [1, heads, T_i, d] zero-padded on the left to max T_i and stacked on the batch dimension. The
+    padding is never attended to (the caller's attention mask is 0 there)."""
+    longest = max(cache.get_seq_length() for cache in caches)
+    merged = DynamicCache(config=config)
+    for index, layers in enumerate(zip(*(cache.layers for cache in caches))):
+        keys = torch.cat([F.pad(layer.keys, (0, 0, longest - layer.keys.shape[-2], 0)) for layer in layers])
+        values = torch.cat([F.pad(layer.values, (0, 0, longest - layer.values.shape[-2], 0)) for layer in layers])
+        merged.update(keys, values, index)
+    return merged
+
+
+class Rows:
+    """Conversations [1, T_i] decoded together by a causal LM, each row weighing the adapter by
+    `adapter_scales[i]` (None: every row adapted). `logits()` are the next-token logits of every
+    row [B, V] (fp32); `append(token)` adds the same token to every row. The forward for a token
+    runs when its logits are first asked for, so a token after which decoding stops costs none;
+    it runs on at most `threads` torch threads.
+
+    One row decodes exactly as a plain loop does (no mask, no position ids)."""
+
+    def __init__(self, model, prompts: Sequence[torch.Tensor], adapter_scales: Sequence[float] | None = None,
+                 threads: int = DECODE_THREADS):
+        if not prompts:
+            raise ValueError("no conversation to decode")
+        self.model = model
+        self.threads = threads  # at most this many torch threads per step, on the CPU
+        self.scales = None if adapter_scales is None or all(s == 1 for s in adapter_scales) else list(adapter_scales)
+        caches, logits = [], []
+        for row, ids in enumerate(prompts):  # each alone: prefill is compute-bound, padding would cost
+            output = self._forward(ids, None if self.scales is None else self.scales[row: row + 1])
+            caches.append(output.cache)
+            logits.append(output.logits[:, -1])
+        lengths = [ids.shape[1] for ids in prompts]
+        self.cache = caches[0] if len(caches) == 1 else left_padded(caches, model.config)
+        device = prompts[0].device
+        if len(prompts) == 1:
+            self.mask = self.positions = None
+        else:
+            longest = max(lengths)
+            self.mask = torch.tensor([[0] * (longest - n) + [1] * n for n in lengths], device=device)
+            self.positions = torch.tensor([[n] for n in lengths], device=device)
+        self._logits = torch.cat(logits).float()
+        self._pending: int | None = None
+
+    def _forward(self, input_ids, scales, **inputs):
+        with torch.no_grad(), row_scales(self.model, scales):
+            # logits for the last position only: the head over a large vocabulary is costly
+            return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **inputs)
+
+    def append(self, token: int) -> None:
+        if self._pending is not None:
+            self.logits()
+        self._pending = token
+
+    def logits(self) -> torch.Tensor:
+        if self._pending is not None:
+            batch = self._logits.shape[0]
+            input_ids = torch.full((batch, 1), self._pending, dtype=torch.long, device=self._logits.device)
+            inputs = {}
+            if self.mask is not None:
+                self.mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], 1)
+                inputs = {"attention_mask": self.mask, "position_ids": self.positions}
+                self.positions = self.positions + 1
+            with at_most_threads(self.threads, self._logits.device):
+                output = self._forward(input_ids, self.scales, cache=self.cache, **inputs)
+            self.cache = output.cache
+            self._logits = output.logits[:, -1].float()
+            self._pending = None
+        return self._logits
+
+
+@contextmanager
+def at_most_threads(count: int, device: torch.device) -> Iterator[None]:
+    """At most `count` torch threads inside, for work on the CPU; the caller's count again after."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or before <= count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

