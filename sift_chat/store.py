@@ -2,7 +2,8 @@
 
 Layout of a store folder::
 
-    store.db                       documents, passages (with their embeddings), meta, chats, messages
+    store.db                       documents, passages (with their embeddings), meta, and the chats
+                                   (`chats.ChatLog`: chats, messages, each answer's selections)
     index-<version>-<sha256>.hnsw  the vector index (`vector_index`: cosine space, one point per
                                    distinct vector, label = the first passage id holding it)
     index.lock                     taken while an index file is written
@@ -26,13 +27,10 @@ a store made before it gets it built on upgrade (schema 3).
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import logging
 import os
 import sqlite3
 import threading
-import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,8 @@ import numpy as np
 import sqlite_utils
 
 from .access import SHARED
+from .chats import ChatLog
+from .db import now, serialized
 from .vector_index import IndexGone, IndexMismatch, VectorIndex, saved_indexes
 
 log = logging.getLogger(__name__)
@@ -152,10 +152,6 @@ def _file_name(path: str) -> str:
     return os.path.basename(path.rstrip("/")) or path
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
 class StoreError(RuntimeError):
     """The store cannot do what was asked; the message says why and what to do."""
 
@@ -203,19 +199,7 @@ class Passage:
     name: str = ""  # the document as the user named it (`path` is the server's, never shown)
 
 
-def _serialized(method):
-    """Run `method` holding the store's lock: one connection serves every thread (the app's
-    workers), and a transaction must not interleave with another thread's statements."""
-
-    @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        with self.lock:
-            return method(self, *args, **kwargs)
-
-    return locked
-
-
-class Store:
+class Store(ChatLog):
     """Documents and passages in SQLite, their vectors in an hnswlib index kept in step.
 
     One Store may be shared by threads: its methods are serialized by `lock`. Several processes
@@ -352,12 +336,12 @@ class Store:
 
     # -- meta -----------------------------------------------------------------------------
 
-    @_serialized
+    @serialized
     def meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
         return row[0] if row else None
 
-    @_serialized
+    @serialized
     def set_meta(self, **values) -> None:
         with self._writing():
             self._set_meta(**values)
@@ -379,7 +363,7 @@ class Store:
         value = self.meta("dimension")
         return int(value) if value else None
 
-    @_serialized
+    @serialized
     def check_embedder(self, name: str, dimension: int) -> None:
         """Refuse to mix vectors of two embedding models in one store."""
         if self.embedder is None or self.passage_count() == 0:
@@ -393,12 +377,12 @@ class Store:
 
     # -- counts and reads -----------------------------------------------------------------
 
-    @_serialized
+    @serialized
     def document_count(self, owners: Iterable[str] | None = None) -> int:
         where, values = _owned_by(owners)
         return self.db.execute(f"SELECT count(*) FROM documents d {where}", values).fetchone()[0]
 
-    @_serialized
+    @serialized
     def passage_count(self, owners: Iterable[str] | None = None) -> int:
         """Every passage, or those of the documents of these owners."""
         if owners is None:
@@ -407,30 +391,30 @@ class Store:
         return self.db.execute(f"SELECT coalesce(sum(passage_count), 0) FROM documents d {where}",
                                values).fetchone()[0]
 
-    @_serialized
+    @serialized
     def usage(self, owner: str) -> tuple[int, int]:
         """(documents, bytes) of one owner's documents."""
         count, size = self.db.execute("SELECT count(*), coalesce(sum(size), 0) FROM documents WHERE owner = ?",
                                       [owner]).fetchone()
         return count, size
 
-    @_serialized
+    @serialized
     def document(self, path: str, owner: str = SHARED) -> dict | None:
         rows = list(self.db.query("SELECT * FROM documents WHERE owner = ? AND path = ?", [owner, path]))
         return rows[0] if rows else None
 
-    @_serialized
+    @serialized
     def document_by_id(self, document_id: int) -> dict | None:
         rows = list(self.db.query("SELECT * FROM documents WHERE id = ?", [document_id]))
         return rows[0] if rows else None
 
-    @_serialized
+    @serialized
     def documents(self, owners: Iterable[str] | None = None) -> list[dict]:
         """Every document, or those of these owners, by path."""
         where, values = _owned_by(owners)
         return list(self.db.query(f"SELECT * FROM documents d {where} ORDER BY path, owner", values))
 
-    @_serialized
+    @serialized
     def documents_under(self, given: str | os.PathLike, owner: str = SHARED) -> list[str]:
         """The stored paths a user means by `given` among `owner`'s documents: that file, or every
         file under that folder, by the path as given (a link inside an ingested folder is stored
@@ -445,7 +429,7 @@ class Store:
                 return matches
         return []
 
-    @_serialized
+    @serialized
     def passages(self, ids: Iterable[int]) -> dict[int, Passage]:
         """The passages with these ids (missing ids are left out), by id."""
         ids = [int(i) for i in ids]
@@ -461,7 +445,7 @@ class Store:
                 found[row["id"]] = Passage(**{**row, "name": row["name"] or _file_name(row["path"])})
         return found
 
-    @_serialized
+    @serialized
     def embeddings(self, ids: Iterable[int] | None = None,
                    owners: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) from SQLite, for the given ids, or for every passage (of these owners'
@@ -487,7 +471,7 @@ class Store:
                     row += 1
             return labels[:row], vectors[:row]
 
-    @_serialized
+    @serialized
     def vectors_for_texts(self, texts: Iterable[str]) -> dict[str, np.ndarray]:
         """The stored vector of each of these passage texts that is already in the store."""
         found: dict[str, np.ndarray] = {}
@@ -499,7 +483,7 @@ class Store:
 
     # -- writes ---------------------------------------------------------------------------
 
-    @_serialized
+    @serialized
     def write_documents(self, documents: list[NewDocument], embedder: str) -> None:
         """Insert or replace these documents and their passages, all in one transaction."""
         if not documents:
@@ -519,7 +503,7 @@ class Store:
                     "INSERT INTO documents (owner, path, content_hash, size, mtime, passage_count, ingested_at, "
                     "name) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [document.owner, document.path, document.content_hash, document.size, document.mtime,
-                     len(document.passages), _now(), document.name or _file_name(document.path)],
+                     len(document.passages), now(), document.name or _file_name(document.path)],
                 )
                 document_id = cursor.lastrowid
                 vectors = np.ascontiguousarray(document.embeddings, dtype=np.float32)
@@ -536,7 +520,7 @@ class Store:
             version = self._bump_version(embedder=embedder, dimension=dimension)
         self._index_after_write(version, removed, added)
 
-    @_serialized
+    @serialized
     def touch_document(self, path: str, mtime: float, owner: str = SHARED) -> None:
         """Record a new mtime for a document whose content did not change."""
         if self.read_only:
@@ -544,7 +528,7 @@ class Store:
         with self._writing():
             self.db.execute("UPDATE documents SET mtime = ? WHERE owner = ? AND path = ?", [mtime, owner, path])
 
-    @_serialized
+    @serialized
     def name_document(self, path: str, name: str, owner: str = SHARED) -> None:
         """Show an unchanged document by a new name (it was ingested again, from another folder)."""
         if self.read_only:
@@ -552,7 +536,7 @@ class Store:
         with self._writing():
             self.db.execute("UPDATE documents SET name = ? WHERE owner = ? AND path = ?", [name, owner, path])
 
-    @_serialized
+    @serialized
     def remove(self, paths: Iterable[str], owner: str = SHARED) -> list[str]:
         """Remove these documents of `owner`, their passages and their vectors; return the paths removed."""
         removed_paths, removed = [], []
@@ -567,7 +551,7 @@ class Store:
             self._index_after_write(version, removed, [])
         return removed_paths
 
-    @_serialized
+    @serialized
     def replace_embeddings(self, ids: np.ndarray, vectors: np.ndarray, embedder: str) -> None:
         """Swap every passage's vector for one from another embedder (re-embedding), atomically."""
         with self._writing():
@@ -665,95 +649,9 @@ class Store:
         except OSError as error:  # the index is derived: the next open rebuilds it
             self._warn_once(f"could not save the vector index: {error.strerror or error}")
 
-    # -- chats ----------------------------------------------------------------------------
-
-    def _chat_not_recorded(self) -> bool:
-        """On a read-only store, chats are answered but not recorded (said once)."""
-        if self.read_only:
-            self._warn_once(f"the store {self.folder} is read-only: chats are answered but not recorded")
-        return self.read_only
-
-    @_serialized
-    def create_chat(self, title: str, owner: str = "") -> int | None:
-        """The new chat's id (None on a read-only store)."""
-        if self._chat_not_recorded():
-            return None
-        now = _now()
-        with self._writing():
-            cursor = self.db.execute(
-                "INSERT INTO chats (owner, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                [owner, title, now, now])
-        return cursor.lastrowid
-
-    @_serialized
-    def chats(self, owner: str = "") -> list[dict]:
-        """One owner's chats, the most recently used first."""
-        return list(self.db.query("SELECT * FROM chats WHERE owner = ? ORDER BY updated_at DESC, id DESC",
-                                  [owner]))
-
-    @_serialized
-    def chat(self, chat_id: int) -> dict | None:
-        rows = list(self.db.query("SELECT * FROM chats WHERE id = ?", [chat_id]))
-        return rows[0] if rows else None
-
-    @_serialized
-    def rename_chat(self, chat_id: int, title: str) -> None:
-        with self._writing():
-            self.db.execute("UPDATE chats SET title = ? WHERE id = ?", [title, chat_id])
-
-    @_serialized
-    def delete_chat(self, chat_id: int) -> None:
-        with self._writing():
-            self.db.execute("DELETE FROM chats WHERE id = ?", [chat_id])
-
-    @_serialized
-    def messages(self, chat_id: int) -> list[dict]:
-        return list(self.db.query("SELECT * FROM messages WHERE chat_id = ? ORDER BY id", [chat_id]))
-
-    @_serialized
-    def selection_rows(self, message_id: int) -> list[dict]:
-        return list(self.db.query("SELECT * FROM selections WHERE message_id = ? ORDER BY step", [message_id]))
-
-    @_serialized
-    def record_exchange(self, chat_id: int | None, prompt: str, answer: str, record: dict,
-                        picks: list[dict]) -> int | None:
-        """The prompt, the answer (with its record) and its picks, in one transaction; the answer's
-        id (None on a read-only store)."""
-        if self._chat_not_recorded() or chat_id is None:
-            return None
-        with self._writing():
-            return self._insert_exchange(chat_id, prompt, answer, record, picks)
-
-    @_serialized
-    def start_chat(self, title: str, owner: str, prompt: str, answer: str, record: dict,
-                   picks: list[dict]) -> tuple[int, int] | None:
-        """A new chat and its first exchange, in one transaction (a chat never exists empty):
-        (the chat's id, the answer's id); None on a read-only store."""
-        if self._chat_not_recorded():
-            return None
-        now = _now()
-        with self._writing():
-            chat_id = self.db.execute(
-                "INSERT INTO chats (owner, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                [owner, title, now, now]).lastrowid
-            return chat_id, self._insert_exchange(chat_id, prompt, answer, record, picks)
-
-    def _insert_exchange(self, chat_id, prompt, answer, record, picks) -> int:
-        """Inside a write: the prompt, the answer and its picks; the answer's id."""
-        now = _now()
-        self.db.execute("INSERT INTO messages (chat_id, role, content, created_at) VALUES (?, ?, ?, ?)",
-                        [chat_id, "user", prompt, now])
-        cursor = self.db.execute(
-            "INSERT INTO messages (chat_id, role, content, created_at, record) VALUES (?, ?, ?, ?, ?)",
-            [chat_id, "assistant", answer, now, json.dumps(record)])
-        message_id = cursor.lastrowid
-        self.db["selections"].insert_all({"message_id": message_id, **pick} for pick in picks)
-        self.db.execute("UPDATE chats SET updated_at = ? WHERE id = ?", [now, chat_id])
-        return message_id
-
     # -- search ---------------------------------------------------------------------------
 
-    @_serialized
+    @serialized
     def nearest(self, query: np.ndarray, k: int,
                 owners: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The k passages most similar to `query` (cosine): (ids, similarities, vectors), best first;
@@ -782,7 +680,7 @@ class Store:
         allowed = None if owners is None else (lambda passage_id: self._owner_of.get(passage_id) in owners)
         return self.index.search(query, k, allowed)
 
-    @_serialized
+    @serialized
     def term_counts(self, terms: Iterable[str], cap: int) -> dict[str, int]:
         """How many passages hold each of these terms (folded as the FTS tokenizer folds them:
         `retrieval.prompt_terms`), counted up to cap + 1 (more is cap + 1: counting walks the
@@ -803,7 +701,7 @@ class Store:
                 found[term] = self._term_counts[term]
         return found
 
-    @_serialized
+    @serialized
     def lexical(self, terms: Iterable[str], k: int,
                 owners: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k passages that best match any of `terms` by BM25 (FTS5's `bm25`, negated so that
@@ -836,7 +734,7 @@ class Store:
         cursor.close()
         return np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
-    @_serialized
+    @serialized
     def close(self) -> None:
         self.db.close()
 
