@@ -28,12 +28,8 @@ class ChatLog:
         """The new chat's id (None on a read-only store)."""
         if self._chat_not_recorded():
             return None
-        stamp = now()
         with self._writing():
-            cursor = self.db.execute(
-                "INSERT INTO chats (owner, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                [owner, title, stamp, stamp])
-        return cursor.lastrowid
+            return self._insert_chat(title, owner)
 
     @serialized
     def chats(self, owner: str = "") -> list[dict]:
@@ -81,12 +77,15 @@ class ChatLog:
         (the chat's id, the answer's id); None on a read-only store."""
         if self._chat_not_recorded():
             return None
-        stamp = now()
         with self._writing():
-            chat_id = self.db.execute(
-                "INSERT INTO chats (owner, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                [owner, title, stamp, stamp]).lastrowid
+            chat_id = self._insert_chat(title, owner)
             return chat_id, self._insert_exchange(chat_id, prompt, answer, record, picks)
+
+    def _insert_chat(self, title: str, owner: str) -> int:
+        """Inside a write: a new chat; its id."""
+        stamp = now()
+        return self.db.execute("INSERT INTO chats (owner, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                               [owner, title, stamp, stamp]).lastrowid
 
     def _insert_exchange(self, chat_id, prompt, answer, record, picks) -> int:
         """Inside a write: the prompt, the answer and its picks; the answer's id."""

@@ -14,16 +14,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
+from .served import served_app
 from .tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,27 +73,6 @@ def _save_tiny_chat_model(folder: Path) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_serving(url: str, process: subprocess.Popen, log: Path, seconds: float = 240) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
-            with urllib.request.urlopen(request, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"app.py did not serve {url} within {seconds:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture
 def browser_driver():
     return _browser_or_skip()
@@ -106,26 +81,9 @@ def browser_driver():
 @pytest.fixture
 def app_url(tmp_path, browser_driver):
     model = _save_tiny_chat_model(tmp_path / "tiny-chat-model")
-    port = _free_port()
-    log = tmp_path / "app.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "SIFT_CHAT_TOKEN": TOKEN}
-    env.pop("SPACE_ID", None)
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port),
-             "--chat-model", str(model), "--data-dir", str(tmp_path / "data"), "--device", "cpu"],
-            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_until_serving(url, process, log)
-        yield f"{url}?token={TOKEN}"  # the address app.py prints: the page keeps the token as a cookie
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with served_app(tmp_path / "data", "--host", "127.0.0.1", "--chat-model", str(model),
+                    env={"SIFT_CHAT_TOKEN": TOKEN}, ready_headers={"Authorization": f"Bearer {TOKEN}"}) as served:
+        yield f"{served.url}?token={TOKEN}"  # the address app.py prints: the page keeps the token as a cookie
 
 
 def test_ingest_the_sample_ask_and_see_the_answer_and_its_passages(tmp_path, browser_driver, app_url):

@@ -7,13 +7,7 @@ The chat model is the tiny Llama of tests/tiny.py saved as a folder; the embedde
 
 from __future__ import annotations
 
-import os
-import socket
 import sqlite3
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import httpx
@@ -24,6 +18,7 @@ from sift_chat.access import UsersFile
 
 from sift_chat.panel import SETTING_NAMES, default_settings
 
+from .served import served_app
 from .tiny import save_tiny_chat_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,12 +30,6 @@ SETTINGS = tuple({**default_settings(), "mode": "context", "passages": 3, "max_n
                  for name in SETTING_NAMES)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("signin")
@@ -48,34 +37,9 @@ def app(tmp_path_factory):
     for name, password in PASSWORDS.items():
         users.add(name, password)
     assert cli.main(["--data-dir", str(root / "data"), "ingest", "--quiet", str(SAMPLE)]) == 0  # the shared library
-    port, log = free_port(), root / "app.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    env.pop("SPACE_ID", None)
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--auth", str(root / "users.json"),
-             "--data-dir", str(root / "data"), "--chat-model", save_tiny_chat_model(root / "model"),
-             "--device", "cpu"], cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        yield url, root
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with served_app(root / "data", "--auth", str(root / "users.json"),
+                    "--chat-model", save_tiny_chat_model(root / "model")) as served:
+        yield served.url, root
 
 
 def client(url: str, name: str):
