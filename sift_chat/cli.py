@@ -275,8 +275,10 @@ def cmd_search(args) -> int:
         embedder = _embedder(args)
         store.check_embedder(config.embedder_name(args.embedder), embedder.get_embedding_dimension())
         query = embedder.encode(args.query, normalize_embeddings=True)
-        found = preselect(store, query, args.query, args.k, LOCAL.readable)  # as a chat message pre-selects
-        ids, similarities, passages = found.ids, found.similarities, store.passages(found.ids)
+        # as a chat message pre-selects: its K candidates, of which the first k
+        found = preselect(store, query, args.query, max(args.k, ChatSettings().candidates), LOCAL.readable)
+        ids, similarities = found.ids[:args.k], found.similarities[:args.k]
+        passages = store.passages(ids)
     for rank, (passage_id, similarity) in enumerate(zip(ids, similarities), 1):
         passage = passages[int(passage_id)]
         print(f"{rank:>3}. {similarity:.3f}  {shown(passage.path)}:{passage.start_char}-{passage.end_char}")

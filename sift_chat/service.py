@@ -373,7 +373,8 @@ class Service:
 
     def search(self, text: str, caller: Caller, k: int = 10) -> SearchResult:
         """The k passages among the caller's and the shared documents that a chat message saying
-        `text` would pre-select first (the same fused search, `Engine.preselect`), best first.
+        `text` would pre-select first (the same fused search, `Engine.preselect`, with the chat's
+        settings), best first.
         ValueError (one line) for an empty or overlong query."""
         text = text.strip() if isinstance(text, str) else ""
         if not text:
@@ -383,10 +384,13 @@ class Service:
         k = max(1, min(int(k), MAX_SEARCH_RESULTS))
         if self.store.passage_count(caller.readable) == 0:
             return SearchResult([], [], [])
-        found = self.engine.preselect(self.engine.embed(text), text, ChatSettings(candidates=k), caller.readable)
-        passages = self.store.passages(found.ids)
-        return SearchResult([passages[int(i)] for i in found.ids if int(i) in passages],
-                            [float(s) for i, s in zip(found.ids, found.similarities) if int(i) in passages],
+        # the chat's own K (and so its K lexical matches), cut to k after fusing: a K of k would drop
+        # a passage that is neither among the k nearest nor the k best by words yet fuses first
+        found = self.engine.preselect(self.engine.embed(text), text, ChatSettings(), caller.readable)
+        ids, similarities = found.ids[:k], found.similarities[:k]
+        passages = self.store.passages(ids)
+        return SearchResult([passages[int(i)] for i in ids if int(i) in passages],
+                            [float(s) for i, s in zip(ids, similarities) if int(i) in passages],
                             list(found.terms))
 
     def documents(self, caller: Caller) -> list[dict]:

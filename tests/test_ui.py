@@ -314,6 +314,36 @@ def test_the_corpus_search_finds_by_name_among_the_callers_documents_only(sample
     assert "longer than 1000 characters" in handlers.search("x" * 1001, LOCAL)
 
 
+def test_the_corpus_search_ranks_as_the_chats_pre_selection_does(handlers, monkeypatch):
+    """The search shows the first of the chat's own K candidates: a passage that is neither among
+    the 10 nearest nor the 10 best by words can still fuse first, and the chat reads it first."""
+    import numpy as np
+
+    from sift_chat.store import NewDocument, NewPassage
+
+    dimension = handlers.engine.embedder.get_embedding_dimension()
+
+    def unit(cosine: float, axis: int) -> np.ndarray:  # a vector at this cosine to the query (axis 0)
+        vector = np.zeros(dimension, np.float32)
+        vector[0], vector[axis] = cosine, (1 - cosine**2) ** 0.5
+        return vector
+
+    texts = {f"near-{i}": (f"A plain note number {i} about the harbour.", unit(0.60 - 0.01 * i, 1 + i))
+             for i in range(10)}  # the 10 nearest: none says the word
+    texts |= {f"word-{i}": (f"Zorblax zorblax, item {i}.", unit(-0.3, 20 + i)) for i in range(10)}  # by words
+    texts["both"] = ("The ledger of the old mill names zorblax once among its many other entries.", unit(0.50, 40))
+    handlers.store.write_documents([NewDocument(f"/corpus/{name}.txt", name, len(text), 0.0,
+                                                [NewPassage(0, 0, len(text), 12, text)], vector[None], name=name)
+                                    for name, (text, vector) in texts.items()], EMBEDDER)
+    monkeypatch.setattr(handlers.engine, "embed", lambda text: torch.from_numpy(unit(1.0, 1)))
+
+    found = handlers.service.search("zorblax", LOCAL)
+    chat = handlers.engine.preselect(handlers.engine.embed("zorblax"), "zorblax", ChatSettings(), LOCAL.readable)
+    assert [p.id for p in found.passages] == chat.ids[:10].tolist()
+    assert found.passages[0].text == texts["both"][0]  # what the chat reads first is found first
+    assert "The ledger of the old mill" in handlers.search("zorblax", LOCAL).split("<b>1.</b>")[1][:400]
+
+
 def test_removing_a_document_removes_its_passages(sample):
     h = sample
     [(label, document_id)] = [choice for choice in h.removable(LOCAL) if choice[0].startswith("brindlemoor/lighthouse.md")]
