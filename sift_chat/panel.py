@@ -123,6 +123,11 @@ class Panel:
         return [self.lead, *(p for p in self.distinct_picks if p["passage_id"] != self.lead["passage_id"])]
 
     @property
+    def numbered_ids(self) -> list[int]:
+        """The passage ids in citation order: the answer's [n] is numbered_ids[n - 1]."""
+        return [p["passage_id"] for p in self.numbered]
+
+    @property
     def numbers(self) -> dict[int, int]:
         """passage id -> its citation number."""
         return {p["passage_id"]: n for n, p in enumerate(self.numbered, 1)}

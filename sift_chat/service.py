@@ -7,6 +7,7 @@
     ingest     uploads and folders into the corpus, with a report of what was skipped and why; in
                its own line (one ingest at a time), beside the model's: a chat never waits for it
     search     the passages a prompt would pre-select (the chat's fused search), for the Corpus tab
+    documents  a document's stored text around a passage, marked (`document_view`): what a citation opens
 
 Every call names its caller (`access.Caller`, which the shell got from the server's side of the
 request): a caller sees their own chats, and selects from their own documents and the shared
@@ -27,6 +28,7 @@ from . import config
 from .access import QUOTA_BYTES, QUOTA_DOCUMENTS, SHARED, Caller
 from .adaptation import AdaptationSettings
 from .corpus import DEFAULT_MAX_FILE_BYTES, IngestProgress, IngestReport, ingest
+from .document_view import DocumentView, read_document
 from .engine import ChatSettings, Done, Engine, Event, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel
 from .record import AnswerRecord
@@ -90,7 +92,7 @@ TurnEvent = Event | Waiting | Answered | Stored | Stopped
 class ChatView:
     chat_id: int
     title: str
-    messages: list[dict]  # role, content, id
+    messages: list[dict]  # role, content, id; on answers, passages: the ids their citations [n] stand for
     panel: Panel | None  # the last answer's
 
 
@@ -162,9 +164,21 @@ class Service:
             return None
         messages = self.store.messages(chat["id"])
         answers = [m for m in messages if m["role"] == "assistant"]
-        return ChatView(chat["id"], chat["title"],
-                        [{"role": m["role"], "content": m["content"], "id": m["id"]} for m in messages],
+        return ChatView(chat["id"], chat["title"], self.chat_messages(chat, messages),
                         self.answer_panel(answers[-1]) if answers else None)
+
+    def chat_messages(self, chat: dict, messages: list[dict] | None = None) -> list[dict]:
+        """role, content and id of each message of a chat (one `own_chat` gave), and on answers
+        `passages`: the passage ids their citations [1], [2] … stand for."""
+        messages = self.store.messages(chat["id"]) if messages is None else messages
+        return [{"role": m["role"], "content": m["content"], "id": m["id"],
+                 **({"passages": self.cited_passages(m)} if m["role"] == "assistant" else {})} for m in messages]
+
+    def cited_passages(self, message: dict) -> list[int]:
+        """The passage ids an answer's markers [1], [2] … stand for (`Panel.numbered_ids`)."""
+        panel = Panel.from_stored(AnswerRecord.from_json(message.get("record")),
+                                  self.store.selection_rows(message["id"]), {})
+        return panel.numbered_ids if panel is not None else []
 
     def answer_panel(self, message: dict) -> Panel | None:
         rows = self.store.selection_rows(message["id"])
@@ -392,6 +406,12 @@ class Service:
         return SearchResult([passages[int(i)] for i in ids if int(i) in passages],
                             [float(s) for i, s in zip(ids, similarities) if int(i) in passages],
                             list(found.terms))
+
+    def read_document(self, caller: Caller, passage_id=None, document_id=None) -> DocumentView:
+        """The stored text of a document around one of its passages, the passage marked (or of a
+        document from its beginning), when it is the caller's own or the shared library's;
+        `document_view.NotReadable` (one line) for anything else, whoever else's it is."""
+        return read_document(self.store, caller.readable, passage_id, document_id)
 
     def documents(self, caller: Caller) -> list[dict]:
         """The documents the caller reads: the shared library's and their own, by path."""

@@ -446,6 +446,19 @@ class Store(ChatLog):
         return found
 
     @serialized
+    def document_passages(self, document_id: int, start: int, end: int) -> tuple[int, list[tuple[int, int, str]]]:
+        """(the document's length: its last passage's end character, the (start_char, end_char,
+        text) of its passages that hold a character of [start, end), in document order). The
+        store keeps no other copy of a document's text: its passages, with their offsets, are it."""
+        with self._snapshot():
+            length = self.db.execute("SELECT coalesce(max(end_char), 0) FROM passages WHERE document_id = ?",
+                                     [document_id]).fetchone()[0]
+            rows = self.db.execute("SELECT start_char, end_char, text FROM passages WHERE document_id = ? "
+                                   "AND end_char > ? AND start_char < ? ORDER BY start_char, position",
+                                   [document_id, start, end]).fetchall()
+        return length, [tuple(row) for row in rows]
+
+    @serialized
     def embeddings(self, ids: Iterable[int] | None = None,
                    owners: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) from SQLite, for the given ids, or for every passage (of these owners'
