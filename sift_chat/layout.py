@@ -15,6 +15,7 @@ from .adaptation import LEARNING_RATE_MAX
 from .guard import PRIVATE, GuardedBlocks
 from .panel import SETTING_NAMES, default_settings
 from .service import MAX_UPLOAD_BYTES
+from .document_view import NotReadable
 from .ui import DEMO_QUESTION, Handlers, render_coverage, render_passages, render_timings, render_variance
 from .vocabulary import CONTRAST_TARGET_LABELS, CONTRAST_TARGETS, METHOD_LABELS, METHODS, MODE_LABELS, MODES
 
@@ -38,6 +39,57 @@ CSS = """
 .sc-bar span { display: block; height: 4px; background: var(--color-accent); border-radius: 2px; }
 .sc-text { font-size: 0.88em; white-space: pre-wrap; max-height: 9em; overflow: auto; }
 .sc-empty { opacity: 0.7; padding: 8px; }
+[data-open-passage] { cursor: pointer; }
+.sc-pick[data-open-passage]:hover { border-color: var(--color-accent); }
+.sc-pick[data-open-passage] .sc-source { text-decoration: underline; }
+.sc-doc-backdrop { position: fixed; inset: 0; z-index: 1000; background: rgba(15, 23, 42, 0.45);
+                   display: flex; align-items: center; justify-content: center; }
+.sc-doc { width: min(900px, 92vw); height: 84vh; display: flex; flex-direction: column; border-radius: 10px;
+          background: var(--background-fill-primary); box-shadow: 0 10px 40px rgba(0, 0, 0, 0.35); }
+.sc-doc-head { display: flex; justify-content: space-between; align-items: flex-start; gap: 12px;
+               padding: 10px 14px; border-bottom: 1px solid var(--border-color-primary); }
+.sc-doc-name { font-family: var(--font-mono); }
+.sc-doc-close { border: 1px solid var(--border-color-primary); border-radius: 6px; padding: 2px 10px;
+                background: var(--background-fill-secondary); cursor: pointer; white-space: nowrap; }
+.sc-doc-text { flex: 1; overflow: auto; padding: 12px 16px; white-space: pre-wrap; line-height: 1.5;
+               font-size: 0.92em; overflow-wrap: anywhere; }
+.sc-doc-passage { background: #fde68a; color: #1f2937; border-radius: 3px; padding: 1px 0; }
+"""
+
+# The document pane's page script (gr.HTML's js_on_load): a click on a citation link [n]
+# (#sc-passage-<id>, `ui.link_citations`) or on a card that names a passage (data-open-passage)
+# anywhere on the page asks the server for the pane ("open" event); the pane then scrolls to the
+# marked passage. Close, a click beside the pane or Esc empties it (no server call). One listener
+# for the page: the cards and the chat are re-rendered, this component stays.
+DOCUMENT_PANE_JS = """
+window.scOpenDocument = (data) => trigger('open', data);
+window.scCloseDocument = () => { if (props.value) props.value = ''; };
+if (!window.scDocumentClicks) {
+  window.scDocumentClicks = true;
+  document.addEventListener('click', (event) => {
+    const target = event.target instanceof Element ? event.target : null;
+    if (!target) return;
+    const link = target.closest('a[href*="#sc-passage-"]');
+    const card = target.closest('[data-open-passage]');
+    if (link) {
+      event.preventDefault();
+      event.stopPropagation();
+      const number = parseInt(link.textContent.replace(/[^0-9]/g, ''), 10) || null;
+      window.scOpenDocument({passage: link.getAttribute('href').split('#sc-passage-').pop(), number: number});
+    } else if (card && !String(window.getSelection()).trim()) {
+      window.scOpenDocument({passage: card.dataset.openPassage, number: parseInt(card.dataset.number, 10) || null});
+    } else if (target.closest('.sc-doc-close') || target.matches('.sc-doc-backdrop')) {
+      window.scCloseDocument();
+    }
+  }, true);
+  document.addEventListener('keydown', (event) => { if (event.key === 'Escape') window.scCloseDocument(); });
+}
+watch('value', () => {
+  const mark = element.querySelector('#sc-doc-passage');
+  if (mark) mark.scrollIntoView({block: 'center'});
+  const close = element.querySelector('.sc-doc-close');
+  if (close) close.focus({preventScroll: true});
+});
 """
 
 HELP = {
@@ -199,6 +251,9 @@ def build(handlers: Handlers, *, access: Access | None = None):
                     search_go = gr.Button("Search", scale=1, elem_id="corpus-search-go")
                 search_results = gr.HTML(elem_id="corpus-search-results")
 
+        # the document a citation or a card opens, over whichever tab is shown (empty: closed)
+        document_pane = gr.HTML("", elem_id="document-pane", js_on_load=DOCUMENT_PANE_JS)
+
         panel_outputs = [coverage, chart, picked, timings]
 
         def show_panel(panel, note: str = "", seconds: dict | None = None):
@@ -346,6 +401,19 @@ def build(handlers: Handlers, *, access: Access | None = None):
 
         search_text.submit(on_search, [search_text], [search_results], concurrency_id="search", concurrency_limit=2)
         search_go.click(on_search, [search_text], [search_results], concurrency_id="search", concurrency_limit=2)
+
+        # documents: the pane's "open" event carries {passage, number} (or {document}); what the
+        # caller may read is the service's to say, whatever a client puts there
+        def on_open_document(event: gr.EventData, request: gr.Request, profile: gr.OAuthProfile | None):
+            data = event._data if isinstance(event._data, dict) else {}
+            try:
+                return h.open_document(data.get("passage"), who(request, profile), document_id=data.get("document"),
+                                       number=data.get("number"))
+            except NotReadable as refused:
+                raise gr.Error(str(refused), print_exception=False) from None
+
+        document_pane.open(on_open_document, None, [document_pane], api_name="open_document",
+                           concurrency_id="document", concurrency_limit=4)
 
     demo.queue(default_concurrency_limit=4, max_size=64)
     return demo

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .access import SHARED, Caller
 from .adaptation import AdaptationSettings
 from .corpus import IngestProgress
+from .document_view import DocumentView
 from .engine import ChatSettings, Engine, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel, parse_settings, shown_name
 from .reading import shown as printable_path
@@ -126,7 +128,7 @@ def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozense
         loss_text = f" · loss {loss:.3f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else ""
         where = _where(pick)
         cards.append(
-            f"<div class='sc-pick' data-passage='{pick['passage_id']}' data-number='{number}'>"
+            f"<div class='sc-pick' data-passage='{pick['passage_id']}' data-number='{number}'{_opens(pick)}>"
             f"<div class='sc-head'><b>[{number}]</b> step {step} · "
             f"<span class='sc-reduction'>−{pick['uncertainty_reduction']:.3f} σ²</span> "
             f"→ {pick['posterior_variance']:.3f} · similarity {pick['similarity']:.2f}{loss_text} · "
@@ -141,7 +143,7 @@ def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozense
         text = " ".join(lead["text"].split())
         text = text if len(text) <= 700 else text[:699] + "…"
         cards.insert(0,
-            f"<div class='sc-pick sc-lead' data-passage='{lead['passage_id']}' data-number='1'>"
+            f"<div class='sc-pick sc-lead' data-passage='{lead['passage_id']}' data-number='1'{_opens(lead)}>"
             f"<div class='sc-head'><b>[1]</b> the pre-selection's best match (by words and meaning), not picked "
             f"by {html.escape(panel.method)} · <span class='sc-source' title='{html.escape(lead['path'], quote=True)}"
             f"{where}'>{html.escape(Path(lead['path']).name)}{where}</span> {badges}</div>"
@@ -153,6 +155,52 @@ def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozense
 
 def _where(passage: dict) -> str:
     return f":{passage['start_char']}–{passage['end_char']}" if passage.get("start_char") is not None else ""
+
+
+def _opens(passage: dict) -> str:
+    """The attributes that make a card open its passage's document in the pane (a click; the
+    layout's page script); none for a removed document's passage."""
+    if passage.get("start_char") is None:
+        return ""
+    return f" data-open-passage='{int(passage['passage_id'])}' title='Open the document at this passage'"
+
+
+# -- citations, and the document they open ---------------------------------------------------
+
+CITATION_MARK = re.compile(r"\[(\d+)\](?!\()")  # [n], not already a link's text
+
+
+def link_citations(answer: str, passage_ids: list[int]) -> str:
+    """The answer (Markdown) with each marker [n] a link to passage n of `passage_ids` (the
+    answer's numbered passages, `Panel.numbered`): `#sc-passage-<id>`, which the page opens in the
+    document pane. A marker without a passage stays as it is."""
+    def linked(match: re.Match) -> str:
+        n = int(match.group(1))
+        return f"[[{n}]](#sc-passage-{int(passage_ids[n - 1])})" if 1 <= n <= len(passage_ids) else match.group(0)
+
+    return CITATION_MARK.sub(linked, answer)
+
+
+def render_document(view: DocumentView, collection: str, number: int | None = None) -> str:
+    """The document pane: the document's name, its collection and where the passage is, then its
+    stored text (HTML-escaped: a document never becomes markup) with the passage in a <mark> the
+    pane scrolls to."""
+    before, passage, after = (html.escape(part) for part in view.parts())
+    if view.passage_id is not None:
+        cited = f"passage [{number}]" if number else "the passage"
+        where = f"{cited}: characters {view.passage_start}–{view.passage_end} of {view.length}"
+    else:
+        where = f"{view.length} characters"
+    if view.start > 0 or view.end < view.length:
+        where += f" (characters {view.start}–{view.end} shown)"
+    marked = f"<mark id='sc-doc-passage' class='sc-doc-passage'>{passage}</mark>" if passage else ""
+    text = f"{'…' if view.start > 0 else ''}{before}{marked}{after}{'…' if view.end < view.length else ''}"
+    name = html.escape(view.name)
+    return (f"<div class='sc-doc-backdrop'><div class='sc-doc' role='dialog' aria-modal='true' aria-label='{name}' "
+            f"data-document='{view.document_id}'><div class='sc-doc-head'><div><b class='sc-doc-name'>{name}</b> · "
+            f"{html.escape(collection)}<br><small>{html.escape(where)}</small></div>"
+            f"<button type='button' class='sc-doc-close' aria-label='Close the document'>Close ✕</button></div>"
+            f"<div class='sc-doc-text'>{text}</div></div></div>")
 
 
 def render_timings(panel: Panel | None, seconds: dict | None = None) -> str:
@@ -175,10 +223,6 @@ def render_timings(panel: Panel | None, seconds: dict | None = None) -> str:
 
 
 # -- the handlers ----------------------------------------------------------------------------
-
-
-def _shown(content: str) -> str:
-    return content if content.strip() else NO_ANSWER
 
 
 def _error(message: str) -> str:
@@ -294,7 +338,7 @@ class Handlers:
 
         chat = self.own_chat(chat_id, caller)
         chat_id = chat["id"] if chat else None
-        shown = _history(self.store.messages(chat_id)) if chat else []
+        shown = _history(self.service.chat_messages(chat)) if chat else []
         answer, notes, panel, current = "", [], None, "Starting…"
 
         def view(status: str | None = None, **more) -> dict:
@@ -338,7 +382,8 @@ class Handlers:
                     recorded = ("" if event.chat_id is not None else " Not kept: sign in to keep your chats."
                                 if not caller.signed_in else " Not recorded: the store is read-only.")
                     yield {**view(f"Answered in {total:.1f} s.{recorded}"), "history": [
-                        *shown, {"role": "user", "content": message}, {"role": "assistant", "content": _shown(answer)}],
+                        *shown, {"role": "user", "content": message},
+                        {"role": "assistant", "content": _answer_shown(answer, _ids(panel))}],
                         "panel": panel, "seconds": seconds, "chat_id": event.chat_id,
                         "chats": self.chat_choices(caller)}
                 elif isinstance(event, Stopped):
@@ -394,9 +439,9 @@ class Handlers:
                     panels[method].losses.append(event.loss)
                     yield view(f"{label}: fine-tuning step {event.index} of {event.total} · loss {event.loss:.3f}")
                 elif isinstance(event, Answered):
-                    answers[method] = _shown(event.answer)
                     if event.panel is not None:
                         panels[method] = event.panel
+                    answers[method] = _answer_shown(event.answer, _ids(panels.get(method)))
                 elif isinstance(event, Stopped):
                     yield view(f"Stopped {event.where}.")
                     return
@@ -431,13 +476,22 @@ class Handlers:
             text = text if len(text) <= 500 else text[:499] + "…"
             where = f":{passage.start_char}–{passage.end_char}"
             cards.append(
-                f"<div class='sc-pick' data-passage='{passage.id}'><div class='sc-head'><b>{rank}.</b> "
+                f"<div class='sc-pick' data-passage='{passage.id}' data-open-passage='{passage.id}' "
+                f"title='Open the document at this passage'><div class='sc-head'><b>{rank}.</b> "
                 f"similarity {similarity:.2f} · <span class='sc-source' title='{html.escape(shown_name(passage), quote=True)}"
                 f"{where}'>{html.escape(shown_name(passage))}{where}</span></div>"  # never the server's path
                 f"<div class='sc-text'>{html.escape(text)}</div></div>")
         caption = (f"<div class='sc-caption'>The passages a chat message saying this would pre-select first, "
                    f"by meaning and by its rarest words (searched: {html.escape(words)}).</div>")
         return f"<div class='sc-picks'>{caption}{''.join(cards)}</div>"
+
+    def open_document(self, passage_id, caller: Caller, document_id=None, number=None) -> str:
+        """The document pane (HTML) for a passage (a citation [n] or a pick: `number` is how the
+        answer cites it) or a document; `document_view.NotReadable` (one line) when it is not the
+        caller's own or the shared library's, or does not exist."""
+        view = self.service.read_document(caller, passage_id, document_id)
+        number = number if isinstance(number, int) and not isinstance(number, bool) and 0 < number < 1000 else None
+        return render_document(view, _collection(view.owner, caller), number)
 
     def offers_sample(self) -> bool:
         return self.service.offers_sample()
@@ -479,8 +533,17 @@ def _collection(owner: str, caller: Caller) -> str:
 
 
 def _history(messages: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": _shown(m["content"]) if m["role"] == "assistant" else m["content"]}
-            for m in messages]
+    """The chat as the Chatbot shows it: each answer's citations [n] link to their passages."""
+    return [{"role": m["role"], "content": _answer_shown(m["content"], m.get("passages", []))
+             if m["role"] == "assistant" else m["content"]} for m in messages]
+
+
+def _answer_shown(answer: str, passage_ids: list[int]) -> str:
+    return link_citations(answer, passage_ids) if answer.strip() else NO_ANSWER
+
+
+def _ids(panel: Panel | None) -> list[int]:
+    return panel.numbered_ids if panel is not None else []
 
 
 def _progress(progress: Callable[[float, str], None] | None) -> Callable[[IngestProgress], None] | None:
