@@ -87,8 +87,8 @@ class Panel:
 
     method: str
     prior_variance: float
-    # step, passage_id, path (the document as the user named it, never the server's path), start_char,
-    # end_char, text, similarity, posterior_variance, uncertainty_reduction, repeat
+    # step, passage_id, document_id, path (the document as the user named it, never the server's path),
+    # start_char, end_char, text, similarity, posterior_variance, uncertainty_reduction, repeat
     picks: list[dict]
     nn_variance: list[float]
     stop_reason: str
@@ -97,7 +97,7 @@ class Panel:
     mode: str = "fine-tune"
     read: list[int] = field(default_factory=list)  # passage ids in the prompt
     citations: list[int] = field(default_factory=list)  # numbers the answer cites
-    lead: dict | None = None  # passage_id, path, start_char, end_char, text of the passage read first (context modes)
+    lead: dict | None = None  # passage_id, document_id, path, start_char, end_char, text of the passage read first
 
     @property
     def final_variance(self) -> float:
@@ -146,7 +146,8 @@ class Panel:
 
     @classmethod
     def from_selected(cls, selected: Selected, mode: str = "fine-tune") -> "Panel":
-        picks = [{"step": p.step, "passage_id": p.passage.id, "path": shown_name(p.passage),
+        picks = [{"step": p.step, "passage_id": p.passage.id, "document_id": p.passage.document_id,
+                  "path": shown_name(p.passage),
                   "start_char": p.passage.start_char, "end_char": p.passage.end_char, "text": p.passage.text,
                   "similarity": p.similarity, "posterior_variance": p.posterior_variance,
                   "uncertainty_reduction": p.uncertainty_reduction, "repeat": p.repeat}
@@ -165,6 +166,7 @@ class Panel:
         for row in rows:
             passage = passages.get(row["passage_id"])
             picks.append({"step": row["step"], "passage_id": row["passage_id"],
+                          "document_id": passage.document_id if passage else None,
                           "path": shown_name(passage) if passage else "(removed document)",
                           "start_char": passage.start_char if passage else None,
                           "end_char": passage.end_char if passage else None,
@@ -186,7 +188,7 @@ class Panel:
         """The panel as JSON: each pick with its citation number, source, offsets, σ² after it,
         reduction and loss; the passage ids read in the prompt and the numbers the answer cites."""
         numbers = self.numbers
-        picks = [{**{k: pick[k] for k in ("step", "passage_id", "path", "start_char", "end_char",
+        picks = [{**{k: pick[k] for k in ("step", "passage_id", "document_id", "path", "start_char", "end_char",
                                            "similarity", "posterior_variance", "uncertainty_reduction",
                                            "repeat", "text")},
                   "number": numbers[pick["passage_id"]],
@@ -201,7 +203,8 @@ class Panel:
 
 def _passage(passage_id: int, passage) -> dict:
     """A passage as the panel keeps it (a removed document's: its id, without text)."""
-    return {"passage_id": passage_id, "path": shown_name(passage) if passage else "(removed document)",
+    return {"passage_id": passage_id, "document_id": passage.document_id if passage else None,
+            "path": shown_name(passage) if passage else "(removed document)",
             "start_char": passage.start_char if passage else None,
             "end_char": passage.end_char if passage else None, "text": passage.text if passage else ""}
 
