@@ -184,3 +184,22 @@ def test_citations_link_to_the_passages_they_stand_for():
     assert linked == ("Ada Quill keeps it [[1]](#sc-passage-41). The ferry leaves at 7:40 "
                       "[[2]](#sc-passage-7)[[3]](#sc-passage-12). See [9] and [2](elsewhere).")
     assert link_citations(answer, []) == answer
+
+
+def test_an_answers_citation_links_to_the_passage_it_cites_and_that_opens_its_document(h, monkeypatch):
+    said = "The lighthouse keeper is Matthias Orrey, since 1998."
+
+    def generate(input_ids, settings, unread_ids=None):  # a model that answers from the lighthouse note
+        yield said
+        return "end", said
+
+    monkeypatch.setattr(h.engine, "generate", generate)
+    [lighthouse] = [p for p in passages_of(h, "") if p.name == "brindlemoor/lighthouse.md"]
+    updates = list(h.respond("Who keeps the lighthouse?", None, ALICE, {"mode": "context", "passages": 3}))
+    answer = [u["history"] for u in updates if "history" in u][-1][-1]["content"]
+    [(number, passage_id)] = re.findall(r"\[\[(\d+)\]\]\(#sc-passage-(\d+)\)", answer)
+    assert int(passage_id) == lighthouse.id and answer.startswith("The lighthouse keeper is Matthias Orrey")
+    reopened = h.open_chat([u["chat_id"] for u in updates if u.get("chat_id")][-1], ALICE)
+    assert reopened["history"][-1]["content"] == answer  # as stored, linked the same way
+    pane = h.open_document(passage_id, ALICE, number=int(number))
+    assert f"passage [{number}]" in pane and "brindlemoor/lighthouse.md" in pane and "Matthias Orrey" in pane

@@ -447,7 +447,7 @@ def test_the_app_builds(sample):
     assert isinstance(demo, gr.Blocks)
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
     assert {"chatbot", "message", "send", "passages", "variance-chart", "coverage", "add-sample",
-            "uploads", "documents", "compare-go", "nn-passages", "sift-passages"} <= ids
+            "uploads", "documents", "compare-go", "nn-passages", "sift-passages", "document-pane"} <= ids
 
 
 def test_app_arguments(monkeypatch):
