@@ -26,7 +26,8 @@ from .served import call, file_data, served_app, trigger
 from .tiny import save_tiny_chat_model
 
 SAMPLE = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
-PASSWORDS = {"alice": "alice-password", "bob": "bob-password", "carol": "carol-password"}
+PASSWORDS = {"alice": "alice-password", "bob": "bob-password", "carol": "carol-password",
+             "dave": "dave-password"}
 TOKEN = "local-token-for-the-tests"
 
 
@@ -76,7 +77,7 @@ def targets(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def signin_app(tmp_path_factory, model):
     """`app.py --auth users.json --host 0.0.0.0` (a LAN or a server, the documented public setup):
-    alice and bob, and carol an admin; each may add 2 documents of their own."""
+    alice, bob and dave, and carol an admin; each may add 2 documents of their own."""
     root = tmp_path_factory.mktemp("served-auth")
     users = UsersFile(root / "users.json")
     for name, password in PASSWORDS.items():
@@ -138,26 +139,27 @@ def passages(data: Path, owner: str, name: str) -> list[tuple[int, int]]:
 
 def test_a_citation_opens_ones_own_or_a_shared_document_and_never_another_users(signin_app):
     """The document pane's endpoint, called as the page calls it (its "open" event's data through the
-    queue) and as a hostile client would: alice reads her own passage and the shared library's; bob,
-    and carol though an admin, get one line for her passage or document, the line an unknown id gets."""
+    queue) and as a hostile client would: dave reads his own passage and the shared library's; alice,
+    bob, and carol though an admin, get one line for his passage or document, the line an unknown id
+    gets. (Dave's document is his alone: the other users' quotas are other tests'.)"""
     served, root = signin_app
     url, data = served.url, root / "data"
-    alice = signed_in(url, "alice")
-    ledger = upload(alice, url, "ledger.txt", b"Alice's ledger: the lantern key hangs in box LEDGER-5150.")
-    status, error, output = call(alice, url, "on_ingest", [[file_data(ledger)], "", False])
+    dave = signed_in(url, "dave")
+    ledger = upload(dave, url, "ledger.txt", b"Dave's ledger: the lantern key hangs in box LEDGER-5150.")
+    status, error, output = call(dave, url, "on_ingest", [[file_data(ledger)], "", False])
     assert error is None and "1 added" in output[0]
-    [(passage_id, document_id)] = passages(data, "user:alice", "ledger.txt")
+    [(passage_id, document_id)] = passages(data, "user:dave", "ledger.txt")
     [(shared_id, _)] = passages(data, "", "brindlemoor/lighthouse.md")
 
-    status, error, output = trigger(alice, url, "open_document", {"passage": passage_id, "number": 1})
+    status, error, output = trigger(dave, url, "open_document", {"passage": passage_id, "number": 1})
     assert status == 200 and error is None
-    assert "<mark id='sc-doc-passage' class='sc-doc-passage'>Alice&#x27;s ledger: the lantern key hangs in box " \
+    assert "<mark id='sc-doc-passage' class='sc-doc-passage'>Dave&#x27;s ledger: the lantern key hangs in box " \
            "LEDGER-5150.</mark>" in output[0] and "ledger.txt" in output[0] and "yours" in output[0]
-    status, error, output = trigger(alice, url, "open_document", {"document": document_id})
+    status, error, output = trigger(dave, url, "open_document", {"document": document_id})
     assert error is None and "LEDGER-5150" in output[0]
 
     unknown = passage_id + 10_000
-    for name in ("bob", "carol"):
+    for name in ("alice", "bob", "carol"):
         caller = signed_in(url, name)
         status, error, output = trigger(caller, url, "open_document", {"passage": shared_id, "number": 2})
         assert error is None and "Matthias Orrey" in output[0] and "shared library" in output[0]  # the shared library
