@@ -92,12 +92,16 @@ def _usage(panel: Panel) -> str:
     """What the model did with the passages, in the words of the panel's caption."""
     read = "passage [1]" if len(panel.read) == 1 else f"passages [1]–[{len(panel.read)}]"
     steps = sum(1 for x in panel.losses if isinstance(x, (int, float)) and math.isfinite(x))
+    taught = len(panel.only_learned)
+    not_read = f" that {read} does not" if panel.read else ""
+    taught = f" {taught} of them hold words of the answer{not_read}: what the steps put into it." if taught else ""
     if panel.learned and panel.read:
         return (f"The model read {read} in its prompt and learned from {len(panel.picks)} "
-                f"(one fine-tuning step each, in this order).")
+                f"(one fine-tuning step each, in this order).{taught}")
     if panel.learned:
         return (f"The model learned from these {len(panel.picks)} passages (one fine-tuning step each, in "
-                f"this order{'' if steps else '; the steps are still to come'}); it did not read them in its prompt.")
+                f"this order{'' if steps else '; the steps are still to come'}); it did not read them in its prompt."
+                f"{taught}")
     if panel.read:
         return f"The model read {read} in its prompt; it learned from none ({panel.mode} mode takes no fine-tuning step)."
     return "Selected passages (the model has not used them yet)."
@@ -121,6 +125,10 @@ def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozense
             ("learned from", "sc-learned", panel.learned),
             ("repeat", "", pick["repeat"]),
             ("★ both", "sc-shared", pick["passage_id"] in shared)) if on)
+        taught = panel.only_learned.get(pick["passage_id"]) if not pick["repeat"] else None
+        if taught:  # the answer says what only this learned passage says: the steps put it there
+            badges += (f"<span class='sc-badge sc-taught' title='words of the answer that no passage read holds'>"
+                       f"answer words only here: {html.escape(', '.join(taught))}</span>")
         text = " ".join(pick["text"].split())
         text = text if len(text) <= 700 else text[:699] + "…"
         loss_text = f" · loss {loss:.3f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else ""
