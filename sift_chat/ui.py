@@ -163,6 +163,28 @@ def _where(passage: dict) -> str:
     return f":{passage['start_char']}–{passage['end_char']}" if passage.get("start_char") is not None else ""
 
 
+def what_differed(nn: Panel, sift: Panel, nn_answer: str, sift_answer: str) -> str:
+    """One line on what a comparison changed: the picks only one method made, the σ² each left,
+    the mean loss of each method's steps (a high loss: the passage was new to the model) and
+    whether the answers differ."""
+    only_sift = [p for p in sift.distinct_picks if p["passage_id"] not in nn.passage_ids]
+    only_nn = [p for p in nn.distinct_picks if p["passage_id"] not in sift.passage_ids]
+    picks = ("They picked the same passages." if not only_sift and not only_nn else
+             f"SIFT picked {len(only_sift)} passage{'s' * (len(only_sift) != 1)} NN did not "
+             f"({', '.join(Path(p['path']).name for p in only_sift[:3])}{', …' if len(only_sift) > 3 else ''}), "
+             f"NN {len(only_nn)} SIFT did not.")
+    variance = f"σ² left: NN {nn.final_variance:.2f}, SIFT {sift.final_variance:.2f}."
+
+    def mean_loss(panel: Panel) -> float | None:
+        losses = [x for x in panel.losses if isinstance(x, (int, float)) and math.isfinite(x)]
+        return sum(losses) / len(losses) if losses else None
+
+    losses = (f" Mean step loss: NN {mean_loss(nn):.2f}, SIFT {mean_loss(sift):.2f}."
+              if mean_loss(nn) is not None and mean_loss(sift) is not None else "")
+    same = " ".join(nn_answer.split()) == " ".join(sift_answer.split())
+    return f"{picks} {variance}{losses} {'The answers are the same.' if same else 'The answers differ.'}"
+
+
 def render_timings(panel: Panel | None, seconds: dict | None = None) -> str:
     seconds = seconds if seconds is not None else (panel.seconds if panel else {})
     parts = []
@@ -408,7 +430,8 @@ class Handlers:
                 elif isinstance(event, Stopped):
                     yield view(f"Stopped {event.where}.")
                     return
-            yield view("Done: ★ marks the passages both methods picked.")
+            yield view("Done: ★ marks the passages both methods picked. "
+                       + what_differed(panels["nn"], panels["sift"], answers["nn"], answers["sift"]))
         except Exception as error:
             yield {**view(""), **_failure(f"The comparison failed: {first_line(error)}")}
 

@@ -344,6 +344,11 @@ def test_compare_shows_both_selections_curves_and_answers_and_stores_nothing(sam
     final = updates[-1]
     assert final["status"].startswith("Done")
     nn, sift = final["nn"], final["sift"]
+    # what differed, in words: SIFT's picks NN did not make, the σ² each left, the steps, the answers
+    assert "SIFT picked 2 passages NN did not (" in final["status"] and "lighthouse.md" in final["status"]
+    assert f"σ² left: NN {nn.final_variance:.2f}, SIFT {sift.final_variance:.2f}" in final["status"]
+    assert "Mean step loss: NN " in final["status"]
+    assert ("The answers are the same." in final["status"]) == (final["nn_answer"] == final["sift_answer"])
     assert nn.method == "nn" and sift.method == "sift" and len(nn.picks) == len(sift.picks) == 3
     assert final["shared"] == nn.passage_ids & sift.passage_ids and len(final["shared"]) >= 1
     founding = {"founding.md", "town-history.txt", "visitor-leaflet.html"}
