@@ -188,12 +188,14 @@ class Panel:
                    only_learned={int(k): list(v) for k, v in record.only_learned.items()})
 
     def to_json(self) -> dict:
-        """The panel as JSON: each pick with its citation number, source, offsets, σ² after it,
-        reduction, loss and the answer's words only it (learned from, not read) holds; the passage ids read in the prompt and the numbers the answer cites."""
+        """The panel as JSON: each pick with its citation number, source (and its document's id),
+        offsets, σ² after it, reduction, loss and the answer's words only it (learned from, not read)
+        holds; the passage ids read in the prompt and the numbers the answer cites."""
         numbers = self.numbers
-        picks = [{**{k: pick[k] for k in ("step", "passage_id", "document_id", "path", "start_char", "end_char",
+        picks = [{**{k: pick[k] for k in ("step", "passage_id", "path", "start_char", "end_char",
                                            "similarity", "posterior_variance", "uncertainty_reduction",
                                            "repeat", "text")},
+                  "document_id": pick.get("document_id"),  # None: a pick made without one (a removed document's)
                   "number": numbers[pick["passage_id"]],
                   "loss": _finite(self.losses[pick["step"] - 1]) if pick["step"] <= len(self.losses) else None,
                   "only_learned": list(self.only_learned.get(pick["passage_id"], []))}
