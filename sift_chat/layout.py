@@ -197,7 +197,8 @@ def build(handlers: Handlers, *, access: Access | None = None):
                     sync_shared = gr.Checkbox(False, label="Into the shared library (every user reads it)",
                                               visible=False, elem_id="sync-shared")
                     with gr.Row():
-                        synced = gr.Dropdown(choices=[], label="Your synced folder", scale=3, elem_id="synced-folder")
+                        synced = gr.Dropdown(choices=[], label="Your synced folder", scale=3, elem_id="synced-folder",
+                                             allow_custom_value=True)  # the handlers check whose it is
                         sync_now = gr.Button("Sync now", scale=1, elem_id="sync-now")
                         sync_refresh = gr.Button("Refresh", scale=1, elem_id="sync-refresh")
                     with gr.Row():

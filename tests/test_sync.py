@@ -316,12 +316,17 @@ def test_a_signed_in_user_cannot_make_the_served_app_read_a_server_folder(tmp_pa
         assert {owner for owner, _ in documents()} == {"user:carol"}
         status, error, output = call(carol, url, "on_sync_refresh", [])
         assert "server-notes" in output[4] and "3 in step" in output[4]
-        folder_id = output[5]["choices"][0][1] if isinstance(output[5], dict) else None
+        [(_, folder_id)] = output[5]["choices"]
+        status, error, output = call(carol, url, "on_sync_now", [folder_id])
+        assert error is None and "Synced:" in output[0] and "3 in step" in output[0], (error, output)
 
         status, error, output = call(bob, url, "on_sync_refresh", [])
         assert error is None and "server-notes" not in str(output) and "VAULT" not in str(output)
         for name, data in (("on_sync_now", [folder_id]), ("on_sync_stop", [folder_id, "remove"])):
             status, error, output = call(bob, url, name, data)
+            assert error is None and "Choose one of your synced folders" in output[0], (name, error, output)
             assert "server-notes" not in str(output) and "VAULT" not in str(output), (name, error, output)
         assert len(documents()) == 3
+        status, error, output = call(carol, url, "on_sync_refresh", [])
+        assert "server-notes" in output[4]  # still synced: bob stopped nothing
         assert "Traceback" not in served.printed()
