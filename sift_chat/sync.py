@@ -140,6 +140,9 @@ class FolderSync:
         with self.lock:
             started = time.perf_counter()
             report = SyncReport(str(self.root))
+            if self.stop.is_set() or self.store.synced_folder(self.folder_id) is None:
+                report.error = "no longer synced"  # stopped while this pass waited in the line
+                return report
             try:
                 self._sync(report, on_progress)
             except Exception as error:  # the store locked by another process, a disk error: the next pass retries
@@ -312,10 +315,12 @@ class FolderSync:
 
 
 class _Changes:
-    """watchdog's event handler: any change of a file that is not hidden wakes the watcher."""
+    """watchdog's event handler: any change of a file that is not hidden, nor in an `ignored`
+    folder (the store: its own writes would wake the watcher for ever), wakes the watcher."""
 
-    def __init__(self, wake: threading.Event, root: Path):
+    def __init__(self, wake: threading.Event, root: Path, ignored=()):
         self.wake, self.root = wake, str(root)
+        self.ignored = [str(Path(folder).resolve()) for folder in ignored]
 
     def dispatch(self, event) -> None:
         if event.event_type in ("opened", "closed_no_write"):
@@ -326,6 +331,8 @@ class _Changes:
         self.wake.set()
 
     def _hidden(self, path: str) -> bool:
+        if any(path == folder or _inside(path, folder) for folder in self.ignored):
+            return True
         relative = os.path.relpath(path, self.root)
         return any(part.startswith(".") for part in Path(relative).parts if part != "..")
 
@@ -395,8 +402,8 @@ class FolderWatcher:
             return
         if not self.sync.root.is_dir():
             return  # gone: the passes say so, and it is watched again once it is back
-        self._observer, self.watching = start_observer(self.sync.root, _Changes(self.wake, self.sync.root),
-                                                       self.polling, self.poll_seconds)
+        changes = _Changes(self.wake, self.sync.root, [self.sync.store.folder, *self.sync.options.forbidden])
+        self._observer, self.watching = start_observer(self.sync.root, changes, self.polling, self.poll_seconds)
         if self._observer is None:
             log.warning(self.watching)
 
