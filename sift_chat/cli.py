@@ -18,7 +18,8 @@ from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS, shown
 from .engine import ChatSettings
 from .evaluation import SETTINGS as EVAL_SETTINGS
 from .retrieval import preselect
-from .sync import RESCAN_SECONDS, SETTLE_SECONDS
+from .sync import SETTLE_SECONDS
+from .watching import RESCAN_SECONDS
 from .vocabulary import CONTRAST_TARGETS, EVAL_METHODS, EVAL_MODES, METHODS, MODES, method_label
 
 
@@ -332,7 +333,7 @@ def cmd_sync(args) -> int:
 def cmd_watch(args) -> int:
     import threading
 
-    from .sync import FolderWatcher
+    from .watching import FolderWatcher
 
     with _store(args) as store:
         watcher = FolderWatcher(_folder_sync(args, store, _synced(store, args)), polling=args.polling,

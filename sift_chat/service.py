@@ -33,7 +33,8 @@ from .engine import ChatSettings, Done, Engine, Event, Notice, Prompted, Selecte
 from .panel import Panel
 from .record import AnswerRecord
 from .store import Store, StoreError
-from .sync import SyncOptions, SyncReport, Syncing, folder_refusal, stop_syncing
+from .sync import SyncOptions, SyncReport, folder_refusal, stop_syncing
+from .watching import Syncing
 from .turns import Kept, Turn, TurnQueue
 from .uploads import collection_folder, private_copy, quota_refusal, safe_name, upload_refusal
 

@@ -17,13 +17,14 @@ import httpx
 import pytest
 
 from sift_chat import cli
-from sift_chat.access import LOCAL, Caller, UsersFile
+from sift_chat.access import Caller, UsersFile
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import Engine
 from sift_chat.retrieval import preselect
 from sift_chat.service import Service
 from sift_chat.store import Store
-from sift_chat.sync import FolderSync, FolderWatcher, SyncOptions
+from sift_chat.sync import FolderSync, SyncOptions
+from sift_chat.watching import FolderWatcher
 
 from .served import ROOT, call, served_app
 from .tiny import save_tiny_chat_model, tiny_model, tiny_tokenizer
@@ -160,7 +161,7 @@ def make_notes(folder: Path, count: int) -> None:
 
 def test_kill_9_during_a_sync_loses_nothing_and_the_next_sync_completes_it(tmp_path):
     notes, data = tmp_path / "notes", tmp_path / "data"
-    make_notes(notes, 900)
+    make_notes(notes, 600)
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-m", "sift_chat", "--data-dir", str(data), "--device", "cpu",
                                 "sync", str(notes), "--quiet"], env=environment, cwd=ROOT,
@@ -179,14 +180,14 @@ def test_kill_9_during_a_sync_loses_nothing_and_the_next_sync_completes_it(tmp_p
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert 0 < written < 900, f"killed after {written} documents: the test did not kill it mid-sync"
+    assert 0 < written < 600, f"killed after {written} documents: the test did not kill it mid-sync"
 
     assert cli.main(["--data-dir", str(data), "--device", "cpu", "sync", str(notes), "--quiet"]) == 0
     with Store(data / "store") as store:
-        assert len(store.documents()) == 900
+        assert len(store.documents()) == 600
         whole(store)
         folder = store.synced_folders()[0]
-        assert (folder["in_step"], folder["pending"], folder["skipped"], folder["error"]) == (900, 0, 0, "")
+        assert (folder["in_step"], folder["pending"], folder["skipped"], folder["error"]) == (600, 0, 0, "")
         text = {p.name: p.text for p in store.passages(store.embeddings()[0]).values()}
         assert text["notes/note-0042.md"] == "Note 42: the boat number 42 is moored at berth 294."
 
