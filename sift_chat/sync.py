@@ -67,6 +67,7 @@ class SyncReport:
     removed: list[str] = field(default_factory=list)
     in_step: int = 0  # files in the corpus as they are (after the pass)
     pending: list[str] = field(default_factory=list)  # still changing: taken by a later pass
+    settles_in: float = 0.0  # when a pending file may have settled, in s: the next pass is due then
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     error: str = ""  # why the pass could not finish, one line
     missing: bool = False  # the folder is gone: its documents are kept
@@ -155,18 +156,18 @@ class FolderSync:
         except OSError as error:
             return f"cannot open the folder ({error.strerror or error}): its documents are kept"
 
-    def _settled(self, key: str, stat: tuple[int, int], mtime: float) -> bool:
-        """Whether a file is done changing: last modified over `settle` s ago, or seen with this
-        size and mtime for that long."""
-        now = time.monotonic()
-        if time.time() - mtime >= self.options.settle:
+    def _settles_in(self, key: str, stat: tuple[int, int], mtime: float) -> float:
+        """0 when a file is done changing (last modified over `settle` s ago, or seen with this
+        size and mtime for that long), else the seconds until it may be."""
+        now, settle = time.monotonic(), self.options.settle
+        age = time.time() - mtime
+        if age >= settle:
             self._changing.pop(key, None)
-            return True
+            return 0.0
         seen = self._changing.get(key)
         if seen is None or seen[0] != stat:
-            self._changing[key] = (stat, now)
-            return False
-        return now - seen[1] >= self.options.settle
+            self._changing[key] = seen = (stat, now)
+        return max(min(settle - age, settle - (now - seen[1])), 0.0)
 
     def _sync(self, report: SyncReport, on_progress) -> None:
         rows = {row["path"]: row for row in self.store.synced_files(self.folder_id)}
@@ -192,10 +193,11 @@ class FolderSync:
             if row is not None and (row["size"], row["mtime_ns"]) == stat and (
                     row["status"] == SKIPPED or (row["status"] == IN_STEP and key in documents)):
                 states[key] = {name: row[name] for name in _state(key, 0, 0, "")}
-            elif self._settled(key, stat, info.st_mtime):
+            elif not (wait := self._settles_in(key, stat, info.st_mtime)):
                 changed.append((path, info))
             else:
                 states[key] = _state(key, *stat, PENDING)
+                report.settles_in = min(report.settles_in or wait, wait)
         seen = {str(path) for path in files} | set(states)
         self._changing = {key: value for key, value in self._changing.items() if key in seen}
         gone = [key for key in rows if key not in seen]

@@ -2,7 +2,7 @@
 
     FolderWatcher  a thread running a folder's passes: at start (what changed while nothing
                    watched), after watchdog's events (inotify; its polling observer where that is
-                   not available), every `settle` s while a file settles, and every
+                   not available), when a pending file may have settled, and every
                    `rescan_seconds` (what events missed).
     Syncing        the app's watchers, one per synced folder, started and stopped with the server.
 """
@@ -74,7 +74,7 @@ def start_observer(root: Path, handler, polling: bool = False, poll_seconds: flo
 
 class FolderWatcher:
     """Runs a `FolderSync`'s passes in a thread: at once, then after watchdog's events (gathered
-    for `quiet` s), every `settle` s while a file settles, every `rescan_seconds` in any case."""
+    for `quiet` s), when a pending file may have settled, every `rescan_seconds` in any case."""
 
     def __init__(self, sync: FolderSync, *, polling: bool = False, rescan_seconds: float = RESCAN_SECONDS,
                  quiet: float = QUIET_SECONDS, poll_seconds: float = POLL_SECONDS,
@@ -145,7 +145,7 @@ class FolderWatcher:
             self.last, self.passes = report, self.passes + 1
             if report.missing:
                 self._unwatch()  # its watch is on what was unmounted; a new one once it is back
-            due = time.monotonic() + (self.sync.options.settle if report.pending else self.rescan_seconds)
+            due = time.monotonic() + (max(report.settles_in, 0.05) if report.pending else self.rescan_seconds)
             if self.on_pass is not None:
                 self.on_pass(report)
         self._unwatch()
