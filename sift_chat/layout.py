@@ -34,6 +34,7 @@ CSS = """
 .sc-cited { background: #bbf7d0; color: #14532d; }
 .sc-read { background: #bfdbfe; color: #1e3a8a; }
 .sc-learned { background: #e9d5ff; color: #4c1d95; }
+.sc-taught { background: #fef3c7; color: #78350f; }
 .sc-bar { height: 4px; background: var(--background-fill-secondary); border-radius: 2px; margin: 4px 0; }
 .sc-bar span { display: block; height: 4px; background: var(--color-accent); border-radius: 2px; }
 .sc-text { font-size: 0.88em; white-space: pre-wrap; max-height: 9em; overflow: auto; }

@@ -98,6 +98,8 @@ class Panel:
     read: list[int] = field(default_factory=list)  # passage ids in the prompt
     citations: list[int] = field(default_factory=list)  # numbers the answer cites
     lead: dict | None = None  # passage_id, path, start_char, end_char, text of the passage read first (context modes)
+    # passage id -> the answer's words that this passage, learned from, holds and no passage read does
+    only_learned: dict[int, list[str]] = field(default_factory=dict)
 
     @property
     def final_variance(self) -> float:
@@ -175,17 +177,19 @@ class Panel:
                 if selection.lead is not None and mode in ("context", "both") else None)
         return cls(selection.method, selection.prior_variance, picks, list(selection.nn_posterior_variance),
                    selection.stop_reason, list(losses), dict(record.seconds), mode=mode, read=list(record.read),
-                   citations=list(record.citations), lead=lead)
+                   citations=list(record.citations), lead=lead,
+                   only_learned={int(k): list(v) for k, v in record.only_learned.items()})
 
     def to_json(self) -> dict:
         """The panel as JSON: each pick with its citation number, source, offsets, σ² after it,
-        reduction and loss; the passage ids read in the prompt and the numbers the answer cites."""
+        reduction, loss and the answer's words only it (learned from, not read) holds; the passage ids read in the prompt and the numbers the answer cites."""
         numbers = self.numbers
         picks = [{**{k: pick[k] for k in ("step", "passage_id", "path", "start_char", "end_char",
                                            "similarity", "posterior_variance", "uncertainty_reduction",
                                            "repeat", "text")},
                   "number": numbers[pick["passage_id"]],
-                  "loss": _finite(self.losses[pick["step"] - 1]) if pick["step"] <= len(self.losses) else None}
+                  "loss": _finite(self.losses[pick["step"] - 1]) if pick["step"] <= len(self.losses) else None,
+                  "only_learned": list(self.only_learned.get(pick["passage_id"], []))}
                  for pick in self.picks]
         return {"method": self.method, "mode": self.mode, "prior_variance": self.prior_variance,
                 "final_variance": self.final_variance, "stop_reason": self.stop_reason,

@@ -333,6 +333,7 @@ class Service:
                     if panel is not None:
                         panel.seconds = dict(event.record.seconds)
                         panel.citations = list(event.record.citations)
+                        panel.only_learned = {int(k): v for k, v in event.record.only_learned.items()}
                     event = Answered(event.answer, event.record, panel, notices, event.raw_answer)
                 yield event
         finally:

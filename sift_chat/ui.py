@@ -92,12 +92,16 @@ def _usage(panel: Panel) -> str:
     """What the model did with the passages, in the words of the panel's caption."""
     read = "passage [1]" if len(panel.read) == 1 else f"passages [1]–[{len(panel.read)}]"
     steps = sum(1 for x in panel.losses if isinstance(x, (int, float)) and math.isfinite(x))
+    taught = len(panel.only_learned)
+    not_read = f" that {read} does not" if panel.read else ""
+    taught = f" {taught} of them hold words of the answer{not_read}: what the steps put into it." if taught else ""
     if panel.learned and panel.read:
         return (f"The model read {read} in its prompt and learned from {len(panel.picks)} "
-                f"(one fine-tuning step each, in this order).")
+                f"(one fine-tuning step each, in this order).{taught}")
     if panel.learned:
         return (f"The model learned from these {len(panel.picks)} passages (one fine-tuning step each, in "
-                f"this order{'' if steps else '; the steps are still to come'}); it did not read them in its prompt.")
+                f"this order{'' if steps else '; the steps are still to come'}); it did not read them in its prompt."
+                f"{taught}")
     if panel.read:
         return f"The model read {read} in its prompt; it learned from none ({panel.mode} mode takes no fine-tuning step)."
     return "Selected passages (the model has not used them yet)."
@@ -121,6 +125,10 @@ def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozense
             ("learned from", "sc-learned", panel.learned),
             ("repeat", "", pick["repeat"]),
             ("★ both", "sc-shared", pick["passage_id"] in shared)) if on)
+        taught = panel.only_learned.get(pick["passage_id"]) if not pick["repeat"] else None
+        if taught:  # the answer says what only this learned passage says: the steps put it there
+            badges += (f"<span class='sc-badge sc-taught' title='words of the answer that no passage read holds'>"
+                       f"answer words only here: {html.escape(', '.join(taught))}</span>")
         text = " ".join(pick["text"].split())
         text = text if len(text) <= 700 else text[:699] + "…"
         loss_text = f" · loss {loss:.3f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else ""
@@ -153,6 +161,28 @@ def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozense
 
 def _where(passage: dict) -> str:
     return f":{passage['start_char']}–{passage['end_char']}" if passage.get("start_char") is not None else ""
+
+
+def what_differed(nn: Panel, sift: Panel, nn_answer: str, sift_answer: str) -> str:
+    """One line on what a comparison changed: the picks only one method made, the σ² each left,
+    the mean loss of each method's steps (a high loss: the passage was new to the model) and
+    whether the answers differ."""
+    only_sift = [p for p in sift.distinct_picks if p["passage_id"] not in nn.passage_ids]
+    only_nn = [p for p in nn.distinct_picks if p["passage_id"] not in sift.passage_ids]
+    picks = ("They picked the same passages." if not only_sift and not only_nn else
+             f"SIFT picked {len(only_sift)} passage{'s' * (len(only_sift) != 1)} NN did not "
+             f"({', '.join(Path(p['path']).name for p in only_sift[:3])}{', …' if len(only_sift) > 3 else ''}), "
+             f"NN {len(only_nn)} SIFT did not.")
+    variance = f"σ² left: NN {nn.final_variance:.2f}, SIFT {sift.final_variance:.2f}."
+
+    def mean_loss(panel: Panel) -> float | None:
+        losses = [x for x in panel.losses if isinstance(x, (int, float)) and math.isfinite(x)]
+        return sum(losses) / len(losses) if losses else None
+
+    losses = (f" Mean step loss: NN {mean_loss(nn):.2f}, SIFT {mean_loss(sift):.2f}."
+              if mean_loss(nn) is not None and mean_loss(sift) is not None else "")
+    same = " ".join(nn_answer.split()) == " ".join(sift_answer.split())
+    return f"{picks} {variance}{losses} {'The answers are the same.' if same else 'The answers differ.'}"
 
 
 def render_timings(panel: Panel | None, seconds: dict | None = None) -> str:
@@ -400,7 +430,8 @@ class Handlers:
                 elif isinstance(event, Stopped):
                     yield view(f"Stopped {event.where}.")
                     return
-            yield view("Done: ★ marks the passages both methods picked.")
+            yield view("Done: ★ marks the passages both methods picked. "
+                       + what_differed(panels["nn"], panels["sift"], answers["nn"], answers["sift"]))
         except Exception as error:
             yield {**view(""), **_failure(f"The comparison failed: {first_line(error)}")}
 

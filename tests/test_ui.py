@@ -6,6 +6,7 @@ The tiny random Llama stands in for the chat model; the embedder is the real def
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,21 @@ def test_cited_passages_are_marked_under_the_numbers_the_answer_uses():
     assert Panel.from_stored(None, [], {}) is None
 
 
+def test_a_learned_passage_that_holds_words_of_the_answer_says_so():
+    picks = [{"step": i + 1, "passage_id": pid, "path": f"/docs/{pid}.md", "start_char": 0, "end_char": 10,
+              "text": text, "similarity": 0.5, "posterior_variance": 0.5, "uncertainty_reduction": 0.1, "repeat": False}
+             for i, (pid, text) in enumerate([(7, "Viggo Hallor founded Zennford."), (9, "Quentin Larkfield is mayor.")])]
+    panel = Panel("sift", 1.0, picks, [], "max_steps", losses=[2.0, 2.5], mode="both", read=[7],
+                  only_learned={9: ["quentin", "larkfield"]})
+    cards = render_passages(panel)
+    assert cards.count("sc-badge sc-taught") == 1
+    assert cards.index("sc-badge sc-taught") > cards.index("data-passage='9'")  # on the card of passage 9
+    assert "answer words only here: quentin, larkfield" in cards
+    assert "1 of them hold words of the answer that passage [1] does not" in cards
+    assert [p["only_learned"] for p in panel.to_json()["picks"]] == [[], ["quentin", "larkfield"]]
+    assert "sc-taught" not in render_passages(replace(panel, only_learned={}))
+
+
 def test_chats_are_private_to_their_owner(sample):
     h = sample
     alice, mallory = user("alice"), user("mallory")
@@ -328,6 +344,11 @@ def test_compare_shows_both_selections_curves_and_answers_and_stores_nothing(sam
     final = updates[-1]
     assert final["status"].startswith("Done")
     nn, sift = final["nn"], final["sift"]
+    # what differed, in words: SIFT's picks NN did not make, the σ² each left, the steps, the answers
+    assert "SIFT picked 2 passages NN did not (" in final["status"] and "lighthouse.md" in final["status"]
+    assert f"σ² left: NN {nn.final_variance:.2f}, SIFT {sift.final_variance:.2f}" in final["status"]
+    assert "Mean step loss: NN " in final["status"]
+    assert ("The answers are the same." in final["status"]) == (final["nn_answer"] == final["sift_answer"])
     assert nn.method == "nn" and sift.method == "sift" and len(nn.picks) == len(sift.picks) == 3
     assert final["shared"] == nn.passage_ids & sift.passage_ids and len(final["shared"]) >= 1
     founding = {"founding.md", "town-history.txt", "visitor-leaflet.html"}
