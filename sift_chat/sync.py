@@ -175,36 +175,10 @@ class FolderSync:
         if report.error:
             report.missing = True
             return
-        walk_skipped: list[tuple[str, str]] = []
-        files = list(iter_files([self.root], walk_skipped, forbidden=[self.store.folder, *self.options.forbidden]))
-        unlisted = [str(path) for path, reason in walk_skipped if reason.startswith(UNLISTABLE)]
         documents = self.store.folder_documents(self.owner, str(self.root))
-        states: dict[str, dict] = {str(path): _state(str(path), -1, -1, SKIPPED, reason=reason)
-                                   for path, reason in walk_skipped}
-        changed = []
-        for path in files:  # stat only: nothing is opened here
-            key = str(path)
-            try:
-                info = regular_file_stat(path)
-            except UnreadableFile as reason:
-                states[key] = _state(key, -1, -1, SKIPPED, reason=str(reason))
-                continue
-            row, stat = rows.get(key), (info.st_size, info.st_mtime_ns)
-            if row is not None and (row["size"], row["mtime_ns"]) == stat and (
-                    row["status"] == SKIPPED or (row["status"] == IN_STEP and key in documents)):
-                states[key] = {name: row[name] for name in _state(key, 0, 0, "")}
-            elif not (wait := self._settles_in(key, stat, info.st_mtime)):
-                changed.append((path, info))
-            else:
-                states[key] = _state(key, *stat, PENDING)
-                report.settles_in = min(report.settles_in or wait, wait)
-        seen = {str(path) for path in files} | set(states)
-        self._changing = {key: value for key, value in self._changing.items() if key in seen}
-        gone = [key for key in rows if key not in seen]
-        for key in [key for key in gone if any(key == folder or inside(key, folder) for folder in unlisted)]:
-            gone.remove(key)  # under a folder that could not be listed: kept as it was
-            states[key] = {name: rows[key][name] for name in _state(key, 0, 0, "")}
-        if not files and any(key in documents for key in gone):
+        states, changed, gone = self._scan(rows, documents, report)
+        no_file_left = not changed and all(state["status"] == SKIPPED for state in states.values())
+        if no_file_left and any(key in documents for key in gone):
             report.missing = True  # an emptied mount point looks like this: nothing is removed
             report.error = "the folder is empty (unmounted?): its documents are kept"
             return
@@ -222,6 +196,40 @@ class FolderSync:
         report.pending = sorted(key for key, state in states.items() if state["status"] == PENDING)
         report.skipped = sorted((key, state["reason"]) for key, state in states.items() if state["status"] == SKIPPED)
         report.in_step = sum(state["status"] == IN_STEP for state in states.values())
+
+    def _scan(self, rows: dict, documents: dict, report: SyncReport) -> tuple[dict, list, list]:
+        """The stat-only look: (every file's state as it stands, the settled files whose stat
+        changed since the last pass (to read), the recorded files that are gone). Opens nothing."""
+        walk_skipped: list[tuple[str, str]] = []
+        files = list(iter_files([self.root], walk_skipped, forbidden=[self.store.folder, *self.options.forbidden]))
+        states = {str(path): _state(str(path), -1, -1, SKIPPED, reason=reason) for path, reason in walk_skipped}
+        changed = []
+        for path in files:
+            key = str(path)
+            try:
+                info = regular_file_stat(path)
+            except UnreadableFile as reason:
+                states[key] = _state(key, -1, -1, SKIPPED, reason=str(reason))
+                continue
+            row, stat = rows.get(key), (info.st_size, info.st_mtime_ns)
+            if row is not None and (row["size"], row["mtime_ns"]) == stat and (
+                    row["status"] == SKIPPED or (row["status"] == IN_STEP and key in documents)):
+                states[key] = {name: row[name] for name in _state(key, 0, 0, "")}
+            elif not (wait := self._settles_in(key, stat, info.st_mtime)):
+                changed.append((path, info))
+            else:
+                states[key] = _state(key, *stat, PENDING)
+                report.settles_in = min(report.settles_in or wait, wait)
+        seen = {str(path) for path in files} | set(states)
+        self._changing = {key: value for key, value in self._changing.items() if key in seen}
+        unlisted = [str(path) for path, reason in walk_skipped if reason.startswith(UNLISTABLE)]
+        gone = []
+        for key in (key for key in rows if key not in seen):
+            if any(key == folder or inside(key, folder) for folder in unlisted):
+                states[key] = {name: rows[key][name] for name in _state(key, 0, 0, "")}  # kept as it was
+            else:
+                gone.append(key)
+        return states, changed, gone
 
     def _renames(self, changed, gone: list[str], documents: dict, states: dict, report: SyncReport) -> list:
         """Give a gone file's document to a new file with its content (renamed or moved): kept,
