@@ -237,6 +237,28 @@ def build(handlers: Handlers, *, access: Access | None = None):
                                         elem_id="to-shared")
                 ingest_go = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_report = gr.Markdown(elem_id="ingest-report")
+                with gr.Accordion("Synced folders: a folder on this machine, kept in step", open=False,
+                                  visible=False, elem_id="synced") as sync_box:
+                    gr.Markdown("<small>Ingested at once, then new and changed files are ingested, deleted ones "
+                                "removed, renamed ones renamed (not embedded again). A folder that disappears "
+                                "(unmounted) keeps its documents until you stop syncing it.</small>")
+                    sync_status = gr.Markdown(elem_id="sync-status")
+                    with gr.Row():
+                        sync_path = gr.Textbox(label="Folder to sync", placeholder="~/notes", max_lines=1, scale=4,
+                                               elem_id="sync-path")
+                        sync_add = gr.Button("Sync this folder", variant="primary", scale=1, elem_id="sync-add")
+                    sync_shared = gr.Checkbox(False, label="Into the shared library (every user reads it)",
+                                              visible=False, elem_id="sync-shared")
+                    with gr.Row():
+                        synced = gr.Dropdown(choices=[], label="Your synced folder", scale=3, elem_id="synced-folder",
+                                             allow_custom_value=True)  # the handlers check whose it is
+                        sync_now = gr.Button("Sync now", scale=1, elem_id="sync-now")
+                        sync_refresh = gr.Button("Refresh", scale=1, elem_id="sync-refresh")
+                    with gr.Row():
+                        sync_remove = gr.Radio([("keep its documents", "keep"), ("remove its documents", "remove")],
+                                               value="keep", label="When I stop syncing", scale=3)
+                        sync_stop = gr.Button("Stop syncing", variant="stop", scale=1, elem_id="sync-stop")
+                    sync_report = gr.Markdown(elem_id="sync-report")
                 documents = gr.Dataframe(headers=["document", "collection", "passages", "size", "added"],
                                          datatype=["str", "str", "number", "str", "str"], interactive=False,
                                          label="Documents", elem_id="documents")
@@ -266,9 +288,10 @@ def build(handlers: Handlers, *, access: Access | None = None):
 
         def corpus_view(caller: Caller):
             return [h.corpus_summary(caller), gr.update(visible=h.offers_sample()), h.documents(caller),
-                    gr.update(choices=h.removable(caller), value=None)]
+                    gr.update(choices=h.removable(caller), value=None), h.synced_folders(caller),
+                    gr.update(choices=h.synced_choices(caller))]
 
-        corpus_outputs = [corpus_summary, sample_row, documents, document]
+        corpus_outputs = [corpus_summary, sample_row, documents, document, sync_status, synced]
 
         # page load: who this is, their chats, the corpus they read, what they may add
         def on_load(request: gr.Request, profile: gr.OAuthProfile | None):
@@ -280,9 +303,11 @@ def build(handlers: Handlers, *, access: Access | None = None):
                         "documents and keep your chats.")
             return [greeting, chats_update(caller), gr.update(visible=caller.signed_in),
                     gr.update(visible=h.service.allow_server_paths and caller.admin),
+                    gr.update(visible=caller.admin and caller.owner != SHARED), gr.update(visible=h.may_sync(caller)),
                     gr.update(visible=caller.admin and caller.owner != SHARED), *corpus_view(caller)]
 
-        demo.load(on_load, None, [signed_in, chat_list, uploads, folder, to_shared, *corpus_outputs])
+        demo.load(on_load, None, [signed_in, chat_list, uploads, folder, to_shared, sync_box, sync_shared,
+                                  *corpus_outputs])
 
         # chat
         def on_ticket(request: gr.Request, profile: gr.OAuthProfile | None):
@@ -396,6 +421,31 @@ def build(handlers: Handlers, *, access: Access | None = None):
             return [h.remove_document(document_id, caller), *corpus_view(caller)]
 
         remove.click(on_remove, [document], [remove_report, *corpus_outputs])
+
+        # synced folders: a pass waits in the ingests' line, never the model's
+        def on_sync_add(path, shared, request: gr.Request, profile: gr.OAuthProfile | None):
+            caller = who(request, profile)
+            return [h.sync_folder(path, shared, caller), *corpus_view(caller)]
+
+        sync_add.click(on_sync_add, [sync_path, sync_shared], [sync_report, *corpus_outputs])
+
+        def on_sync_now(folder_id, request: gr.Request, profile: gr.OAuthProfile | None):
+            caller = who(request, profile)
+            return [h.sync_now(folder_id, caller), *corpus_view(caller)]
+
+        sync_now.click(on_sync_now, [synced], [sync_report, *corpus_outputs], concurrency_id="ingest",
+                       concurrency_limit=1)
+
+        def on_sync_refresh(request: gr.Request, profile: gr.OAuthProfile | None):
+            return corpus_view(who(request, profile))
+
+        sync_refresh.click(on_sync_refresh, None, corpus_outputs)
+
+        def on_sync_stop(folder_id, remove, request: gr.Request, profile: gr.OAuthProfile | None):
+            caller = who(request, profile)
+            return [h.stop_syncing(folder_id, remove, caller), *corpus_view(caller)]
+
+        sync_stop.click(on_sync_stop, [synced, sync_remove], [sync_report, *corpus_outputs])
 
         def on_search(text, request: gr.Request, profile: gr.OAuthProfile | None):
             return h.search(text, who(request, profile))

@@ -8,6 +8,8 @@
                its own line (one ingest at a time), beside the model's: a chat never waits for it
     search     the passages a prompt would pre-select (the chat's fused search), for the Corpus tab
     documents  a document's stored text around a passage, marked (`document_view`): what a citation opens
+    sync       folders on the server kept in step with a collection (`sync`): added by the local
+               owner or an admin, each seen by whoever added it; their passes wait in the ingests' line
 
 Every call names its caller (`access.Caller`, which the shell got from the server's side of the
 request): a caller sees their own chats, and selects from their own documents and the shared
@@ -33,6 +35,8 @@ from .engine import ChatSettings, Done, Engine, Event, Notice, Prompted, Selecte
 from .panel import Panel
 from .record import AnswerRecord
 from .store import Store, StoreError
+from .sync import SyncOptions, SyncReport, folder_refusal, stop_syncing
+from .watching import Syncing
 from .turns import Kept, Turn, TurnQueue
 from .uploads import collection_folder, private_copy, quota_refusal, safe_name, upload_refusal
 
@@ -133,6 +137,10 @@ class Service:
         self.parse_seconds = config.parse_seconds(parse_seconds)
         self.ingest_lock = threading.Lock()  # the ingests' line: one at a time, never the model's
         self.last_turn: dict[str, Turn] = {}  # each owner's latest finished turn, for Stop's answer
+        self.syncing = Syncing(self.store, engine.embedder, SyncOptions(
+            engine.embedder_name, forbidden=(self.data_dir,), max_file_bytes=DEFAULT_MAX_FILE_BYTES,
+            parse_seconds=self.parse_seconds, quota_documents=quota_documents, quota_bytes=quota_bytes),
+            lock=self.ingest_lock)  # no thread runs before `start_syncing`
 
     @property
     def store(self) -> Store:
@@ -523,6 +531,99 @@ class Service:
         if removed and self.uploads.resolve() in Path(document["path"]).parents:
             Path(document["path"]).unlink(missing_ok=True)
         return "" if removed else "That document is not in the corpus."
+
+    # -- synced folders --------------------------------------------------------------------
+
+    def start_syncing(self) -> None:
+        """Watch every synced folder (the server does this once it serves)."""
+        self.syncing.refresh()
+
+    def close(self) -> None:
+        """Stop every folder's watcher: a pass running ends before its next file."""
+        self.syncing.close()
+
+    def sync_refusal(self, caller: Caller, shared: bool = False) -> str:
+        """Why the caller may not sync a server folder ('' when they may): the local owner and admins only."""
+        if not caller.signed_in:
+            return "Sign in to add documents: visitors chat over the shared library."
+        if not self.allow_server_paths:
+            return "Syncing folders on the server is turned off here: upload files instead."
+        if not caller.admin:
+            return "Only admins sync folders on the server: upload files instead."
+        return ""
+
+    def sync_folder(self, folder: str, caller: Caller, shared: bool = False) -> str:
+        """Sync a folder on the server into the caller's documents (`shared`: the shared library,
+        an admin's other choice): ingested at once by its watcher, then kept in step. '' when it
+        is synced, else why not."""
+        refusal = self.sync_refusal(caller, shared)
+        if refusal:
+            return refusal
+        folder = folder.strip() if isinstance(folder, str) else ""
+        if not folder:
+            return "Give a folder on this machine to sync."
+        owner = SHARED if shared else caller.collection
+        problem = folder_refusal(folder, self.store, owner, [self.data_dir])
+        if problem:
+            return problem[0].upper() + problem[1:] + "."
+        try:
+            self.store.add_synced_folder(str(Path(folder).expanduser().resolve()), owner, caller.owner)
+        except StoreError as error:
+            return str(error)
+        self.syncing.refresh()
+        return ""
+
+    def synced_folders(self, caller: Caller) -> list[dict]:
+        """The folders the caller syncs (nobody else's), each with its files' counts, its skipped
+        files (path, reason), and the progress of its first ingest while it runs."""
+        if not caller.signed_in:
+            return []
+        self.syncing.refresh()  # folders another process (the CLI) added meanwhile
+        folders = []
+        for folder in self.store.synced_folders(added_by=caller.owner):
+            watcher = self.syncing.watcher(folder["id"])
+            progress = watcher.sync.progress if watcher is not None else None
+            folders.append({**folder, "progress": progress.describe() if progress else "",
+                            "skipped_files": [(row["path"], row["reason"])
+                                              for row in self.store.synced_files(folder["id"], "skipped")]})
+        return folders
+
+    def _own_synced(self, folder_id, caller: Caller) -> dict | None:
+        try:
+            folder = self.store.synced_folder(int(folder_id))
+        except (TypeError, ValueError, OverflowError):
+            return None
+        return folder if folder is not None and caller.signed_in and folder["added_by"] == caller.owner else None
+
+    def sync_now(self, folder_id, caller: Caller) -> SyncReport | str:
+        """One pass over the caller's synced folder now (waiting in the ingests' line): its
+        report, or why not."""
+        folder = self._own_synced(folder_id, caller)
+        if folder is None:
+            return "Choose one of your synced folders."
+        self.syncing.refresh()
+        watcher = self.syncing.watcher(folder["id"])
+        if watcher is None:
+            return "This folder is not being synced here (a read-only store?)."
+        return watcher.sync.run()
+
+    def stop_syncing(self, folder_id, caller: Caller, remove_documents: bool = False) -> str:
+        """Stop syncing the caller's folder; its documents stay in the corpus unless
+        `remove_documents`. '' when done, else why not."""
+        folder = self._own_synced(folder_id, caller)
+        if folder is None:
+            return "Choose one of your synced folders."
+        watcher = self.syncing.watcher(folder["id"])
+        if watcher is not None:
+            watcher.sync.stop.set()  # a pass running ends before its next file, and lets go of the line
+        try:
+            with self.ingest_lock:
+                stop_syncing(self.store, folder, bool(remove_documents))
+        except StoreError as error:
+            return str(error)
+        finally:
+            self.syncing.forget(folder["id"])
+        return ""
 
 
 def within_one_ingest(sources: list[Path], max_files: int, max_bytes: int) -> tuple[list[Path], list[tuple[str, str]]]:

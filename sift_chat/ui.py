@@ -560,6 +560,56 @@ class Handlers:
         problem = self.service.remove_document(document_id, caller)
         return _error(problem) if problem else f"Removed {Path(document['path']).name}."
 
+    # -- synced folders --------------------------------------------------------------------
+
+    def may_sync(self, caller: Caller) -> bool:
+        return not self.service.sync_refusal(caller)
+
+    def synced_folders(self, caller: Caller) -> str:
+        """The caller's synced folders as Markdown: last sync, files in step, pending and
+        skipped (each with its reason), errors, the first ingest's progress."""
+        folders = self.service.synced_folders(caller)
+        if not folders:
+            return "No synced folders yet." if self.may_sync(caller) else ""
+        lines = []
+        for folder in folders:
+            root = folder["path"]
+            lines.append(f"**{html.escape(printable_path(root))}** ({_collection(folder['owner'], caller)}): "
+                         f"last sync {folder['synced_at'].replace('T', ' ') if folder['synced_at'] else 'not yet'}; "
+                         f"{folder['in_step']} in step, {folder['pending']} pending, {folder['skipped']} skipped")
+            if folder["progress"]:
+                lines.append(f"- syncing: {html.escape(folder['progress'])}")
+            if folder["error"]:
+                lines.append(f"- {_error(html.escape(folder['error']))}")
+            for path, reason in folder["skipped_files"][:50]:
+                shown_path = path[len(root) + 1:] if path.startswith(root + "/") else Path(path).name
+                lines.append(f"- skipped {html.escape(printable_path(shown_path))}: {html.escape(reason)}")
+            if len(folder["skipped_files"]) > 50:
+                lines.append(f"- … and {len(folder['skipped_files']) - 50} more skipped")
+        return "\n".join(lines)
+
+    def synced_choices(self, caller: Caller) -> list[tuple[str, int]]:
+        return [(printable_path(folder["path"]), folder["id"]) for folder in self.service.synced_folders(caller)]
+
+    def sync_folder(self, folder: str, shared, caller: Caller) -> str:
+        problem = self.service.sync_folder(folder, caller, shared=bool(shared))
+        return _error(problem) if problem else ("Syncing: its files are being ingested now, then kept in step "
+                                                "(Refresh shows how far it is).")
+
+    def sync_now(self, folder_id, caller: Caller) -> str:
+        report = self.service.sync_now(folder_id, caller)
+        if isinstance(report, str):
+            return _error(report)
+        return _error(report.error) if report.error else f"**Synced:** {html.escape(report.summary())}."
+
+    def stop_syncing(self, folder_id, remove: str, caller: Caller) -> str:
+        removing = remove == "remove"
+        problem = self.service.stop_syncing(folder_id, caller, remove_documents=removing)
+        if problem:
+            return _error(problem)
+        return ("Stopped syncing; its documents were removed." if removing else
+                "Stopped syncing; its documents stay in the corpus (remove them below, one by one, if you wish).")
+
 
 def _collection(owner: str, caller: Caller) -> str:
     return "shared library" if owner == SHARED else "yours" if owner == caller.owner else "another user's"
