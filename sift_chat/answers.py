@@ -236,17 +236,18 @@ def run(engine: Engine, questions: Sequence[Question], configs: Sequence[Configu
 
 def pick_locations(picks, questions: Sequence[Question], methods: Sequence[str]) -> list[dict]:
     """Where each question's facts are among the picks of each method, without the chat model: as
-    `both` would use them (the first distinct pick read, every pick stepped on). `picks(question,
-    method)` is the list of passages selected for a question's text, in the order picked."""
+    `both` would use them (the lead read, every pick stepped on). `picks(question, method)` is
+    (the lead: the pre-selection's best candidate, the passages selected in the order picked)."""
     located = []
     for index, question in enumerate(questions):
         for method in methods:
-            passages = picks(question.question, method)
+            lead, passages = picks(question.question, method)
             texts = [p.text for p in passages]
-            locations = [fact_location(accepted, texts[:1], texts, texts, question.subject)
+            locations = [fact_location(accepted, [lead.text], texts, texts, question.subject)
                          for accepted in question.facts]
             located.append({"question": index, "method": method, "fact_locations": locations,
-                            "location": question_location(locations), "picked": [_where(p) for p in passages]})
+                            "location": question_location(locations), "read": _where(lead),
+                            "picked": [_where(p) for p in passages]})
     return located
 
 

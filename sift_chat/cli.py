@@ -647,14 +647,17 @@ def _pick_locations(args, store, embedder, questions, settings, corpus: Path) ->
     import torch
 
     from . import answers as qa
+    from .retrieval import preselect
     from .selection import select
 
     def picks(text: str, method: str):
+        """(the lead, the picks): what chat reads first and what it selects, as `Engine.select` does."""
         query = embedder.encode(text, normalize_embeddings=True, convert_to_tensor=True).float().cpu()
-        ids, _, vectors = store.nearest(query.numpy(), settings.candidates)
-        chosen = select(query, torch.from_numpy(vectors), method, settings.passages, settings.lam).indices.tolist()
-        passages = store.passages([int(ids[i]) for i in chosen])
-        return [passages[int(ids[i])] for i in chosen]
+        found = preselect(store, query.numpy(), text, settings.candidates)
+        chosen = select(query, torch.from_numpy(found.vectors), method, settings.passages, settings.lam).indices.tolist()
+        ids = [int(found.ids[i]) for i in chosen]
+        passages = store.passages([*ids, int(found.ids[0])])
+        return passages[int(found.ids[0])], [passages[i] for i in ids]
 
     located = qa.pick_locations(picks, questions, _names(args.methods))
     title = f"{corpus.name}: {len(questions)} questions, {settings.passages} picks, λ {settings.lam}"
