@@ -300,3 +300,40 @@ def probe(model: nn.Module, data_dir: Path | str | None, precision: str | None =
               "measured" if measured else "cached")
     return Compute(chosen, decode_precision, chosen_threads, source, timings, threads,
                    str(cache.path) if cache else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sift_chat.probe`: measure this machine afresh (every timing, both precisions) for
+    the default chat model, print the timings and what the probe would choose."""
+    import argparse
+
+    from . import config
+    from .models import load_chat_model
+
+    parser = argparse.ArgumentParser(prog="python -m sift_chat.probe", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--chat-model", help="chat model (default: the packaged SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    model, _ = load_chat_model(args.chat_model, args.device, config.data_dir() / "models")
+    timer, threads = ModelTimer(model, args.repeats), torch.get_num_threads() if args.device == "cpu" else 1
+    timings = {f"matmul_{p}": timer.matmuls(p) for p in PRECISIONS}
+    for p in PRECISIONS:
+        for k in dict.fromkeys([1, threads]):
+            timings[f"decode_{p}_{k}"] = timer.decode(p, k)
+    shapes = ", ".join(f"{i}→{o}" for i, o in timer.shapes)
+    print(f"{machine_key(model, args.device, threads)}; matmuls: one F.linear per shape ({shapes}) on {ROWS} rows; "
+          f"decoding step: two rows; medians of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
+    print("| measured | fp32 | bf16 autocast | bf16 / fp32 speed |")
+    print("|---|---|---|---|")
+    rows = [("matmuls", "matmul_{}")] + [(f"decoding step, {k} thread{'s' * (k > 1)}", f"decode_{{}}_{k}")
+                                         for k in dict.fromkeys([1, threads])]
+    for label, name in rows:
+        fp32, bf16 = timings[name.format("fp32")], timings[name.format("bf16")]
+        print(f"| {label} | {fp32 * 1e3:.1f} ms | {bf16 * 1e3:.1f} ms | {fp32 / bf16:.2f}x |")
+    print(Compute(*choose(timings, threads), source="measured", timings=timings, threads=threads).describe())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
