@@ -13,7 +13,8 @@ and chooses (`choose`, a pure function of the timings):
 
     precision         bf16 when its matmuls take at most 1/MIN_SPEEDUP of fp32's time, else fp32
     decode precision  the precision's, unless its decoding step is not MIN_SPEEDUP faster than
-                      fp32's (a token reads every weight: bf16 autocast adds a cast of each)
+                      fp32's (a token reads every weight: bf16 autocast adds a cast of each);
+                      a forced precision is the decoding's too
     decode threads    whichever count decodes faster at the decode precision
 
 The timings are cached per machine in <data dir>/compute.json, keyed by the CPU's model name (or
@@ -69,10 +70,10 @@ class Compute:
 
     def describe(self) -> str:
         """One line: what was chosen and on what evidence."""
-        what = f"compute: {self.precision}"
+        what = f"compute: {self.precision}, decode"
         if self.decode_precision != self.precision:
-            what += f" for steps and prefill, decode {self.decode_precision}"
-        what += f", decode on {self.decode_threads} thread{'s' * (self.decode_threads != 1)}"
+            what = f"compute: {self.precision} for steps and prefill, decode {self.decode_precision}"
+        what += f" on {self.decode_threads} thread{'s' * (self.decode_threads != 1)}"
         t, n = self.timings, self.threads
         evidence = []
         if "matmul_fp32" in t and "matmul_bf16" in t:
@@ -97,8 +98,10 @@ def choose(timings: dict, threads: int, precision: str = "auto", decode_threads:
                            min_k decode_fp32_k / min_k decode_bf16_k ≥ min_speedup
         decode threads = argmin_k decode_{decode precision}_k,  k ∈ {1, threads} (ties: 1)
 
-    A timing that is missing counts as never measured: fp32, and 1 thread."""
-    if precision == "auto":
+    A forced precision (not "auto") is the decoding's too. A timing that is missing counts as
+    never measured: fp32, and 1 thread."""
+    forced = precision != "auto"
+    if not forced:
         fp32, bf16 = timings.get("matmul_fp32"), timings.get("matmul_bf16")
         precision = "bf16" if fp32 and bf16 and fp32 / bf16 >= min_speedup else "fp32"
 
@@ -106,8 +109,8 @@ def choose(timings: dict, threads: int, precision: str = "auto", decode_threads:
         found = [timings[f"decode_{p}_{k}"] for k in {1, threads} if f"decode_{p}_{k}" in timings]
         return min(found) if found else None
 
-    decode_precision = "fp32"
-    if precision == "bf16":
+    decode_precision = precision if forced else "fp32"
+    if precision == "bf16" and not forced:
         fp32, bf16 = best("fp32"), best("bf16")
         decode_precision = "bf16" if fp32 and bf16 and fp32 / bf16 >= min_speedup else "fp32"
     if decode_threads is None:

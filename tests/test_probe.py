@@ -62,6 +62,7 @@ def test_choose_takes_bf16_only_when_clearly_faster_and_the_faster_thread_count(
     assert choose({**amx, "decode_bf16_1": 0.25, "decode_bf16_2": 0.2}, 2) == ("bf16", "fp32", 2)
     assert choose({}, 2) == ("fp32", "fp32", 1)  # nothing measured: as before the probe
     assert choose(amx, 2, precision="fp32", decode_threads=1) == ("fp32", "fp32", 1)
+    assert choose({**amx, "decode_bf16_1": 0.25, "decode_bf16_2": 0.2}, 2, precision="bf16") == ("bf16", "bf16", 2)
 
 
 def test_the_probe_measures_once_per_machine_and_again_when_the_key_changes(tmp_path, two_threads, monkeypatch):
@@ -158,3 +159,19 @@ def test_bf16_answers_as_fp32_does_and_the_model_returns_to_base(engine, mode):
         assert any(a.record.losses != b.record.losses for a, b in zip(fp32, bf16))  # bf16 did run
     assert torch.equal(logits(engine.model, ids), base)  # the adapter reset to the exact base logits
     assert all(p.dtype == torch.float32 for p in engine.adapter.trainable)
+
+
+def test_app_py_prints_what_it_measured_and_honours_a_forced_precision(tmp_path):
+    """`python app.py --precision bf16` as a user starts it: the compute line is printed, bf16 kept,
+    the decoding threads measured and the timings cached in the data folder."""
+    from .served import served_app
+    from .tiny import save_tiny_chat_model
+
+    model = save_tiny_chat_model(tmp_path / "tiny")
+    with served_app(tmp_path / "data", "--chat-model", model, "--precision", "bf16",
+                    env={"SIFT_CHAT_TOKEN": "T"}, ready_headers={"Authorization": "Bearer T"}) as served:
+        printed = served.printed()
+    line = next(line for line in printed.splitlines() if "compute:" in line)
+    assert line.startswith("sift-chat: compute: bf16") and "decode on 1 thread (forced; measured" in line
+    [entry] = json.loads((tmp_path / "data" / "compute.json").read_text())
+    assert entry["key"]["threads"] == 1 and "decode_bf16_1" in entry["timings"]  # served_app: OMP_NUM_THREADS=1
