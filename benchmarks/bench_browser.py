@@ -43,26 +43,30 @@ QUESTIONS = [
     "How many people live in Brindlemoor, and when does the ferry leave?",
 ]
 # set when the status line first says the answer is complete after a Send (textContent: no layout)
+# and how many times the chat's text changed meanwhile (the page's re-renders of the answer)
 WATCH = """() => {
-  window.__sent = null; window.__answered = null;
+  window.__sent = null; window.__answered = null; window.__updates = 0; window.__chat = null;
   if (window.__observer) return;
   window.__observer = new MutationObserver(() => {
+    if (window.__sent === null || window.__answered !== null) return;
+    const chat = document.querySelector('#chatbot');
+    const text = chat ? chat.textContent : '';
+    if (text !== window.__chat) { window.__chat = text; window.__updates += 1; }
     const status = document.querySelector('#status');
-    if (window.__sent !== null && window.__answered === null && status && status.textContent.includes('Answered in'))
-      window.__answered = performance.now();
+    if (status && status.textContent.includes('Answered in')) window.__answered = performance.now();
   });
   window.__observer.observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
 SEND = "() => { window.__answered = null; window.__sent = performance.now(); document.querySelector('#send').click(); }"
 
 
-def through_api(url: str, question: str) -> tuple[float, str]:
-    """(seconds from the request to the last chunk, the cited answer)."""
+def through_api(url: str, question: str) -> tuple[float, str, int]:
+    """(seconds from the request to the last chunk, the cited answer, its text chunks)."""
     import json
 
     body = {"model": "sift-chat", "messages": [{"role": "user", "content": question}], "stream": True,
             "temperature": 0}
-    cited = None
+    cited, chunks = None, 0
     started = time.perf_counter()
     with httpx.stream("POST", url + "v1/chat/completions", json=body, timeout=600,
                       headers={"Authorization": f"Bearer {TOKEN}"}) as response:
@@ -72,21 +76,59 @@ def through_api(url: str, question: str) -> tuple[float, str]:
                 chunk = json.loads(line[len("data: "):])
                 if chunk.get("sift"):
                     cited = chunk["sift"]["cited_answer"]
+                chunks += bool(chunk.get("choices") and chunk["choices"][0]["delta"].get("content"))
             elif line == "data: [DONE]":
                 break
-    return time.perf_counter() - started, cited or ""
+    return time.perf_counter() - started, cited or "", chunks
 
 
-def in_browser(page, question: str) -> tuple[float, str]:
-    """(seconds from the Send click to the complete answer on the page, the answer shown)."""
+def in_browser(page, question: str) -> tuple[float, str, int]:
+    """(seconds from the Send click to the complete answer on the page, the answer shown, how many
+    times the chat's text changed on the page meanwhile)."""
     page.locator("#new-chat").click()
     page.wait_for_function("() => !document.querySelector('#status').textContent.includes('Answered')")
     page.locator("#message textarea").fill(question)
     page.evaluate(WATCH)
     page.evaluate(SEND)
     page.wait_for_function("() => window.__answered !== null", timeout=600_000, polling=200)
-    seconds = page.evaluate("() => (window.__answered - window.__sent) / 1000")
-    return seconds, page.locator("#chatbot [data-testid='bot']").last.inner_text()
+    seconds, updates = page.evaluate("() => [(window.__answered - window.__sent) / 1000, window.__updates]")
+    return seconds, page.locator("#chatbot [data-testid='bot']").last.inner_text(), updates
+
+
+def processes() -> dict[int, tuple[int, str]]:
+    """pid → (parent pid, command name) of every process (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name, rest = stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            found[int(entry.name)] = (int(rest[1]), name)
+    return found
+
+
+def cpu_seconds(match: str) -> float:
+    """CPU seconds (user + system) used so far by this process's descendants whose command name
+    contains `match` ("chrom": the browser; "python": the server app.py)."""
+    table, total = processes(), 0.0
+    mine = {os.getpid()}
+    changed = True  # descendants: to a fixed point (a child's pid may be lower than its parent's)
+    while changed:
+        changed = False
+        for pid, (parent, _) in table.items():
+            if parent in mine and pid not in mine:
+                mine.add(pid)
+                changed = True
+    for pid in mine - {os.getpid()}:
+        if match in table[pid][1]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def same(a: str, b: str) -> bool:
@@ -106,7 +148,8 @@ def run(stream_seconds: float, questions: list[str], repeats: int, folder: Path)
     (data / "models").symlink_to(models)
     env = {"SIFT_CHAT_TOKEN": TOKEN, "SIFT_CHAT_STREAM_SECONDS": str(stream_seconds),
            "OMP_NUM_THREADS": str(os.cpu_count())}  # torch's own default, as a user runs it
-    results = {q: {"api": [], "browser": [], "same": []} for q in questions}
+    results = {q: {"api": [], "browser": [], "same": [], "chunks": [], "updates": [], "api_server_cpu": [],
+                   "browser_server_cpu": [], "browser_cpu": []} for q in questions}
     with served_app(data, env=env, ready_headers={"Authorization": f"Bearer {TOKEN}"}) as served, \
             sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
@@ -124,11 +167,17 @@ def run(stream_seconds: float, questions: list[str], repeats: int, folder: Path)
             in_browser(page, questions[0])
             for repeat in range(repeats):
                 for question in questions:  # interleaved: both see the same machine load
-                    api_seconds, api_answer = through_api(served.url, question)
-                    page_seconds, page_answer = in_browser(page, question)
-                    results[question]["api"].append(api_seconds)
-                    results[question]["browser"].append(page_seconds)
-                    results[question]["same"].append(same(api_answer, page_answer))
+                    server_before = cpu_seconds("python")
+                    api_seconds, api_answer, chunks = through_api(served.url, question)
+                    server_between, browser_between = cpu_seconds("python"), cpu_seconds("chrom")
+                    page_seconds, page_answer, updates = in_browser(page, question)
+                    server_cpu = {"api_server_cpu": server_between - server_before,
+                                  "browser_server_cpu": cpu_seconds("python") - server_between,
+                                  "browser_cpu": cpu_seconds("chrom") - browser_between}
+                    for name, value in (("api", api_seconds), ("browser", page_seconds), ("chunks", chunks),
+                                        ("updates", updates), ("same", same(api_answer, page_answer)),
+                                        *server_cpu.items()):
+                        results[question][name].append(value)
                     print(f"  stream every {stream_seconds:g} s, repeat {repeat + 1}: /v1 {api_seconds:.2f} s, "
                           f"browser {page_seconds:.2f} s, same answer {results[question]['same'][-1]}: "
                           f"{question}", file=sys.stderr, flush=True)
@@ -153,16 +202,19 @@ def main() -> None:
                 for s in (float(x) for x in args.stream_seconds.split(",") if x.strip())}
     print(f"default models and chat settings, greedy; {args.repeats} repeats per question, medians; "
           f"{os.cpu_count()} cores, load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print("| page updated every | question | /v1 s | browser s | browser / API | same answer |")
-    print("|---|---|---|---|---|---|")
+    print("| page updated every | question | /v1 s | browser s | browser / API | same answer | /v1 text chunks "
+          "| the chat's text changed on the page | server CPU s, /v1 / browser | Chromium CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for stream_seconds, results in runs.items():
         ratios = []
         for question, r in results.items():
             api, page = statistics.median(r["api"]), statistics.median(r["browser"])
             ratios.append(page / api)
             print(f"| {stream_seconds:g} s | {question} | {api:.2f} | {page:.2f} | {page / api:.2f}x | "
-                  f"{sum(r['same'])}/{len(r['same'])} |")
-        print(f"| {stream_seconds:g} s | **median** | | | **{statistics.median(ratios):.2f}x** | |")
+                  f"{sum(r['same'])}/{len(r['same'])} | {statistics.median(r['chunks']):g} | "
+                  f"{statistics.median(r['updates']):g} | {statistics.median(r['api_server_cpu']):.1f} / "
+                  f"{statistics.median(r['browser_server_cpu']):.1f} | {statistics.median(r['browser_cpu']):.1f} |")
+        print(f"| {stream_seconds:g} s | **median** | | | **{statistics.median(ratios):.2f}x** | | | | | |")
     print("\nbar: the browser within 1.15x of /v1")
 
 

@@ -39,7 +39,20 @@ DEMO_QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
 NO_ANSWER = "*(no answer: the model stopped at once)*"
 # The answer reaches the page at most this often while it is written (seconds; 0: every token).
 # Each update re-renders the chat in the browser, on the cores that decode (README: One message).
-STREAM_SECONDS = float(os.environ.get("SIFT_CHAT_STREAM_SECONDS", "0.5"))
+STREAM_SECONDS = 0.5
+ENV_STREAM_SECONDS = "SIFT_CHAT_STREAM_SECONDS"
+
+
+def stream_seconds_from_env() -> float:
+    """$SIFT_CHAT_STREAM_SECONDS, else STREAM_SECONDS; ValueError saying what to fix."""
+    value = os.environ.get(ENV_STREAM_SECONDS, "").strip()
+    try:
+        seconds = float(value) if value else STREAM_SECONDS
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 60:
+        raise ValueError(f"${ENV_STREAM_SECONDS} must be a number of seconds in [0, 60], got {value!r}")
+    return seconds
 
 
 class Throttle:
@@ -218,9 +231,10 @@ class Handlers:
     dicts, `Panel`s); the work, and the checks of who may do what, are the Service's.
     """
 
-    def __init__(self, service: Service, stream_seconds: float = STREAM_SECONDS):
+    def __init__(self, service: Service, stream_seconds: float | None = None):
         self.service = service
-        self.stream_seconds = stream_seconds  # the answer's updates while it is written: at most one per this
+        # the answer's updates while it is written: at most one per this many seconds
+        self.stream_seconds = stream_seconds_from_env() if stream_seconds is None else stream_seconds
         self.clock = time.monotonic  # what the chunking of a stream reads the time from
 
     @property

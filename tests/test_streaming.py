@@ -120,3 +120,16 @@ def test_the_throttle_lets_one_through_per_interval():
     times = iter([0.0, 0.1, 0.49, 0.5, 0.7, 1.2, 5.0])
     throttle = Throttle(0.5, lambda: next(times))
     assert [throttle.due() for _ in range(7)] == [True, False, False, True, False, True, True]
+
+
+def test_the_interval_comes_from_the_environment_and_a_bad_one_is_refused_in_one_line(monkeypatch):
+    from sift_chat.ui import STREAM_SECONDS, stream_seconds_from_env
+
+    monkeypatch.delenv("SIFT_CHAT_STREAM_SECONDS", raising=False)
+    assert stream_seconds_from_env() == STREAM_SECONDS
+    monkeypatch.setenv("SIFT_CHAT_STREAM_SECONDS", "0")
+    assert stream_seconds_from_env() == 0
+    for bad in ("fast", "-1", "nan"):
+        monkeypatch.setenv("SIFT_CHAT_STREAM_SECONDS", bad)
+        with pytest.raises(ValueError, match=r"SIFT_CHAT_STREAM_SECONDS must be a number of seconds in \[0, 60\]"):
+            stream_seconds_from_env()
