@@ -12,10 +12,11 @@ so the two are rows of one batch, not two forwards one after the other:
 Each row may weigh the LoRA adapter on its own (`lora.row_scales`: 1 the adapted model, 0 the base
 model), so one forward serves "adapted, with the passages" and "base, without them".
 
-The steps run on one CPU thread (the prefill on torch's): a token per row makes every matmul
-memory-bound, so a second thread only adds a barrier to every op, and on shared cores each
-barrier waits for a descheduled thread (README: a batch of two at 2 threads took 5x its time
-at 1 thread on the loaded 2-core machine, one row 2.7x).
+The steps run on one CPU thread unless the engine's start-up probe measured more to be faster
+(`probe`; the prefill on torch's): a token per row makes every matmul memory-bound, so a second
+thread only adds a barrier to every op, and on shared cores each barrier waits for a descheduled
+thread (README: a batch of two at 2 threads took 5x its time at 1 thread on the loaded 2-core
+machine, one row 2.7x).
 """
 
 from __future__ import annotations
