@@ -35,6 +35,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=256, help="passage tokens of the timed LoRA step")
     parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="the answers' limit (the chat's default)")
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--device", default="cuda", help="cuda (cpu: a dry run of this script's logic, slow)")
     args = parser.parse_args()
@@ -66,10 +67,10 @@ def main() -> int:
         engine = Engine(store, embedder, model, tokenizer, embedder_name=config.DEFAULT_EMBEDDER)
         for precision in precisions:
             engine.compute = Compute(precision, precision, 1, "forced")
-            answer(engine, prompts[0], ChatSettings(mode=modes[0]))  # warm-up: kernels, allocator
+            answer(engine, prompts[0], ChatSettings(mode=modes[0], max_new_tokens=args.max_new_tokens))  # warm-up
             for prompt in prompts:  # modes interleaved: all see the same state of the GPU
                 for mode in modes:
-                    result = answer(engine, prompt, ChatSettings(mode=mode))
+                    result = answer(engine, prompt, ChatSettings(mode=mode, max_new_tokens=args.max_new_tokens))
                     runs.setdefault((precision, mode), []).append(result)
                     answers.setdefault((precision, mode), []).append(result.pop("answer", ""))
 
