@@ -172,18 +172,18 @@ def run(stream_seconds: float, questions: list[str], repeats: int, folder: Path)
                 for question in questions:  # interleaved: both see the same machine load
                     measured = {}
 
-                    def api():
+                    def via_api():
                         server = cpu_seconds("python")
                         measured["api"], measured["api_answer"], measured["chunks"] = through_api(served.url, question)
                         measured["api_server_cpu"] = cpu_seconds("python") - server
 
-                    def browser():
+                    def via_page():
                         server, chromium = cpu_seconds("python"), cpu_seconds("chrom")
                         measured["browser"], measured["page_answer"], measured["updates"] = in_browser(page, question)
                         measured["browser_server_cpu"] = cpu_seconds("python") - server
                         measured["browser_cpu"] = cpu_seconds("chrom") - chromium
 
-                    for one in ((api, browser) if repeat % 2 == 0 else (browser, api)):  # order alternates: drift cancels
+                    for one in ((via_api, via_page) if repeat % 2 == 0 else (via_page, via_api)):  # order alternates: drift cancels
                         one()
                     measured["same"] = same(measured.pop("api_answer"), measured.pop("page_answer"))
                     measured["ratio"] = measured["browser"] / measured["api"]  # a pair: back to back, one load
