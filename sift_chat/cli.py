@@ -1,4 +1,4 @@
-"""The command line: `python -m sift_chat ingest|rm|stats|search|chat|eval|eval-qa|make-world|users|serve ...`.
+"""The command line: `python -m sift_chat ingest|sync|watch|rm|stats|search|chat|eval|eval-qa|make-world|users|serve ...`.
 A thin shell over the stages and the application layer (`sift_chat.service`). It acts as the local
 owner: its documents are the shared library, its chats the local owner's."""
 
@@ -18,6 +18,8 @@ from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS, shown
 from .engine import ChatSettings
 from .evaluation import SETTINGS as EVAL_SETTINGS
 from .retrieval import preselect
+from .sync import SETTLE_SECONDS
+from .watching import RESCAN_SECONDS
 from .vocabulary import CONTRAST_TARGETS, EVAL_METHODS, EVAL_MODES, METHODS, MODES, method_label
 
 
@@ -51,6 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"skip an HTML or PDF file whose parsing takes longer (default: "
                              f"${config.ENV_PARSE_SECONDS} or 60)")
     ingest.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sync = commands.add_parser("sync", help="sync a folder now (kept in step from then on, also by the app); "
+                               "--status: the synced folders")
+    sync.add_argument("folder", nargs="?", metavar="DIR")
+    sync.add_argument("--status", action="store_true", help="the synced folders, their files' states and errors")
+    sync.add_argument("--stop", action="store_true", help="stop syncing DIR (its documents stay, unless --remove)")
+    sync.add_argument("--remove", action="store_true", help="with --stop: remove the folder's documents too")
+    watch = commands.add_parser("watch", help="sync a folder, then keep it in step until Ctrl-C")
+    watch.add_argument("folder", metavar="DIR")
+    watch.add_argument("--polling", action="store_true", help="poll the folder instead of inotify's events")
+    watch.add_argument("--rescan-seconds", type=float, default=RESCAN_SECONDS,
+                       help="a full stat-only rescan this often (default: %(default)s)")
+    for command in (sync, watch):
+        command.add_argument("--collection", default="shared",
+                             help="shared (the local owner's documents: the default) or a user's name (their own)")
+        command.add_argument("--settle", type=float, default=SETTLE_SECONDS,
+                             help="take a file once unchanged this long, in s (default: %(default)s)")
+        command.add_argument("--parse-seconds", type=float, help="as for ingest")
+        command.add_argument("--quiet", action="store_true", help="no progress bar")
 
     remove = commands.add_parser("rm", help="remove documents (files or whole folders) from the store")
     remove.add_argument("paths", nargs="+", metavar="PATH")
@@ -237,6 +258,126 @@ def cmd_ingest(args) -> int:
     return 1 if nothing_done else 0
 
 
+def _collection_owner(name: str) -> str:
+    """The owner a --collection names: the shared library, or a user's own documents."""
+    from .access import SHARED, USER_NAME
+
+    if name == "shared":
+        return SHARED
+    if not USER_NAME.fullmatch(name):
+        raise ValueError(f"--collection is 'shared' or a user's name, not {name!r}")
+    return f"user:{name}"
+
+
+def _folder_sync(args, store, folder: dict):
+    from .sync import FolderSync, SyncOptions
+
+    options = SyncOptions(config.embedder_name(args.embedder), forbidden=(config.data_dir(args.data_dir),),
+                          parse_seconds=config.parse_seconds(args.parse_seconds), settle=args.settle,
+                          progress=not args.quiet)
+    return FolderSync(store, _embedder(args), folder, options)
+
+
+def _synced(store, args) -> dict:
+    """The folder of `args` synced into its collection (added now if it was not)."""
+    from .sync import folder_refusal
+
+    owner = _collection_owner(args.collection)
+    problem = folder_refusal(args.folder, store, owner, [config.data_dir(args.data_dir)])
+    if problem:
+        raise ValueError(problem)
+    return store.add_synced_folder(str(Path(args.folder).expanduser().resolve()), owner, LOCAL.owner)
+
+
+def _print_pass(report) -> None:
+    for old, new in report.renamed:
+        print(f"renamed {shown(old)} -> {shown(new)}")
+    for path in report.removed:
+        print(f"removed {shown(path)}")
+    for path, reason in report.skipped:
+        print(f"skipped {shown(path)}: {reason}", file=sys.stderr)
+    for path in report.pending:
+        print(f"pending {shown(path)}: still changing", file=sys.stderr)
+    print(f"{shown(report.folder)}: {report.summary()}")
+
+
+def cmd_sync(args) -> int:
+    import time
+
+    from .sync import stop_syncing
+
+    if args.status:
+        return _sync_status(args)
+    if not args.folder:
+        print("error: give a folder to sync (or --status)", file=sys.stderr)
+        return 2
+    with _store(args) as store:
+        if args.stop:
+            path = str(Path(args.folder).expanduser().resolve())
+            owner = _collection_owner(args.collection)
+            folder = next((f for f in store.synced_folders() if f["path"] == path and f["owner"] == owner), None)
+            if folder is None:
+                print(f"not synced: {shown(args.folder)}", file=sys.stderr)
+                return 1
+            removed = stop_syncing(store, folder, args.remove)
+            print(f"stopped syncing {shown(path)}; " + (f"{len(removed)} documents removed" if args.remove
+                                                        else "its documents stay in the corpus"))
+            return 0
+        sync = _folder_sync(args, store, _synced(store, args))
+        report = sync.run()
+        deadline = time.monotonic() + max(30.0, 10 * args.settle)
+        while report.pending and not report.error and time.monotonic() < deadline:
+            time.sleep(args.settle)  # files still being written: taken once they settle
+            report = sync.run()
+    _print_pass(report)
+    return 1 if report.error else 0
+
+
+def cmd_watch(args) -> int:
+    import threading
+
+    from .watching import FolderWatcher
+
+    with _store(args) as store:
+        watcher = FolderWatcher(_folder_sync(args, store, _synced(store, args)), polling=args.polling,
+                                rescan_seconds=args.rescan_seconds, on_pass=_print_pass_if_any)
+        watcher.start()
+        print(f"watching {shown(watcher.sync.root)} (Ctrl-C to stop)", file=sys.stderr)
+        try:
+            threading.Event().wait()  # until Ctrl-C
+        except KeyboardInterrupt:
+            pass
+        finally:
+            watcher.stop()
+    print("stopped watching: every document written is whole", file=sys.stderr)
+    return 0
+
+
+def _print_pass_if_any(report) -> None:
+    if report.added or report.updated or report.renamed or report.removed or report.error or report.skipped \
+            or report.pending or report.missing:
+        _print_pass(report)
+        sys.stdout.flush()
+
+
+def _sync_status(args) -> int:
+    with _store(args) as store:
+        folders = store.synced_folders()
+        if not folders:
+            print("no synced folders: add one with `sync DIR`")
+            return 0
+        for folder in folders:
+            collection = "shared library" if folder["owner"] == "" else folder["owner"]
+            print(f"{shown(folder['path'])}  ({collection}; last sync {folder['synced_at'] or 'never'})")
+            print(f"  {folder['in_step']} in step, {folder['pending']} pending, {folder['skipped']} skipped"
+                  + (f"; missing since {folder['missing_since']}" if folder["missing_since"] else ""))
+            if folder["error"]:
+                print(f"  error: {folder['error']}")
+            for row in store.synced_files(folder["id"], "skipped"):
+                print(f"  skipped {shown(row['path'])}: {row['reason']}")
+    return 0
+
+
 def cmd_rm(args) -> int:
     with _store(args) as store:
         targets = []
@@ -278,8 +419,10 @@ def cmd_search(args) -> int:
         embedder = _embedder(args)
         store.check_embedder(config.embedder_name(args.embedder), embedder.get_embedding_dimension())
         query = embedder.encode(args.query, normalize_embeddings=True)
-        found = preselect(store, query, args.query, args.k, LOCAL.readable)  # as a chat message pre-selects
-        ids, similarities, passages = found.ids, found.similarities, store.passages(found.ids)
+        # as a chat message pre-selects: its K candidates, of which the first k
+        found = preselect(store, query, args.query, max(args.k, ChatSettings().candidates), LOCAL.readable)
+        ids, similarities = found.ids[:args.k], found.similarities[:args.k]
+        passages = store.passages(ids)
     for rank, (passage_id, similarity) in enumerate(zip(ids, similarities), 1):
         passage = passages[int(passage_id)]
         print(f"{rank:>3}. {similarity:.3f}  {shown(passage.path)}:{passage.start_char}-{passage.end_char}")
@@ -577,6 +720,6 @@ def _one_line(text: str, width: int = 160) -> str:
     return one_line(text, width)
 
 
-COMMANDS = {"ingest": cmd_ingest, "rm": cmd_rm, "stats": cmd_stats, "search": cmd_search, "chat": cmd_chat,
+COMMANDS = {"ingest": cmd_ingest, "sync": cmd_sync, "watch": cmd_watch, "rm": cmd_rm, "stats": cmd_stats, "search": cmd_search, "chat": cmd_chat,
             "eval": cmd_eval, "eval-qa": cmd_eval_qa, "make-world": cmd_make_world,
             "users": cmd_users}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,17 +191,46 @@ def ingest(
     HTML and PDF files are parsed in a child process (`parsing.ParseWorker`): one whose parse
     takes over `parse_seconds` is skipped with that reason (None: parsed here, without a bound).
     """
+    report = IngestReport()
+    started = time.perf_counter()
+    paths = list(paths)
+    files = list(iter_files(paths, report.skipped, forbidden=[store.folder, *forbidden], trusted=trusted))
+    return ingest_files(store, embedder, files, document_names(paths), embedder_name=embedder_name,
+                        passage_tokens=passage_tokens, overlap=overlap, max_file_bytes=max_file_bytes,
+                        batch_passages=batch_passages, progress=progress, on_progress=on_progress, owner=owner,
+                        parse_seconds=parse_seconds, report=report, started=started)
+
+
+def ingest_files(
+    store: Store,
+    embedder,
+    files: list[Path],
+    name_of: Callable[[Path], str],
+    *,
+    embedder_name: str,
+    passage_tokens: int = DEFAULT_PASSAGE_TOKENS,
+    overlap: int = DEFAULT_OVERLAP_TOKENS,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    batch_passages: int = 256,
+    progress: bool = True,
+    on_progress: Callable[[IngestProgress], None] | None = None,
+    owner: str = SHARED,
+    parse_seconds: float | None = PARSE_SECONDS,
+    report: IngestReport | None = None,
+    started: float | None = None,
+    stop: threading.Event | None = None,
+) -> IngestReport:
+    """`ingest` of files already found (`iter_files`: the rules of what is read are applied
+    there), each shown as `name_of(path)`. `stop`, once set, ends the run before its next file;
+    the files read so far are written (a synced folder's watcher stops so at shutdown)."""
     from tqdm.auto import tqdm
 
     dimension = embedder.get_embedding_dimension()
     store.check_embedder(embedder_name, dimension)
     store.check_writable()
     max_tokens = passage_token_limit(embedder, passage_tokens)
-    report = IngestReport()
-    started = time.perf_counter()
-    paths = list(paths)
-    files = list(iter_files(paths, report.skipped, forbidden=[store.folder, *forbidden], trusted=trusted))
-    name_of = document_names(paths)
+    report = report if report is not None else IngestReport()
+    started = started if started is not None else time.perf_counter()
     sizes = [_size_or_zero(path) for path in files]
     total_bytes = sum(sizes)
     counts = {"files": 0, "bytes": 0, "split_bytes": 0, "split_passages": 0, "embedded": 0}
@@ -248,6 +278,8 @@ def ingest(
     parser = ParseWorker(parse_seconds) if parse_seconds else None
     try:
         for path, size in zip(files, sizes):
+            if stop is not None and stop.is_set():
+                break
             key = str(path)
             try:
                 passages, content_hash, info, known = _read_and_split(

@@ -28,7 +28,8 @@ from .adaptation import AdaptationSettings, Adapter, decoder_layers
 from .decoding import Rows
 from .probe import Compute
 from .embedding import shared
-from .generation import answer_processors, cite, contrast, conversation, next_token, repeat_start, training_text
+from .generation import (answer_processors, cite, contrast, conversation, next_token, only_learned_words, repeat_start,
+                         training_text)
 from .record import AnswerRecord, SelectionRecord
 from .retrieval import FUSION, Candidates, preselect
 from .selection import Selection, select
@@ -433,9 +434,12 @@ class Engine:
             selected.method, selected.prior_variance, selected.final_variance, selected.stop_reason,
             list(selected.nn_posterior_variance), selected.lead.id if selected.lead else None,
             list(selected.terms), len(selected.candidates))
+        learned = [p.passage for p in selected.picks if not p.repeat] if selected and losses else []
+        only_learned = only_learned_words(raw_answer, [p.text for p in learned], [p.text for p in context], prompt)
         record = AnswerRecord(asdict(settings), adaptation, seconds, losses, summary, ended=ended,
                               citations=list(citations), read=[p.id for p in context],
-                              numbered=[p.id for p in numbered])
+                              numbered=[p.id for p in numbered],
+                              only_learned={str(p.id): words for p, words in zip(learned, only_learned) if words})
         yield Done(answer, record, raw_answer)
 
     # -- generation -------------------------------------------------------------------------

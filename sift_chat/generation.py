@@ -123,8 +123,14 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 def content_words(text: str) -> set[str]:
     """Lower-cased words and numbers that carry content (no stop words, numbers without their commas)."""
+    return set(content_word_list(text))
+
+
+def content_word_list(text: str) -> list[str]:
+    """`content_words` in the order the text says them, each once."""
     words = re.findall(r"\d[\d,:.]*\d|\d|[^\W\d_][\w'-]*", text.lower())
-    return {w.replace(",", "") for w in words if w not in STOPWORDS and (len(w) > 2 or w.isdigit())}
+    return list(dict.fromkeys(w.replace(",", "") for w in words
+                              if w not in STOPWORDS and (len(w) > 2 or w.isdigit())))
 
 
 def cite(answer: str, passages: Sequence[str], question: str = "") -> tuple[str, list[int]]:
@@ -158,6 +164,18 @@ def cite(answer: str, passages: Sequence[str], question: str = "") -> tuple[str,
         cited += [n for n in present if n not in cited]
         sentences.append(sentence)
     return " ".join(sentences), cited
+
+
+def only_learned_words(answer: str, learned: Sequence[str], read: Sequence[str], question: str = "") -> list[list[str]]:
+    """For each passage learned from, the answer's content words it holds that no passage read
+    holds and the question does not ask (in the answer's order): what the answer can only have
+    taken from the steps. With W(x) the content words of x (`content_words`):
+
+        only_learned[j] = W(answer) ∩ W(learned[j]) − ∪_i W(read[i]) − W(question)
+    """
+    known = content_words(question).union(*(content_words(text) for text in read))
+    answer_words = [w for w in content_word_list(CITATION.sub("", answer)) if w not in known]
+    return [[w for w in answer_words if w in content_words(text)] for text in learned]
 
 
 def _mark(sentence: str, number: int) -> str:

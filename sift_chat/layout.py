@@ -12,6 +12,7 @@ import gradio as gr
 
 from .access import SHARED, Access, Caller
 from .adaptation import LEARNING_RATE_MAX
+from .document_view import NotReadable
 from .guard import PRIVATE, GuardedBlocks
 from .panel import SETTING_NAMES, default_settings
 from .service import MAX_UPLOAD_BYTES
@@ -34,10 +35,62 @@ CSS = """
 .sc-cited { background: #bbf7d0; color: #14532d; }
 .sc-read { background: #bfdbfe; color: #1e3a8a; }
 .sc-learned { background: #e9d5ff; color: #4c1d95; }
+.sc-taught { background: #fef3c7; color: #78350f; }
 .sc-bar { height: 4px; background: var(--background-fill-secondary); border-radius: 2px; margin: 4px 0; }
 .sc-bar span { display: block; height: 4px; background: var(--color-accent); border-radius: 2px; }
 .sc-text { font-size: 0.88em; white-space: pre-wrap; max-height: 9em; overflow: auto; }
 .sc-empty { opacity: 0.7; padding: 8px; }
+[data-open-passage] { cursor: pointer; }
+.sc-pick[data-open-passage]:hover { border-color: var(--color-accent); }
+.sc-pick[data-open-passage] .sc-source { text-decoration: underline; }
+.sc-doc-backdrop { position: fixed; inset: 0; z-index: 1000; background: rgba(15, 23, 42, 0.45);
+                   display: flex; align-items: center; justify-content: center; }
+.sc-doc { width: min(900px, 92vw); height: 84vh; display: flex; flex-direction: column; border-radius: 10px;
+          background: var(--background-fill-primary); box-shadow: 0 10px 40px rgba(0, 0, 0, 0.35); }
+.sc-doc-head { display: flex; justify-content: space-between; align-items: flex-start; gap: 12px;
+               padding: 10px 14px; border-bottom: 1px solid var(--border-color-primary); }
+.sc-doc-name { font-family: var(--font-mono); }
+.sc-doc-close { border: 1px solid var(--border-color-primary); border-radius: 6px; padding: 2px 10px;
+                background: var(--background-fill-secondary); cursor: pointer; white-space: nowrap; }
+.sc-doc-text { flex: 1; overflow: auto; padding: 12px 16px; white-space: pre-wrap; line-height: 1.5;
+               font-size: 0.92em; overflow-wrap: anywhere; }
+.sc-doc-passage { background: #fde68a; color: #1f2937; border-radius: 3px; padding: 1px 0; }
+"""
+
+# The document pane's page script (gr.HTML's js_on_load): a click on a citation link [n]
+# (#sc-passage-<id>, `ui.link_citations`) or on a card that names a passage (data-open-passage)
+# anywhere on the page asks the server for the pane ("open" event); the pane then scrolls to the
+# marked passage. Close, a click beside the pane or Esc empties it (no server call). One listener
+# for the page: the cards and the chat are re-rendered, this component stays.
+DOCUMENT_PANE_JS = """
+window.scOpenDocument = (data) => trigger('open', data);
+window.scCloseDocument = () => { if (props.value) props.value = ''; };
+if (!window.scDocumentClicks) {
+  window.scDocumentClicks = true;
+  document.addEventListener('click', (event) => {
+    const target = event.target instanceof Element ? event.target : null;
+    if (!target) return;
+    const link = target.closest('a[href*="#sc-passage-"]');
+    const card = target.closest('[data-open-passage]');
+    if (link) {
+      event.preventDefault();
+      event.stopPropagation();
+      const number = parseInt(link.textContent.replace(/[^0-9]/g, ''), 10) || null;
+      window.scOpenDocument({passage: link.getAttribute('href').split('#sc-passage-').pop(), number: number});
+    } else if (card && !String(window.getSelection()).trim()) {
+      window.scOpenDocument({passage: card.dataset.openPassage, number: parseInt(card.dataset.number, 10) || null});
+    } else if (target.closest('.sc-doc-close') || target.matches('.sc-doc-backdrop')) {
+      window.scCloseDocument();
+    }
+  }, true);
+  document.addEventListener('keydown', (event) => { if (event.key === 'Escape') window.scCloseDocument(); });
+}
+watch('value', () => {
+  const mark = element.querySelector('#sc-doc-passage');
+  if (mark) mark.scrollIntoView({block: 'center'});
+  const close = element.querySelector('.sc-doc-close');
+  if (close) close.focus({preventScroll: true});
+});
 """
 
 HELP = {
@@ -184,6 +237,28 @@ def build(handlers: Handlers, *, access: Access | None = None):
                                         elem_id="to-shared")
                 ingest_go = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_report = gr.Markdown(elem_id="ingest-report")
+                with gr.Accordion("Synced folders: a folder on this machine, kept in step", open=False,
+                                  visible=False, elem_id="synced") as sync_box:
+                    gr.Markdown("<small>Ingested at once, then new and changed files are ingested, deleted ones "
+                                "removed, renamed ones renamed (not embedded again). A folder that disappears "
+                                "(unmounted) keeps its documents until you stop syncing it.</small>")
+                    sync_status = gr.Markdown(elem_id="sync-status")
+                    with gr.Row():
+                        sync_path = gr.Textbox(label="Folder to sync", placeholder="~/notes", max_lines=1, scale=4,
+                                               elem_id="sync-path")
+                        sync_add = gr.Button("Sync this folder", variant="primary", scale=1, elem_id="sync-add")
+                    sync_shared = gr.Checkbox(False, label="Into the shared library (every user reads it)",
+                                              visible=False, elem_id="sync-shared")
+                    with gr.Row():
+                        synced = gr.Dropdown(choices=[], label="Your synced folder", scale=3, elem_id="synced-folder",
+                                             allow_custom_value=True)  # the handlers check whose it is
+                        sync_now = gr.Button("Sync now", scale=1, elem_id="sync-now")
+                        sync_refresh = gr.Button("Refresh", scale=1, elem_id="sync-refresh")
+                    with gr.Row():
+                        sync_remove = gr.Radio([("keep its documents", "keep"), ("remove its documents", "remove")],
+                                               value="keep", label="When I stop syncing", scale=3)
+                        sync_stop = gr.Button("Stop syncing", variant="stop", scale=1, elem_id="sync-stop")
+                    sync_report = gr.Markdown(elem_id="sync-report")
                 documents = gr.Dataframe(headers=["document", "collection", "passages", "size", "added"],
                                          datatype=["str", "str", "number", "str", "str"], interactive=False,
                                          label="Documents", elem_id="documents")
@@ -199,6 +274,9 @@ def build(handlers: Handlers, *, access: Access | None = None):
                     search_go = gr.Button("Search", scale=1, elem_id="corpus-search-go")
                 search_results = gr.HTML(elem_id="corpus-search-results")
 
+        # the document a citation or a card opens, over whichever tab is shown (empty: closed)
+        document_pane = gr.HTML("", elem_id="document-pane", js_on_load=DOCUMENT_PANE_JS)
+
         panel_outputs = [coverage, chart, picked, timings]
 
         def show_panel(panel, note: str = "", seconds: dict | None = None):
@@ -210,9 +288,10 @@ def build(handlers: Handlers, *, access: Access | None = None):
 
         def corpus_view(caller: Caller):
             return [h.corpus_summary(caller), gr.update(visible=h.offers_sample()), h.documents(caller),
-                    gr.update(choices=h.removable(caller), value=None)]
+                    gr.update(choices=h.removable(caller), value=None), h.synced_folders(caller),
+                    gr.update(choices=h.synced_choices(caller))]
 
-        corpus_outputs = [corpus_summary, sample_row, documents, document]
+        corpus_outputs = [corpus_summary, sample_row, documents, document, sync_status, synced]
 
         # page load: who this is, their chats, the corpus they read, what they may add
         def on_load(request: gr.Request, profile: gr.OAuthProfile | None):
@@ -224,9 +303,11 @@ def build(handlers: Handlers, *, access: Access | None = None):
                         "documents and keep your chats.")
             return [greeting, chats_update(caller), gr.update(visible=caller.signed_in),
                     gr.update(visible=h.service.allow_server_paths and caller.admin),
+                    gr.update(visible=caller.admin and caller.owner != SHARED), gr.update(visible=h.may_sync(caller)),
                     gr.update(visible=caller.admin and caller.owner != SHARED), *corpus_view(caller)]
 
-        demo.load(on_load, None, [signed_in, chat_list, uploads, folder, to_shared, *corpus_outputs])
+        demo.load(on_load, None, [signed_in, chat_list, uploads, folder, to_shared, sync_box, sync_shared,
+                                  *corpus_outputs])
 
         # chat
         def on_ticket(request: gr.Request, profile: gr.OAuthProfile | None):
@@ -345,11 +426,49 @@ def build(handlers: Handlers, *, access: Access | None = None):
 
         remove.click(on_remove, [document], [remove_report, *corpus_outputs])
 
+        # synced folders: a pass waits in the ingests' line, never the model's
+        def on_sync_add(path, shared, request: gr.Request, profile: gr.OAuthProfile | None):
+            caller = who(request, profile)
+            return [h.sync_folder(path, shared, caller), *corpus_view(caller)]
+
+        sync_add.click(on_sync_add, [sync_path, sync_shared], [sync_report, *corpus_outputs])
+
+        def on_sync_now(folder_id, request: gr.Request, profile: gr.OAuthProfile | None):
+            caller = who(request, profile)
+            return [h.sync_now(folder_id, caller), *corpus_view(caller)]
+
+        sync_now.click(on_sync_now, [synced], [sync_report, *corpus_outputs], concurrency_id="ingest",
+                       concurrency_limit=1)
+
+        def on_sync_refresh(request: gr.Request, profile: gr.OAuthProfile | None):
+            return corpus_view(who(request, profile))
+
+        sync_refresh.click(on_sync_refresh, None, corpus_outputs)
+
+        def on_sync_stop(folder_id, remove, request: gr.Request, profile: gr.OAuthProfile | None):
+            caller = who(request, profile)
+            return [h.stop_syncing(folder_id, remove, caller), *corpus_view(caller)]
+
+        sync_stop.click(on_sync_stop, [synced, sync_remove], [sync_report, *corpus_outputs])
+
         def on_search(text, request: gr.Request, profile: gr.OAuthProfile | None):
             return h.search(text, who(request, profile))
 
         search_text.submit(on_search, [search_text], [search_results], concurrency_id="search", concurrency_limit=2)
         search_go.click(on_search, [search_text], [search_results], concurrency_id="search", concurrency_limit=2)
+
+        # documents: the pane's "open" event carries {passage, number} (or {document}); what the
+        # caller may read is the service's to say, whatever a client puts there
+        def on_open_document(event: gr.EventData, request: gr.Request, profile: gr.OAuthProfile | None):
+            data = event._data if isinstance(event._data, dict) else {}
+            try:
+                return h.open_document(data.get("passage"), who(request, profile), document_id=data.get("document"),
+                                       number=data.get("number"))
+            except NotReadable as refused:
+                raise gr.Error(str(refused), print_exception=False) from None
+
+        document_pane.open(on_open_document, None, [document_pane], api_name="open_document",
+                           concurrency_id="document", concurrency_limit=4)
 
     demo.queue(default_concurrency_limit=4, max_size=64)
     return demo

@@ -87,8 +87,8 @@ class Panel:
 
     method: str
     prior_variance: float
-    # step, passage_id, path (the document as the user named it, never the server's path), start_char,
-    # end_char, text, similarity, posterior_variance, uncertainty_reduction, repeat
+    # step, passage_id, document_id, path (the document as the user named it, never the server's path),
+    # start_char, end_char, text, similarity, posterior_variance, uncertainty_reduction, repeat
     picks: list[dict]
     nn_variance: list[float]
     stop_reason: str
@@ -97,7 +97,9 @@ class Panel:
     mode: str = "fine-tune"
     read: list[int] = field(default_factory=list)  # passage ids in the prompt
     citations: list[int] = field(default_factory=list)  # numbers the answer cites
-    lead: dict | None = None  # passage_id, path, start_char, end_char, text of the passage read first (context modes)
+    lead: dict | None = None  # passage_id, document_id, path, start_char, end_char, text of the passage read first
+    # passage id -> the answer's words that this passage, learned from, holds and no passage read does
+    only_learned: dict[int, list[str]] = field(default_factory=dict)
 
     @property
     def final_variance(self) -> float:
@@ -123,6 +125,11 @@ class Panel:
         return [self.lead, *(p for p in self.distinct_picks if p["passage_id"] != self.lead["passage_id"])]
 
     @property
+    def numbered_ids(self) -> list[int]:
+        """The passage ids in citation order: the answer's [n] is numbered_ids[n - 1]."""
+        return [p["passage_id"] for p in self.numbered]
+
+    @property
     def numbers(self) -> dict[int, int]:
         """passage id -> its citation number."""
         return {p["passage_id"]: n for n, p in enumerate(self.numbered, 1)}
@@ -141,7 +148,8 @@ class Panel:
 
     @classmethod
     def from_selected(cls, selected: Selected, mode: str = "fine-tune") -> "Panel":
-        picks = [{"step": p.step, "passage_id": p.passage.id, "path": shown_name(p.passage),
+        picks = [{"step": p.step, "passage_id": p.passage.id, "document_id": p.passage.document_id,
+                  "path": shown_name(p.passage),
                   "start_char": p.passage.start_char, "end_char": p.passage.end_char, "text": p.passage.text,
                   "similarity": p.similarity, "posterior_variance": p.posterior_variance,
                   "uncertainty_reduction": p.uncertainty_reduction, "repeat": p.repeat}
@@ -160,6 +168,7 @@ class Panel:
         for row in rows:
             passage = passages.get(row["passage_id"])
             picks.append({"step": row["step"], "passage_id": row["passage_id"],
+                          "document_id": passage.document_id if passage else None,
                           "path": shown_name(passage) if passage else "(removed document)",
                           "start_char": passage.start_char if passage else None,
                           "end_char": passage.end_char if passage else None,
@@ -175,17 +184,21 @@ class Panel:
                 if selection.lead is not None and mode in ("context", "both") else None)
         return cls(selection.method, selection.prior_variance, picks, list(selection.nn_posterior_variance),
                    selection.stop_reason, list(losses), dict(record.seconds), mode=mode, read=list(record.read),
-                   citations=list(record.citations), lead=lead)
+                   citations=list(record.citations), lead=lead,
+                   only_learned={int(k): list(v) for k, v in record.only_learned.items()})
 
     def to_json(self) -> dict:
-        """The panel as JSON: each pick with its citation number, source, offsets, σ² after it,
-        reduction and loss; the passage ids read in the prompt and the numbers the answer cites."""
+        """The panel as JSON: each pick with its citation number, source (and its document's id),
+        offsets, σ² after it, reduction, loss and the answer's words only it (learned from, not read)
+        holds; the passage ids read in the prompt and the numbers the answer cites."""
         numbers = self.numbers
         picks = [{**{k: pick[k] for k in ("step", "passage_id", "path", "start_char", "end_char",
                                            "similarity", "posterior_variance", "uncertainty_reduction",
                                            "repeat", "text")},
+                  "document_id": pick.get("document_id"),  # None: a pick made without one (a removed document's)
                   "number": numbers[pick["passage_id"]],
-                  "loss": _finite(self.losses[pick["step"] - 1]) if pick["step"] <= len(self.losses) else None}
+                  "loss": _finite(self.losses[pick["step"] - 1]) if pick["step"] <= len(self.losses) else None,
+                  "only_learned": list(self.only_learned.get(pick["passage_id"], []))}
                  for pick in self.picks]
         return {"method": self.method, "mode": self.mode, "prior_variance": self.prior_variance,
                 "final_variance": self.final_variance, "stop_reason": self.stop_reason,
@@ -196,7 +209,8 @@ class Panel:
 
 def _passage(passage_id: int, passage) -> dict:
     """A passage as the panel keeps it (a removed document's: its id, without text)."""
-    return {"passage_id": passage_id, "path": shown_name(passage) if passage else "(removed document)",
+    return {"passage_id": passage_id, "document_id": passage.document_id if passage else None,
+            "path": shown_name(passage) if passage else "(removed document)",
             "start_char": passage.start_char if passage else None,
             "end_char": passage.end_char if passage else None, "text": passage.text if passage else ""}
 

@@ -25,7 +25,7 @@ class SelectionRecord:
 class AnswerRecord:
     """The settings an answer was made with, its selection, the loss of each step, the seconds
     of each stage (embed, select, fine-tune, generate, first_token), how the answer ended, and
-    which passages it read and cites.
+    which passages it read and cites, and the answer's words only the passages learned from hold.
 
     `numbered` lists the ids of the passages the answer numbers, in reading order (in the context
     modes the selection's lead first, then the distinct picks in pick order; else the distinct
@@ -42,6 +42,9 @@ class AnswerRecord:
     citations: list[int] = field(default_factory=list)
     read: list[int] = field(default_factory=list)
     numbered: list[int] = field(default_factory=list)
+    # passage id (as text: JSON keys) -> the answer's words that passage, learned from, holds and no
+    # passage read does (`generation.only_learned_words`): what the steps alone can have put there
+    only_learned: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -57,4 +60,5 @@ class AnswerRecord:
                    seconds=dict(data.get("seconds", {})), losses=list(data.get("losses", [])),
                    selection=SelectionRecord(**selection) if selection else None,
                    ended=data.get("ended", "end"), citations=list(data.get("citations", [])),
-                   read=list(data.get("read", [])), numbered=list(data.get("numbered", [])))
+                   read=list(data.get("read", [])), numbered=list(data.get("numbered", [])),
+                   only_learned={str(k): list(v) for k, v in (data.get("only_learned") or {}).items()})

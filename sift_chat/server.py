@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     args = parse_args(argv, prog)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no calls home
 
-    from . import config, layout, ui
+    from . import config
     from .engine import Engine
     from .service import Service
 
@@ -227,15 +227,32 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     token = local_token(args, access)
     private_upload_folder(home)
 
+    services: list[Service] = []  # to stop its synced folders' watchers at shutdown
+
     def load_service() -> Service:
         from gradio.utils import get_upload_folder
 
         engine = Engine.load(home, embedder=args.embedder, chat_model=default_chat_model(args.chat_model),
                              device=args.device, precision=args.precision)
         print(f"sift-chat: {engine.compute.describe()}", file=sys.stderr, flush=True)
-        return Service(engine, home, allow_server_paths=not (args.share or os.environ.get("SPACE_ID")),
-                       upload_folder=get_upload_folder(), max_waiting=args.max_queue,
-                       quota_documents=args.quota_documents, quota_bytes=int(args.quota_mib * 2**20))
+        service = Service(engine, home, allow_server_paths=not (args.share or os.environ.get("SPACE_ID")),
+                          upload_folder=get_upload_folder(), max_waiting=args.max_queue,
+                          quota_documents=args.quota_documents, quota_bytes=int(args.quota_mib * 2**20))
+        services.append(service)
+        if service.allow_server_paths:  # synced folders are server folders
+            service.start_syncing()
+        return service
+
+    try:
+        return _serve(args, access, public, token, load_service)
+    finally:
+        for service in services:
+            service.close()
+
+
+def _serve(args: argparse.Namespace, access: Access, public: bool, token: str | None, load_service) -> int:
+    """Serve until stopped (`main`'s second half): the share link's server, or uvicorn's."""
+    from . import layout, ui
 
     print("sift-chat: loading the models…", file=sys.stderr, flush=True)
     if args.share:  # Gradio's own server, for its share link: the app alone, once loaded

@@ -7,6 +7,9 @@
     ingest     uploads and folders into the corpus, with a report of what was skipped and why; in
                its own line (one ingest at a time), beside the model's: a chat never waits for it
     search     the passages a prompt would pre-select (the chat's fused search), for the Corpus tab
+    documents  a document's stored text around a passage, marked (`document_view`): what a citation opens
+    sync       folders on the server kept in step with a collection (`sync`): added by the local
+               owner or an admin, each seen by whoever added it; their passes wait in the ingests' line
 
 Every call names its caller (`access.Caller`, which the shell got from the server's side of the
 request): a caller sees their own chats, and selects from their own documents and the shared
@@ -27,10 +30,13 @@ from . import config
 from .access import QUOTA_BYTES, QUOTA_DOCUMENTS, SHARED, Caller
 from .adaptation import AdaptationSettings
 from .corpus import DEFAULT_MAX_FILE_BYTES, IngestProgress, IngestReport, ingest
+from .document_view import DocumentView, read_document
 from .engine import ChatSettings, Done, Engine, Event, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel
 from .record import AnswerRecord
 from .store import Store, StoreError
+from .sync import SyncOptions, SyncReport, folder_refusal, stop_syncing
+from .watching import Syncing
 from .turns import Kept, Turn, TurnQueue
 from .uploads import collection_folder, private_copy, quota_refusal, safe_name, upload_refusal
 
@@ -90,7 +96,7 @@ TurnEvent = Event | Waiting | Answered | Stored | Stopped
 class ChatView:
     chat_id: int
     title: str
-    messages: list[dict]  # role, content, id
+    messages: list[dict]  # role, content, id; on answers, passages: the ids their citations [n] stand for
     panel: Panel | None  # the last answer's
 
 
@@ -131,6 +137,10 @@ class Service:
         self.parse_seconds = config.parse_seconds(parse_seconds)
         self.ingest_lock = threading.Lock()  # the ingests' line: one at a time, never the model's
         self.last_turn: dict[str, Turn] = {}  # each owner's latest finished turn, for Stop's answer
+        self.syncing = Syncing(self.store, engine.embedder, SyncOptions(
+            engine.embedder_name, forbidden=(self.data_dir,), max_file_bytes=DEFAULT_MAX_FILE_BYTES,
+            parse_seconds=self.parse_seconds, quota_documents=quota_documents, quota_bytes=quota_bytes),
+            lock=self.ingest_lock)  # no thread runs before `start_syncing`
 
     @property
     def store(self) -> Store:
@@ -162,9 +172,21 @@ class Service:
             return None
         messages = self.store.messages(chat["id"])
         answers = [m for m in messages if m["role"] == "assistant"]
-        return ChatView(chat["id"], chat["title"],
-                        [{"role": m["role"], "content": m["content"], "id": m["id"]} for m in messages],
+        return ChatView(chat["id"], chat["title"], self.chat_messages(chat, messages),
                         self.answer_panel(answers[-1]) if answers else None)
+
+    def chat_messages(self, chat: dict, messages: list[dict] | None = None) -> list[dict]:
+        """role, content and id of each message of a chat (one `own_chat` gave), and on answers
+        `passages`: the passage ids their citations [1], [2] … stand for."""
+        messages = self.store.messages(chat["id"]) if messages is None else messages
+        return [{"role": m["role"], "content": m["content"], "id": m["id"],
+                 **({"passages": self.cited_passages(m)} if m["role"] == "assistant" else {})} for m in messages]
+
+    def cited_passages(self, message: dict) -> list[int]:
+        """The passage ids an answer's markers [1], [2] … stand for (`Panel.numbered_ids`)."""
+        panel = Panel.from_stored(AnswerRecord.from_json(message.get("record")),
+                                  self.store.selection_rows(message["id"]), {})
+        return panel.numbered_ids if panel is not None else []
 
     def answer_panel(self, message: dict) -> Panel | None:
         rows = self.store.selection_rows(message["id"])
@@ -325,6 +347,7 @@ class Service:
                     if panel is not None:
                         panel.seconds = dict(event.record.seconds)
                         panel.citations = list(event.record.citations)
+                        panel.only_learned = {int(k): v for k, v in event.record.only_learned.items()}
                     event = Answered(event.answer, event.record, panel, notices, event.raw_answer)
                 yield event
         finally:
@@ -373,7 +396,8 @@ class Service:
 
     def search(self, text: str, caller: Caller, k: int = 10) -> SearchResult:
         """The k passages among the caller's and the shared documents that a chat message saying
-        `text` would pre-select first (the same fused search, `Engine.preselect`), best first.
+        `text` would pre-select first (the same fused search, `Engine.preselect`, with the chat's
+        settings), best first.
         ValueError (one line) for an empty or overlong query."""
         text = text.strip() if isinstance(text, str) else ""
         if not text:
@@ -383,11 +407,20 @@ class Service:
         k = max(1, min(int(k), MAX_SEARCH_RESULTS))
         if self.store.passage_count(caller.readable) == 0:
             return SearchResult([], [], [])
-        found = self.engine.preselect(self.engine.embed(text), text, ChatSettings(candidates=k), caller.readable)
-        passages = self.store.passages(found.ids)
-        return SearchResult([passages[int(i)] for i in found.ids if int(i) in passages],
-                            [float(s) for i, s in zip(found.ids, found.similarities) if int(i) in passages],
+        # the chat's own K (and so its K lexical matches), cut to k after fusing: a K of k would drop
+        # a passage that is neither among the k nearest nor the k best by words yet fuses first
+        found = self.engine.preselect(self.engine.embed(text), text, ChatSettings(), caller.readable)
+        ids, similarities = found.ids[:k], found.similarities[:k]
+        passages = self.store.passages(ids)
+        return SearchResult([passages[int(i)] for i in ids if int(i) in passages],
+                            [float(s) for i, s in zip(ids, similarities) if int(i) in passages],
                             list(found.terms))
+
+    def read_document(self, caller: Caller, passage_id=None, document_id=None) -> DocumentView:
+        """The stored text of a document around one of its passages, the passage marked (or of a
+        document from its beginning), when it is the caller's own or the shared library's;
+        `document_view.NotReadable` (one line) for anything else, whoever else's it is."""
+        return read_document(self.store, caller.readable, passage_id, document_id)
 
     def documents(self, caller: Caller) -> list[dict]:
         """The documents the caller reads: the shared library's and their own, by path."""
@@ -498,6 +531,99 @@ class Service:
         if removed and self.uploads.resolve() in Path(document["path"]).parents:
             Path(document["path"]).unlink(missing_ok=True)
         return "" if removed else "That document is not in the corpus."
+
+    # -- synced folders --------------------------------------------------------------------
+
+    def start_syncing(self) -> None:
+        """Watch every synced folder (the server does this once it serves)."""
+        self.syncing.refresh()
+
+    def close(self) -> None:
+        """Stop every folder's watcher: a pass running ends before its next file."""
+        self.syncing.close()
+
+    def sync_refusal(self, caller: Caller, shared: bool = False) -> str:
+        """Why the caller may not sync a server folder ('' when they may): the local owner and admins only."""
+        if not caller.signed_in:
+            return "Sign in to add documents: visitors chat over the shared library."
+        if not self.allow_server_paths:
+            return "Syncing folders on the server is turned off here: upload files instead."
+        if not caller.admin:
+            return "Only admins sync folders on the server: upload files instead."
+        return ""
+
+    def sync_folder(self, folder: str, caller: Caller, shared: bool = False) -> str:
+        """Sync a folder on the server into the caller's documents (`shared`: the shared library,
+        an admin's other choice): ingested at once by its watcher, then kept in step. '' when it
+        is synced, else why not."""
+        refusal = self.sync_refusal(caller, shared)
+        if refusal:
+            return refusal
+        folder = folder.strip() if isinstance(folder, str) else ""
+        if not folder:
+            return "Give a folder on this machine to sync."
+        owner = SHARED if shared else caller.collection
+        problem = folder_refusal(folder, self.store, owner, [self.data_dir])
+        if problem:
+            return problem[0].upper() + problem[1:] + "."
+        try:
+            self.store.add_synced_folder(str(Path(folder).expanduser().resolve()), owner, caller.owner)
+        except StoreError as error:
+            return str(error)
+        self.syncing.refresh()
+        return ""
+
+    def synced_folders(self, caller: Caller) -> list[dict]:
+        """The folders the caller syncs (nobody else's), each with its files' counts, its skipped
+        files (path, reason), and the progress of its first ingest while it runs."""
+        if not caller.signed_in:
+            return []
+        self.syncing.refresh()  # folders another process (the CLI) added meanwhile
+        folders = []
+        for folder in self.store.synced_folders(added_by=caller.owner):
+            watcher = self.syncing.watcher(folder["id"])
+            progress = watcher.sync.progress if watcher is not None else None
+            folders.append({**folder, "progress": progress.describe() if progress else "",
+                            "skipped_files": [(row["path"], row["reason"])
+                                              for row in self.store.synced_files(folder["id"], "skipped")]})
+        return folders
+
+    def _own_synced(self, folder_id, caller: Caller) -> dict | None:
+        try:
+            folder = self.store.synced_folder(int(folder_id))
+        except (TypeError, ValueError, OverflowError):
+            return None
+        return folder if folder is not None and caller.signed_in and folder["added_by"] == caller.owner else None
+
+    def sync_now(self, folder_id, caller: Caller) -> SyncReport | str:
+        """One pass over the caller's synced folder now (waiting in the ingests' line): its
+        report, or why not."""
+        folder = self._own_synced(folder_id, caller)
+        if folder is None:
+            return "Choose one of your synced folders."
+        self.syncing.refresh()
+        watcher = self.syncing.watcher(folder["id"])
+        if watcher is None:
+            return "This folder is not being synced here (a read-only store?)."
+        return watcher.sync.run()
+
+    def stop_syncing(self, folder_id, caller: Caller, remove_documents: bool = False) -> str:
+        """Stop syncing the caller's folder; its documents stay in the corpus unless
+        `remove_documents`. '' when done, else why not."""
+        folder = self._own_synced(folder_id, caller)
+        if folder is None:
+            return "Choose one of your synced folders."
+        watcher = self.syncing.watcher(folder["id"])
+        if watcher is not None:
+            watcher.sync.stop.set()  # a pass running ends before its next file, and lets go of the line
+        try:
+            with self.ingest_lock:
+                stop_syncing(self.store, folder, bool(remove_documents))
+        except StoreError as error:
+            return str(error)
+        finally:
+            self.syncing.forget(folder["id"])
+        return ""
 
 
 def within_one_ingest(sources: list[Path], max_files: int, max_bytes: int) -> tuple[list[Path], list[tuple[str, str]]]:

@@ -3,7 +3,8 @@
 Layout of a store folder::
 
     store.db                       documents, passages (with their embeddings), meta, and the chats
-                                   (`chats.ChatLog`: chats, messages, each answer's selections)
+                                   (`chats.ChatLog`: chats, messages, each answer's selections),
+                                   the synced folders (`synced.SyncedFolders`: folders, file states)
     index-<version>-<sha256>.hnsw  the vector index (`vector_index`: cosine space, one point per
                                    distinct vector, label = the first passage id holding it)
     index.lock                     taken while an index file is written
@@ -42,11 +43,13 @@ import sqlite_utils
 from .access import SHARED
 from .chats import ChatLog
 from .db import now, serialized
+from .synced import SYNC_SCHEMA, SyncedFolders
 from .vector_index import IndexGone, IndexMismatch, VectorIndex, saved_indexes
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4  # 2: documents have an owner ('' = the shared library); 3: and a name to show; 4: the FTS5 table
+SCHEMA_VERSION = 5  # 2: documents have an owner ('' = the shared library); 3: and a name to show; 4: the FTS5
+# table; 5: the synced folders' tables (`synced`)
 
 # unicode61 keeps a name whole and folds case and accents (Malrosbré = malrosbre); "7:40" and
 # "12,345" are two tokens each in passages and prompts alike (README: Retrieval, measured)
@@ -199,7 +202,7 @@ class Passage:
     name: str = ""  # the document as the user named it (`path` is the server's, never shown)
 
 
-class Store(ChatLog):
+class Store(ChatLog, SyncedFolders):
     """Documents and passages in SQLite, their vectors in an hnswlib index kept in step.
 
     One Store may be shared by threads: its methods are serialized by `lock`. Several processes
@@ -226,7 +229,7 @@ class Store(ChatLog):
             if not self.read_only:
                 self.db.execute("PRAGMA foreign_keys = ON")
                 self.db.enable_wal()  # readers (the app) go on while a writer (an ingest) works
-                self.db.executescript(SCHEMA)
+                self.db.executescript(SCHEMA + SYNC_SCHEMA)
                 if self.meta("schema_version") is None:
                     self.set_meta(schema_version=SCHEMA_VERSION, passages_version=0)
                 self._migrate()
@@ -252,7 +255,8 @@ class Store(ChatLog):
         owner's; the table is rebuilt (SQLite cannot change a UNIQUE constraint in place).
         2 → 3: documents get a name to show, their file's name (the folder they were ingested from
         is not known; ingesting them again names them by it). 3 → 4: the FTS5 table (created
-        empty by SCHEMA) is built from the passages."""
+        empty by SCHEMA) is built from the passages. 4 → 5: the synced folders' tables (created
+        empty by SYNC_SCHEMA): nothing to convert."""
         version = int(self.meta("schema_version") or SCHEMA_VERSION)
         if version >= SCHEMA_VERSION:
             return
@@ -444,6 +448,19 @@ class Store(ChatLog):
             ):
                 found[row["id"]] = Passage(**{**row, "name": row["name"] or _file_name(row["path"])})
         return found
+
+    @serialized
+    def document_passages(self, document_id: int, start: int, end: int) -> tuple[int, list[tuple[int, int, str]]]:
+        """(the document's length: its last passage's end character, the (start_char, end_char,
+        text) of its passages that hold a character of [start, end), in document order). The
+        store keeps no other copy of a document's text: its passages, with their offsets, are it."""
+        with self._snapshot():
+            length = self.db.execute("SELECT coalesce(max(end_char), 0) FROM passages WHERE document_id = ?",
+                                     [document_id]).fetchone()[0]
+            rows = self.db.execute("SELECT start_char, end_char, text FROM passages WHERE document_id = ? "
+                                   "AND end_char > ? AND start_char < ? ORDER BY start_char, position",
+                                   [document_id, start, end]).fetchall()
+        return length, [tuple(row) for row in rows]
 
     @serialized
     def embeddings(self, ids: Iterable[int] | None = None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,6 +28,7 @@ from typing import Callable, Iterator
 from .access import SHARED, Caller
 from .adaptation import AdaptationSettings
 from .corpus import IngestProgress
+from .document_view import DocumentView
 from .engine import ChatSettings, Engine, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel, parse_settings, shown_name
 from .reading import shown as printable_path
@@ -126,12 +128,16 @@ def _usage(panel: Panel) -> str:
     """What the model did with the passages, in the words of the panel's caption."""
     read = "passage [1]" if len(panel.read) == 1 else f"passages [1]–[{len(panel.read)}]"
     steps = sum(1 for x in panel.losses if isinstance(x, (int, float)) and math.isfinite(x))
+    taught = len(panel.only_learned)
+    not_read = f" that {read} does not" if panel.read else ""
+    taught = f" {taught} of them hold words of the answer{not_read}: what the steps put into it." if taught else ""
     if panel.learned and panel.read:
         return (f"The model read {read} in its prompt and learned from {len(panel.picks)} "
-                f"(one fine-tuning step each, in this order).")
+                f"(one fine-tuning step each, in this order).{taught}")
     if panel.learned:
         return (f"The model learned from these {len(panel.picks)} passages (one fine-tuning step each, in "
-                f"this order{'' if steps else '; the steps are still to come'}); it did not read them in its prompt.")
+                f"this order{'' if steps else '; the steps are still to come'}); it did not read them in its prompt."
+                f"{taught}")
     if panel.read:
         return f"The model read {read} in its prompt; it learned from none ({panel.mode} mode takes no fine-tuning step)."
     return "Selected passages (the model has not used them yet)."
@@ -155,12 +161,16 @@ def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozense
             ("learned from", "sc-learned", panel.learned),
             ("repeat", "", pick["repeat"]),
             ("★ both", "sc-shared", pick["passage_id"] in shared)) if on)
+        taught = panel.only_learned.get(pick["passage_id"]) if not pick["repeat"] else None
+        if taught:  # the answer says what only this learned passage says: the steps put it there
+            badges += (f"<span class='sc-badge sc-taught' title='words of the answer that no passage read holds'>"
+                       f"answer words only here: {html.escape(', '.join(taught))}</span>")
         text = " ".join(pick["text"].split())
         text = text if len(text) <= 700 else text[:699] + "…"
         loss_text = f" · loss {loss:.3f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else ""
         where = _where(pick)
         cards.append(
-            f"<div class='sc-pick' data-passage='{pick['passage_id']}' data-number='{number}'>"
+            f"<div class='sc-pick' data-passage='{pick['passage_id']}' data-number='{number}'{_opens(pick)}>"
             f"<div class='sc-head'><b>[{number}]</b> step {step} · "
             f"<span class='sc-reduction'>−{pick['uncertainty_reduction']:.3f} σ²</span> "
             f"→ {pick['posterior_variance']:.3f} · similarity {pick['similarity']:.2f}{loss_text} · "
@@ -175,7 +185,7 @@ def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozense
         text = " ".join(lead["text"].split())
         text = text if len(text) <= 700 else text[:699] + "…"
         cards.insert(0,
-            f"<div class='sc-pick sc-lead' data-passage='{lead['passage_id']}' data-number='1'>"
+            f"<div class='sc-pick sc-lead' data-passage='{lead['passage_id']}' data-number='1'{_opens(lead)}>"
             f"<div class='sc-head'><b>[1]</b> the pre-selection's best match (by words and meaning), not picked "
             f"by {html.escape(panel.method)} · <span class='sc-source' title='{html.escape(lead['path'], quote=True)}"
             f"{where}'>{html.escape(Path(lead['path']).name)}{where}</span> {badges}</div>"
@@ -187,6 +197,74 @@ def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozense
 
 def _where(passage: dict) -> str:
     return f":{passage['start_char']}–{passage['end_char']}" if passage.get("start_char") is not None else ""
+
+
+def what_differed(nn: Panel, sift: Panel, nn_answer: str, sift_answer: str) -> str:
+    """One line on what a comparison changed: the picks only one method made, the σ² each left,
+    the mean loss of each method's steps (a high loss: the passage was new to the model) and
+    whether the answers differ."""
+    only_sift = [p for p in sift.distinct_picks if p["passage_id"] not in nn.passage_ids]
+    only_nn = [p for p in nn.distinct_picks if p["passage_id"] not in sift.passage_ids]
+    picks = ("They picked the same passages." if not only_sift and not only_nn else
+             f"SIFT picked {len(only_sift)} passage{'s' * (len(only_sift) != 1)} NN did not "
+             f"({', '.join(Path(p['path']).name for p in only_sift[:3])}{', …' if len(only_sift) > 3 else ''}), "
+             f"NN {len(only_nn)} SIFT did not.")
+    variance = f"σ² left: NN {nn.final_variance:.2f}, SIFT {sift.final_variance:.2f}."
+
+    def mean_loss(panel: Panel) -> float | None:
+        losses = [x for x in panel.losses if isinstance(x, (int, float)) and math.isfinite(x)]
+        return sum(losses) / len(losses) if losses else None
+
+    losses = (f" Mean step loss: NN {mean_loss(nn):.2f}, SIFT {mean_loss(sift):.2f}."
+              if mean_loss(nn) is not None and mean_loss(sift) is not None else "")
+    same = " ".join(nn_answer.split()) == " ".join(sift_answer.split())
+    return f"{picks} {variance}{losses} {'The answers are the same.' if same else 'The answers differ.'}"
+
+
+def _opens(passage: dict) -> str:
+    """The attributes that make a card open its passage's document in the pane (a click; the
+    layout's page script); none for a removed document's passage."""
+    if passage.get("start_char") is None:
+        return ""
+    return f" data-open-passage='{int(passage['passage_id'])}' title='Open the document at this passage'"
+
+
+# -- citations, and the document they open ---------------------------------------------------
+
+CITATION_MARK = re.compile(r"\[(\d+)\](?!\()")  # [n], not already a link's text
+
+
+def link_citations(answer: str, passage_ids: list[int]) -> str:
+    """The answer (Markdown) with each marker [n] a link to passage n of `passage_ids` (the
+    answer's numbered passages, `Panel.numbered`): `#sc-passage-<id>`, which the page opens in the
+    document pane. A marker without a passage stays as it is."""
+    def linked(match: re.Match) -> str:
+        n = int(match.group(1))
+        return f"[[{n}]](#sc-passage-{int(passage_ids[n - 1])})" if 1 <= n <= len(passage_ids) else match.group(0)
+
+    return CITATION_MARK.sub(linked, answer)
+
+
+def render_document(view: DocumentView, collection: str, number: int | None = None) -> str:
+    """The document pane: the document's name, its collection and where the passage is, then its
+    stored text (HTML-escaped: a document never becomes markup) with the passage in a <mark> the
+    pane scrolls to."""
+    before, passage, after = (html.escape(part) for part in view.parts())
+    if view.passage_id is not None:
+        cited = f"passage [{number}]" if number else "the passage"
+        where = f"{cited}: characters {view.passage_start}–{view.passage_end} of {view.length}"
+    else:
+        where = f"{view.length} characters"
+    if view.start > 0 or view.end < view.length:
+        where += f" (characters {view.start}–{view.end} shown)"
+    marked = f"<mark id='sc-doc-passage' class='sc-doc-passage'>{passage}</mark>" if passage else ""
+    text = f"{'…' if view.start > 0 else ''}{before}{marked}{after}{'…' if view.end < view.length else ''}"
+    name = html.escape(view.name)
+    return (f"<div class='sc-doc-backdrop'><div class='sc-doc' role='dialog' aria-modal='true' aria-label='{name}' "
+            f"data-document='{view.document_id}'><div class='sc-doc-head'><div><b class='sc-doc-name'>{name}</b> · "
+            f"{html.escape(collection)}<br><small>{html.escape(where)}</small></div>"
+            f"<button type='button' class='sc-doc-close' aria-label='Close the document'>Close ✕</button></div>"
+            f"<div class='sc-doc-text'>{text}</div></div></div>")
 
 
 def render_timings(panel: Panel | None, seconds: dict | None = None) -> str:
@@ -209,10 +287,6 @@ def render_timings(panel: Panel | None, seconds: dict | None = None) -> str:
 
 
 # -- the handlers ----------------------------------------------------------------------------
-
-
-def _shown(content: str) -> str:
-    return content if content.strip() else NO_ANSWER
 
 
 def _error(message: str) -> str:
@@ -331,7 +405,7 @@ class Handlers:
 
         chat = self.own_chat(chat_id, caller)
         chat_id = chat["id"] if chat else None
-        shown = _history(self.store.messages(chat_id)) if chat else []
+        shown = _history(self.service.chat_messages(chat)) if chat else []
         answer, notes, panel, current, sent = "", [], None, "Starting…", None
         throttle = Throttle(self.stream_seconds, self.clock)
 
@@ -382,7 +456,8 @@ class Handlers:
                     recorded = ("" if event.chat_id is not None else " Not kept: sign in to keep your chats."
                                 if not caller.signed_in else " Not recorded: the store is read-only.")
                     yield {**view(f"Answered in {total:.1f} s.{recorded}"), "history": [
-                        *shown, {"role": "user", "content": message}, {"role": "assistant", "content": _shown(answer)}],
+                        *shown, {"role": "user", "content": message},
+                        {"role": "assistant", "content": _answer_shown(answer, _ids(panel))}],
                         "panel": panel, "seconds": seconds, "chat_id": event.chat_id,
                         "chats": self.chat_choices(caller)}
                 elif isinstance(event, Stopped):
@@ -408,6 +483,7 @@ class Handlers:
             return
         panels: dict[str, Panel] = {}
         answers = {"nn": "", "sift": ""}
+        written = dict(answers)  # as the model wrote them, without the citations' links
         throttle = Throttle(self.stream_seconds, self.clock)
 
         def view(status: str, with_panels: bool = True) -> dict:
@@ -443,13 +519,15 @@ class Handlers:
                     panels[method].losses.append(event.loss)
                     yield view(f"{label}: fine-tuning step {event.index} of {event.total} · loss {event.loss:.3f}")
                 elif isinstance(event, Answered):
-                    answers[method] = _shown(event.answer)
                     if event.panel is not None:
                         panels[method] = event.panel
+                    answers[method] = _answer_shown(event.answer, _ids(panels.get(method)))
+                    written[method] = event.answer
                 elif isinstance(event, Stopped):
                     yield view(f"Stopped {event.where}.")
                     return
-            yield view("Done: ★ marks the passages both methods picked.")
+            yield view("Done: ★ marks the passages both methods picked. "
+                       + what_differed(panels["nn"], panels["sift"], written["nn"], written["sift"]))
         except Exception as error:
             yield {**view(""), **_failure(f"The comparison failed: {first_line(error)}")}
 
@@ -480,13 +558,22 @@ class Handlers:
             text = text if len(text) <= 500 else text[:499] + "…"
             where = f":{passage.start_char}–{passage.end_char}"
             cards.append(
-                f"<div class='sc-pick' data-passage='{passage.id}'><div class='sc-head'><b>{rank}.</b> "
+                f"<div class='sc-pick' data-passage='{passage.id}' data-open-passage='{passage.id}' "
+                f"title='Open the document at this passage'><div class='sc-head'><b>{rank}.</b> "
                 f"similarity {similarity:.2f} · <span class='sc-source' title='{html.escape(shown_name(passage), quote=True)}"
                 f"{where}'>{html.escape(shown_name(passage))}{where}</span></div>"  # never the server's path
                 f"<div class='sc-text'>{html.escape(text)}</div></div>")
         caption = (f"<div class='sc-caption'>The passages a chat message saying this would pre-select first, "
                    f"by meaning and by its rarest words (searched: {html.escape(words)}).</div>")
         return f"<div class='sc-picks'>{caption}{''.join(cards)}</div>"
+
+    def open_document(self, passage_id, caller: Caller, document_id=None, number=None) -> str:
+        """The document pane (HTML) for a passage (a citation [n] or a pick: `number` is how the
+        answer cites it) or a document; `document_view.NotReadable` (one line) when it is not the
+        caller's own or the shared library's, or does not exist."""
+        view = self.service.read_document(caller, passage_id, document_id)
+        number = number if isinstance(number, int) and not isinstance(number, bool) and 0 < number < 1000 else None
+        return render_document(view, _collection(view.owner, caller), number)
 
     def offers_sample(self) -> bool:
         return self.service.offers_sample()
@@ -522,14 +609,73 @@ class Handlers:
         problem = self.service.remove_document(document_id, caller)
         return _error(problem) if problem else f"Removed {Path(document['path']).name}."
 
+    # -- synced folders --------------------------------------------------------------------
+
+    def may_sync(self, caller: Caller) -> bool:
+        return not self.service.sync_refusal(caller)
+
+    def synced_folders(self, caller: Caller) -> str:
+        """The caller's synced folders as Markdown: last sync, files in step, pending and
+        skipped (each with its reason), errors, the first ingest's progress."""
+        folders = self.service.synced_folders(caller)
+        if not folders:
+            return "No synced folders yet." if self.may_sync(caller) else ""
+        lines = []
+        for folder in folders:
+            root = folder["path"]
+            lines.append(f"**{html.escape(printable_path(root))}** ({_collection(folder['owner'], caller)}): "
+                         f"last sync {folder['synced_at'].replace('T', ' ') if folder['synced_at'] else 'not yet'}; "
+                         f"{folder['in_step']} in step, {folder['pending']} pending, {folder['skipped']} skipped")
+            if folder["progress"]:
+                lines.append(f"- syncing: {html.escape(folder['progress'])}")
+            if folder["error"]:
+                lines.append(f"- {_error(html.escape(folder['error']))}")
+            for path, reason in folder["skipped_files"][:50]:
+                shown_path = path[len(root) + 1:] if path.startswith(root + "/") else Path(path).name
+                lines.append(f"- skipped {html.escape(printable_path(shown_path))}: {html.escape(reason)}")
+            if len(folder["skipped_files"]) > 50:
+                lines.append(f"- … and {len(folder['skipped_files']) - 50} more skipped")
+        return "\n".join(lines)
+
+    def synced_choices(self, caller: Caller) -> list[tuple[str, int]]:
+        return [(printable_path(folder["path"]), folder["id"]) for folder in self.service.synced_folders(caller)]
+
+    def sync_folder(self, folder: str, shared, caller: Caller) -> str:
+        problem = self.service.sync_folder(folder, caller, shared=bool(shared))
+        return _error(problem) if problem else ("Syncing: its files are being ingested now, then kept in step "
+                                                "(Refresh shows how far it is).")
+
+    def sync_now(self, folder_id, caller: Caller) -> str:
+        report = self.service.sync_now(folder_id, caller)
+        if isinstance(report, str):
+            return _error(report)
+        return _error(report.error) if report.error else f"**Synced:** {html.escape(report.summary())}."
+
+    def stop_syncing(self, folder_id, remove: str, caller: Caller) -> str:
+        removing = remove == "remove"
+        problem = self.service.stop_syncing(folder_id, caller, remove_documents=removing)
+        if problem:
+            return _error(problem)
+        return ("Stopped syncing; its documents were removed." if removing else
+                "Stopped syncing; its documents stay in the corpus (remove them below, one by one, if you wish).")
+
 
 def _collection(owner: str, caller: Caller) -> str:
     return "shared library" if owner == SHARED else "yours" if owner == caller.owner else "another user's"
 
 
 def _history(messages: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": _shown(m["content"]) if m["role"] == "assistant" else m["content"]}
-            for m in messages]
+    """The chat as the Chatbot shows it: each answer's citations [n] link to their passages."""
+    return [{"role": m["role"], "content": _answer_shown(m["content"], m.get("passages", []))
+             if m["role"] == "assistant" else m["content"]} for m in messages]
+
+
+def _answer_shown(answer: str, passage_ids: list[int]) -> str:
+    return link_citations(answer, passage_ids) if answer.strip() else NO_ANSWER
+
+
+def _ids(panel: Panel | None) -> list[int]:
+    return panel.numbered_ids if panel is not None else []
 
 
 def _progress(progress: Callable[[float, str], None] | None) -> Callable[[IngestProgress], None] | None:

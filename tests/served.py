@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -83,6 +84,29 @@ def call(client: httpx.Client, url: str, name: str, data: list) -> tuple[int, st
     if kinds and kinds[-1] == "error":
         return 200, (last or {}).get("error") if isinstance(last, dict) else str(last), None
     return 200, None, last
+
+
+def trigger(client: httpx.Client, url: str, name: str, event_data, data: list | None = None,
+            ) -> tuple[int, str | None, list | None]:
+    """A call of the event handler `name` as the page makes it when a component's event fires, with
+    that event's data (a gr.HTML's custom event carries its data there): through the queue
+    (`/gradio_api/queue/join`, then its event stream), the one route that takes `event_data`, and so
+    the one a hostile client would use. (status of the join, the one-line error or None, the output
+    data when it completed)."""
+    [dependency] = [d for d in client.get(url + "config").json()["dependencies"] if d.get("api_name") == name]
+    session = secrets.token_hex(8)
+    response = client.post(f"{url}gradio_api/queue/join", json={
+        "data": data or [], "event_data": event_data, "fn_index": dependency["id"],
+        "trigger_id": dependency["targets"][0][0], "session_hash": session}, timeout=60)
+    if response.status_code != 200:
+        return response.status_code, response.text, None
+    with client.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session}, timeout=300) as events:
+        for line in events.iter_lines():
+            message = json.loads(line[len("data: "):]) if line.startswith("data: ") else {}
+            if message.get("msg") == "process_completed":
+                output = message.get("output") or {}
+                return (200, None, output.get("data")) if message.get("success") else (200, output.get("error"), None)
+    return 200, "the event stream ended without an answer", None
 
 
 def file_data(path: str) -> dict:

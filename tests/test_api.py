@@ -161,6 +161,26 @@ def test_the_extension_says_what_was_read_what_is_cited_and_how_the_answer_ended
     assert any("cut at the limit of 3 new tokens" in n for n in extension["notices"])
 
 
+def test_each_pick_names_its_document_by_id_and_never_another_users(client, server, embedder, tmp_path):
+    """Name and offsets as before, and the document's id (what the app's document pane opens); the
+    API answers as the local owner, so a user's own document with the very words is never a pick."""
+    note = tmp_path / "alices-lighthouse.md"
+    note.write_text("Who keeps the lighthouse? Alice's own note: the lighthouse keeper is Quentin Vale.")
+    store = server.service.store
+    ingest(store, embedder, [note], embedder_name=EMBEDDER, progress=False, owner="user:alice")
+    [alices] = store.documents(["user:alice"])
+    text, reason, extension = ask(client, "Who keeps the lighthouse?", sift={"mode": "context", "passages": 8},
+                                  max_tokens=3)
+    selection = extension["selection"]
+    for pick in [*selection["picks"], selection["lead"]]:
+        passage = store.passages([pick["passage_id"]])[pick["passage_id"]]
+        document = store.document_by_id(pick["document_id"])
+        assert pick["document_id"] == passage.document_id != alices["id"] and document["owner"] == ""
+        assert (pick["path"], pick["start_char"], pick["end_char"]) == (document["name"], passage.start_char,
+                                                                        passage.end_char)
+    assert "Quentin" not in json.dumps(extension)
+
+
 def test_a_looping_answer_streams_as_it_is_returned_without_the_loop(client, server, monkeypatch):
     looping = ["Brindlemoor", " lantern", " festival", " ferry"] + [" ferry", " lantern"] * 20
     said = "".join(looping[:4]).strip()

@@ -232,3 +232,101 @@ def test_no_prompt_or_answer_is_kept_in_the_browser_and_a_second_message_is_refu
             expect(other.locator("#status")).to_contain_text("Answered in", timeout=120_000)
         finally:
             browser.close()
+
+
+def _harbour_log() -> str:
+    """A document of several passages: the answer to "Who keeps the Skellport light?" near its end,
+    after markup that must stay text."""
+    days = [f"Day {n}. The tide at Brindlemoor turned at {n % 12 + 1} o'clock; the ferry crossed twice, and "
+            f"the net menders counted {n * 7} floats on the quay." for n in range(1, 25)]
+    days.insert(20, "<img src=x onerror=\"document.title='markup ran'\"> The keeper of the Skellport light is "
+                    "Ada Quill, who paints every buoy vermilion and winds the lamp at dusk.")
+    return "\n\n".join(days) + "\n"
+
+
+def _marked_in_view(page) -> str:
+    """The passage the document pane marks, once it is scrolled into view; its text."""
+    from playwright.sync_api import expect
+
+    mark = page.locator("#document-pane mark#sc-doc-passage")
+    expect(mark).to_be_visible()
+    expect(mark).to_be_in_viewport()
+    return " ".join(mark.inner_text().split())
+
+
+def test_a_citation_or_a_pick_opens_the_document_at_the_passage_marked(tmp_path, browser_driver, app_url):
+    """Click a pick in the panel, a citation [n] in the answer, or a pick in Compare: the document
+    opens over the page, scrolled to the passage, its characters marked; Close and Esc close it."""
+    from playwright.sync_api import expect
+
+    (tmp_path / "harbour-log.txt").write_text(_harbour_log())
+    screenshot = tmp_path / "document.png"
+    with browser_driver() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1000})
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(app_url)
+            page.get_by_role("tab", name="Corpus").click()
+            page.get_by_role("button", name="Add the sample corpus").click()
+            expect(page.locator("#corpus-summary")).to_contain_text("10 documents", timeout=120_000)
+            page.locator("#uploads input[type=file]").set_input_files([str(tmp_path / "harbour-log.txt")])
+            expect(page.locator("#uploads")).to_contain_text("harbour")
+            page.locator("#ingest").click()
+            expect(page.locator("#ingest-report")).to_contain_text("1 added", timeout=60_000)
+
+            page.get_by_role("tab", name="Chat").click()
+            page.locator("#message textarea").fill("Who keeps the Skellport light?")
+            page.locator("#send").click()
+            expect(page.locator("#status")).to_contain_text("Answered in", timeout=120_000)
+            pane = page.locator("#document-pane")
+            expect(pane.locator(".sc-doc")).to_have_count(0)  # closed until something is opened
+
+            # a pick: the passage read first ([1], the name's), in its document of several passages
+            lead = page.locator("#passages .sc-pick[data-number='1']")
+            expect(lead).to_contain_text("harbour-log.txt")
+            lead.locator(".sc-source").click()
+            expect(pane.locator(".sc-doc")).to_be_visible()
+            expect(pane).to_contain_text("harbour-log.txt")
+            expect(pane).to_contain_text("passage [1]: characters")
+            marked = _marked_in_view(page)
+            assert "Ada Quill" in marked and marked.startswith(" ".join(lead.locator(".sc-text").inner_text().split())[:200])
+            whole = " ".join(pane.locator(".sc-doc-text").inner_text().split())
+            assert whole.startswith("Day 1.") and len(whole) > len(marked) + 500  # the document, not just the passage
+            assert '<img src=x onerror="document.title=' in whole  # shown as text
+            expect(pane.locator("img")).to_have_count(0)
+            assert page.title() != "markup ran"
+            page.screenshot(path=str(screenshot))
+            pane.get_by_role("button", name="Close the document").click()
+            expect(pane.locator(".sc-doc")).to_have_count(0)
+
+            # a citation [n] in the answer: the passage it stands for, as its card shows it
+            citation = page.locator("#chatbot [data-testid='bot']").last.locator("a[href*='#sc-passage-']").first
+            expect(citation).to_be_visible()
+            number = citation.inner_text().strip("[]")
+            pages = len(browser.pages)
+            citation.click()
+            expect(pane).to_contain_text(f"passage [{number}]: characters")
+            card = page.locator(f"#passages .sc-pick[data-number='{number}'] .sc-text").first
+            assert _marked_in_view(page).startswith(" ".join(card.inner_text().split())[:150])
+            assert len(browser.pages) == pages and "#sc-passage" not in page.url  # no new tab, no navigation
+            page.keyboard.press("Escape")
+            expect(pane.locator(".sc-doc")).to_have_count(0)
+
+            # a pick in Compare's panels
+            page.get_by_role("tab", name="Compare").click()
+            page.locator("#compare-prompt textarea").fill("Who keeps the Skellport light?")
+            page.locator("#compare-go").click()
+            expect(page.locator("#compare-status")).to_contain_text("Done", timeout=180_000)
+            pick = page.locator("#sift-passages .sc-pick").first
+            pick.click()
+            expect(pane.locator(".sc-doc")).to_be_visible()
+            assert _marked_in_view(page).startswith(" ".join(pick.locator(".sc-text").inner_text().split())[:150])
+            pane.locator(".sc-doc-backdrop").click(position={"x": 5, "y": 5})  # beside the pane
+            expect(pane.locator(".sc-doc")).to_have_count(0)
+        finally:
+            browser.close()
+    if os.environ.get("SIFT_CHAT_SCREENSHOT"):  # keep a copy to look at
+        shutil.copyfile(screenshot, Path(os.environ["SIFT_CHAT_SCREENSHOT"]).with_suffix(".document.png"))

@@ -14,7 +14,8 @@ import torch
 from sift_chat.access import Caller
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import ChatSettings, Done, Engine, Notice, Prompted, Selected, Stage, Step, Token
-from sift_chat.generation import cite, contrast, conversation
+from sift_chat.generation import cite, content_words, contrast, conversation
+from sift_chat.record import AnswerRecord
 from sift_chat.service import Answered, Service, Stored
 from sift_chat.store import Store
 
@@ -369,3 +370,27 @@ def test_first_fitting_finds_the_first_that_fits_in_few_probes():
         if first < n:
             first_fitting(n, fits, first)
             assert len(asked) <= 2  # a right guess: it and the one before it
+
+
+def test_the_record_names_the_learned_passages_that_hold_words_of_the_answer_no_read_passage_holds(engine, monkeypatch):
+    """What the panel shows a step did: a word of the answer that only a passage learned from holds."""
+    settings = replace(FAST, passages=4, max_new_tokens=8)
+    selected = engine.select(engine.embed(QUESTION), settings, prompt=QUESTION)
+    read = content_words(selected.lead.text) | content_words(QUESTION)
+    taught = next((pick.passage, word) for pick in selected.picks if pick.passage.id != selected.lead.id
+                  for word in sorted(content_words(pick.passage.text) - read) if word.isalpha())
+    passage, word = taught
+
+    def answer(input_ids, settings, unread=None):  # the model "says" the learned word
+        yield f"It is {word}."
+        return "end", f"It is {word}."
+
+    monkeypatch.setattr(engine, "generate", answer)
+    [done] = [e for e in engine.respond(QUESTION, [], settings, selected=selected) if isinstance(e, Done)]
+    assert str(passage.id) in done.record.only_learned and word in done.record.only_learned[str(passage.id)]
+    assert str(selected.lead.id) not in done.record.only_learned  # read: the answer may have read it there
+    assert AnswerRecord.from_json(done.record.to_json()).only_learned == done.record.only_learned
+
+    [done] = [e for e in engine.respond(QUESTION, [], replace(settings, mode="context"), selected=selected)
+              if isinstance(e, Done)]
+    assert done.record.only_learned == {}  # nothing learned, nothing taught

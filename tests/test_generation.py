@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sift_chat.generation import (INSTRUCTION, INSTRUCTION_WITH_PASSAGES, answer_processors, cite, content_words, contrast,
-                                  conversation, next_token, repeat_start, training_text)
+                                  conversation, next_token, only_learned_words, repeat_start, training_text)
 
 from .tiny import tiny_tokenizer
 
@@ -114,3 +114,16 @@ def test_contrast_never_picks_a_token_the_passages_make_implausible():
     scores = contrast(reading, prior, 5.0, plausible=0.1)
     assert torch.isinf(scores[[1, 2, 3]]).all() and int(scores.argmax()) == 0
     assert int(contrast(reading, prior, 5.0, plausible=0.01).argmax()) == 3
+
+
+def test_only_learned_words_are_the_answers_words_no_passage_read_holds():
+    read = ["Viggo Hallor founded Zennford in 1693."]
+    learned = ["Quentin Larkfield has been the mayor of Zennford since 1990.", "Zennford had 1,200 inhabitants.",
+               "Hallor's glassworks closed in 1693."]
+    answer = "Zennford was founded by Viggo Hallor [1]. Its mayor is Quentin Larkfield, of 1,200 people."
+    words = only_learned_words(answer, learned, read, "Who founded Zennford, and who is its mayor?")
+    # the mayor's name only the first learned passage holds; the count only the second; the third
+    # says nothing the answer took from it alone (its words are the read passage's too)
+    assert words == [["quentin", "larkfield"], ["1200"], []]
+    assert only_learned_words(answer, learned, read + learned[:1], "")[0] == []  # read as well: not only learned
+    assert only_learned_words("", learned, read, "") == [[], [], []]

@@ -140,7 +140,7 @@ def test_an_older_store_gets_its_lexical_index_built_on_upgrade(tmp_path):
             UPDATE meta SET value = '3' WHERE key = 'schema_version';
         """)
     with Store(folder) as store:
-        assert store.meta("schema_version") == str(SCHEMA_VERSION) == "4"
+        assert store.meta("schema_version") == str(SCHEMA_VERSION) == "5"
         assert found(store, "Orvmere") == {"Orvmere was founded in 1832."}
         assert found(store, "1832") == {"Orvmere was founded in 1832."}
         store.remove(["/old.txt"])

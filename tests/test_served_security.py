@@ -20,12 +20,14 @@ import pytest
 
 from sift_chat import cli
 from sift_chat.access import UsersFile
+from sift_chat.document_view import NOT_READABLE_DOCUMENT, NOT_READABLE_PASSAGE
 
-from .served import call, file_data, served_app
+from .served import call, file_data, served_app, trigger
 from .tiny import save_tiny_chat_model
 
 SAMPLE = Path(__file__).resolve().parent.parent / "corpora" / "brindlemoor"
-PASSWORDS = {"alice": "alice-password", "bob": "bob-password", "carol": "carol-password"}
+PASSWORDS = {"alice": "alice-password", "bob": "bob-password", "carol": "carol-password",
+             "dave": "dave-password"}
 TOKEN = "local-token-for-the-tests"
 
 
@@ -75,7 +77,7 @@ def targets(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def signin_app(tmp_path_factory, model):
     """`app.py --auth users.json --host 0.0.0.0` (a LAN or a server, the documented public setup):
-    alice and bob, and carol an admin; each may add 2 documents of their own."""
+    alice, bob and dave, and carol an admin; each may add 2 documents of their own."""
     root = tmp_path_factory.mktemp("served-auth")
     users = UsersFile(root / "users.json")
     for name, password in PASSWORDS.items():
@@ -126,6 +128,61 @@ def test_a_signed_in_user_or_admin_cannot_make_the_app_read_a_file_they_did_not_
         for path in (alices_upload, bobs_upload, "/etc/passwd"):
             response = caller.get(f"{url}gradio_api/file={path}")
             assert response.status_code == 404 and b"4711" not in response.content
+
+
+def passages(data: Path, owner: str, name: str) -> list[tuple[int, int]]:
+    """(passage id, document id) of the owner's document of this name in the running app's store."""
+    with sqlite3.connect(f"file:{data / 'store' / 'store.db'}?mode=ro", uri=True) as connection:
+        return connection.execute("SELECT p.id, d.id FROM passages p JOIN documents d ON d.id = p.document_id "
+                                  "WHERE d.owner = ? AND d.name = ? ORDER BY p.position", [owner, name]).fetchall()
+
+
+def test_a_citation_opens_ones_own_or_a_shared_document_and_never_another_users(signin_app):
+    """The document pane's endpoint, called as the page calls it (its "open" event's data through the
+    queue) and as a hostile client would: dave reads his own passage and the shared library's; alice,
+    bob, and carol though an admin, get one line for his passage or document, the line an unknown id
+    gets. (Dave's document is his alone: the other users' quotas are other tests'.)"""
+    served, root = signin_app
+    url, data = served.url, root / "data"
+    dave = signed_in(url, "dave")
+    ledger = upload(dave, url, "ledger.txt", b"Dave's ledger: the lantern key hangs in box LEDGER-5150.")
+    status, error, output = call(dave, url, "on_ingest", [[file_data(ledger)], "", False])
+    assert error is None and "1 added" in output[0]
+    [(passage_id, document_id)] = passages(data, "user:dave", "ledger.txt")
+    [(shared_id, _)] = passages(data, "", "brindlemoor/lighthouse.md")
+
+    status, error, output = trigger(dave, url, "open_document", {"passage": passage_id, "number": 1})
+    assert status == 200 and error is None
+    assert "<mark id='sc-doc-passage' class='sc-doc-passage'>Dave&#x27;s ledger: the lantern key hangs in box " \
+           "LEDGER-5150.</mark>" in output[0] and "ledger.txt" in output[0] and "yours" in output[0]
+    status, error, output = trigger(dave, url, "open_document", {"document": document_id})
+    assert error is None and "LEDGER-5150" in output[0]
+
+    unknown = passage_id + 10_000
+    for name in ("alice", "bob", "carol"):
+        caller = signed_in(url, name)
+        status, error, output = trigger(caller, url, "open_document", {"passage": shared_id, "number": 2})
+        assert error is None and "Matthias Orrey" in output[0] and "shared library" in output[0]  # the shared library
+        for event, refusal in (({"passage": passage_id}, NOT_READABLE_PASSAGE),
+                               ({"passage": str(passage_id), "number": 1}, NOT_READABLE_PASSAGE),
+                               ({"passage": unknown}, NOT_READABLE_PASSAGE),
+                               ({"document": document_id}, NOT_READABLE_DOCUMENT),
+                               ({"document": document_id + 10_000}, NOT_READABLE_DOCUMENT)):
+            status, error, output = trigger(caller, url, "open_document", event)
+            assert status == 200 and output is None and error == refusal, (name, event, error)
+    bob = signed_in(url, "bob")
+    for event in (None, [passage_id], "x", {"passage": {"id": passage_id}}, {"passage": 10**30}, {"document": -1}):
+        status, error, output = trigger(bob, url, "open_document", event)
+        assert status == 200 and output is None and error and "\n" not in error and len(error) < 200, (event, error)
+        assert "5150" not in error and "Traceback" not in error
+    status, error, output = call(bob, url, "open_document", [])  # the plain call route carries no event data
+    assert output is None and error == "Say which passage or document to open."
+    assert "Traceback" not in served.printed() and "LEDGER-5150" not in served.printed()
+
+    stranger = httpx.Client(timeout=60)  # not signed in: nothing at all
+    response = stranger.post(f"{url}gradio_api/queue/join", json={
+        "data": [], "event_data": {"passage": passage_id}, "fn_index": 0, "session_hash": "s"})
+    assert response.status_code == 401 and "5150" not in response.text
 
 
 def test_another_site_can_neither_act_as_a_signed_in_user_nor_read_the_answers(signin_app):

@@ -6,6 +6,7 @@ The tiny random Llama stands in for the chat model; the embedder is the real def
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,21 @@ def test_cited_passages_are_marked_under_the_numbers_the_answer_uses():
     assert Panel.from_stored(None, [], {}) is None
 
 
+def test_a_learned_passage_that_holds_words_of_the_answer_says_so():
+    picks = [{"step": i + 1, "passage_id": pid, "path": f"/docs/{pid}.md", "start_char": 0, "end_char": 10,
+              "text": text, "similarity": 0.5, "posterior_variance": 0.5, "uncertainty_reduction": 0.1, "repeat": False}
+             for i, (pid, text) in enumerate([(7, "Viggo Hallor founded Zennford."), (9, "Quentin Larkfield is mayor.")])]
+    panel = Panel("sift", 1.0, picks, [], "max_steps", losses=[2.0, 2.5], mode="both", read=[7],
+                  only_learned={9: ["quentin", "larkfield"]})
+    cards = render_passages(panel)
+    assert cards.count("sc-badge sc-taught") == 1
+    assert cards.index("sc-badge sc-taught") > cards.index("data-passage='9'")  # on the card of passage 9
+    assert "answer words only here: quentin, larkfield" in cards
+    assert "1 of them hold words of the answer that passage [1] does not" in cards
+    assert [p["only_learned"] for p in panel.to_json()["picks"]] == [[], ["quentin", "larkfield"]]
+    assert "sc-taught" not in render_passages(replace(panel, only_learned={}))
+
+
 def test_chats_are_private_to_their_owner(sample):
     h = sample
     alice, mallory = user("alice"), user("mallory")
@@ -314,6 +330,36 @@ def test_the_corpus_search_finds_by_name_among_the_callers_documents_only(sample
     assert "longer than 1000 characters" in handlers.search("x" * 1001, LOCAL)
 
 
+def test_the_corpus_search_ranks_as_the_chats_pre_selection_does(handlers, monkeypatch):
+    """The search shows the first of the chat's own K candidates: a passage that is neither among
+    the 10 nearest nor the 10 best by words can still fuse first, and the chat reads it first."""
+    import numpy as np
+
+    from sift_chat.store import NewDocument, NewPassage
+
+    dimension = handlers.engine.embedder.get_embedding_dimension()
+
+    def unit(cosine: float, axis: int) -> np.ndarray:  # a vector at this cosine to the query (axis 0)
+        vector = np.zeros(dimension, np.float32)
+        vector[0], vector[axis] = cosine, (1 - cosine**2) ** 0.5
+        return vector
+
+    texts = {f"near-{i}": (f"A plain note number {i} about the harbour.", unit(0.60 - 0.01 * i, 1 + i))
+             for i in range(10)}  # the 10 nearest: none says the word
+    texts |= {f"word-{i}": (f"Zorblax zorblax, item {i}.", unit(-0.3, 20 + i)) for i in range(10)}  # by words
+    texts["both"] = ("The ledger of the old mill names zorblax once among its many other entries.", unit(0.50, 40))
+    handlers.store.write_documents([NewDocument(f"/corpus/{name}.txt", name, len(text), 0.0,
+                                                [NewPassage(0, 0, len(text), 12, text)], vector[None], name=name)
+                                    for name, (text, vector) in texts.items()], EMBEDDER)
+    monkeypatch.setattr(handlers.engine, "embed", lambda text: torch.from_numpy(unit(1.0, 1)))
+
+    found = handlers.service.search("zorblax", LOCAL)
+    chat = handlers.engine.preselect(handlers.engine.embed("zorblax"), "zorblax", ChatSettings(), LOCAL.readable)
+    assert [p.id for p in found.passages] == chat.ids[:10].tolist()
+    assert found.passages[0].text == texts["both"][0]  # what the chat reads first is found first
+    assert "The ledger of the old mill" in handlers.search("zorblax", LOCAL).split("<b>1.</b>")[1][:400]
+
+
 def test_removing_a_document_removes_its_passages(sample):
     h = sample
     [(label, document_id)] = [choice for choice in h.removable(LOCAL) if choice[0].startswith("brindlemoor/lighthouse.md")]
@@ -328,6 +374,11 @@ def test_compare_shows_both_selections_curves_and_answers_and_stores_nothing(sam
     final = updates[-1]
     assert final["status"].startswith("Done")
     nn, sift = final["nn"], final["sift"]
+    # what differed, in words: SIFT's picks NN did not make, the σ² each left, the steps, the answers
+    assert "SIFT picked 2 passages NN did not (" in final["status"] and "lighthouse.md" in final["status"]
+    assert f"σ² left: NN {nn.final_variance:.2f}, SIFT {sift.final_variance:.2f}" in final["status"]
+    assert "Mean step loss: NN " in final["status"]
+    assert ("The answers are the same." in final["status"]) == (final["nn_answer"] == final["sift_answer"])
     assert nn.method == "nn" and sift.method == "sift" and len(nn.picks) == len(sift.picks) == 3
     assert final["shared"] == nn.passage_ids & sift.passage_ids and len(final["shared"]) >= 1
     founding = {"founding.md", "town-history.txt", "visitor-leaflet.html"}
@@ -417,7 +468,7 @@ def test_the_app_builds(sample):
     assert isinstance(demo, gr.Blocks)
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
     assert {"chatbot", "message", "send", "passages", "variance-chart", "coverage", "add-sample",
-            "uploads", "documents", "compare-go", "nn-passages", "sift-passages"} <= ids
+            "uploads", "documents", "compare-go", "nn-passages", "sift-passages", "document-pane"} <= ids
 
 
 def test_app_arguments(monkeypatch):
