@@ -39,6 +39,7 @@ TRAINING_FORMATS = ("passage", "answer", "chat")
 # learning_rate in (0, LEARNING_RATE_MAX]: the evaluation's best is 1e-3; a step of 1 already
 # overwrites what the model knew (the app's field and the API check this same bound)
 LEARNING_RATE_MAX = 1.0
+MAX_EPOCHS = 16  # passes over a message's passages: each costs what the first did
 
 StepCallback = Callable[[int, int, float], None]  # on_step(i, n, loss): step i of n (1-based) took `loss`
 
@@ -60,6 +61,9 @@ class AdaptationSettings:
     max_passage_tokens: int = 256
     top_layers: int | None = None  # None: every decoder layer; L: only the top L layers
     training: str = "passage"  # one of TRAINING_FORMATS
+    # passes over the selected passages: a message takes epochs × N steps, all of the first pass
+    # first (README, Answers: a fact only learned is said after about 4 passes, not after one)
+    epochs: int = 1
     seed: int = 0
 
     def __post_init__(self):
@@ -85,6 +89,8 @@ class AdaptationSettings:
             f"top_layers must be None (all layers) or an integer >= 1, got {self.top_layers!r}",
         )
         check(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        check(_is_int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS,
+              f"epochs must be an integer in [1, {MAX_EPOCHS}], got {self.epochs!r}")
         check(self.training in TRAINING_FORMATS,
               f"training must be one of {', '.join(TRAINING_FORMATS)}, got {self.training!r}")
         targets = self.target_modules

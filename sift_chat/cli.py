@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--alpha", type=float, help="stop by activeft's rule: keep pick n while α·n·σ_n ≤ 1")
     chat.add_argument("--lr", type=float, default=AdaptationSettings.learning_rate,
                       help="LoRA learning rate (default: %(default)s)")
+    chat.add_argument("--epochs", type=int, default=AdaptationSettings.epochs,
+                      help="passes over the selected passages, one step per passage each (default: %(default)s)")
     chat.add_argument("--rank", type=int, default=AdaptationSettings.rank, help="LoRA rank (default: %(default)s)")
     chat.add_argument("--top-layers", type=int, default=AdaptationSettings.top_layers,
                       help="LoRA on the top L layers only (default: %(default)s)")
@@ -177,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--lr", type=float, default=AdaptationSettings.learning_rate)
     qa.add_argument("--top-layers", type=int, default=AdaptationSettings.top_layers)
     qa.add_argument("--targets", default=AdaptationSettings.target_modules)
+    qa.add_argument("--epochs", type=int, default=AdaptationSettings.epochs,
+                    help="passes over the selected passages (default: %(default)s)")
     qa.add_argument("--training", choices=TRAINING_FORMATS, default=AdaptationSettings.training,
                     help="what a step's loss is on (default: %(default)s)")
     qa.add_argument("--seed", type=int, default=0)
@@ -439,7 +443,7 @@ def cmd_chat(args) -> int:
                             alpha=args.alpha, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, seed=args.seed)
     adaptation = AdaptationSettings(learning_rate=args.lr, rank=args.rank, top_layers=args.top_layers,
-                                    target_modules=args.targets, seed=args.seed)
+                                    target_modules=args.targets, epochs=args.epochs, seed=args.seed)
     engine = Engine.load(args.data_dir, embedder=args.embedder, chat_model=args.chat_model,
                          device=args.device, adaptation=adaptation, precision=args.precision)
     print(engine.compute.describe(), file=sys.stderr)
@@ -606,7 +610,7 @@ def cmd_eval_qa(args) -> int:
         ChatSettings(mode=configuration.mode,
                      method=settings.method if configuration.method == qa.NO_METHOD else configuration.method)
     adaptation = AdaptationSettings(learning_rate=args.lr, top_layers=args.top_layers, target_modules=args.targets,
-                                    training=args.training, seed=args.seed)
+                                    training=args.training, epochs=args.epochs, seed=args.seed)
     home = config.data_dir(args.data_dir)
     corpus = Path(args.corpus).expanduser().resolve()
     if not corpus.is_dir():
@@ -627,6 +631,7 @@ def cmd_eval_qa(args) -> int:
               file=sys.stderr)
     title = (f"{corpus.name}: {answered} questions, {settings.passages} passages "
              f"({settings.context_passages} in context), lr {adaptation.learning_rate}, "
+             f"{adaptation.epochs} pass{'es' * (adaptation.epochs > 1)} over them, "
              f"training on {adaptation.training}; context-aware decoding α = {settings.context_contrast:g} "
              f"against the {settings.contrast_against} model")
     meta = {"settings": asdict(settings), "adaptation": asdict(adaptation), "corpus": str(corpus),

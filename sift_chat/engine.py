@@ -260,7 +260,7 @@ class Engine:
     def _use(self, adaptation: AdaptationSettings) -> None:
         """Adapt this message with these settings (called holding the lock). What only the
         optimizer or the data sees (learning rate, optimizer, seed, passage length, training
-        format) takes a fresh optimizer; another LoRA shape (rank, targets, layers) rebuilds the
+        format, passes) takes a fresh optimizer; another LoRA shape (rank, targets, layers) rebuilds the
         adapter on the base model, or keeps the old one when the new settings do not fit the
         model. The adapter's shape is a cache: the next message states its own settings again."""
         current = self.adapter.settings
@@ -268,7 +268,7 @@ class Engine:
             return
         same_shape = replace(adaptation, learning_rate=current.learning_rate, optimizer=current.optimizer,
                              seed=current.seed, max_passage_tokens=current.max_passage_tokens,
-                             training=current.training) == current
+                             training=current.training, epochs=current.epochs) == current
         if same_shape:
             self.adapter.settings = adaptation
             self.adapter.reset()
@@ -386,11 +386,12 @@ class Engine:
                 yield Stage("fine-tune", "started")
                 started = time.perf_counter()
                 training = self.adapter.settings.training
-                for index, pick in enumerate(selected.picks, 1):
-                    prefix, text = training_text(prompt, pick.passage.text, training, self._render)
+                texts = [training_text(prompt, pick.passage.text, training, self._render) for pick in selected.picks]
+                schedule = texts * self.adapter.settings.epochs  # pass after pass, picks in order
+                for index, (prefix, text) in enumerate(schedule, 1):
                     with self.compute.autocast(self.adapter.device, "step"):  # bf16 autocast, fp32 LoRA and Adam
                         losses.append(self.adapter.step(text, prefix))
-                    yield Step(index, len(selected.picks), losses[-1])
+                    yield Step(index, len(schedule), losses[-1])
                 seconds["fine-tune"] = time.perf_counter() - started
                 yield Stage("fine-tune", "finished", seconds["fine-tune"])
 

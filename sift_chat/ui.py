@@ -131,11 +131,13 @@ def _usage(panel: Panel) -> str:
     taught = len(panel.only_learned)
     not_read = f" that {read} does not" if panel.read else ""
     taught = f" {taught} of them hold words of the answer{not_read}: what the steps put into it." if taught else ""
+    passes = len(panel.losses) // len(panel.picks) if panel.picks else 1
+    each = "one fine-tuning step each" if passes <= 1 else f"{passes} fine-tuning steps each, pass after pass"
     if panel.learned and panel.read:
         return (f"The model read {read} in its prompt and learned from {len(panel.picks)} "
-                f"(one fine-tuning step each, in this order).{taught}")
+                f"({each}, in this order).{taught}")
     if panel.learned:
-        return (f"The model learned from these {len(panel.picks)} passages (one fine-tuning step each, in "
+        return (f"The model learned from these {len(panel.picks)} passages ({each}, in "
                 f"this order{'' if steps else '; the steps are still to come'}); it did not read them in its prompt."
                 f"{taught}")
     if panel.read:

@@ -394,3 +394,28 @@ def test_the_record_names_the_learned_passages_that_hold_words_of_the_answer_no_
     [done] = [e for e in engine.respond(QUESTION, [], replace(settings, mode="context"), selected=selected)
               if isinstance(e, Done)]
     assert done.record.only_learned == {}  # nothing learned, nothing taught
+
+
+def test_epochs_take_every_pick_again_pass_after_pass_and_the_model_returns_to_base(engine, probe, monkeypatch):
+    """A fact only learned needs several passes (README, Answers): epochs × N steps, the first pass
+    over every pick first, each pick's own loss in the first pass."""
+    stepped = []
+    real_step = engine.adapter.step
+
+    def step(text, prefix=""):
+        stepped.append(text)
+        return real_step(text, prefix)
+
+    monkeypatch.setattr(engine.adapter, "step", step)
+    settings = replace(FAST, passages=3, max_new_tokens=2)
+    events = list(engine.respond(QUESTION, [], settings, adaptation=replace(engine.default_adaptation, epochs=2)))
+    [selected] = [e for e in events if isinstance(e, Selected)]
+    picks = [p.passage.text for p in selected.picks]
+    assert stepped == picks + picks
+    steps = [e for e in events if isinstance(e, Step)]
+    assert [(s.index, s.total) for s in steps] == [(i, 2 * len(picks)) for i in range(1, 2 * len(picks) + 1)]
+    done = events[-1]
+    assert len(done.record.losses) == 2 * len(picks) and done.record.adaptation["epochs"] == 2
+    assert_at_base(engine, probe)
+    with pytest.raises(ValueError, match="epochs must be an integer in"):
+        AdaptationSettings(epochs=0)
