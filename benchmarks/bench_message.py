@@ -55,7 +55,7 @@ def answer(engine, prompt: str, settings: ChatSettings) -> dict:
     whole = time.perf_counter() - started
     tokens = len(engine.tokenizer(done.raw_answer, add_special_tokens=False)["input_ids"])
     return done.record.seconds | {"whole": whole, "steps": len(done.record.losses), "tokens": tokens,
-                                  "ended": done.ended}
+                                  "ended": done.ended, "answer": done.raw_answer}
 
 
 def main() -> None:

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat-model", help=f"chat model: package, folder, .gguf or HF id "
                         f"(default: ${config.ENV_CHAT_MODEL} or {config.DEFAULT_CHAT_MODEL})")
     parser.add_argument("--device", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                        help="the chat model's compute precision (default: $SIFT_CHAT_PRECISION or auto: "
+                             "measured at start-up, cached per machine)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ingest = commands.add_parser("ingest", help="add files and folders to the store")
@@ -442,7 +445,8 @@ def cmd_chat(args) -> int:
     adaptation = AdaptationSettings(learning_rate=args.lr, rank=args.rank, top_layers=args.top_layers,
                                     target_modules=args.targets, epochs=args.epochs, seed=args.seed)
     engine = Engine.load(args.data_dir, embedder=args.embedder, chat_model=args.chat_model,
-                         device=args.device, adaptation=adaptation)
+                         device=args.device, adaptation=adaptation, precision=args.precision)
+    print(engine.compute.describe(), file=sys.stderr)
     service = Service(engine, config.data_dir(args.data_dir))
     if args.compare:
         if not args.prompt:

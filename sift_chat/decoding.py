@@ -12,16 +12,17 @@ so the two are rows of one batch, not two forwards one after the other:
 Each row may weigh the LoRA adapter on its own (`lora.row_scales`: 1 the adapted model, 0 the base
 model), so one forward serves "adapted, with the passages" and "base, without them".
 
-The steps run on one CPU thread (the prefill on torch's): a token per row makes every matmul
-memory-bound, so a second thread only adds a barrier to every op, and on shared cores each
-barrier waits for a descheduled thread (README: a batch of two at 2 threads took 5x its time
-at 1 thread on the loaded 2-core machine, one row 2.7x).
+The steps run on one CPU thread unless the engine's start-up probe measured more to be faster
+(`probe`; the prefill on torch's): a token per row makes every matmul memory-bound, so a second
+thread only adds a barrier to every op, and on shared cores each barrier waits for a descheduled
+thread (README: a batch of two at 2 threads took 5x its time at 1 thread on the loaded 2-core
+machine, one row 2.7x).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from transformers import DynamicCache
 
 from .lora import row_scales
 
-DECODE_THREADS = 1  # torch threads for a decoding step on the CPU (module docstring)
+DECODE_THREADS = 1  # torch threads for a decoding step on the CPU unless the engine's probe measured otherwise (module docstring)
 
 
 def left_padded(caches: Sequence[DynamicCache], config) -> DynamicCache:
@@ -50,20 +51,26 @@ class Rows:
     `adapter_scales[i]` (None: every row adapted). `logits()` are the next-token logits of every
     row [B, V] (fp32); `append(token)` adds the same token to every row. The forward for a token
     runs when its logits are first asked for, so a token after which decoding stops costs none;
-    it runs on at most `threads` torch threads.
+    it runs on at most `threads` torch threads. The prefill runs inside `prefill_context()` and
+    every step inside `step_context()` (the precision `probe.Compute` chose: bf16 autocast or
+    nothing), entered and left around each forward, so that a consumer resuming the decoding on
+    another thread (Gradio does) runs it the same way.
 
     One row decodes exactly as a plain loop does (no mask, no position ids)."""
 
     def __init__(self, model, prompts: Sequence[torch.Tensor], adapter_scales: Sequence[float] | None = None,
-                 threads: int = DECODE_THREADS):
+                 threads: int = DECODE_THREADS, prefill_context: Callable[[], ContextManager] = nullcontext,
+                 step_context: Callable[[], ContextManager] = nullcontext):
         if not prompts:
             raise ValueError("no conversation to decode")
         self.model = model
         self.threads = threads  # at most this many torch threads per step, on the CPU
+        self.step_context = step_context
         self.scales = None if adapter_scales is None or all(s == 1 for s in adapter_scales) else list(adapter_scales)
         caches, logits = [], []
         for row, ids in enumerate(prompts):  # each alone: prefill is compute-bound, padding would cost
-            output = self._forward(ids, None if self.scales is None else self.scales[row: row + 1])
+            with prefill_context():
+                output = self._forward(ids, None if self.scales is None else self.scales[row: row + 1])
             caches.append(output.cache)
             logits.append(output.logits[:, -1])
         lengths = [ids.shape[1] for ids in prompts]
@@ -97,7 +104,7 @@ class Rows:
                 self.mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], 1)
                 inputs = {"attention_mask": self.mask, "position_ids": self.positions}
                 self.positions = self.positions + 1
-            with at_most_threads(self.threads, self._logits.device):
+            with at_most_threads(self.threads, self._logits.device), self.step_context():
                 output = self._forward(input_ids, self.scales, cache=self.cache, **inputs)
             self.cache = output.cache
             self._logits = output.logits[:, -1].float()

@@ -26,6 +26,7 @@ import torch
 from . import config
 from .adaptation import AdaptationSettings, Adapter, decoder_layers
 from .decoding import Rows
+from .probe import Compute
 from .embedding import shared
 from .generation import (answer_processors, cite, contrast, conversation, next_token, only_learned_words, repeat_start,
                          training_text)
@@ -217,8 +218,9 @@ class Engine:
     """A store, an embedder and a chat model with its adapter: everything one message needs."""
 
     def __init__(self, store: Store, embedder, model, tokenizer, *, embedder_name: str,
-                 adaptation: AdaptationSettings | None = None):
+                 adaptation: AdaptationSettings | None = None, compute: Compute | None = None):
         self.store = store
+        self.compute = compute or Compute()  # precision and decoding threads (`probe`; default fp32, 1 thread)
         store.check_embedder(embedder_name, embedder.get_embedding_dimension())
         self.embedder = shared(embedder)  # the ingest embeds beside the chat: one batch at a time
         self.embedder_name = embedder_name
@@ -233,14 +235,19 @@ class Engine:
     @classmethod
     def load(cls, data_dir: str | Path | None = None, *, embedder: str | None = None,
              chat_model: str | None = None, device: str | None = None,
-             adaptation: AdaptationSettings | None = None) -> "Engine":
+             adaptation: AdaptationSettings | None = None, precision: str | None = None) -> "Engine":
+        """The default models (or the named ones) over the store in `data_dir`, at the precision
+        and decoding threads `probe` measures for this machine (cached in `data_dir`; `precision`
+        fp32 or bf16 forces it, None reads $SIFT_CHAT_PRECISION, else auto)."""
         from .models import load_chat_model, load_embedder
+        from .probe import probe
 
         home = config.data_dir(data_dir)
         embedder_name = config.embedder_name(embedder)
         model, tokenizer = load_chat_model(chat_model, device, home / "models")
+        compute = probe(model, home, precision)
         return cls(Store(home / "store"), load_embedder(embedder_name, device), model, tokenizer,
-                   embedder_name=embedder_name, adaptation=adaptation)
+                   embedder_name=embedder_name, adaptation=adaptation, compute=compute)
 
     @property
     def model(self):
@@ -382,7 +389,8 @@ class Engine:
                 texts = [training_text(prompt, pick.passage.text, training, self._render) for pick in selected.picks]
                 schedule = texts * self.adapter.settings.epochs  # pass after pass, picks in order
                 for index, (prefix, text) in enumerate(schedule, 1):
-                    losses.append(self.adapter.step(text, prefix))
+                    with self.compute.autocast(self.adapter.device, "step"):  # bf16 autocast, fp32 LoRA and Adam
+                        losses.append(self.adapter.step(text, prefix))
                     yield Step(index, len(schedule), losses[-1])
                 seconds["fine-tune"] = time.perf_counter() - started
                 yield Stage("fine-tune", "finished", seconds["fine-tune"])
@@ -536,11 +544,14 @@ class Engine:
         generated: list[int] = []
         emitted = ""
         contrasted = unread_ids is not None and settings.context_contrast > 0
+        how = {"threads": self.compute.decode_threads,  # as the probe measured this machine
+               "prefill_context": lambda: self.compute.autocast(device, "prefill"),
+               "step_context": lambda: self.compute.autocast(device, "decode")}
         if contrasted:  # one forward per token for both rows, the second against the base model or not
             scales = (1.0, 0.0) if settings.contrast_against == "base" else None
-            rows = Rows(self.model, [input_ids.to(device), unread_ids.to(device)], scales)
+            rows = Rows(self.model, [input_ids.to(device), unread_ids.to(device)], scales, **how)
         else:
-            rows = Rows(self.model, [input_ids.to(device)])
+            rows = Rows(self.model, [input_ids.to(device)], **how)
         ended = "limit"
         for _ in range(settings.max_new_tokens):
             logits = rows.logits()

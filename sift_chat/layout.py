@@ -384,10 +384,14 @@ def build(handlers: Handlers, *, access: Access | None = None):
             for update in h.compare(prompt, dict(zip(SETTING_NAMES, values)), who(request, profile)):
                 if update.get("error"):
                     gr.Warning(update["error"])
+                answers = [update.get("nn_answer", ""), update.get("sift_answer", "")]
+                if "nn_answer" in update and "nn" not in update:  # only the answers moved: the panels stay
+                    yield [update.get("status", ""), skip(), skip(), skip(), answers[0], skip(), skip(), answers[1]]
+                    continue
                 nn, sift, shared = update.get("nn"), update.get("sift"), update.get("shared", set())
                 yield [update.get("status", ""), render_variance(sift, nn),
-                       render_coverage(nn, " "), render_passages(nn, shared), update.get("nn_answer", ""),
-                       render_coverage(sift, " "), render_passages(sift, shared), update.get("sift_answer", "")]
+                       render_coverage(nn, " "), render_passages(nn, shared), answers[0],
+                       render_coverage(sift, " "), render_passages(sift, shared), answers[1]]
 
         compare_go.click(on_compare, [compare_prompt, *settings],
                          [compare_status, compare_chart, nn_coverage, nn_picks, nn_answer,

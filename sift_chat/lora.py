@@ -78,7 +78,7 @@ def _lora_linear(x, weight, bias, lora_a, lora_b, scaling, row_scale=None):
     h = rows @ lora_a.T
     if row_scale is not None:
         h = (h.view(row_scale.shape[0], -1, h.shape[-1]) * row_scale.view(-1, 1, 1).to(h.dtype)).view_as(h)
-    y.view(-1, y.shape[-1]).addmm_(h, lora_b.T, alpha=scaling)
+    y.view(-1, y.shape[-1]).addmm_(h, lora_b.T.to(h.dtype), alpha=scaling)  # under bf16 autocast y and h are bf16
     return y, rows, h
 
 
@@ -98,12 +98,13 @@ class _LoRALinearFunction(torch.autograd.Function):
         rows, h, weight, lora_a, lora_b = ctx.saved_tensors
         s = ctx.scaling
         grad_rows = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_h = grad_rows @ (lora_b * s)
-        grad_b = grad_rows.T @ (h * s)
-        grad_a = grad_h.T @ rows
+        dtype = grad_rows.dtype  # bf16 when the forward ran under bf16 autocast (autograd casts the grads back)
+        grad_h = grad_rows @ (lora_b * s).to(dtype)
+        grad_b = grad_rows.T @ (h * s).to(dtype)
+        grad_a = grad_h.T @ rows.to(dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_rows @ weight).addmm_(grad_h, lora_a).view(ctx.x_shape)
+            grad_x = (grad_rows @ weight.to(dtype)).addmm_(grad_h, lora_a.to(dtype)).view(ctx.x_shape)
         return grad_x, None, None, grad_a, grad_b, None
 
 

