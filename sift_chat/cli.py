@@ -338,17 +338,22 @@ def cmd_sync(args) -> int:
 
 
 def cmd_watch(args) -> int:
+    import signal
     import threading
 
     from .watching import FolderWatcher
 
+    stop = threading.Event()
+    # SIGTERM too (a service manager's stop; and a shell's background job ignores Ctrl-C's SIGINT)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with _store(args) as store:
         watcher = FolderWatcher(_folder_sync(args, store, _synced(store, args)), polling=args.polling,
                                 rescan_seconds=args.rescan_seconds, on_pass=_print_pass_if_any)
         watcher.start()
-        print(f"watching {shown(watcher.sync.root)} (Ctrl-C to stop)", file=sys.stderr)
+        print(f"watching {shown(watcher.sync.root)} (Ctrl-C or SIGTERM to stop)", file=sys.stderr)
         try:
-            threading.Event().wait()  # until Ctrl-C
+            while not stop.wait(0.5):
+                pass
         except KeyboardInterrupt:
             pass
         finally:

@@ -274,7 +274,8 @@ def test_sync_watch_and_status_from_the_command_line(tmp_path):
         wait_for(lambda: synced_names() == ["notes/new.md", "notes/note-0001.md"], timeout=120,
                  what="watch following")
     finally:
-        watch.send_signal(signal.SIGINT)
+        # SIGTERM: a test run in a background job inherits SIGINT ignored, and so would the watch
+        watch.send_signal(signal.SIGTERM)
         output = watch.communicate(timeout=180)[0]
     assert watch.returncode == 0 and "stopped watching" in output and "Traceback" not in output, output
 
