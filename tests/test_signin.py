@@ -94,9 +94,9 @@ def test_two_users_keep_their_chats_and_documents_apart(app, tmp_path):
 
     loaded = bob.predict(api_name="/on_load")
     assert loaded[0] == "Signed in as **bob**." and loaded[1]["choices"] == []  # none of Alice's chats
-    rows = loaded[9]["data"]
+    rows = loaded[7]["data"]
     assert [r[:2] for r in rows if r[0] == "notes.txt"] == [["notes.txt", "yours"]] and len(rows) == 11
-    assert [c[1] for c in loaded[10]["choices"]] == [notes["user:bob"][0]]  # he may remove only his own
+    assert [c[1] for c in loaded[8]["choices"]] == [notes["user:bob"][0]]  # he may remove only his own
     for name, arguments in (("/on_open", (alice_chat,)), ("/on_remove", (notes["user:alice"][0],))):
         try:
             result = bob.predict(*arguments, api_name=name)
