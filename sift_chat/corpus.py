@@ -163,42 +163,24 @@ def ingest(
     embedder,
     paths: Iterable[str | os.PathLike],
     *,
-    embedder_name: str,
-    passage_tokens: int = DEFAULT_PASSAGE_TOKENS,
-    overlap: int = DEFAULT_OVERLAP_TOKENS,
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-    batch_passages: int = 256,
-    progress: bool = True,
-    on_progress: Callable[[IngestProgress], None] | None = None,
-    owner: str = SHARED,
     forbidden: Iterable[str | os.PathLike] = (),
     trusted: Iterable[str | os.PathLike] = (),
-    parse_seconds: float | None = PARSE_SECONDS,
+    **options,
 ) -> IngestReport:
-    """Ingest files and folders. Unchanged files (same content hash) are left as they are; changed
-    ones replace their passages. Documents are embedded in batches across files and written one
-    batch per SQLite transaction, so every document is either fully in the store or absent. A
-    passage whose exact text is already stored (a copied file) reuses that vector: identical text,
-    identical bytes, so the index holds it once.
+    """Ingest files and folders: the files under `paths` that may be read, through `ingest_files`
+    (whose keyword `options` these are: embedder_name, passage sizes, limits, progress, owner, the
+    parse bound). Unchanged files (same content hash) are left as they are; changed ones replace
+    their passages.
 
-    Every file that cannot be read, decoded, parsed or split into at least one passage is reported
-    in `report.skipped` with its reason; the run goes on. `on_progress` is called as files are read
-    and passages embedded (the app's progress bar; the CLI shows the same in a tqdm bar).
-
-    The documents are `owner`'s (by default the shared library's). Hidden files and folders, the
-    store and the `forbidden` folders are never read, also when named directly (`iter_files`).
-
-    HTML and PDF files are parsed in a child process (`parsing.ParseWorker`): one whose parse
-    takes over `parse_seconds` is skipped with that reason (None: parsed here, without a bound).
+    Hidden files and folders, the store and the `forbidden` folders are never read, also when named
+    directly (`iter_files`); a file that cannot be read is reported in `report.skipped` with its
+    reason and the run goes on.
     """
     report = IngestReport()
     started = time.perf_counter()
     paths = list(paths)
     files = list(iter_files(paths, report.skipped, forbidden=[store.folder, *forbidden], trusted=trusted))
-    return ingest_files(store, embedder, files, document_names(paths), embedder_name=embedder_name,
-                        passage_tokens=passage_tokens, overlap=overlap, max_file_bytes=max_file_bytes,
-                        batch_passages=batch_passages, progress=progress, on_progress=on_progress, owner=owner,
-                        parse_seconds=parse_seconds, report=report, started=started)
+    return ingest_files(store, embedder, files, document_names(paths), report=report, started=started, **options)
 
 
 def ingest_files(
@@ -222,7 +204,16 @@ def ingest_files(
 ) -> IngestReport:
     """`ingest` of files already found (`iter_files`: the rules of what is read are applied
     there), each shown as `name_of(path)`. `stop`, once set, ends the run before its next file;
-    the files read so far are written (a synced folder's watcher stops so at shutdown)."""
+    the files read so far are written (a synced folder's watcher stops so at shutdown).
+
+    Documents are embedded in batches across files and written one batch per SQLite transaction,
+    so every document is either fully in the store or absent. A passage whose exact text is already
+    stored (a copied file) reuses that vector. Every file that cannot be read, decoded, parsed or
+    split into at least one passage is reported in `report.skipped` with its reason; the run goes
+    on. `on_progress` is called as files are read and passages embedded (the app's progress bar;
+    the CLI shows the same in a tqdm bar). The documents are `owner`'s (by default the shared
+    library's). HTML and PDF files are parsed in a child process (`parsing.ParseWorker`): one
+    whose parse takes over `parse_seconds` is skipped with that reason (None: parsed here)."""
     from tqdm.auto import tqdm
 
     dimension = embedder.get_embedding_dimension()

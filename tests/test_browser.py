@@ -11,6 +11,7 @@ default. Skipped only where Chromium or Playwright is absent, and never on CI, w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -89,100 +90,106 @@ def app_url(tmp_path, browser_driver):
         yield f"{served.url}?token={TOKEN}"  # the address app.py prints: the page keeps the token as a cookie
 
 
-def test_ingest_the_sample_ask_and_see_the_answer_and_its_passages(tmp_path, browser_driver, app_url):
-    from playwright.sync_api import expect
-
-    profile = tmp_path / "chromium-profile"  # fresh every run
-    screenshot = tmp_path / "app.png"
+@contextlib.contextmanager
+def _chromium_page(tmp_path, browser_driver, app_url):
+    """Debian's Chromium with a fresh profile, one page open on the app: (browser, page)."""
     with browser_driver() as playwright:
         browser = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
             viewport={"width": 1400, "height": 1000})
         try:
             page = browser.new_page()
             page.set_default_timeout(60_000)
             page.goto(app_url)
-
-            # the sample corpus is offered on an empty store
-            page.get_by_role("tab", name="Corpus").click()
-            expect(page.locator("#corpus-summary")).to_contain_text("The corpus is empty")
-            page.get_by_role("button", name="Add the sample corpus").click()
-            expect(page.locator("#corpus-summary")).to_contain_text("10 documents, 10 passages", timeout=120_000)
-            expect(page.locator("#documents")).to_contain_text("lighthouse.md")
-
-            # an empty message gets a visible message
-            page.get_by_role("tab", name="Chat").click()
-            page.locator("#send").click()
-            expect(page.locator("#status")).to_contain_text("The message is empty")
-
-            page.locator("#message textarea").fill(QUESTION)
-            page.locator("#send").click()
-            expect(page.locator("#status")).to_contain_text("Answered in", timeout=120_000)
-
-            chat = page.locator("#chatbot")
-            expect(chat).to_contain_text(QUESTION)
-            answer = chat.locator("[data-testid='bot']").last
-            assert re.search(r"\w{3}", answer.inner_text()) and "no answer" not in answer.inner_text()
-
-            panel = page.locator("#passages")
-            expect(panel.locator(".sc-pick").first).to_be_visible()
-            cards = panel.locator(".sc-pick")
-            picks = ChatSettings().passages  # the default number, and the default mode learns from each
-            shown = cards.count()
-            assert shown in (picks, picks + 1)  # + the lead's own card when SIFT did not pick it
-            text = panel.inner_text()
-            reductions = [float(x) for x in re.findall(r"−(\d\.\d{3}) σ²", text)]
-            assert len(reductions) == picks and reductions[0] > reductions[-1] > 0
-            assert "lighthouse.md" in text and any(name in text for name in FOUNDING)
-            # numbered as cited; what the model did with them (the default mode reads one passage: the
-            # pre-selection's lead, numbered [1] at whichever step picked it; and learns from the picks)
-            read = [card for card in cards.all_inner_texts() if card.startswith("[1]")]
-            assert len(read) == 1 and "read" in read[0].split("\n")[0], read
-            assert f"read passage [1] in its prompt and learned from {picks}" in text
-            assert text.count("learned from") >= picks
-            expect(page.locator("#coverage")).to_contain_text("What your documents say about this question")
-            expect(page.locator("#timings")).to_contain_text("generate")
-            expect(page.locator("#variance-chart")).to_contain_text("SIFT")
-
-            # the chat is listed, and reopens after "New chat"
-            expect(page.locator("#chat-list")).to_contain_text(QUESTION)
-            page.locator("#new-chat").click()
-            expect(chat).not_to_contain_text(QUESTION)
-            page.locator("#chat-list").get_by_text(QUESTION).click()
-            expect(chat).to_contain_text(QUESTION)
-            expect(panel.locator(".sc-pick")).to_have_count(shown)
-            page.screenshot(path=str(screenshot), full_page=True)
-
-            # Stop mid-answer: nothing stored, no new chat listed, the message back in the box
-            page.locator("#new-chat").click()
-            page.locator("#settings").get_by_text("Settings").click()
-            tokens = page.locator("#max-new-tokens input[type=number]")
-            tokens.fill("1024")
-            tokens.press("Enter")
-            second = "When is the lantern festival?"
-            page.locator("#message textarea").fill(second)
-            page.locator("#send").click()
-            expect(page.locator("#status")).to_contain_text("Generating the answer", timeout=120_000)
-            page.locator("#stop").click()
-            expect(page.locator("#status")).to_contain_text("Stopped while writing the answer", timeout=60_000)
-            expect(page.locator("#status")).to_contain_text("nothing of this message was stored")
-            expect(page.locator("#message textarea")).to_have_value(second)
-            expect(page.locator("#chat-list")).not_to_contain_text(second)
-            expect(page.locator("#chat-list")).to_contain_text(QUESTION)  # the earlier chat stays
-
-            # uploads: a note is ingested, a binary file is reported and skipped
-            (tmp_path / "harbour.md").write_text("The harbour master of Skellport is Ada Quill.")
-            (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
-            page.get_by_role("tab", name="Corpus").click()
-            page.locator("#uploads input[type=file]").set_input_files(
-                [str(tmp_path / "harbour.md"), str(tmp_path / "blob.bin")])
-            expect(page.locator("#uploads")).to_contain_text("blob")  # uploaded (shown as "blob .bin")
-            page.locator("#ingest").click()
-            expect(page.locator("#ingest-report")).to_contain_text("1 added", timeout=60_000)
-            expect(page.locator("#ingest-report")).to_contain_text("blob.bin: binary file")
-            expect(page.locator("#corpus-summary")).to_contain_text("11 documents")
+            yield browser, page
         finally:
             browser.close()
+
+
+def test_ingest_the_sample_ask_and_see_the_answer_and_its_passages(tmp_path, browser_driver, app_url):
+    from playwright.sync_api import expect
+
+    screenshot = tmp_path / "app.png"
+    with _chromium_page(tmp_path, browser_driver, app_url) as (browser, page):
+
+        # the sample corpus is offered on an empty store
+        page.get_by_role("tab", name="Corpus").click()
+        expect(page.locator("#corpus-summary")).to_contain_text("The corpus is empty")
+        page.get_by_role("button", name="Add the sample corpus").click()
+        expect(page.locator("#corpus-summary")).to_contain_text("10 documents, 10 passages", timeout=120_000)
+        expect(page.locator("#documents")).to_contain_text("lighthouse.md")
+
+        # an empty message gets a visible message
+        page.get_by_role("tab", name="Chat").click()
+        page.locator("#send").click()
+        expect(page.locator("#status")).to_contain_text("The message is empty")
+
+        page.locator("#message textarea").fill(QUESTION)
+        page.locator("#send").click()
+        expect(page.locator("#status")).to_contain_text("Answered in", timeout=120_000)
+
+        chat = page.locator("#chatbot")
+        expect(chat).to_contain_text(QUESTION)
+        answer = chat.locator("[data-testid='bot']").last
+        assert re.search(r"\w{3}", answer.inner_text()) and "no answer" not in answer.inner_text()
+
+        panel = page.locator("#passages")
+        expect(panel.locator(".sc-pick").first).to_be_visible()
+        cards = panel.locator(".sc-pick")
+        picks = ChatSettings().passages  # the default number, and the default mode learns from each
+        shown = cards.count()
+        assert shown in (picks, picks + 1)  # + the lead's own card when SIFT did not pick it
+        text = panel.inner_text()
+        reductions = [float(x) for x in re.findall(r"−(\d\.\d{3}) σ²", text)]
+        assert len(reductions) == picks and reductions[0] > reductions[-1] > 0
+        assert "lighthouse.md" in text and any(name in text for name in FOUNDING)
+        # numbered as cited; what the model did with them (the default mode reads one passage: the
+        # pre-selection's lead, numbered [1] at whichever step picked it; and learns from the picks)
+        read = [card for card in cards.all_inner_texts() if card.startswith("[1]")]
+        assert len(read) == 1 and "read" in read[0].split("\n")[0], read
+        assert f"read passage [1] in its prompt and learned from {picks}" in text
+        assert text.count("learned from") >= picks
+        expect(page.locator("#coverage")).to_contain_text("What your documents say about this question")
+        expect(page.locator("#timings")).to_contain_text("generate")
+        expect(page.locator("#variance-chart")).to_contain_text("SIFT")
+
+        # the chat is listed, and reopens after "New chat"
+        expect(page.locator("#chat-list")).to_contain_text(QUESTION)
+        page.locator("#new-chat").click()
+        expect(chat).not_to_contain_text(QUESTION)
+        page.locator("#chat-list").get_by_text(QUESTION).click()
+        expect(chat).to_contain_text(QUESTION)
+        expect(panel.locator(".sc-pick")).to_have_count(shown)
+        page.screenshot(path=str(screenshot), full_page=True)
+
+        # Stop mid-answer: nothing stored, no new chat listed, the message back in the box
+        page.locator("#new-chat").click()
+        page.locator("#settings").get_by_text("Settings").click()
+        tokens = page.locator("#max-new-tokens input[type=number]")
+        tokens.fill("1024")
+        tokens.press("Enter")
+        second = "When is the lantern festival?"
+        page.locator("#message textarea").fill(second)
+        page.locator("#send").click()
+        expect(page.locator("#status")).to_contain_text("Generating the answer", timeout=120_000)
+        page.locator("#stop").click()
+        expect(page.locator("#status")).to_contain_text("Stopped while writing the answer", timeout=60_000)
+        expect(page.locator("#status")).to_contain_text("nothing of this message was stored")
+        expect(page.locator("#message textarea")).to_have_value(second)
+        expect(page.locator("#chat-list")).not_to_contain_text(second)
+        expect(page.locator("#chat-list")).to_contain_text(QUESTION)  # the earlier chat stays
+
+        # uploads: a note is ingested, a binary file is reported and skipped
+        (tmp_path / "harbour.md").write_text("The harbour master of Skellport is Ada Quill.")
+        (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+        page.get_by_role("tab", name="Corpus").click()
+        page.locator("#uploads input[type=file]").set_input_files(
+            [str(tmp_path / "harbour.md"), str(tmp_path / "blob.bin")])
+        expect(page.locator("#uploads")).to_contain_text("blob")  # uploaded (shown as "blob .bin")
+        page.locator("#ingest").click()
+        expect(page.locator("#ingest-report")).to_contain_text("1 added", timeout=60_000)
+        expect(page.locator("#ingest-report")).to_contain_text("blob.bin: binary file")
+        expect(page.locator("#corpus-summary")).to_contain_text("11 documents")
     assert screenshot.stat().st_size > 10_000
     if os.environ.get("SIFT_CHAT_SCREENSHOT"):  # keep a copy to look at
         shutil.copyfile(screenshot, os.environ["SIFT_CHAT_SCREENSHOT"])
@@ -194,52 +201,43 @@ def test_no_prompt_or_answer_is_kept_in_the_browser_and_a_second_message_is_refu
     second message sent while the first is being answered is refused in one line."""
     from playwright.sync_api import expect
 
-    with browser_driver() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1000})
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(app_url)
-            page.get_by_role("tab", name="Corpus").click()
-            page.get_by_role("button", name="Add the sample corpus").click()
-            expect(page.locator("#corpus-summary")).to_contain_text("10 documents", timeout=120_000)
+    with _chromium_page(tmp_path, browser_driver, app_url) as (browser, page):
+        page.get_by_role("tab", name="Corpus").click()
+        page.get_by_role("button", name="Add the sample corpus").click()
+        expect(page.locator("#corpus-summary")).to_contain_text("10 documents", timeout=120_000)
 
-            page.get_by_role("tab", name="Chat").click()
-            page.locator("#message textarea").fill(QUESTION)
-            page.locator("#send").click()
-            expect(page.locator("#status")).to_contain_text("Answered in", timeout=120_000)
-            answer = page.locator("#chatbot [data-testid='bot']").last.inner_text().strip()
-            assert len(answer) > 10
-            page.wait_for_timeout(1000)  # anything Gradio would store after the call has been stored
-            stored = page.evaluate("() => JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])")
-            assert QUESTION not in stored and answer[:40] not in stored and "Brindlemoor" not in stored
-            expect(page.get_by_text("Runs", exact=True)).to_have_count(0)  # no run history in the footer
+        page.get_by_role("tab", name="Chat").click()
+        page.locator("#message textarea").fill(QUESTION)
+        page.locator("#send").click()
+        expect(page.locator("#status")).to_contain_text("Answered in", timeout=120_000)
+        answer = page.locator("#chatbot [data-testid='bot']").last.inner_text().strip()
+        assert len(answer) > 10
+        page.wait_for_timeout(1000)  # anything Gradio would store after the call has been stored
+        stored = page.evaluate("() => JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])")
+        assert QUESTION not in stored and answer[:40] not in stored and "Brindlemoor" not in stored
+        expect(page.get_by_text("Runs", exact=True)).to_have_count(0)  # no run history in the footer
 
-            # a second message (from another tab of this browser: the same user) while the first is
-            # still being answered: refused, the first goes on. The other tab is ready before the first
-            # message is sent, so the second follows it by one click however loaded the machine is.
-            other = browser.new_page()
-            other.goto(app_url)
-            expect(other.locator("#chat-list")).to_contain_text(QUESTION)  # the same user's page
-            other.locator("#message textarea").fill("And who keeps the lighthouse?")
-            page.locator("#settings").get_by_text("Settings").click()
-            tokens = page.locator("#max-new-tokens input[type=number]")
-            tokens.fill("1024")
-            tokens.press("Enter")
-            page.locator("#message textarea").fill("When is the lantern festival?")
-            page.locator("#send").click()
-            expect(page.locator("#status")).to_contain_text(re.compile("Fine-tuning|Generating the answer"),
-                                                            timeout=120_000)
-            other.locator("#send").click()
-            expect(other.get_by_text("A message of yours is waiting or being answered already").first).to_be_visible()
-            expect(other.locator("#message textarea")).to_have_value("And who keeps the lighthouse?")  # not lost
-            expect(page.locator("#status")).to_contain_text("Answered in", timeout=120_000)  # the first goes on
-            other.locator("#send").click()  # and once it is answered, the second may come
-            expect(other.locator("#status")).to_contain_text("Answered in", timeout=120_000)
-        finally:
-            browser.close()
+        # a second message (from another tab of this browser: the same user) while the first is
+        # still being answered: refused, the first goes on. The other tab is ready before the first
+        # message is sent, so the second follows it by one click however loaded the machine is.
+        other = browser.new_page()
+        other.goto(app_url)
+        expect(other.locator("#chat-list")).to_contain_text(QUESTION)  # the same user's page
+        other.locator("#message textarea").fill("And who keeps the lighthouse?")
+        page.locator("#settings").get_by_text("Settings").click()
+        tokens = page.locator("#max-new-tokens input[type=number]")
+        tokens.fill("1024")
+        tokens.press("Enter")
+        page.locator("#message textarea").fill("When is the lantern festival?")
+        page.locator("#send").click()
+        expect(page.locator("#status")).to_contain_text(re.compile("Fine-tuning|Generating the answer"),
+                                                        timeout=120_000)
+        other.locator("#send").click()
+        expect(other.get_by_text("A message of yours is waiting or being answered already").first).to_be_visible()
+        expect(other.locator("#message textarea")).to_have_value("And who keeps the lighthouse?")  # not lost
+        expect(page.locator("#status")).to_contain_text("Answered in", timeout=120_000)  # the first goes on
+        other.locator("#send").click()  # and once it is answered, the second may come
+        expect(other.locator("#status")).to_contain_text("Answered in", timeout=120_000)
 
 
 def _harbour_log() -> str:
@@ -269,72 +267,63 @@ def test_a_citation_or_a_pick_opens_the_document_at_the_passage_marked(tmp_path,
 
     (tmp_path / "harbour-log.txt").write_text(_harbour_log())
     screenshot = tmp_path / "document.png"
-    with browser_driver() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1000})
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(app_url)
-            page.get_by_role("tab", name="Corpus").click()
-            page.get_by_role("button", name="Add the sample corpus").click()
-            expect(page.locator("#corpus-summary")).to_contain_text("10 documents", timeout=120_000)
-            page.locator("#uploads input[type=file]").set_input_files([str(tmp_path / "harbour-log.txt")])
-            expect(page.locator("#uploads")).to_contain_text("harbour")
-            page.locator("#ingest").click()
-            expect(page.locator("#ingest-report")).to_contain_text("1 added", timeout=60_000)
+    with _chromium_page(tmp_path, browser_driver, app_url) as (browser, page):
+        page.get_by_role("tab", name="Corpus").click()
+        page.get_by_role("button", name="Add the sample corpus").click()
+        expect(page.locator("#corpus-summary")).to_contain_text("10 documents", timeout=120_000)
+        page.locator("#uploads input[type=file]").set_input_files([str(tmp_path / "harbour-log.txt")])
+        expect(page.locator("#uploads")).to_contain_text("harbour")
+        page.locator("#ingest").click()
+        expect(page.locator("#ingest-report")).to_contain_text("1 added", timeout=60_000)
 
-            page.get_by_role("tab", name="Chat").click()
-            page.locator("#message textarea").fill("Who keeps the Skellport light?")
-            page.locator("#send").click()
-            expect(page.locator("#status")).to_contain_text("Answered in", timeout=120_000)
-            pane = page.locator("#document-pane")
-            expect(pane.locator(".sc-doc")).to_have_count(0)  # closed until something is opened
+        page.get_by_role("tab", name="Chat").click()
+        page.locator("#message textarea").fill("Who keeps the Skellport light?")
+        page.locator("#send").click()
+        expect(page.locator("#status")).to_contain_text("Answered in", timeout=120_000)
+        pane = page.locator("#document-pane")
+        expect(pane.locator(".sc-doc")).to_have_count(0)  # closed until something is opened
 
-            # a pick: the passage read first ([1], the name's), in its document of several passages
-            lead = page.locator("#passages .sc-pick[data-number='1']")
-            expect(lead).to_contain_text("harbour-log.txt")
-            lead.locator(".sc-source").click()
-            expect(pane.locator(".sc-doc")).to_be_visible()
-            expect(pane).to_contain_text("harbour-log.txt")
-            expect(pane).to_contain_text("passage [1]: characters")
-            marked = _marked_in_view(page)
-            assert "Ada Quill" in marked and marked.startswith(" ".join(lead.locator(".sc-text").inner_text().split())[:200])
-            whole = " ".join(pane.locator(".sc-doc-text").inner_text().split())
-            assert whole.startswith("Day 1.") and len(whole) > len(marked) + 500  # the document, not just the passage
-            assert '<img src=x onerror="document.title=' in whole  # shown as text
-            expect(pane.locator("img")).to_have_count(0)
-            assert page.title() != "markup ran"
-            page.screenshot(path=str(screenshot))
-            pane.get_by_role("button", name="Close the document").click()
-            expect(pane.locator(".sc-doc")).to_have_count(0)
+        # a pick: the passage read first ([1], the name's), in its document of several passages
+        lead = page.locator("#passages .sc-pick[data-number='1']")
+        expect(lead).to_contain_text("harbour-log.txt")
+        lead.locator(".sc-source").click()
+        expect(pane.locator(".sc-doc")).to_be_visible()
+        expect(pane).to_contain_text("harbour-log.txt")
+        expect(pane).to_contain_text("passage [1]: characters")
+        marked = _marked_in_view(page)
+        assert "Ada Quill" in marked and marked.startswith(" ".join(lead.locator(".sc-text").inner_text().split())[:200])
+        whole = " ".join(pane.locator(".sc-doc-text").inner_text().split())
+        assert whole.startswith("Day 1.") and len(whole) > len(marked) + 500  # the document, not just the passage
+        assert '<img src=x onerror="document.title=' in whole  # shown as text
+        expect(pane.locator("img")).to_have_count(0)
+        assert page.title() != "markup ran"
+        page.screenshot(path=str(screenshot))
+        pane.get_by_role("button", name="Close the document").click()
+        expect(pane.locator(".sc-doc")).to_have_count(0)
 
-            # a citation [n] in the answer: the passage it stands for, as its card shows it
-            citation = page.locator("#chatbot [data-testid='bot']").last.locator("a[href*='#sc-passage-']").first
-            expect(citation).to_be_visible()
-            number = citation.inner_text().strip("[]")
-            pages = len(browser.pages)
-            citation.click()
-            expect(pane).to_contain_text(f"passage [{number}]: characters")
-            card = page.locator(f"#passages .sc-pick[data-number='{number}'] .sc-text").first
-            assert _marked_in_view(page).startswith(" ".join(card.inner_text().split())[:150])
-            assert len(browser.pages) == pages and "#sc-passage" not in page.url  # no new tab, no navigation
-            page.keyboard.press("Escape")
-            expect(pane.locator(".sc-doc")).to_have_count(0)
+        # a citation [n] in the answer: the passage it stands for, as its card shows it
+        citation = page.locator("#chatbot [data-testid='bot']").last.locator("a[href*='#sc-passage-']").first
+        expect(citation).to_be_visible()
+        number = citation.inner_text().strip("[]")
+        pages = len(browser.pages)
+        citation.click()
+        expect(pane).to_contain_text(f"passage [{number}]: characters")
+        card = page.locator(f"#passages .sc-pick[data-number='{number}'] .sc-text").first
+        assert _marked_in_view(page).startswith(" ".join(card.inner_text().split())[:150])
+        assert len(browser.pages) == pages and "#sc-passage" not in page.url  # no new tab, no navigation
+        page.keyboard.press("Escape")
+        expect(pane.locator(".sc-doc")).to_have_count(0)
 
-            # a pick in Compare's panels
-            page.get_by_role("tab", name="Compare").click()
-            page.locator("#compare-prompt textarea").fill("Who keeps the Skellport light?")
-            page.locator("#compare-go").click()
-            expect(page.locator("#compare-status")).to_contain_text("Done", timeout=180_000)
-            pick = page.locator("#sift-passages .sc-pick").first
-            pick.click()
-            expect(pane.locator(".sc-doc")).to_be_visible()
-            assert _marked_in_view(page).startswith(" ".join(pick.locator(".sc-text").inner_text().split())[:150])
-            pane.locator(".sc-doc-backdrop").click(position={"x": 5, "y": 5})  # beside the pane
-            expect(pane.locator(".sc-doc")).to_have_count(0)
-        finally:
-            browser.close()
+        # a pick in Compare's panels
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#compare-prompt textarea").fill("Who keeps the Skellport light?")
+        page.locator("#compare-go").click()
+        expect(page.locator("#compare-status")).to_contain_text("Done", timeout=180_000)
+        pick = page.locator("#sift-passages .sc-pick").first
+        pick.click()
+        expect(pane.locator(".sc-doc")).to_be_visible()
+        assert _marked_in_view(page).startswith(" ".join(pick.locator(".sc-text").inner_text().split())[:150])
+        pane.locator(".sc-doc-backdrop").click(position={"x": 5, "y": 5})  # beside the pane
+        expect(pane.locator(".sc-doc")).to_have_count(0)
     if os.environ.get("SIFT_CHAT_SCREENSHOT"):  # keep a copy to look at
         shutil.copyfile(screenshot, Path(os.environ["SIFT_CHAT_SCREENSHOT"]).with_suffix(".document.png"))
