@@ -13,6 +13,9 @@ decodes as many tokens):
     one batch            both conversations as two rows of one forward (`decoding.Rows`)
     one batch, base      the same, the row without the passage under the base model (adapter off)
     … torch's threads    (--before) plain greedy and two passes as before issue 19: steps on torch's threads
+    … concatenated cache (--before) plain greedy and one batch with transformers' DynamicCache, which
+                         copies every layer's keys and values into a new tensor per token (before
+                         `decoding.GrowingLayer`)
 
 Every step but the last two rows' runs on `decoding.DECODE_THREADS` (1) thread, as the engine's
 do, so that the first four rows differ only in batching.
@@ -33,13 +36,15 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from sift_chat import config  # noqa: E402
+from sift_chat import config, decoding  # noqa: E402
 from sift_chat.corpus import ingest  # noqa: E402
 from sift_chat.decoding import DECODE_THREADS, Rows, at_most_threads  # noqa: E402
 from sift_chat.engine import ChatSettings, Engine  # noqa: E402
@@ -92,6 +97,29 @@ def rows(model, prompts, tokens: int, scales=None, threads: int = DECODE_THREADS
     return prefill, times, chosen
 
 
+@contextmanager
+def concatenated_cache():
+    """`Rows` with transformers' own DynamicCache (keys and values concatenated per token)."""
+    def concatenating(layer_states, config):
+        cache = DynamicCache(config=config)
+        for index, (keys, values) in enumerate(layer_states):
+            cache.update(keys, values, index)
+        return cache
+
+    growing, decoding.growing = decoding.growing, concatenating
+    try:
+        yield
+    finally:
+        decoding.growing = growing
+
+
+def concatenated(way):
+    def decode(read, unread):
+        with concatenated_cache():
+            return way(read, unread)
+    return decode
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32, help="greedy steps per prompt (default: %(default)s)")
@@ -100,7 +128,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--before", action="store_true",
-                        help="also the steps on torch's threads, as before issue 19 (slow on a loaded machine)")
+                        help="also the steps on torch's threads, as before issue 19 (slow on a loaded machine), and "
+                             "the cache concatenated per token")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -129,6 +158,8 @@ def main() -> None:
         threads = torch.get_num_threads()
         ways["plain greedy, torch's threads"] = lambda read, unread: rows(model, [read], args.tokens, threads=threads)
         ways["two passes, torch's threads"] = lambda read, unread: two_passes(model, read, unread, args.tokens, threads)
+        ways["plain greedy, concatenated cache"] = concatenated(ways["plain greedy"])
+        ways["one batch, base, concatenated cache"] = concatenated(ways["one batch, base"])
     load_before = os.getloadavg()
     rows(model, list(conversations[0]), 4)  # warm-up
     prefill = {way: [] for way in ways}

@@ -7,7 +7,9 @@ so the two are rows of one batch, not two forwards one after the other:
     prefill   each conversation alone (no work on padding), its own DynamicCache
     merge     the caches left-padded to the longest, as one batch's DynamicCache; the attention
               mask is 0 over each row's padding, and each row's position ids count its own tokens
-    step      the chosen token appended to every row, one forward over the batch
+    step      the chosen token appended to every row, one forward over the batch; each layer's
+              keys and values are written into room kept after them (`GrowingLayer`), not
+              concatenated into a new tensor per token as `DynamicCache` does
 
 Each row may weigh the LoRA adapter on its own (`lora.row_scales`: 1 the adapted model, 0 the base
 model), so one forward serves "adapted, with the passages" and "base, without them".
@@ -27,10 +29,60 @@ from typing import Callable, ContextManager, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .lora import row_scales
 
 DECODE_THREADS = 1  # torch threads for a decoding step on the CPU unless the engine's probe measured otherwise (module docstring)
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer whose keys and values [batch, heads, T, d] are views of buffers with room for
+    `room` more positions: a token's states are written in place, O(1) per token, where
+    `DynamicLayer` copies the whole layer into a new tensor (O(T) per token, most of the time of a
+    decoding step after the matmuls). When the room runs out the buffers grow by `room` again."""
+
+    def __init__(self, room: int = 256):
+        super().__init__()
+        self.room = room
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        end = length + key_states.shape[-2]
+        if not self._holds(end):  # first update, out of room, or keys replaced (a crop keeps them)
+            held = [states[..., :length, :] if length else new.new_empty(*new.shape[:2], 0, new.shape[-1])
+                    for states, new in ((self.keys, key_states), (self.values, value_states))]
+            self._buffers = tuple(_with_room(states, end + self.room) for states in held)
+        keys, values = self._buffers
+        keys[..., length:end, :] = key_states
+        values[..., length:end, :] = value_states
+        self.keys, self.values = keys[..., :end, :], values[..., :end, :]
+        return self.keys, self.values
+
+    def _holds(self, end: int) -> bool:
+        """Whether keys and values are views of the buffers, which have room up to `end`."""
+        buffers = getattr(self, "_buffers", None)
+        return (buffers is not None and buffers[0].shape[-2] >= end
+                and self.keys.data_ptr() == buffers[0].data_ptr() and self.values.data_ptr() == buffers[1].data_ptr())
+
+
+def _with_room(states: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A buffer [batch, heads, capacity, d] whose first T positions are `states` [batch, heads, T, d]."""
+    batch, heads, length, dim = states.shape
+    buffer = states.new_empty(batch, heads, capacity, dim)
+    buffer[..., :length, :] = states
+    return buffer
+
+
+def growing(layer_states: Sequence[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
+    """A cache of `GrowingLayer`s holding each layer's (keys, values)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() for _ in layer_states]
+    for index, (keys, values) in enumerate(layer_states):
+        cache.update(keys, values, index)
+    return cache
 
 
 def left_padded(caches: Sequence[DynamicCache], config) -> DynamicCache:
@@ -38,12 +90,9 @@ def left_padded(caches: Sequence[DynamicCache], config) -> DynamicCache:
     [1, heads, T_i, d] zero-padded on the left to max T_i and stacked on the batch dimension. The
     padding is never attended to (the caller's attention mask is 0 there)."""
     longest = max(cache.get_seq_length() for cache in caches)
-    merged = DynamicCache(config=config)
-    for index, layers in enumerate(zip(*(cache.layers for cache in caches))):
-        keys = torch.cat([F.pad(layer.keys, (0, 0, longest - layer.keys.shape[-2], 0)) for layer in layers])
-        values = torch.cat([F.pad(layer.values, (0, 0, longest - layer.values.shape[-2], 0)) for layer in layers])
-        merged.update(keys, values, index)
-    return merged
+    return growing([(torch.cat([F.pad(layer.keys, (0, 0, longest - layer.keys.shape[-2], 0)) for layer in layers]),
+                     torch.cat([F.pad(layer.values, (0, 0, longest - layer.values.shape[-2], 0)) for layer in layers]))
+                    for layers in zip(*(cache.layers for cache in caches))], config)
 
 
 class Rows:
@@ -74,7 +123,8 @@ class Rows:
             caches.append(output.cache)
             logits.append(output.logits[:, -1])
         lengths = [ids.shape[1] for ids in prompts]
-        self.cache = caches[0] if len(caches) == 1 else left_padded(caches, model.config)
+        self.cache = (growing([(layer.keys, layer.values) for layer in caches[0].layers], model.config)
+                      if len(caches) == 1 else left_padded(caches, model.config))
         device = prompts[0].device
         if len(prompts) == 1:
             self.mask = self.positions = None

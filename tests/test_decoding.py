@@ -164,3 +164,25 @@ def test_steps_run_on_one_thread_and_give_the_callers_count_back(tokenizer):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_growing_cache_layer_holds_what_concatenation_holds_through_growth_and_crops():
+    from transformers.cache_utils import DynamicLayer
+
+    from sift_chat.decoding import GrowingLayer
+
+    torch.manual_seed(0)
+    growing, concatenating = GrowingLayer(room=3), DynamicLayer()
+    buffers = set()
+    for length in [5, 1, 1, 1, 1, 2, 1, -2, 1, 4, 1]:  # a prefill, tokens, a chunk; -2: crop two positions
+        if length < 0:
+            growing.crop(length)
+            concatenating.crop(length)
+            continue
+        keys, values = torch.randn(2, 3, length, 4), torch.randn(2, 3, length, 4)
+        got = growing.update(keys, values)
+        expected = concatenating.update(keys, values)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        assert growing.get_seq_length() == concatenating.get_seq_length()
+        buffers.add(growing.keys.data_ptr())
+    assert 1 < len(buffers) < 8  # grown now and then, not copied per token
