@@ -184,9 +184,9 @@ def build(handlers: Handlers, *, access: Access | None = None):
         settings = [method, mode, context_contrast, contrast_against, passages, lam, adaptive, min_reduction, learning_rate, lora_layers, max_new_tokens]
 
         gr.Markdown("# sift-chat\nChat with your documents. For every message the model picks the passages "
-                    "that most reduce its uncertainty about your question (SIFT), reads the best one and "
-                    "answers, citing it; in the *Both* and *Fine-tune* modes it also takes one fine-tuning "
-                    "step on each passage first, then forgets them again.")
+                    "that most reduce its uncertainty about your question (SIFT), takes one fine-tuning step "
+                    "on each, reads the best one and answers, citing what it used; then it forgets the steps "
+                    "again. (*Context* mode only reads.)")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 with gr.Row(equal_height=False):
