@@ -41,7 +41,7 @@ import numpy as np
 import sqlite_utils
 
 from .access import SHARED
-from .chats import ChatLog
+from .chats import CHAT_SCHEMA, ChatLog
 from .db import now, serialized
 from .synced import SYNC_SCHEMA, SyncedFolders
 from .vector_index import IndexGone, IndexMismatch, VectorIndex, saved_indexes
@@ -102,32 +102,6 @@ CREATE TRIGGER IF NOT EXISTS passages_fts_update AFTER UPDATE OF text ON passage
     INSERT INTO passages_fts (passages_fts, rowid, text) VALUES ('delete', old.id, old.text);
     INSERT INTO passages_fts (rowid, text) VALUES (new.id, new.text);
 END;
-CREATE TABLE IF NOT EXISTS chats (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    owner TEXT NOT NULL DEFAULT '',  -- whose chat: '' the local owner (and the CLI), else a user (`access`)
-    title TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
-    role TEXT NOT NULL,        -- "user" or "assistant"
-    content TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    record TEXT                -- JSON, on answers: settings, seed, σ² traces, losses, seconds per stage
-);
-CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id);
-CREATE TABLE IF NOT EXISTS selections (  -- one row per pick of the passages an answer learned from
-    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
-    step INTEGER NOT NULL,
-    passage_id INTEGER NOT NULL,  -- no foreign key: the log outlives a removed document
-    similarity REAL NOT NULL,
-    posterior_variance REAL NOT NULL,
-    uncertainty_reduction REAL NOT NULL,
-    loss REAL,
-    PRIMARY KEY (message_id, step)
-);
 """
 
 
@@ -229,7 +203,7 @@ class Store(ChatLog, SyncedFolders):
             if not self.read_only:
                 self.db.execute("PRAGMA foreign_keys = ON")
                 self.db.enable_wal()  # readers (the app) go on while a writer (an ingest) works
-                self.db.executescript(SCHEMA + SYNC_SCHEMA)
+                self.db.executescript(SCHEMA + CHAT_SCHEMA + SYNC_SCHEMA)
                 if self.meta("schema_version") is None:
                     self.set_meta(schema_version=SCHEMA_VERSION, passages_version=0)
                 self._migrate()
