@@ -58,13 +58,20 @@ CSS = """
 """
 
 # The document pane's page script (gr.HTML's js_on_load): a click on a citation link [n]
-# (#sc-passage-<id>, `ui.link_citations`) or on a card that names a passage (data-open-passage)
-# anywhere on the page asks the server for the pane ("open" event); the pane then scrolls to the
-# marked passage. Close, a click beside the pane or Esc empties it (no server call). One listener
-# for the page: the cards and the chat are re-rendered, this component stays.
+# (#sc-passage-<id>, `ui.link_citations`) or on a card that names a passage (data-open-passage),
+# or Enter or Space on such a card once focused (the cards are tabbable buttons), anywhere on the
+# page asks the server for the pane ("open" event); the pane then scrolls to the marked passage.
+# Close, a click beside the pane or Esc empties it (no server call) and gives the focus back to
+# what opened it. One listener for the page: the cards and the chat are re-rendered, this
+# component stays.
 DOCUMENT_PANE_JS = """
-window.scOpenDocument = (data) => trigger('open', data);
-window.scCloseDocument = () => { if (props.value) props.value = ''; };
+window.scOpenDocument = (data) => { window.scOpener = document.activeElement; trigger('open', data); };
+window.scCloseDocument = () => {
+  if (!props.value) return;
+  props.value = '';
+  const opener = window.scOpener;
+  if (opener && opener.isConnected && opener.focus) opener.focus({preventScroll: true});
+};
 if (!window.scDocumentClicks) {
   window.scDocumentClicks = true;
   document.addEventListener('click', (event) => {
@@ -83,7 +90,14 @@ if (!window.scDocumentClicks) {
       window.scCloseDocument();
     }
   }, true);
-  document.addEventListener('keydown', (event) => { if (event.key === 'Escape') window.scCloseDocument(); });
+  document.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape') { window.scCloseDocument(); return; }
+    const card = event.target instanceof Element && event.target.matches('[data-open-passage]') ? event.target : null;
+    if (card && (event.key === 'Enter' || event.key === ' ')) {
+      event.preventDefault();
+      window.scOpenDocument({passage: card.dataset.openPassage, number: parseInt(card.dataset.number, 10) || null});
+    }
+  });
 }
 watch('value', () => {
   const mark = element.querySelector('#sc-doc-passage');
@@ -96,8 +110,8 @@ watch('value', () => {
 HELP = {
     "method": "SIFT picks passages that each remove the most remaining uncertainty, skipping what "
               "an earlier pick already said. NN takes the most similar ones, duplicates included.",
-    "mode": "Context: read the best passage in the prompt (the default: the best answers for its time). "
-            "Both: also one LoRA step per passage (about 1.4x slower, not more accurate on our question sets). "
+    "mode": "Both (the default): read the best passage and take one LoRA step on each selected passage, "
+            "so the answer can use what the model learned. Context: read only (faster). "
             "Fine-tune: the steps alone. Off: the base model.",
     "context_contrast": "How much the answer favours what the passage says over what the model would say "
                         "without it (context-aware decoding: a second row in the same pass per word; 0: off).",
@@ -261,7 +275,7 @@ def build(handlers: Handlers, *, access: Access | None = None):
                     sync_report = gr.Markdown(elem_id="sync-report")
                 documents = gr.Dataframe(headers=["document", "collection", "passages", "size", "added"],
                                          datatype=["str", "str", "number", "str", "str"], interactive=False,
-                                         label="Documents", elem_id="documents")
+                                         label="Documents (click one to read it)", elem_id="documents")
                 with gr.Row():
                     document = gr.Dropdown(choices=[], label="Document (yours, or the shared library's for admins)",
                                            scale=4)
@@ -469,6 +483,16 @@ def build(handlers: Handlers, *, access: Access | None = None):
 
         document_pane.open(on_open_document, None, [document_pane], api_name="open_document",
                            concurrency_id="document", concurrency_limit=4)
+
+        # a row of the documents table opens that document from its beginning
+        def on_document_row(selected: gr.SelectData, request: gr.Request, profile: gr.OAuthProfile | None):
+            try:
+                return h.open_listed_document(selected.row_value, who(request, profile))
+            except NotReadable as refused:
+                raise gr.Error(str(refused), print_exception=False) from None
+
+        documents.select(on_document_row, None, [document_pane], api_name="open_listed_document",
+                         concurrency_id="document", concurrency_limit=4)
 
     demo.queue(default_concurrency_limit=4, max_size=64)
     return demo

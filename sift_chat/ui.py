@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 from .access import SHARED, Caller
 from .adaptation import AdaptationSettings
 from .corpus import IngestProgress
-from .document_view import DocumentView
+from .document_view import DocumentView, NotReadable
 from .engine import ChatSettings, Engine, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel, parse_settings, shown_name
 from .reading import shown as printable_path
@@ -223,12 +223,32 @@ def what_differed(nn: Panel, sift: Panel, nn_answer: str, sift_answer: str) -> s
     return f"{picks} {variance}{losses} {'The answers are the same.' if same else 'The answers differ.'}"
 
 
+def _listed(document: dict, caller: Caller) -> list:
+    """A document's row in the documents table: [name, collection, passages, size, added]."""
+    return [document.get("name") or Path(document["path"]).name, _collection(document["owner"], caller),
+            document["passage_count"], _size(document["size"]), document["ingested_at"].replace("T", " ")]
+
+
+def _cells(row) -> list[str]:
+    """A table row compared as the page sends it back: numbers as numbers (3 and 3.0 alike)."""
+    def cell(value) -> str:
+        try:
+            return repr(float(value))
+        except (TypeError, ValueError):
+            return str(value)
+    return [cell(value) for value in row]
+
+
 def _opens(passage: dict) -> str:
-    """The attributes that make a card open its passage's document in the pane (a click; the
-    layout's page script); none for a removed document's passage."""
+    """The attributes that make a card open its passage's document in the pane (a click, or Enter
+    or Space once focused: the layout's page script); none for a removed document's passage."""
     if passage.get("start_char") is None:
         return ""
-    return f" data-open-passage='{int(passage['passage_id'])}' title='Open the document at this passage'"
+    return _opening(int(passage["passage_id"]))
+
+
+def _opening(passage_id: int) -> str:
+    return f" data-open-passage='{passage_id}' tabindex='0' role='button' title='Open the document at this passage'"
 
 
 # -- citations, and the document they open ---------------------------------------------------
@@ -560,8 +580,7 @@ class Handlers:
             text = text if len(text) <= 500 else text[:499] + "…"
             where = f":{passage.start_char}–{passage.end_char}"
             cards.append(
-                f"<div class='sc-pick' data-passage='{passage.id}' data-open-passage='{passage.id}' "
-                f"title='Open the document at this passage'><div class='sc-head'><b>{rank}.</b> "
+                f"<div class='sc-pick' data-passage='{passage.id}'{_opening(passage.id)}><div class='sc-head'><b>{rank}.</b> "
                 f"similarity {similarity:.2f} · <span class='sc-source' title='{html.escape(shown_name(passage), quote=True)}"
                 f"{where}'>{html.escape(shown_name(passage))}{where}</span></div>"  # never the server's path
                 f"<div class='sc-text'>{html.escape(text)}</div></div>")
@@ -582,8 +601,17 @@ class Handlers:
 
     def documents(self, caller: Caller) -> list[list]:
         """[name, collection, passages, size, added] for every document the caller reads."""
-        return [[d.get("name") or Path(d["path"]).name, _collection(d["owner"], caller), d["passage_count"], _size(d["size"]),
-                 d["ingested_at"].replace("T", " ")] for d in self.service.documents(caller)]
+        return [_listed(d, caller) for d in self.service.documents(caller)]
+
+    def open_listed_document(self, row, caller: Caller) -> str:
+        """The document pane for a row of the documents table as the page shows it (`documents`;
+        sorted or not): the caller's document listed so, from its beginning; `NotReadable` when
+        none is (removed since, or a row the page never showed)."""
+        row = list(row) if isinstance(row, (list, tuple)) else None
+        for document in self.service.documents(caller):
+            if row is not None and _cells(_listed(document, caller)) == _cells(row):
+                return self.open_document(None, caller, document_id=document["id"])
+        raise NotReadable("That document is no longer in the corpus: refresh the list.")
 
     def removable(self, caller: Caller) -> list[tuple[str, int]]:
         """(name and collection, id) of the documents the caller may remove."""

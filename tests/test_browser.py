@@ -314,6 +314,17 @@ def test_a_citation_or_a_pick_opens_the_document_at_the_passage_marked(tmp_path,
         page.keyboard.press("Escape")
         expect(pane.locator(".sc-doc")).to_have_count(0)
 
+        # from the keyboard: a card takes the focus (Tab reaches it), Enter opens, Esc closes and
+        # gives the focus back to the card
+        lead.focus()
+        expect(lead).to_be_focused()
+        page.keyboard.press("Enter")
+        expect(pane).to_contain_text("passage [1]: characters")
+        expect(pane.get_by_role("button", name="Close the document")).to_be_focused()
+        page.keyboard.press("Escape")
+        expect(pane.locator(".sc-doc")).to_have_count(0)
+        expect(lead).to_be_focused()
+
         # a pick in Compare's panels
         page.get_by_role("tab", name="Compare").click()
         page.locator("#compare-prompt textarea").fill("Who keeps the Skellport light?")
@@ -324,6 +335,16 @@ def test_a_citation_or_a_pick_opens_the_document_at_the_passage_marked(tmp_path,
         expect(pane.locator(".sc-doc")).to_be_visible()
         assert _marked_in_view(page).startswith(" ".join(pick.locator(".sc-text").inner_text().split())[:150])
         pane.locator(".sc-doc-backdrop").click(position={"x": 5, "y": 5})  # beside the pane
+        expect(pane.locator(".sc-doc")).to_have_count(0)
+
+        # a document in the Corpus tab's list: the whole document from its beginning, nothing marked
+        page.get_by_role("tab", name="Corpus").click()
+        page.locator("#documents").get_by_text("harbour-log.txt", exact=True).click()
+        expect(pane.locator(".sc-doc")).to_be_visible()
+        expect(pane.locator(".sc-doc-name")).to_have_text("harbour-log.txt")
+        expect(pane.locator("mark")).to_have_count(0)
+        assert " ".join(pane.locator(".sc-doc-text").inner_text().split()).startswith("Day 1.")
+        page.keyboard.press("Escape")
         expect(pane.locator(".sc-doc")).to_have_count(0)
     if os.environ.get("SIFT_CHAT_SCREENSHOT"):  # keep a copy to look at
         shutil.copyfile(screenshot, Path(os.environ["SIFT_CHAT_SCREENSHOT"]).with_suffix(".document.png"))

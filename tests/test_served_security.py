@@ -157,6 +157,13 @@ def test_a_citation_opens_ones_own_or_a_shared_document_and_never_another_users(
            "LEDGER-5150.</mark>" in output[0] and "ledger.txt" in output[0] and "yours" in output[0]
     status, error, output = trigger(dave, url, "open_document", {"document": document_id})
     assert error is None and "LEDGER-5150" in output[0]
+    # a row of the Corpus tab's documents table, as the page sends it when clicked
+    [table] = [output for output in call(dave, url, "on_load", [])[2]
+               if isinstance(output, dict) and output.get("headers", [None])[0] == "document"]
+    [row] = [row for row in table["data"] if row[0] == "ledger.txt"]
+    listed = {"index": [0, 0], "value": "ledger.txt", "row_value": row, "selected": True}
+    status, error, output = trigger(dave, url, "open_listed_document", listed)
+    assert error is None and "LEDGER-5150" in output[0] and "<mark" not in output[0]
 
     unknown = passage_id + 10_000
     for name in ("alice", "bob", "carol"):
@@ -170,9 +177,16 @@ def test_a_citation_opens_ones_own_or_a_shared_document_and_never_another_users(
                                ({"document": document_id + 10_000}, NOT_READABLE_DOCUMENT)):
             status, error, output = trigger(caller, url, "open_document", event)
             assert status == 200 and output is None and error == refusal, (name, event, error)
+        status, error, output = trigger(caller, url, "open_listed_document", listed)  # dave's row, not theirs
+        assert output is None and error == "That document is no longer in the corpus: refresh the list.", name
     bob = signed_in(url, "bob")
     for event in (None, [passage_id], "x", {"passage": {"id": passage_id}}, {"passage": 10**30}, {"document": -1}):
         status, error, output = trigger(bob, url, "open_document", event)
+        assert status == 200 and output is None and error and "\n" not in error and len(error) < 200, (event, error)
+        assert "5150" not in error and "Traceback" not in error
+    for event in (None, "x", {"row_value": "ledger.txt"}, {"row_value": [row]}, {"row_value": [{"a": 1}] * 5},
+                  {"index": "x"}):
+        status, error, output = trigger(bob, url, "open_listed_document", event)
         assert status == 200 and output is None and error and "\n" not in error and len(error) < 200, (event, error)
         assert "5150" not in error and "Traceback" not in error
     status, error, output = call(bob, url, "open_document", [])  # the plain call route carries no event data
