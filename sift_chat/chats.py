@@ -3,8 +3,9 @@ messages, and for each answer its record and selection (the picks with σ² afte
 uncertainty each removed, and the loss of its step). A chat is written together with its first
 exchange, and an exchange in one transaction; a read-only store answers and records nothing.
 
-`ChatLog` is the chat half of `store.Store` (which holds the connection, its lock and the
-transactions: `self.db`, `self.lock`, `self._writing()`, `self.read_only`).
+`CHAT_SCHEMA` is its tables (chats, messages, selections), created with the store's. `ChatLog` is
+the chat half of `store.Store` (which holds the connection, its lock and the transactions:
+`self.db`, `self.lock`, `self._writing()`, `self.read_only`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,35 @@ from __future__ import annotations
 import json
 
 from .db import now, serialized
+
+CHAT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chats (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner TEXT NOT NULL DEFAULT '',  -- whose chat: '' the local owner (and the CLI), else a user (`access`)
+    title TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,        -- "user" or "assistant"
+    content TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    record TEXT                -- JSON, on answers: settings, seed, σ² traces, losses, seconds per stage
+);
+CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id);
+CREATE TABLE IF NOT EXISTS selections (  -- one row per pick of the passages an answer learned from
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    passage_id INTEGER NOT NULL,  -- no foreign key: the log outlives a removed document
+    similarity REAL NOT NULL,
+    posterior_variance REAL NOT NULL,
+    uncertainty_reduction REAL NOT NULL,
+    loss REAL,
+    PRIMARY KEY (message_id, step)
+);
+"""
 
 
 class ChatLog:

@@ -1,5 +1,6 @@
-"""What the store's halves (`store.Store`, `chats.ChatLog`) share: one connection serves every
-thread, so each method runs holding the store's lock; rows carry local time stamps."""
+"""What the store's parts (`store.Store` and its mixins: `chats`, `synced`, `vector_search`,
+`lexical_search`) share: one connection serves every thread, so each method runs holding the
+store's lock; rows carry local time stamps; errors are `StoreError`s."""
 
 from __future__ import annotations
 
@@ -21,3 +22,7 @@ def serialized(method):
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked; the message says why and what to do."""

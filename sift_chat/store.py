@@ -9,20 +9,26 @@ Layout of a store folder::
                                    distinct vector, label = the first passage id holding it)
     index.lock                     taken while an index file is written
 
-Every change to the passages bumps ``passages_version`` in the same SQLite transaction. The index
-file carries that version and its own checksum in its name; one that is missing, older than the
-database, damaged, or disagreeing with SQLite is rebuilt from the embeddings in SQLite (and a
-failed check is reported once). A document is written in one transaction: a killed ingest leaves
-each document fully in or absent. Writers take SQLite's write lock before they read (BEGIN
-IMMEDIATE), so two processes writing at once queue instead of failing.
+`Store` is one class over one connection, made of a part per concern. This module: the
+connection, the schema and its migrations, the transactions, meta, and the documents and passages
+(their reads and writes). `vector_search.VectorSearch`: the vector index kept in step with SQLite,
+and `nearest`. `lexical_search.LexicalSearch`: the BM25 search (`lexical`, `term_counts`).
+`chats.ChatLog` and `synced.SyncedFolders`: the chats and the synced folders, each with its tables
+(`CHAT_SCHEMA`, `SYNC_SCHEMA`, created with `SCHEMA`).
+
+Every change to the passages bumps ``passages_version`` in the same SQLite transaction; the index
+file carries that version, and one that disagrees with SQLite is rebuilt from it
+(`vector_search`). A document is written in one transaction: a killed ingest leaves each document
+fully in or absent. Writers take SQLite's write lock before they read (BEGIN IMMEDIATE), so two
+processes writing at once queue instead of failing.
 
 Each document has an owner (`access`: '' is the shared library); a search may be limited to some
 owners' passages, which the index then skips during the search itself.
 
 Beside the vectors, an FTS5 table (``passages_fts``, external content: it indexes passages.text
-without a second copy) answers BM25 searches for a prompt's words. Triggers on `passages` keep
-it in the same transactions as the passages, so a killed ingest or removal leaves both in step;
-a store made before it gets it built on upgrade (schema 3).
+without a second copy) answers BM25 searches for a prompt's words (`lexical_search`). Triggers on
+`passages` keep it in the same transactions as the passages, so a killed ingest or removal leaves
+both in step; a store made before it gets it built on upgrade (schema 3).
 """
 
 from __future__ import annotations
@@ -41,10 +47,11 @@ import numpy as np
 import sqlite_utils
 
 from .access import SHARED
-from .chats import ChatLog
-from .db import now, serialized
+from .chats import CHAT_SCHEMA, ChatLog
+from .db import StoreError, now, serialized
+from .lexical_search import LexicalSearch
 from .synced import SYNC_SCHEMA, SyncedFolders
-from .vector_index import IndexGone, IndexMismatch, VectorIndex, saved_indexes
+from .vector_search import VectorSearch
 
 log = logging.getLogger(__name__)
 
@@ -102,32 +109,6 @@ CREATE TRIGGER IF NOT EXISTS passages_fts_update AFTER UPDATE OF text ON passage
     INSERT INTO passages_fts (passages_fts, rowid, text) VALUES ('delete', old.id, old.text);
     INSERT INTO passages_fts (rowid, text) VALUES (new.id, new.text);
 END;
-CREATE TABLE IF NOT EXISTS chats (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    owner TEXT NOT NULL DEFAULT '',  -- whose chat: '' the local owner (and the CLI), else a user (`access`)
-    title TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
-    role TEXT NOT NULL,        -- "user" or "assistant"
-    content TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    record TEXT                -- JSON, on answers: settings, seed, σ² traces, losses, seconds per stage
-);
-CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id);
-CREATE TABLE IF NOT EXISTS selections (  -- one row per pick of the passages an answer learned from
-    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
-    step INTEGER NOT NULL,
-    passage_id INTEGER NOT NULL,  -- no foreign key: the log outlives a removed document
-    similarity REAL NOT NULL,
-    posterior_variance REAL NOT NULL,
-    uncertainty_reduction REAL NOT NULL,
-    loss REAL,
-    PRIMARY KEY (message_id, step)
-);
 """
 
 
@@ -146,17 +127,8 @@ def _in_chunks(ids: list[int], size: int = 500):
         yield chunk, ",".join("?" * len(chunk))
 
 
-def _fts_term(term: str) -> str:
-    """A term as an FTS5 string: quoted, so that no word of a prompt is read as query syntax."""
-    return '"' + term.replace('"', '""') + '"'
-
-
 def _file_name(path: str) -> str:
     return os.path.basename(path.rstrip("/")) or path
-
-
-class StoreError(RuntimeError):
-    """The store cannot do what was asked; the message says why and what to do."""
 
 
 def _busy_or(error: sqlite3.OperationalError, doing: str, busy_timeout: float) -> str:
@@ -202,7 +174,7 @@ class Passage:
     name: str = ""  # the document as the user named it (`path` is the server's, never shown)
 
 
-class Store(ChatLog, SyncedFolders):
+class Store(ChatLog, SyncedFolders, VectorSearch, LexicalSearch):
     """Documents and passages in SQLite, their vectors in an hnswlib index kept in step.
 
     One Store may be shared by threads: its methods are serialized by `lock`. Several processes
@@ -229,24 +201,19 @@ class Store(ChatLog, SyncedFolders):
             if not self.read_only:
                 self.db.execute("PRAGMA foreign_keys = ON")
                 self.db.enable_wal()  # readers (the app) go on while a writer (an ingest) works
-                self.db.executescript(SCHEMA + SYNC_SCHEMA)
+                self.db.executescript(SCHEMA + CHAT_SCHEMA + SYNC_SCHEMA)
                 if self.meta("schema_version") is None:
                     self.set_meta(schema_version=SCHEMA_VERSION, passages_version=0)
                 self._migrate()
             elif "owner" not in (columns := {row[1] for row in self.db.execute("PRAGMA table_info(documents)")}):
                 raise StoreError(f"the store {self.folder} was made by an older sift-chat and is read-only here: "
                                  "open it once where it can be written, to upgrade it")
-            self.has_lexical = self.db["passages_fts"].exists() and self.db["passages_terms"].exists()
+            self._open_lexical()
         except sqlite3.OperationalError as error:
             raise StoreError(_busy_or(error, f"cannot open the store {database}", busy_timeout)) from None
         # a read-only store of schema 2 has no names: its documents show their file's name
         self._name = "d.name" if not self.read_only or "name" in columns else "''"
-        self.index: VectorIndex | None = None
-        self._index_version = -1
-        self._owner_of: dict[int, str] = {}  # passage id → its document's owner, in step with the index
-        self._term_counts: dict[str, int] = {}  # term → passages holding it (capped), at _term_counts_at
-        self._term_counts_at: tuple[int, int] | None = None  # (passages_version, cap)
-        self._sync_index()
+        self._open_index()
 
     def _migrate(self) -> None:
         """Bring an older store to SCHEMA_VERSION, in one transaction (a killed upgrade is redone
@@ -577,8 +544,7 @@ class Store(ChatLog, SyncedFolders):
                 [(vector.astype(np.float32).tobytes(), int(i)) for i, vector in zip(ids, vectors)],
             )
             self._bump_version(embedder=embedder, dimension=int(vectors.shape[1]))
-        self.index, self._index_version = None, -1
-        self._sync_index()
+        self._reload_index()
 
     def _bump_version(self, **meta) -> int:
         """Inside a write: the next passages_version, stored with `meta`."""
@@ -599,157 +565,6 @@ class Store(ChatLog, SyncedFolders):
         ids = np.asarray([r[0] for r in rows], dtype=np.int64)
         vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
         return ids, vectors.reshape(len(rows), self.dimension or 0)
-
-    # -- the vector index -----------------------------------------------------------------
-
-    def _sync_index(self) -> None:
-        """Make the in-memory index match SQLite: load the saved one if it verifies, else rebuild
-        (and say why, once, when a saved file was there and failed its checks)."""
-        if self.passages_version == self._index_version:
-            return
-        with self._snapshot():  # the version, the vectors and their owners of one and the same state
-            version = self.passages_version
-            ids, vectors = self.embeddings()
-            self._owner_of = dict(self.db.execute(
-                "SELECT p.id, d.owner FROM passages p JOIN documents d ON d.id = p.document_id").fetchall())
-        if len(ids) == 0:
-            self.index, self._index_version = None, version
-            return
-        problems = []
-        for saved_version, path in reversed(saved_indexes(self.folder)):
-            if saved_version != version:
-                continue
-            try:
-                self.index = VectorIndex.load(path, ids, vectors, version)
-                self._index_version = version
-                return
-            except IndexMismatch as reason:
-                problems.append(f"{path.name}: {reason}")
-            except IndexGone:
-                continue  # another process saved a newer one meanwhile: nothing is wrong
-        if problems:
-            self._warn_once(f"the vector index did not verify ({'; '.join(problems)}): "
-                            "rebuilt from the passages in SQLite")
-        self.index, self._index_version = VectorIndex.build(ids, vectors, version), version
-        self._save_index()
-
-    def _index_after_write(self, version: int, removed, added) -> None:
-        """Apply a write this process just committed as `version` to the index, in place when the
-        index was at the version before it; else (another process wrote in between) sync."""
-        if self._index_version != version - 1:
-            self._sync_index()
-            return
-        if self.index is None:  # the first vectors: built from what was just written
-            if not added:
-                self._sync_index()
-                return
-            self.index = VectorIndex.empty(int(added[0][1].shape[1]), version - 1)
-        for ids, vectors in removed:
-            self.index.remove(ids, vectors)
-            for passage_id in ids.tolist():
-                self._owner_of.pop(passage_id, None)
-        if self.index.mostly_tombstones():
-            self._index_version = -1
-            self._sync_index()
-            return
-        for ids, vectors, owner in added:
-            self.index.add(ids, vectors)
-            self._owner_of.update(dict.fromkeys(ids.tolist(), owner))
-        self.index.version = self._index_version = version
-        self._save_index()
-
-    def _save_index(self) -> None:
-        if self.read_only or self.index is None:
-            return
-        try:
-            self.index.save(self.folder)
-        except OSError as error:  # the index is derived: the next open rebuilds it
-            self._warn_once(f"could not save the vector index: {error.strerror or error}")
-
-    # -- search ---------------------------------------------------------------------------
-
-    @serialized
-    def nearest(self, query: np.ndarray, k: int,
-                owners: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The k passages most similar to `query` (cosine): (ids, similarities, vectors), best first;
-        only passages of these owners' documents when `owners` is given. The index skips every
-        other passage during the search (hnswlib's filter), so k of the caller's passages come
-        back however many nearer ones belong to others.
-
-        When the store holds at most k such passages, every one is returned (exact).
-        """
-        self._sync_index()
-        query = np.asarray(query, dtype=np.float32).reshape(-1)
-        empty = np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, len(query)), np.float32)
-        if self.index is None or k <= 0:
-            return empty
-        if self.dimension and len(query) != self.dimension:
-            raise StoreError(f"the query has dimension {len(query)}, the store {self.dimension}")
-        owners = None if owners is None else set(owners)
-        available = self.passage_count(owners)
-        if available == 0:
-            return empty
-        if k >= available:
-            ids, vectors = self.embeddings(owners=owners)
-            similarities = vectors @ query / max(float(np.linalg.norm(query)), 1e-12)
-            order = np.argsort(-similarities, kind="stable")
-            return ids[order], similarities[order], vectors[order]
-        allowed = None if owners is None else (lambda passage_id: self._owner_of.get(passage_id) in owners)
-        return self.index.search(query, k, allowed)
-
-    @serialized
-    def term_counts(self, terms: Iterable[str], cap: int) -> dict[str, int]:
-        """How many passages hold each of these terms (folded as the FTS tokenizer folds them:
-        `retrieval.prompt_terms`), counted up to cap + 1 (more is cap + 1: counting walks the
-        term's list of passages); a term no passage holds is left out. Counts are kept until the
-        passages change: a prompt's common words are the costly ones and come back."""
-        if not self.has_lexical:
-            return {}
-        version = self.passages_version
-        if self._term_counts_at != (version, cap):
-            self._term_counts, self._term_counts_at = {}, (version, cap)
-        found = {}
-        for term in dict.fromkeys(terms):
-            if term not in self._term_counts:
-                self._term_counts[term] = self.db.execute(
-                    "SELECT count(*) FROM (SELECT rowid FROM passages_fts WHERE passages_fts MATCH ? LIMIT ?)",
-                    [_fts_term(term), cap + 1]).fetchone()[0]
-            if self._term_counts[term]:
-                found[term] = self._term_counts[term]
-        return found
-
-    @serialized
-    def lexical(self, terms: Iterable[str], k: int,
-                owners: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The k passages that best match any of `terms` by BM25 (FTS5's `bm25`, negated so that
-        higher is better): (ids, scores), best first; only passages of these owners' documents
-        when `owners` is given. The owner filter runs over the ranked matches before k are
-        counted (as the vector index's filter does), so k of the caller's passages come back
-        however many better ones belong to others. Without the lexical index (a read-only store
-        made before it) nothing is found."""
-        terms = [term for term in dict.fromkeys(terms) if term]
-        empty = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        if not self.has_lexical:
-            self._warn_once(f"the store {self.folder} has no lexical index (made by an older sift-chat, read-only "
-                            "here): searching by vectors only; open it once where it can be written")
-            return empty
-        if not terms or k <= 0:
-            return empty
-        self._sync_index()  # the owners of the passages, as of now
-        allowed = None if owners is None else set(owners)
-        cursor = self.db.execute(
-            "SELECT rowid, -bm25(passages_fts) FROM passages_fts WHERE passages_fts MATCH ? "
-            "ORDER BY bm25(passages_fts), rowid", [" OR ".join(_fts_term(term) for term in terms)])
-        ids, scores = [], []
-        for passage_id, score in cursor:
-            # a passage written since the sync has no owner here yet: left out, never shown to the wrong caller
-            if allowed is None or self._owner_of.get(passage_id) in allowed:
-                ids.append(passage_id)
-                scores.append(score)
-                if len(ids) == k:
-                    break
-        cursor.close()
-        return np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32)
 
     @serialized
     def close(self) -> None:
