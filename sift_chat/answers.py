@@ -60,7 +60,11 @@ def load_questions(path: str | Path) -> list[Question]:
     several (the accepted answers of each fact); "subject" (or the world's "town"), optional, what the
     question is about."""
     questions = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the questions {path}: {getattr(error, 'strerror', None) or error}") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -38,6 +38,9 @@ def test_questions_load_from_jsonl_and_bad_lines_say_where(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no questions"):
         qa.load_questions(tmp_path / "empty.jsonl")
+    for unreadable, reason in ((tmp_path / "missing.jsonl", "No such file"), (tmp_path, "Is a directory")):
+        with pytest.raises(ValueError, match=f"cannot read the questions .*: {reason}"):
+            qa.load_questions(unreadable)
 
 
 def test_a_two_fact_question_counts_only_with_both_facts(tmp_path):
