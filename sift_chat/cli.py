@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("stats", help="documents, passages, index and models")
 
-    search = commands.add_parser("search", help="the passages a chat message would pre-select (meaning and rare words)")
+    search = commands.add_parser("search", help="the passages a chat message would pre-select (meaning and rare words)",
+                                 description="The passages a chat message saying QUERY would pre-select, in the "
+                                             "chat's order (vector and word searches fused), each with its cosine "
+                                             "similarity to the query: a passage found by a rare word can rank "
+                                             "above a more similar one.")
     search.add_argument("query")
     search.add_argument("-k", type=int, default=10, help="how many passages (default: %(default)s)")
 
