@@ -77,9 +77,11 @@ def _with_room(states: torch.Tensor, capacity: int) -> torch.Tensor:
 
 
 def growing(layer_states: Sequence[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
-    """A cache of `GrowingLayer`s holding each layer's (keys, values)."""
+    """A cache holding each layer's (keys, values), in `GrowingLayer`s where the model's layers are
+    plain `DynamicLayer`s (a sliding-window layer, which drops old positions, is kept as it is)."""
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer() for _ in layer_states]
+    layers = list(cache.layers) or [DynamicLayer() for _ in layer_states]
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in layers]
     for index, (keys, values) in enumerate(layer_states):
         cache.update(keys, values, index)
     return cache

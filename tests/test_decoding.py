@@ -186,3 +186,21 @@ def test_a_growing_cache_layer_holds_what_concatenation_holds_through_growth_and
         assert growing.get_seq_length() == concatenating.get_seq_length()
         buffers.add(growing.keys.data_ptr())
     assert 1 < len(buffers) < 8  # grown now and then, not copied per token
+
+
+def test_a_sliding_window_layer_is_kept_as_the_model_declares_it():
+    from transformers import MistralConfig
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from sift_chat.decoding import GrowingLayer, growing
+
+    sliding = MistralConfig(sliding_window=4, num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
+                            num_key_value_heads=1, intermediate_size=32, vocab_size=50)
+    states = torch.randn(1, 1, 6, 8)
+    cache = growing([(states, states)] * 2, sliding)
+    assert all(type(layer) is DynamicSlidingWindowLayer for layer in cache.layers)
+    assert cache.layers[0].keys.shape[-2] < 6  # it keeps only its window, as without the growing cache
+    full = growing([(states, states)] * 2, MistralConfig(sliding_window=None, num_hidden_layers=2, hidden_size=16,
+                                                          num_attention_heads=2, num_key_value_heads=1,
+                                                          intermediate_size=32, vocab_size=50))
+    assert all(type(layer) is GrowingLayer for layer in full.layers) and full.layers[0].keys.shape[-2] == 6
