@@ -12,20 +12,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
-from transformers import DynamicCache
+from bench_decoding import concatenated_cache  # beside this file: run as a script
 
-from sift_chat import config, decoding
+from sift_chat import config
 from sift_chat.decoding import Rows
 from sift_chat.models import load_chat_model
-
-
-def concatenating(layer_states, model_config) -> DynamicCache:
-    cache = DynamicCache(config=model_config)
-    for index, (keys, values) in enumerate(layer_states):
-        cache.update(keys, values, index)
-    return cache
 
 
 def per_token(model, prompts, tokens: int) -> float:
@@ -46,7 +40,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, _ = load_chat_model(config.DEFAULT_CHAT_MODEL)
-    growing = decoding.growing
     print("| prompt tokens | rows | concatenated, ms | growing, ms | growing / concatenated |")
     print("|---|---|---|---|---|")
     for length in (int(n) for n in args.lengths.split(",")):
@@ -54,13 +47,10 @@ def main() -> None:
         unread = torch.randint(100, 20_000, (1, max(10, length - 60)))
         for prompts in ([read], [read, unread]):
             times = {"concatenated": [], "growing": []}
-            try:
-                for _ in range(args.repeats):
-                    for name, cache in (("concatenated", concatenating), ("growing", growing)):
-                        decoding.growing = cache
+            for _ in range(args.repeats):
+                for name, cache in (("concatenated", concatenated_cache), ("growing", nullcontext)):
+                    with cache():
                         times[name].append(per_token(model, prompts, args.tokens))
-            finally:
-                decoding.growing = growing
             before, after = (statistics.median(times[name]) for name in ("concatenated", "growing"))
             print(f"| {length} | {len(prompts)} | {before * 1000:.1f} | {after * 1000:.1f} | {after / before:.2f}x |",
                   flush=True)

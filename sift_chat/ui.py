@@ -225,8 +225,13 @@ def what_differed(nn: Panel, sift: Panel, nn_answer: str, sift_answer: str) -> s
 
 def _listed(document: dict, caller: Caller) -> list:
     """A document's row in the documents table: [name, collection, passages, size, added]."""
-    return [document.get("name") or Path(document["path"]).name, _collection(document["owner"], caller),
-            document["passage_count"], _size(document["size"]), document["ingested_at"].replace("T", " ")]
+    return [_document_name(document), _collection(document["owner"], caller), document["passage_count"],
+            _size(document["size"]), document["ingested_at"].replace("T", " ")]
+
+
+def _document_name(document: dict) -> str:
+    """As the user named it (the upload's name, the path in the folder ingested), else the file's."""
+    return document.get("name") or Path(document["path"]).name
 
 
 def _cells(row) -> list[str]:
@@ -607,15 +612,15 @@ class Handlers:
         """The document pane for a row of the documents table as the page shows it (`documents`;
         sorted or not): the caller's document listed so, from its beginning; `NotReadable` when
         none is (removed since, or a row the page never showed)."""
-        row = list(row) if isinstance(row, (list, tuple)) else None
-        for document in self.service.documents(caller):
-            if row is not None and _cells(_listed(document, caller)) == _cells(row):
+        shown = _cells(row) if isinstance(row, (list, tuple)) else None
+        for document in self.service.documents(caller) if shown else []:
+            if _cells(_listed(document, caller)) == shown:
                 return self.open_document(None, caller, document_id=document["id"])
         raise NotReadable("That document is no longer in the corpus: refresh the list.")
 
     def removable(self, caller: Caller) -> list[tuple[str, int]]:
         """(name and collection, id) of the documents the caller may remove."""
-        return [(f"{d.get('name') or Path(d['path']).name} ({_collection(d['owner'], caller)})", d["id"])
+        return [(f"{_document_name(d)} ({_collection(d['owner'], caller)})", d["id"])
                 for d in self.service.documents(caller) if caller.may_change(d["owner"])]
 
     def ingest(self, uploads: list | None = None, folder: str | None = None,
