@@ -11,6 +11,9 @@ so the two are rows of one batch, not two forwards one after the other:
               keys and values are written into room kept after them (`GrowingLayer`), not
               concatenated into a new tensor per token as `DynamicCache` does
 
+or, where the start-up probe measured it faster (two cores, and a batch of two rows costing
+more than one row), each row its own forward on its own core, side by side (`Rows`).
+
 Each row may weigh the LoRA adapter on its own (`lora.row_scales`: 1 the adapted model, 0 the base
 model), so one forward serves "adapted, with the passages" and "base, without them".
 
@@ -23,6 +26,8 @@ machine, one row 2.7x).
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager, Iterator, Sequence
 
@@ -101,22 +106,66 @@ class Rows:
     """Conversations [1, T_i] decoded together by a causal LM, each row weighing the adapter by
     `adapter_scales[i]` (None: every row adapted). `logits()` are the next-token logits of every
     row [B, V] (fp32); `append(token)` adds the same token to every row. The forward for a token
-    runs when its logits are first asked for, so a token after which decoding stops costs none;
-    it runs on at most `threads` torch threads. The prefill runs inside `prefill_context()` and
-    every step inside `step_context()` (the precision `probe.Compute` chose: bf16 autocast or
-    nothing), entered and left around each forward, so that a consumer resuming the decoding on
-    another thread (Gradio does) runs it the same way.
+    runs when its logits are first asked for, so a token after which decoding stops costs none.
+    The prefill runs inside `prefill_context()` and every step inside `step_context()` (the
+    precision `probe.Compute` chose: bf16 autocast or nothing), entered and left around each
+    forward in the thread that runs it, so that a consumer resuming the decoding on another
+    thread (Gradio does) runs it the same way.
+
+    How the rows share the machine (the probe measures which is faster here):
+
+        batched        one forward per token over all rows (`Lane`), on at most `threads` threads
+        side_by_side   a forward per row, the first in the caller's thread and the others on a
+                       second thread at the same time, one torch thread each: two cores each
+                       reading the weights for one row, where one batched forward's small-M
+                       matmuls cost more than one row's
 
     One row decodes exactly as a plain loop does (no mask, no position ids)."""
 
     def __init__(self, model, prompts: Sequence[torch.Tensor], adapter_scales: Sequence[float] | None = None,
                  threads: int = DECODE_THREADS, prefill_context: Callable[[], ContextManager] = nullcontext,
-                 step_context: Callable[[], ContextManager] = nullcontext):
+                 step_context: Callable[[], ContextManager] = nullcontext, side_by_side: bool = False):
         if not prompts:
             raise ValueError("no conversation to decode")
-        self.model = model
-        self.threads = threads  # at most this many torch threads per step, on the CPU
+        scales = None if adapter_scales is None else list(adapter_scales)
+        groups = [[row] for row in range(len(prompts))] if side_by_side else [list(range(len(prompts)))]
+        self.lanes = [Lane(model, [prompts[row] for row in group],
+                           None if scales is None else [scales[row] for row in group], prefill_context)
+                      for group in groups]
+        self.threads = 1 if len(self.lanes) > 1 else threads  # torch threads per lane, on the CPU
         self.step_context = step_context
+        self._logits = torch.cat([lane.logits for lane in self.lanes])
+        self._pending: int | None = None
+
+    def append(self, token: int) -> None:
+        if self._pending is not None:
+            self.logits()
+        self._pending = token
+
+    def logits(self) -> torch.Tensor:
+        if self._pending is not None:
+            token, self._pending = self._pending, None
+            first, others = self.lanes[0], self.lanes[1:]
+            with at_most_threads(self.threads, self._logits.device):
+                beside = _side_thread().submit(_step_all, others, token, self.step_context) if others else None
+                try:
+                    first.step(token, self.step_context)
+                finally:  # waits: the other lanes are done with the model before anything else touches it
+                    failed = beside.exception() if beside is not None else None
+            if failed is not None:
+                raise failed
+            self._logits = torch.cat([lane.logits for lane in self.lanes])
+        return self._logits
+
+
+class Lane:
+    """Rows decoded by one forward per token: each prefilled alone (no work on padding), their
+    caches left-padded into one (`left_padded`), an attention mask 0 over each row's padding and
+    position ids counting each row's own tokens. `logits` [rows, V] (fp32) are the last step's."""
+
+    def __init__(self, model, prompts: Sequence[torch.Tensor], adapter_scales: Sequence[float] | None,
+                 prefill_context: Callable[[], ContextManager] = nullcontext):
+        self.model = model
         self.scales = None if adapter_scales is None or all(s == 1 for s in adapter_scales) else list(adapter_scales)
         caches, logits = [], []
         for row, ids in enumerate(prompts):  # each alone: prefill is compute-bound, padding would cost
@@ -134,34 +183,45 @@ class Rows:
             longest = max(lengths)
             self.mask = torch.tensor([[0] * (longest - n) + [1] * n for n in lengths], device=device)
             self.positions = torch.tensor([[n] for n in lengths], device=device)
-        self._logits = torch.cat(logits).float()
-        self._pending: int | None = None
+        self.logits = torch.cat(logits).float()
 
     def _forward(self, input_ids, scales, **inputs):
         with torch.no_grad(), row_scales(self.model, scales):
             # logits for the last position only: the head over a large vocabulary is costly
             return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **inputs)
 
-    def append(self, token: int) -> None:
-        if self._pending is not None:
-            self.logits()
-        self._pending = token
+    def step(self, token: int, step_context: Callable[[], ContextManager] = nullcontext) -> None:
+        """Append `token` to every row: one forward, in the calling thread."""
+        batch = self.logits.shape[0]
+        input_ids = torch.full((batch, 1), token, dtype=torch.long, device=self.logits.device)
+        inputs = {}
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], 1)
+            inputs = {"attention_mask": self.mask, "position_ids": self.positions}
+            self.positions = self.positions + 1
+        with step_context():
+            output = self._forward(input_ids, self.scales, cache=self.cache, **inputs)
+        self.cache = output.cache
+        self.logits = output.logits[:, -1].float()
 
-    def logits(self) -> torch.Tensor:
-        if self._pending is not None:
-            batch = self._logits.shape[0]
-            input_ids = torch.full((batch, 1), self._pending, dtype=torch.long, device=self._logits.device)
-            inputs = {}
-            if self.mask is not None:
-                self.mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], 1)
-                inputs = {"attention_mask": self.mask, "position_ids": self.positions}
-                self.positions = self.positions + 1
-            with at_most_threads(self.threads, self._logits.device), self.step_context():
-                output = self._forward(input_ids, self.scales, cache=self.cache, **inputs)
-            self.cache = output.cache
-            self._logits = output.logits[:, -1].float()
-            self._pending = None
-        return self._logits
+
+def _step_all(lanes: Sequence[Lane], token: int, step_context) -> None:
+    for lane in lanes:
+        lane.step(token, step_context)
+
+
+_side: ThreadPoolExecutor | None = None
+_side_lock = threading.Lock()
+
+
+def _side_thread() -> ThreadPoolExecutor:
+    """The one thread that steps side-by-side lanes beside the caller's, on one torch thread."""
+    global _side
+    with _side_lock:
+        if _side is None:
+            _side = ThreadPoolExecutor(1, thread_name_prefix="sift-chat-decode", initializer=torch.set_num_threads,
+                                       initargs=(1,))
+        return _side
 
 
 @contextmanager

@@ -545,13 +545,15 @@ class Engine:
         emitted = ""
         contrasted = unread_ids is not None and settings.context_contrast > 0
         how = {"threads": self.compute.decode_threads,  # as the probe measured this machine
+               "side_by_side": self.compute.decode_side_by_side,
                "prefill_context": lambda: self.compute.autocast(device, "prefill"),
                "step_context": lambda: self.compute.autocast(device, "decode")}
+        learned = self.adapter.steps > 0  # else the adapter adds zeros: the rows run the base layers alone
         if contrasted:  # one forward per token for both rows, the second against the base model or not
-            scales = (1.0, 0.0) if settings.contrast_against == "base" else None
+            scales = (float(learned), 0.0) if settings.contrast_against == "base" or not learned else None
             rows = Rows(self.model, [input_ids.to(device), unread_ids.to(device)], scales, **how)
         else:
-            rows = Rows(self.model, [input_ids.to(device)], **how)
+            rows = Rows(self.model, [input_ids.to(device)], None if learned else (0.0,), **how)
         ended = "limit"
         for _ in range(settings.max_new_tokens):
             logits = rows.logits()

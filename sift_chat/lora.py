@@ -22,11 +22,14 @@ In generation (no autograd) a batch's rows can each weigh the adapter, m [batch]
     y_i = x_i Wᵀ + b + m_i · s · (x_i Aᵀ) Bᵀ
 
 so one forward serves the adapted model (m_i = 1) and the base model (m_i = 0, bit for bit the
-base layer: the term adds exact zeros) side by side.
+base layer: the term adds exact zeros) side by side. Where every row's m is 0 the term is not
+computed at all (the same output, without its small ops, one decoding step's overhead). The scales belong to the thread that set them, so two threads may decode on one
+model at once, each with its own rows (`decoding.Rows`).
 """
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
@@ -35,10 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_row_scales = threading.local()  # .by_layer: id(LoRALinear) -> scales [batch] or BASE, this thread's forwards only
+BASE = "base"  # every row's scale 0: the base layer
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear (`base`) plus the trainable low-rank term s · B A. `enabled = False`
     makes it the base layer (for the base model while an adapter is held); `row_scale` [batch],
-    set by `row_scales` for generation, weighs the adapter per row of the batch."""
+    set by `row_scales` for generation in the calling thread, weighs the adapter per row of the batch."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -49,16 +56,22 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.dropout = dropout
         self.enabled = True
-        self.row_scale: torch.Tensor | None = None
+
+    @property
+    def row_scale(self) -> torch.Tensor | str | None:
+        """The per-row adapter scales this thread's forwards use (None: every row adapted; BASE:
+        none)."""
+        return getattr(_row_scales, "by_layer", {}).get(id(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        row_scale = self.row_scale
+        if row_scale is not None and torch.is_grad_enabled():
+            raise RuntimeError("per-row adapter scales are for generation: run under torch.no_grad()")
+        if not self.enabled or row_scale is BASE:
             return self.base(x)
-        if self.row_scale is not None:
-            if torch.is_grad_enabled():
-                raise RuntimeError("per-row adapter scales are for generation: run under torch.no_grad()")
+        if row_scale is not None:
             return _lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
-                                self.row_scale)[0]
+                                row_scale)[0]
         if self.dropout > 0 and self.training:
             lora = F.linear(F.linear(F.dropout(x, self.dropout), self.lora_A), self.lora_B)
             return self.base(x) + self.scaling * lora
@@ -111,18 +124,25 @@ class _LoRALinearFunction(torch.autograd.Function):
 @contextmanager
 def row_scales(model: nn.Module, scales: Sequence[float] | torch.Tensor | None) -> Iterator[nn.Module]:
     """The model with each LoRA layer weighing its adapter by scales[i] in row i of the batch (1: the
-    adapted model, 0: the base model), for forwards under torch.no_grad(); None leaves every row
-    adapted. Back to None on exit, whatever happens."""
+    adapted model, 0: the base model), for forwards under torch.no_grad() in this thread; None
+    leaves every row adapted. Back to None on exit, whatever happens."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    if scales is not None and layers:
-        scales = torch.as_tensor(scales, dtype=layers[0].lora_A.dtype, device=layers[0].lora_A.device)
+    if scales is None or not layers:
+        yield model
+        return
+    scales = torch.as_tensor(scales, dtype=layers[0].lora_A.dtype, device=layers[0].lora_A.device)
+    if not scales.any():
+        scales = BASE
+    if not hasattr(_row_scales, "by_layer"):
+        _row_scales.by_layer = {}
+    by_layer = _row_scales.by_layer
     for layer in layers:
-        layer.row_scale = scales
+        by_layer[id(layer)] = scales
     try:
         yield model
     finally:
         for layer in layers:
-            layer.row_scale = None
+            by_layer.pop(id(layer), None)
 
 
 def layer_index(name: str, layers_name: str) -> int | None:

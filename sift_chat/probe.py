@@ -7,7 +7,8 @@ At start-up (`Engine.load`) the probe times, on the loaded model's own shapes:
               (which casts the fp32 weights on every call, so the cast is in the time)
     decode    the one-token decoding step the chat runs (`decoding.Rows`, two rows as in
               context-aware decoding) on 1 thread and on torch's thread count, at each precision
-              it may run at
+              it may run at; and, on a CPU with two threads or more, the two rows side by side
+              (a forward per row, each on its own thread) at the decode precision
 
 and chooses (`choose`, a pure function of the timings):
 
@@ -16,6 +17,8 @@ and chooses (`choose`, a pure function of the timings):
                       fp32's (a token reads every weight: bf16 autocast adds a cast of each);
                       a forced precision is the decoding's too
     decode threads    whichever count decodes faster at the decode precision
+    side by side      when the two rows side by side decode MIN_SIDE_SPEEDUP faster than the
+                      faster batched step
 
 The timings are cached per machine in <data dir>/compute.json, keyed by the CPU's model name (or
 the GPU's), torch's version and thread count, the device and the model's shapes; a key not seen
@@ -41,6 +44,7 @@ from torch import nn
 
 PRECISIONS = ("fp32", "bf16")
 MIN_SPEEDUP = 1.3  # bf16 only when clearly faster
+MIN_SIDE_SPEEDUP = 1.1  # rows side by side only when faster beyond the noise of shared cores
 ROWS = 128  # rows of the probe's matmuls: a step's passage, a prefill's prompt
 CACHE_FILE = "compute.json"
 ENV_PRECISION = "SIFT_CHAT_PRECISION"
@@ -56,6 +60,7 @@ class Compute:
     precision: str = "fp32"
     decode_precision: str = "fp32"
     decode_threads: int = 1
+    decode_side_by_side: bool = False  # the rows of a decoding step each on its own thread (`decoding.Rows`)
     source: str = "default"  # default, measured, cached (measured before), forced (a flag decided it)
     timings: dict = field(default_factory=dict)  # seconds, by name (Measure's)
     threads: int = 1  # torch's thread count when measured
@@ -73,7 +78,8 @@ class Compute:
         what = f"compute: {self.precision}, decode"
         if self.decode_precision != self.precision:
             what = f"compute: {self.precision} for steps and prefill, decode {self.decode_precision}"
-        what += f" on {self.decode_threads} thread{'s' * (self.decode_threads != 1)}"
+        what += (" with each row on its own thread" if self.decode_side_by_side else
+                 f" on {self.decode_threads} thread{'s' * (self.decode_threads != 1)}")
         t, n = self.timings, self.threads
         evidence = []
         if "matmul_fp32" in t and "matmul_bf16" in t:
@@ -84,6 +90,8 @@ class Compute:
                 evidence.append(f"{precision} decode step {one * 1e3:.0f} ms on 1 thread, {many * 1e3:.0f} ms on {n}")
             elif one is not None:
                 evidence.append(f"{precision} decode step {one * 1e3:.0f} ms")
+            if f"decode_{precision}_side" in t:
+                evidence.append(f"side by side {t[f'decode_{precision}_side'] * 1e3:.0f} ms")
         how = {"measured": "measured", "cached": "measured before", "forced": "forced; measured",
                "default": "not measured"}[self.source]
         return f"{what} ({how}{': ' if evidence else ''}{'; '.join(evidence)}{f'; kept in {self.cache}' if self.cache else ''})"
@@ -119,12 +127,25 @@ def choose(timings: dict, threads: int, precision: str = "auto", decode_threads:
     return precision, decode_precision, decode_threads
 
 
+def side_by_side(timings: dict, decode_precision: str, threads: int, min_speedup: float = MIN_SIDE_SPEEDUP) -> bool:
+    """Whether the rows of a decoding step run each on its own thread:
+
+        min_k decode_{p}_k / decode_{p}_side ≥ min_speedup,  k ∈ {1, threads},  p the decode precision
+
+    (a batched step's small-M matmuls can cost more than one row's, and a second core reads the
+    weights for the second row at the same time). Never when not measured."""
+    side = timings.get(f"decode_{decode_precision}_side")
+    batched = [timings[f"decode_{decode_precision}_{k}"] for k in {1, threads} if f"decode_{decode_precision}_{k}" in timings]
+    return side is not None and bool(batched) and min(batched) >= min_speedup * side
+
+
 # -- measuring --------------------------------------------------------------------------------
 
 
 class Measure(Protocol):
     def matmuls(self, precision: str) -> float: ...
     def decode(self, precision: str, threads: int) -> float: ...
+    def decode_side_by_side(self, precision: str) -> float: ...
 
 
 class ModelTimer:
@@ -169,15 +190,16 @@ class ModelTimer:
         return self._timed(run)
 
     @torch.no_grad()
-    def decode(self, precision: str, threads: int) -> float:
-        """Seconds for one decoding step of two rows (16 and 12 tokens read) on `threads` threads."""
+    def decode(self, precision: str, threads: int, side_by_side: bool = False) -> float:
+        """Seconds for one decoding step of two rows (16 and 12 tokens read) on `threads` threads,
+        or each row on its own thread."""
         from .decoding import Rows
 
         compute = Compute(precision=precision, decode_precision=precision, decode_threads=threads)
         vocab = self.model.get_input_embeddings().weight.shape[0]
         prompts = [torch.arange(16, device=self.device)[None] % vocab, torch.arange(12, device=self.device)[None] % vocab]
         rows = Rows(self.model, prompts, threads=threads, prefill_context=lambda: compute.autocast(self.device, "prefill"),
-                    step_context=lambda: compute.autocast(self.device, "decode"))
+                    step_context=lambda: compute.autocast(self.device, "decode"), side_by_side=side_by_side)
         token = iter(range(1, 10_000))
 
         def run():
@@ -185,6 +207,9 @@ class ModelTimer:
             rows.logits()
 
         return self._timed(run)
+
+    def decode_side_by_side(self, precision: str) -> float:
+        return self.decode(precision, 1, side_by_side=True)
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -297,11 +322,14 @@ def probe(model: nn.Module, data_dir: Path | str | None, precision: str | None =
         for k in dict.fromkeys([1, threads]):
             need(f"decode_{p}_{k}", lambda p=p, k=k: measure.decode(p, k))
     chosen, decode_precision, chosen_threads = choose(timings, threads, precision, decode_threads)
+    if device.type == "cpu" and threads >= 2 and not decode_threads:
+        need(f"decode_{decode_precision}_side", lambda: measure.decode_side_by_side(decode_precision))
+    beside = side_by_side(timings, decode_precision, threads) and not decode_threads
     if measured and cache:
         cache.save(key, timings)
     source = ("forced" if precision != "auto" or decode_threads else
               "measured" if measured else "cached")
-    return Compute(chosen, decode_precision, chosen_threads, source, timings, threads,
+    return Compute(chosen, decode_precision, 1 if beside else chosen_threads, beside, source, timings, threads,
                    str(cache.path) if cache else "")
 
 
@@ -324,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in PRECISIONS:
         for k in dict.fromkeys([1, threads]):
             timings[f"decode_{p}_{k}"] = timer.decode(p, k)
+        if threads >= 2 and args.device == "cpu":
+            timings[f"decode_{p}_side"] = timer.decode_side_by_side(p)
     shapes = ", ".join(f"{i}→{o}" for i, o in timer.shapes)
     print(f"{machine_key(model, args.device, threads)}; matmuls: one F.linear per shape ({shapes}) on {ROWS} rows; "
           f"decoding step: two rows; medians of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
@@ -331,10 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     rows = [("matmuls", "matmul_{}")] + [(f"decoding step, {k} thread{'s' * (k > 1)}", f"decode_{{}}_{k}")
                                          for k in dict.fromkeys([1, threads])]
+    if "decode_fp32_side" in timings:
+        rows.append(("decoding step, each row on its own thread", "decode_{}_side"))
     for label, name in rows:
         fp32, bf16 = timings[name.format("fp32")], timings[name.format("bf16")]
         print(f"| {label} | {fp32 * 1e3:.1f} ms | {bf16 * 1e3:.1f} ms | {fp32 / bf16:.2f}x |")
-    print(Compute(*choose(timings, threads), source="measured", timings=timings, threads=threads).describe())
+    precision, decode_precision, decode_threads = choose(timings, threads)
+    beside = side_by_side(timings, decode_precision, threads)
+    print(Compute(precision, decode_precision, 1 if beside else decode_threads, beside, source="measured",
+                  timings=timings, threads=threads).describe())
     return 0
 
 

@@ -4,7 +4,7 @@ answered."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
 import pytest
@@ -43,8 +43,9 @@ def adapted_model(tokenizer):
     return model, layers
 
 
+@pytest.mark.parametrize("side_by_side", [False, True])
 @pytest.mark.parametrize("scales", [None, (1.0, 0.0, 1.0)])
-def test_each_row_decodes_as_it_would_alone(tokenizer, scales):
+def test_each_row_decodes_as_it_would_alone(tokenizer, scales, side_by_side):
     model, layers = adapted_model(tokenizer)
     prompts = [ids_of(tokenizer, text) for text in [
         "SIFT selects passages that reduce the uncertainty about the answer.",  # the longest: no padding
@@ -52,7 +53,7 @@ def test_each_row_decodes_as_it_would_alone(tokenizer, scales):
         "Nearest neighbours retrieve the most similar passages.",
     ]]
     assert len({p.shape[1] for p in prompts}) == 3
-    rows = Rows(model, prompts, scales)
+    rows = Rows(model, prompts, scales, side_by_side=side_by_side)
     answer = []
     continuation = tokenizer("over the lazy dog, and then returns", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -144,6 +145,23 @@ def test_batched_contrast_answers_token_for_token_as_the_two_sequential_passes(e
         assert answers["adapted"] != answers["base"]
 
 
+def test_reading_without_steps_never_computes_the_adapter_term(engine, monkeypatch):
+    """In `context` the adapter is at B = 0 and would add zeros: its term is never computed, in
+    the prefill or in any decoding step, whichever model the contrast runs against."""
+    from sift_chat import lora
+
+    computed = []
+    real = lora._lora_linear
+    monkeypatch.setattr(lora, "_lora_linear", lambda *args, **kw: computed.append(1) or real(*args, **kw))
+    settings = ChatSettings(mode="context", passages=3, max_new_tokens=4, loop_tokens=0)
+    for against in ("adapted", "base"):
+        done = list(engine.respond(QUESTION, settings=replace(settings, contrast_against=against)))[-1]
+        assert isinstance(done, Done) and done.ended == "limit"  # four tokens decoded
+    assert computed == []
+    list(engine.respond(QUESTION, settings=replace(settings, mode="both")))
+    assert computed  # the steps and the adapted row do compute it
+
+
 def test_contrast_against_is_a_setting_with_two_values():
     assert ChatSettings().contrast_against == "base"  # the default: what the steps taught stays in the contrast
     with pytest.raises(ValueError, match="contrast_against must be one of adapted, base"):
@@ -164,6 +182,60 @@ def test_steps_run_on_one_thread_and_give_the_callers_count_back(tokenizer):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_side_by_side_rows_step_at_the_same_time_on_two_threads_of_one_torch_thread_each(tokenizer):
+    """Side by side, the base row steps on the second thread while the adapted row steps in the
+    caller's: both forwards are under way at once, each on one torch thread, and the caller gets
+    its own thread count back."""
+    import threading
+
+    model, _ = adapted_model(tokenizer)
+    inside, overlapped, seen = threading.Barrier(2, timeout=10), [], []
+
+    def step_context():  # entered around each step's forward, in the thread that runs it
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        try:
+            inside.wait()  # both rows' forwards reach here before either runs: they overlap
+            overlapped.append(True)
+        except threading.BrokenBarrierError:
+            overlapped.append(False)
+        return nullcontext()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = Rows(model, [ids_of(tokenizer, "The quick brown fox."), ids_of(tokenizer, "SIFT selects")],
+                    [1.0, 0.0], threads=2, step_context=step_context, side_by_side=True)
+        rows.append(5)
+        assert rows.logits().shape[0] == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert overlapped == [True, True]
+    assert sorted(name.startswith("sift-chat-decode") for name, _ in seen) == [False, True]
+    assert [threads for _, threads in seen] == [1, 1]
+
+
+def test_a_side_by_side_row_that_fails_fails_the_step_after_both_rows_are_done(tokenizer):
+    import threading
+
+    model, _ = adapted_model(tokenizer)
+    finished = []
+
+    @contextmanager
+    def step_context():
+        if threading.current_thread().name.startswith("sift-chat-decode"):
+            raise RuntimeError("out of memory on the second row")
+        yield
+        finished.append("first row")
+
+    rows = Rows(model, [ids_of(tokenizer, "The quick brown fox."), ids_of(tokenizer, "SIFT selects")],
+                [1.0, 0.0], step_context=step_context, side_by_side=True)
+    rows.append(5)
+    with pytest.raises(RuntimeError, match="out of memory on the second row"):
+        rows.logits()
+    assert finished == ["first row"]  # the caller's row ran to its end before the error was raised
 
 
 def test_a_growing_cache_layer_holds_what_concatenation_holds_through_growth_and_crops():

@@ -99,6 +99,52 @@ def test_row_scales_give_base_rows_bit_for_bit_beside_adapted_rows():
     assert torch.equal(logits(model, ids), adapted)
 
 
+def test_rows_all_at_scale_zero_never_read_the_adapter():
+    layer = random_layer(dtype=torch.float32)
+    x = torch.randn(2, 3, 12)
+    with torch.no_grad():
+        layer.lora_A.fill_(float("nan"))  # were the term computed, 0 · NaN would show
+        with row_scales(layer, [0.0, 0.0]):
+            assert torch.equal(layer(x), layer.base(x))
+        with row_scales(layer, [1.0, 0.0]):  # an adapted row: the term is computed
+            assert layer(x)[0].isnan().all()
+
+
+def test_row_scales_belong_to_the_thread_that_set_them():
+    """Two conversations decode side by side on one model: the base row's scales, set in one
+    thread, leave the other thread's forward adapted."""
+    import threading
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    layers = add_lora(model, ["q_proj", "v_proj", "up_proj", "down_proj"], rank=2, alpha=4.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_A.normal_()
+            layer.lora_B.normal_(std=0.5)
+    ids = torch.tensor([tokenizer("The quick brown fox jumps.")["input_ids"][:5]])
+    adapted = logits(model, ids)
+    inside, done, base = threading.Event(), threading.Event(), []
+
+    def base_row():
+        with row_scales(model, [0.0]):
+            inside.set()
+            base.append(logits(model, ids))
+            done.wait(10)
+
+    other = threading.Thread(target=base_row)
+    other.start()
+    assert inside.wait(10)
+    try:
+        assert torch.equal(logits(model, ids), adapted)  # while the other thread holds the base scales
+        assert all(layer.row_scale is None for layer in layers.values())
+    finally:
+        done.set()
+        other.join()
+    assert not torch.allclose(base[0], adapted, atol=1e-3)
+
+
 def test_dropout_applies_to_the_lora_branch_in_training_only():
     layer = random_layer(dtype=torch.float32)
     layer.dropout = 0.5

@@ -12,7 +12,7 @@ import torch
 from sift_chat import probe as probing
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import ChatSettings, Done, Engine
-from sift_chat.probe import Compute, choose, probe
+from sift_chat.probe import Compute, choose, probe, side_by_side
 from sift_chat.store import Store
 
 from .tiny import logits, tiny_model, tiny_tokenizer
@@ -35,6 +35,10 @@ class FakeMeasure:
     def decode(self, precision: str, threads: int) -> float:
         self.asked.append(("decode", precision, threads))
         return self.decode_timings.get((precision, threads), 0.1)
+
+    def decode_side_by_side(self, precision: str) -> float:
+        self.asked.append(("side by side", precision))
+        return self.decode_timings.get((precision, "side"), 1.0)
 
 
 @pytest.fixture
@@ -72,7 +76,7 @@ def test_the_probe_measures_once_per_machine_and_again_when_the_key_changes(tmp_
     assert (compute.precision, compute.decode_precision, compute.decode_threads, compute.source) == \
         ("fp32", "fp32", 1, "measured")
     assert sorted(slow_bf16.asked) == [("decode", "fp32", 1), ("decode", "fp32", 2),
-                                       ("matmuls", "bf16"), ("matmuls", "fp32")]
+                                       ("matmuls", "bf16"), ("matmuls", "fp32"), ("side by side", "fp32")]
     assert compute.describe().startswith("compute: fp32, decode on 1 thread (measured: bf16 matmuls 0.33x")
     saved = json.loads((tmp_path / "compute.json").read_text())
     assert len(saved) == 1 and saved[0]["key"]["threads"] == 2 and saved[0]["key"]["torch"] == torch.__version__
@@ -95,6 +99,31 @@ def test_the_probe_measures_once_per_machine_and_again_when_the_key_changes(tmp_
     fewer = FakeMeasure()
     probe(model, tmp_path, measure=fewer)
     assert ("matmuls", "fp32") in fewer.asked and ("decode", "fp32", 2) not in fewer.asked
+
+
+def test_the_rows_decode_side_by_side_only_where_measured_faster_than_batched(tmp_path, two_threads, monkeypatch):
+    batched = {"decode_fp32_1": 0.09, "decode_fp32_2": 0.12}
+    assert side_by_side({**batched, "decode_fp32_side": 0.07}, "fp32", 2)
+    assert not side_by_side({**batched, "decode_fp32_side": 0.085}, "fp32", 2)  # 1.06x: within the noise
+    assert not side_by_side(batched, "fp32", 2)  # not measured: batched, as before
+    assert not side_by_side({"decode_fp32_side": 0.07}, "fp32", 2)
+
+    model = tiny_model(tiny_tokenizer())
+    faster = FakeMeasure(matmul_bf16=3.0, decode={("fp32", 1): 0.09, ("fp32", 2): 0.12, ("fp32", "side"): 0.07})
+    compute = probe(model, tmp_path / "a", measure=faster)
+    assert (compute.decode_side_by_side, compute.decode_threads) == (True, 1)
+    assert compute.describe().startswith("compute: fp32, decode with each row on its own thread (measured:")
+    assert "side by side 70 ms" in compute.describe()
+    slower = FakeMeasure(matmul_bf16=3.0, decode={("fp32", 1): 0.09, ("fp32", 2): 0.12, ("fp32", "side"): 0.1})
+    assert not probe(model, tmp_path / "b", measure=slower).decode_side_by_side
+    monkeypatch.setenv(probing.ENV_DECODE_THREADS, "1")  # threads forced: that layout, batched
+    forced = FakeMeasure(matmul_bf16=3.0, decode={("fp32", "side"): 0.01})
+    assert not probe(model, tmp_path / "c", measure=forced).decode_side_by_side
+    assert ("side by side", "fp32") not in forced.asked
+    monkeypatch.delenv(probing.ENV_DECODE_THREADS)
+    torch.set_num_threads(1)  # one core: nothing to put side by side
+    one = FakeMeasure(matmul_bf16=3.0, decode={("fp32", "side"): 0.01})
+    assert not probe(model, tmp_path / "d", measure=one).decode_side_by_side and ("side by side", "fp32") not in one.asked
 
 
 def test_a_forced_choice_is_honoured(tmp_path, two_threads, monkeypatch):
@@ -144,12 +173,15 @@ def answer(engine: Engine, prompt: str, mode: str) -> Done:
 
 
 @pytest.mark.parametrize("mode", ["context", "both"])
-def test_bf16_answers_as_fp32_does_and_the_model_returns_to_base(engine, mode):
+def test_bf16_and_side_by_side_rows_answer_as_fp32_batched_does_and_the_model_returns_to_base(engine, mode):
     torch.set_num_threads(1)
     ids = torch.tensor([engine.tokenizer("The lantern festival and the glassworks.")["input_ids"]])
     with engine.adapter.disabled() as base_model:
         base = logits(base_model, ids)
     fp32 = [answer(engine, prompt, mode) for prompt in PROMPTS]
+    engine.compute = Compute("fp32", "fp32", 1, decode_side_by_side=True)
+    beside = [answer(engine, prompt, mode) for prompt in PROMPTS]
+    assert [d.raw_answer for d in beside] == [d.raw_answer for d in fp32]
     engine.compute = Compute("bf16", "bf16", 1)
     bf16 = [answer(engine, prompt, mode) for prompt in PROMPTS]
     assert [d.raw_answer for d in bf16] == [d.raw_answer for d in fp32]
