@@ -550,7 +550,12 @@ class Engine:
                "step_context": lambda: self.compute.autocast(device, "decode")}
         learned = self.adapter.steps > 0  # else the adapter adds zeros: the rows run the base layers alone
         if contrasted:  # one forward per token for both rows, the second against the base model or not
-            scales = (float(learned), 0.0) if settings.contrast_against == "base" or not learned else None
+            if not learned:
+                scales = (0.0, 0.0)
+            elif settings.contrast_against == "base":
+                scales = (1.0, 0.0)
+            else:
+                scales = None
             rows = Rows(self.model, [input_ids.to(device), unread_ids.to(device)], scales, **how)
         else:
             rows = Rows(self.model, [input_ids.to(device)], None if learned else (0.0,), **how)

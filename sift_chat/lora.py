@@ -23,8 +23,9 @@ In generation (no autograd) a batch's rows can each weigh the adapter, m [batch]
 
 so one forward serves the adapted model (m_i = 1) and the base model (m_i = 0, bit for bit the
 base layer: the term adds exact zeros) side by side. Where every row's m is 0 the term is not
-computed at all (the same output, without its small ops, one decoding step's overhead). The scales belong to the thread that set them, so two threads may decode on one
-model at once, each with its own rows (`decoding.Rows`).
+computed at all (the same output without the term's small ops). The scales belong to the thread
+that set them, so two threads may decode on one model at once, each with its own rows
+(`decoding.Rows`).
 """
 
 from __future__ import annotations
