@@ -15,8 +15,9 @@ from .adaptation import LEARNING_RATE_MAX
 from .document_view import NotReadable
 from .guard import PRIVATE, GuardedBlocks
 from .panel import SETTING_NAMES, default_settings
+from .rendering import render_coverage, render_passages, render_timings, render_variance
 from .service import MAX_UPLOAD_BYTES
-from .ui import DEMO_QUESTION, Handlers, render_coverage, render_passages, render_timings, render_variance
+from .ui import DEMO_QUESTION, Handlers
 from .vocabulary import CONTRAST_TARGET_LABELS, CONTRAST_TARGETS, METHOD_LABELS, METHODS, MODE_LABELS, MODES
 
 
@@ -58,7 +59,7 @@ CSS = """
 """
 
 # The document pane's page script (gr.HTML's js_on_load): a click on a citation link [n]
-# (#sc-passage-<id>, `ui.link_citations`) or on a card that names a passage (data-open-passage),
+# (#sc-passage-<id>, `rendering.link_citations`) or on a card that names a passage (data-open-passage),
 # or Enter or Space on such a card once focused (the cards are tabbable buttons), anywhere on the
 # page asks the server for the pane ("open" event); the pane then scrolls to the marked passage.
 # Close, a click beside the pane or Esc empties it (no server call) and gives the focus back to

@@ -20,7 +20,8 @@ from sift_chat.document_view import (NOT_READABLE_DOCUMENT, NOT_READABLE_PASSAGE
 from sift_chat.engine import Engine
 from sift_chat.service import Service
 from sift_chat.store import Store
-from sift_chat.ui import Handlers, link_citations
+from sift_chat.rendering import link_citations
+from sift_chat.ui import Handlers
 
 from .tiny import tiny_model, tiny_tokenizer
 

@@ -18,8 +18,9 @@ from sift_chat.engine import ChatSettings, Engine
 from sift_chat.service import Service
 from sift_chat.store import Store
 from sift_chat.layout import build
-from sift_chat.ui import (NO_ANSWER, Handlers, Panel, parse_settings, render_coverage,
-                          render_passages, render_timings, render_variance)
+from sift_chat.panel import Panel, parse_settings
+from sift_chat.rendering import render_coverage, render_passages, render_timings, render_variance
+from sift_chat.ui import NO_ANSWER, Handlers
 
 from .tiny import logits, tiny_model, tiny_tokenizer
 
