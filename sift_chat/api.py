@@ -40,9 +40,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .access import LOCAL
 from .engine import ChatSettings, Notice, Prompted, Selected, Step, Token
 from .panel import SETTING_NAMES, Panel, parse_settings
-from .service import Answered, Service, Stopped, Waiting, first_line
+from .service import Answered, Service, Stopped, Waiting
 from .turns import Busy, QueueFull, Turn
-from .vocabulary import SettingError, quoted
+from .vocabulary import SettingError, first_line, quoted
 
 MODEL_ID = "sift-chat"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON: far more than any context this model reads

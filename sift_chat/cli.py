@@ -358,7 +358,7 @@ def cmd_users(args) -> int:
 
 
 def _one_line(text: str, width: int = 160) -> str:
-    from .service import one_line
+    from .vocabulary import one_line
 
     return one_line(text, width)
 

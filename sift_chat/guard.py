@@ -32,7 +32,7 @@ import pydantic
 from starlette.requests import Request
 
 from .perimeter import respond
-from .service import first_line, one_line
+from .vocabulary import first_line, one_line
 from .turns import Busy, QueueFull
 from .uploads import UploadLedger
 

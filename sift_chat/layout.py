@@ -12,11 +12,11 @@ import gradio as gr
 
 from .access import SHARED, Access, Caller
 from .adaptation import LEARNING_RATE_MAX
+from .corpus_service import MAX_UPLOAD_BYTES
 from .document_view import NotReadable
 from .guard import PRIVATE, GuardedBlocks
 from .panel import SETTING_NAMES, default_settings
 from .rendering import render_coverage, render_passages, render_timings, render_variance
-from .service import MAX_UPLOAD_BYTES
 from .ui import DEMO_QUESTION, Handlers
 from .vocabulary import CONTRAST_TARGET_LABELS, CONTRAST_TARGETS, METHOD_LABELS, METHODS, MODE_LABELS, MODES
 
@@ -317,7 +317,7 @@ def build(handlers: Handlers, *, access: Access | None = None):
                         "You are trying the demo: chat over the shared library. Sign in to add your own "
                         "documents and keep your chats.")
             return [greeting, chats_update(caller), gr.update(visible=caller.signed_in),
-                    gr.update(visible=h.service.allow_server_paths and caller.admin),
+                    gr.update(visible=h.service.corpus.allow_server_paths and caller.admin),
                     gr.update(visible=caller.admin and caller.owner != SHARED), gr.update(visible=h.may_sync(caller)),
                     gr.update(visible=caller.admin and caller.owner != SHARED), *corpus_view(caller)]
 

@@ -16,9 +16,9 @@ import math
 import re
 from pathlib import Path
 
+from .corpus_service import SearchResult
 from .document_view import DocumentView
 from .panel import Panel, shown_name
-from .service import SearchResult
 from .vocabulary import METHOD_LABELS
 
 

@@ -132,7 +132,7 @@ def create_server(service, *, api_key: str | None = None, public: bool = False, 
     app = FastAPI(title="sift-chat", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(CORSMiddleware, allow_origins=[])  # no other site's page reads an answer (Gradio's own
     # CORS layer, which steps aside for this one, answers any origin with credentials)
-    app.add_middleware(perimeter.UploadLimit, max_bytes=service.max_ingest_bytes + 2**20)  # and the form's own bytes
+    app.add_middleware(perimeter.UploadLimit, max_bytes=service.corpus.max_ingest_bytes + 2**20)  # and the form's own bytes
     if token:
         app.add_middleware(perimeter.TokenCheck, token=token, api_key=api_key)
     app.add_middleware(perimeter.HostCheck, hosts=perimeter.allowed_hosts(public, allowed_hosts),
@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
                           upload_folder=get_upload_folder(), max_waiting=args.max_queue,
                           quota_documents=args.quota_documents, quota_bytes=int(args.quota_mib * 2**20))
         services.append(service)
-        if service.allow_server_paths:  # synced folders are server folders
-            service.start_syncing()
+        if service.corpus.allow_server_paths:  # synced folders are server folders
+            service.corpus.start_syncing()
         return service
 
     try:
@@ -263,7 +263,7 @@ def _serve(args: argparse.Namespace, access: Access, public: bool, token: str | 
             return 2
         from starlette.middleware import Middleware
 
-        limit = Middleware(perimeter.UploadLimit, max_bytes=service.max_ingest_bytes + 2**20)
+        limit = Middleware(perimeter.UploadLimit, max_bytes=service.corpus.max_ingest_bytes + 2**20)
         demo = layout.build(ui.Handlers(service), access=access)
         layout.launch(demo, host=args.host, port=args.port, share=True,
                       app_kwargs={"middleware": [limit, *layout.app_middleware(demo)]}, **layout.sign_in(access))

@@ -27,15 +27,16 @@ from typing import Callable, Iterator
 from .access import SHARED, Caller
 from .adaptation import AdaptationSettings
 from .corpus import IngestProgress
+from .corpus_service import IngestOutcome
 from .document_view import NotReadable
 from .engine import ChatSettings, Engine, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel, parse_settings
 from .reading import shown as printable_path
 from .rendering import link_citations, render_document, render_search, what_differed
-from .service import Answered, IngestOutcome, Service, Stopped, Stored, Waiting, first_line
+from .service import Answered, Service, Stopped, Stored, Waiting
 from .store import Store
 from .turns import Busy, Turn
-from .vocabulary import METHOD_LABELS
+from .vocabulary import METHOD_LABELS, first_line
 
 DEMO_QUESTION = "Who founded Brindlemoor and who keeps the lighthouse?"
 NO_ANSWER = "*(no answer: the model stopped at once)*"
@@ -321,7 +322,7 @@ class Handlers:
     # -- the corpus ------------------------------------------------------------------------
 
     def corpus_summary(self, caller: Caller) -> str:
-        documents = self.service.documents(caller)
+        documents = self.service.corpus.documents(caller)
         passages = sum(d["passage_count"] for d in documents)
         if not passages:
             return "**The corpus is empty.** Upload files below (or add the sample corpus) to chat with them."
@@ -333,7 +334,7 @@ class Handlers:
     def search(self, text: str, caller: Caller) -> str:
         """The passages a chat message with these words would read first, as cards (HTML)."""
         try:
-            result = self.service.search(text, caller)
+            result = self.service.corpus.search(text, caller)
         except ValueError as error:
             return _error(str(error))
         return render_search(result)
@@ -342,23 +343,23 @@ class Handlers:
         """The document pane (HTML) for a passage (a citation [n] or a pick: `number` is how the
         answer cites it) or a document; `document_view.NotReadable` (one line) when it is not the
         caller's own or the shared library's, or does not exist."""
-        view = self.service.read_document(caller, passage_id, document_id)
+        view = self.service.corpus.read_document(caller, passage_id, document_id)
         number = number if isinstance(number, int) and not isinstance(number, bool) and 0 < number < 1000 else None
         return render_document(view, _collection(view.owner, caller), number)
 
     def offers_sample(self) -> bool:
-        return self.service.offers_sample()
+        return self.service.corpus.offers_sample()
 
     def documents(self, caller: Caller) -> list[list]:
         """[name, collection, passages, size, added] for every document the caller reads."""
-        return [_listed(d, caller) for d in self.service.documents(caller)]
+        return [_listed(d, caller) for d in self.service.corpus.documents(caller)]
 
     def open_listed_document(self, row, caller: Caller) -> str:
         """The document pane for a row of the documents table as the page shows it (`documents`;
         sorted or not): the caller's document listed so, from its beginning; `NotReadable` when
         none is (removed since, or a row the page never showed)."""
         shown = _cells(row) if isinstance(row, (list, tuple)) else None
-        for document in self.service.documents(caller) if shown else []:
+        for document in self.service.corpus.documents(caller) if shown else []:
             if _cells(_listed(document, caller)) == shown:
                 return self.open_document(None, caller, document_id=document["id"])
         raise NotReadable("That document is no longer in the corpus: refresh the list.")
@@ -366,17 +367,17 @@ class Handlers:
     def removable(self, caller: Caller) -> list[tuple[str, int]]:
         """(name and collection, id) of the documents the caller may remove."""
         return [(f"{_document_name(d)} ({_collection(d['owner'], caller)})", d["id"])
-                for d in self.service.documents(caller) if caller.may_change(d["owner"])]
+                for d in self.service.corpus.documents(caller) if caller.may_change(d["owner"])]
 
     def ingest(self, uploads: list | None = None, folder: str | None = None,
                progress: Callable[[float, str], None] | None = None, *, caller: Caller, shared: bool = False) -> dict:
         """Ingest uploaded files and a server folder or file, into the caller's documents (or, for
         an admin, the shared library). Returns {report, error}: what was added, skipped and why."""
-        return _ingest_view(self.service.ingest(uploads, folder, _progress(progress), caller=caller,
+        return _ingest_view(self.service.corpus.ingest(uploads, folder, _progress(progress), caller=caller,
                                                 shared=bool(shared)))
 
     def add_sample(self, progress: Callable[[float, str], None] | None = None, *, caller: Caller) -> dict:
-        return _ingest_view(self.service.add_sample(_progress(progress), caller=caller))
+        return _ingest_view(self.service.corpus.add_sample(_progress(progress), caller=caller))
 
     def remove_document(self, document_id, caller: Caller) -> str:
         """A readable result of removing the document (its passages and vectors go with it)."""
@@ -386,18 +387,18 @@ class Handlers:
             document = self.store.document_by_id(int(document_id))
         except (TypeError, ValueError, OverflowError):
             document = None
-        problem = self.service.remove_document(document_id, caller)
+        problem = self.service.corpus.remove_document(document_id, caller)
         return _error(problem) if problem else f"Removed {Path(document['path']).name}."
 
     # -- synced folders --------------------------------------------------------------------
 
     def may_sync(self, caller: Caller) -> bool:
-        return not self.service.sync_refusal(caller)
+        return not self.service.corpus.sync_refusal(caller)
 
     def synced_folders(self, caller: Caller) -> str:
         """The caller's synced folders as Markdown: last sync, files in step, pending and
         skipped (each with its reason), errors, the first ingest's progress."""
-        folders = self.service.synced_folders(caller)
+        folders = self.service.corpus.synced_folders(caller)
         if not folders:
             return "No synced folders yet." if self.may_sync(caller) else ""
         lines = []
@@ -418,22 +419,22 @@ class Handlers:
         return "\n".join(lines)
 
     def synced_choices(self, caller: Caller) -> list[tuple[str, int]]:
-        return [(printable_path(folder["path"]), folder["id"]) for folder in self.service.synced_folders(caller)]
+        return [(printable_path(folder["path"]), folder["id"]) for folder in self.service.corpus.synced_folders(caller)]
 
     def sync_folder(self, folder: str, shared, caller: Caller) -> str:
-        problem = self.service.sync_folder(folder, caller, shared=bool(shared))
+        problem = self.service.corpus.sync_folder(folder, caller, shared=bool(shared))
         return _error(problem) if problem else ("Syncing: its files are being ingested now, then kept in step "
                                                 "(Refresh shows how far it is).")
 
     def sync_now(self, folder_id, caller: Caller) -> str:
-        report = self.service.sync_now(folder_id, caller)
+        report = self.service.corpus.sync_now(folder_id, caller)
         if isinstance(report, str):
             return _error(report)
         return _error(report.error) if report.error else f"**Synced:** {html.escape(report.summary())}."
 
     def stop_syncing(self, folder_id, remove: str, caller: Caller) -> str:
         removing = remove == "remove"
-        problem = self.service.stop_syncing(folder_id, caller, remove_documents=removing)
+        problem = self.service.corpus.stop_syncing(folder_id, caller, remove_documents=removing)
         if problem:
             return _error(problem)
         return ("Stopped syncing; its documents were removed." if removing else

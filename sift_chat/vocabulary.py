@@ -48,3 +48,15 @@ def quoted(value, width: int = 40) -> str:
     else:
         text = repr(value)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def one_line(text: str, width: int) -> str:
+    """A text on one line (its white space folded), cut to `width` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def first_line(error: BaseException) -> str:
+    """What an error says on its first line (its type's name when it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

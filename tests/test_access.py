@@ -121,14 +121,14 @@ def test_only_admins_change_the_shared_library_and_name_server_folders(h, tmp_pa
     (docs / "memo.txt").write_text("The lighthouse lamp is lit at dusk by the keeper's niece.")
     assert "1 added" in h.ingest([], str(docs), caller=ADMIN)["report"]
     assert [Path(d["path"]).name for d in h.store.documents([ADMIN.owner])] == ["memo.txt"]  # the admin's own
-    h.service.allow_server_paths = False  # a Space, a share link: nobody names server folders
+    h.service.corpus.allow_server_paths = False  # a Space, a share link: nobody names server folders
     assert "turned off" in h.ingest([], str(docs), caller=ADMIN)["report"]
 
 
 def test_the_data_folder_and_hidden_paths_are_never_ingested_even_by_an_admin(h, tmp_path):
     h.ingest([upload(tmp_path, "a", "notes.txt", ALICE_FACT)], caller=ALICE)
-    uploads = h.service.uploads
-    for folder in (h.service.data_dir, uploads, next(uploads.iterdir())):
+    uploads = h.service.corpus.uploads
+    for folder in (h.service.corpus.data_dir, uploads, next(uploads.iterdir())):
         assert "own data folder" in h.ingest([], str(folder), caller=ADMIN)["report"]
     hidden = tmp_path / ".hidden"
     hidden.mkdir()
@@ -159,7 +159,7 @@ def test_a_visitor_chats_over_the_shared_library_and_changes_nothing(h, tmp_path
 
 
 def test_the_quota_refuses_with_one_line_and_adds_nothing(h, tmp_path):
-    h.service.quota_documents, h.service.quota_bytes = 2, 10_000
+    h.service.corpus.quota_documents, h.service.corpus.quota_bytes = 2, 10_000
     assert "2 added" in h.ingest([upload(tmp_path, "a", "one.txt", ALICE_FACT),
                                   upload(tmp_path, "a", "two.txt", BOB_FACT)], caller=ALICE)["report"]
     refused = h.ingest([upload(tmp_path, "a2", "three.txt", "A third note about the ferry.")], caller=ALICE)
@@ -231,7 +231,7 @@ def test_no_key_is_kept_in_the_browser(h):
     import gradio as gr
 
     for mode in ("local", "users"):
-        demo = build(h, access=Access(mode, UsersFile(h.service.data_dir / "users.json")))
+        demo = build(h, access=Access(mode, UsersFile(h.service.corpus.data_dir / "users.json")))
         blocks = list(demo.blocks.values())
         assert not any(isinstance(b, (gr.BrowserState, gr.LoginButton)) for b in blocks)
 

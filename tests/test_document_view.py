@@ -81,7 +81,7 @@ def test_an_own_passage_opens_its_document_with_the_passage_marked(h):
     assert len(passages) >= 3  # several passages, overlapping
     text = ALICE_NOTES.rstrip("\n")  # the stored text ends with the last passage
     for passage in passages:
-        view = h.service.read_document(ALICE, passage.id)
+        view = h.service.corpus.read_document(ALICE, passage.id)
         assert (view.name, view.owner, view.length, view.start) == ("ferry notes.txt", ALICE.owner, len(text), 0)
         assert view.text == text  # the whole document, as the passages hold it
         before, marked, after = view.parts()
@@ -113,11 +113,11 @@ def test_a_long_document_shows_a_stretch_around_the_passage(h):
 def test_a_shared_passage_opens_for_everyone_and_a_document_opens_at_its_start(h):
     [shared] = [p for p in passages_of(h, "") if p.name == "brindlemoor/lighthouse.md"]
     for caller in (ALICE, BOB, LOCAL, visitor("page-1")):
-        view = h.service.read_document(caller, shared.id)
+        view = h.service.corpus.read_document(caller, shared.id)
         assert view.parts()[1] == shared.text and view.name == "brindlemoor/lighthouse.md"
         assert "shared library" in h.open_document(shared.id, caller)
     [own] = [d for d in h.store.documents([ALICE.owner]) if d["name"] == "ferry notes.txt"]
-    view = h.service.read_document(ALICE, document_id=own["id"])
+    view = h.service.corpus.read_document(ALICE, document_id=own["id"])
     assert view.passage_id is None and view.parts() == (ALICE_NOTES.rstrip("\n"), "", "")
     assert "<mark" not in h.open_document(None, ALICE, document_id=own["id"])
 
@@ -140,13 +140,13 @@ def test_another_users_passage_or_document_is_refused_as_if_it_did_not_exist(h):
 
 def test_a_removed_document_no_longer_opens(h):
     carol = Caller("user:carol", "carol")
-    upload = h.service.upload_folder / "c" / "gone.txt"  # as the browser uploads it
+    upload = h.service.corpus.upload_folder / "c" / "gone.txt"  # as the browser uploads it
     upload.parent.mkdir(parents=True)
     upload.write_text("The lantern of Quennelby is lit at dusk by Ottoline Grask.")
     assert "1 added" in h.ingest([str(upload)], caller=carol)["report"]
     [passage] = passages_of(h, carol.owner, "gone.txt")
-    assert h.service.read_document(carol, passage.id).parts()[1] == passage.text
-    assert h.service.remove_document(passage.document_id, carol) == ""
+    assert h.service.corpus.read_document(carol, passage.id).parts()[1] == passage.text
+    assert h.service.corpus.remove_document(passage.document_id, carol) == ""
     with pytest.raises(NotReadable, match="or its document was removed"):
         h.open_document(passage.id, carol)
 
@@ -168,7 +168,7 @@ def test_document_text_is_shown_as_text_never_as_markup(h):
     hostile = ("<script>alert('x')</script> <img src=x onerror=alert(1)> <a href='javascript:alert(2)'>a</a> "
                "${value} {{value}} ![remote](http://example.com/pixel.png) <style>body{display:none}</style> "
                "and the keeper of the lantern is named here.")
-    upload = h.service.upload_folder / "b" / "page.html.txt"
+    upload = h.service.corpus.upload_folder / "b" / "page.html.txt"
     upload.parent.mkdir(parents=True)
     upload.write_text(hostile)
     assert "1 added" in h.ingest([str(upload)], caller=BOB)["report"]

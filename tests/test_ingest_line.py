@@ -78,7 +78,7 @@ def test_a_chat_answers_while_an_ingest_is_parsing(service, tmp_path, monkeypatc
     folder.mkdir()
     (folder / "lighthouse.html").write_text("<p>The lighthouse keeper of Brindlemoor is Maud Ferrow.</p>")
     outcome = []
-    ingesting = threading.Thread(target=lambda: outcome.append(service.ingest(folder=str(folder), caller=LOCAL)))
+    ingesting = threading.Thread(target=lambda: outcome.append(service.corpus.ingest(folder=str(folder), caller=LOCAL)))
     ingesting.start()
     try:
         assert parsing.wait(60)

@@ -275,23 +275,23 @@ def test_a_second_message_while_one_runs_is_refused_in_the_app_and_the_api(serve
 
 
 def test_one_ingest_takes_a_bounded_number_of_files_and_bytes(service, tmp_path, monkeypatch):
-    monkeypatch.setattr(service, "max_ingest_files", 2)
-    monkeypatch.setattr(service, "max_ingest_bytes", 1000)
+    monkeypatch.setattr(service.corpus, "max_ingest_files", 2)
+    monkeypatch.setattr(service.corpus, "max_ingest_bytes", 1000)
     files = []
     for i, size in enumerate((300, 300, 300, 900)):
-        files.append(service.upload_folder / f"note-{i}.txt")
+        files.append(service.corpus.upload_folder / f"note-{i}.txt")
         files[-1].parent.mkdir(parents=True, exist_ok=True)
         files[-1].write_text(f"Note {i} about the harbour. " + "x" * (size - 30))
-    outcome = service.ingest([str(f) for f in files], caller=LOCAL)
+    outcome = service.corpus.ingest([str(f) for f in files], caller=LOCAL)
     assert outcome.report.ingested == 2 and [name for name, _ in outcome.skipped] == ["note-2.txt", "note-3.txt"]
     assert all(reason.startswith("over what one ingest takes (2 files") for _, reason in outcome.skipped)
-    monkeypatch.setattr(service, "max_ingest_files", 10)
-    outcome = service.ingest([str(f) for f in files], caller=LOCAL)  # 300 + 300 + 300 bytes fit, 900 more do not
+    monkeypatch.setattr(service.corpus, "max_ingest_files", 10)
+    outcome = service.corpus.ingest([str(f) for f in files], caller=LOCAL)  # 300 + 300 + 300 bytes fit, 900 more do not
     assert len(outcome.report.unchanged) == 2 and len(outcome.report.added) == 1
     assert [name for name, _ in outcome.skipped] == ["note-3.txt"]
     for document in service.store.documents():
-        if service.uploads.resolve() in Path(document["path"]).parents:
-            service.remove_document(document["id"], caller=LOCAL)
+        if service.corpus.uploads.resolve() in Path(document["path"]).parents:
+            service.corpus.remove_document(document["id"], caller=LOCAL)
 
 
 def _raw_post(base: str, path: str, head: str) -> str:
@@ -305,7 +305,7 @@ def _raw_post(base: str, path: str, head: str) -> str:
 def test_one_upload_request_carries_at_most_what_one_ingest_takes(servers, service):
     upload = httpx.post(servers.local + "/gradio_api/upload", files=[("files", ("note.txt", b"The harbour."))], timeout=30)
     assert upload.status_code == 200 and upload.json()[0].endswith("note.txt")  # Gradio's upload folder
-    too_much = service.max_ingest_bytes + 2**20 + 1
+    too_much = service.corpus.max_ingest_bytes + 2**20 + 1
     assert _raw_post(servers.public, "/gradio_api/upload", f"Content-Length: {too_much}\r\n").startswith("HTTP/1.1 413")
     assert _raw_post(servers.public, "/gradio_api/upload", "Transfer-Encoding: chunked\r\n").startswith("HTTP/1.1 411")
     response = httpx.post(servers.local + "/gradio_api/upload", timeout=30,

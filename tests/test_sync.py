@@ -234,22 +234,22 @@ def test_each_caller_sees_and_changes_only_their_own_synced_folders(service, tmp
     ada, eve = Caller("user:ada", "ada", admin=True), Caller("user:eve", "eve", admin=True)
     alice = Caller("user:alice", "alice")
     make_notes(tmp_path / "ada-notes", 3)
-    assert service.sync_folder(str(tmp_path / "ada-notes"), ada) == ""
+    assert service.corpus.sync_folder(str(tmp_path / "ada-notes"), ada) == ""
     wait_for(lambda: service.store.document_count(["user:ada"]) == 2, what="ada's first sync, within her quota")
-    [folder] = wait_for(lambda: [f for f in service.synced_folders(ada) if f["synced_at"]], what="the status")
+    [folder] = wait_for(lambda: [f for f in service.corpus.synced_folders(ada) if f["synced_at"]], what="the status")
     assert (folder["in_step"], folder["skipped"]) == (2, 1)
     assert "over your quota of 2 documents" in folder["skipped_files"][0][1]
 
-    assert service.synced_folders(eve) == [] and service.synced_folders(alice) == []
-    assert service.sync_now(folder["id"], eve) == "Choose one of your synced folders."
-    assert service.stop_syncing(folder["id"], eve, remove_documents=True) == "Choose one of your synced folders."
-    assert "Only admins" in service.sync_folder(str(tmp_path / "ada-notes"), alice)
-    assert "Sign in" in service.sync_folder(str(tmp_path / "ada-notes"), Caller(None))
-    assert "own data folder" in service.sync_folder(str(tmp_path / "data"), ada)
+    assert service.corpus.synced_folders(eve) == [] and service.corpus.synced_folders(alice) == []
+    assert service.corpus.sync_now(folder["id"], eve) == "Choose one of your synced folders."
+    assert service.corpus.stop_syncing(folder["id"], eve, remove_documents=True) == "Choose one of your synced folders."
+    assert "Only admins" in service.corpus.sync_folder(str(tmp_path / "ada-notes"), alice)
+    assert "Sign in" in service.corpus.sync_folder(str(tmp_path / "ada-notes"), Caller(None))
+    assert "own data folder" in service.corpus.sync_folder(str(tmp_path / "data"), ada)
     assert len(service.store.synced_folders()) == 1 and service.store.document_count(["user:ada"]) == 2
 
-    assert service.stop_syncing(folder["id"], ada, remove_documents=True) == ""
-    assert service.store.document_count(["user:ada"]) == 0 and service.synced_folders(ada) == []
+    assert service.corpus.stop_syncing(folder["id"], ada, remove_documents=True) == ""
+    assert service.store.document_count(["user:ada"]) == 0 and service.corpus.synced_folders(ada) == []
 
 
 def test_sync_watch_and_status_from_the_command_line(tmp_path):

@@ -284,7 +284,7 @@ def test_a_message_on_an_empty_corpus_answers_with_the_base_model(handlers):
 
 def test_uploads_and_folders_are_ingested_and_bad_files_reported(handlers, tmp_path):
     h = handlers
-    h.service.max_upload_bytes = 1000
+    h.service.corpus.max_upload_bytes = 1000
     uploads = tmp_path / "uploads-from-browser"
     (uploads / "notes.md").write_text("The harbour master of Skellport is Ada Quill.")
     (uploads / "blob.bin").write_bytes(b"\x00\x01\x02\x03")
@@ -295,14 +295,14 @@ def test_uploads_and_folders_are_ingested_and_bad_files_reported(handlers, tmp_p
     assert "blob.bin: binary file" in report and "big.txt: too large" in report
     [row] = h.documents(LOCAL)
     [stored] = h.store.documents()
-    assert row[0] == "notes.md" and h.service.uploads.resolve() in Path(stored["path"]).parents  # a copy is kept
+    assert row[0] == "notes.md" and h.service.corpus.uploads.resolve() in Path(stored["path"]).parents  # a copy is kept
 
     assert "No such file or folder" in h.ingest([], "/nonexistent/folder", caller=LOCAL)["report"]
     assert "Choose files" in h.ingest([], "", caller=LOCAL)["report"]
     assert "Nothing could be ingested" in h.ingest([str(uploads / "blob.bin")], caller=LOCAL)["report"]
-    assert [p.name for p in h.service.uploads.rglob("*") if p.is_file()] == ["notes.md"]  # unreadable uploads go
+    assert [p.name for p in h.service.corpus.uploads.rglob("*") if p.is_file()] == ["notes.md"]  # unreadable uploads go
     assert "10 added" in h.ingest(None, str(SAMPLE), caller=LOCAL)["report"]
-    h.service.allow_server_paths = False
+    h.service.corpus.allow_server_paths = False
     assert "turned off" in h.ingest([], str(SAMPLE), caller=LOCAL)["report"]
 
     def failing(*args, **kwargs):
@@ -354,7 +354,7 @@ def test_the_corpus_search_ranks_as_the_chats_pre_selection_does(handlers, monke
                                     for name, (text, vector) in texts.items()], EMBEDDER)
     monkeypatch.setattr(handlers.engine, "embed", lambda text: torch.from_numpy(unit(1.0, 1)))
 
-    found = handlers.service.search("zorblax", LOCAL)
+    found = handlers.service.corpus.search("zorblax", LOCAL)
     chat = handlers.engine.preselect(handlers.engine.embed("zorblax"), "zorblax", ChatSettings(), LOCAL.readable)
     assert [p.id for p in found.passages] == chat.ids[:10].tolist()
     assert found.passages[0].text == texts["both"][0]  # what the chat reads first is found first
