@@ -593,21 +593,21 @@ def _integer(value) -> bool:
 
 def first_fitting(n: int, fits, guess: int) -> int | None:
     """The smallest i in [0, n) with fits(i), for fits False … False True … True (None when none
-    fits), probed from `guess`: 2 calls when the guess is right, O(log n) when it is off (a walk
+    fits), searched from `guess`: 2 calls when the guess is right, O(log n) when it is off (a walk
     in steps of 1, 2, 4 … away from the guess, then bisection)."""
     lo, hi = -1, n  # fits(lo) is False and fits(hi) True, as if both were asked
     if fits(guess):
-        hi, probe, step = guess, guess - 1, 1
-        while probe > lo and fits(probe):
-            hi, step = probe, step * 2
-            probe = hi - step
-        lo = max(probe, lo)
+        hi, candidate, step = guess, guess - 1, 1
+        while candidate > lo and fits(candidate):
+            hi, step = candidate, step * 2
+            candidate = hi - step
+        lo = max(candidate, lo)
     else:
-        lo, probe, step = guess, guess + 1, 1
-        while probe < hi and not fits(probe):
-            lo, step = probe, step * 2
-            probe = lo + step
-        hi = min(probe, hi)
+        lo, candidate, step = guess, guess + 1, 1
+        while candidate < hi and not fits(candidate):
+            lo, step = candidate, step * 2
+            candidate = lo + step
+        hi = min(candidate, hi)
     while hi - lo > 1:
         middle = (lo + hi) // 2
         if fits(middle):
