@@ -26,7 +26,6 @@ machine, one row 2.7x).
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager, Iterator, Sequence
@@ -147,7 +146,7 @@ class Rows:
             token, self._pending = self._pending, None
             first, others = self.lanes[0], self.lanes[1:]
             with at_most_threads(self.threads, self._logits.device):
-                beside = _side_thread().submit(_step_all, others, token, self.step_context) if others else None
+                beside = _SIDE.submit(_step_all, others, token, self.step_context) if others else None
                 try:
                     first.step(token, self.step_context)
                 finally:  # waits: the other lanes are done with the model before anything else touches it
@@ -210,18 +209,8 @@ def _step_all(lanes: Sequence[Lane], token: int, step_context) -> None:
         lane.step(token, step_context)
 
 
-_side: ThreadPoolExecutor | None = None
-_side_lock = threading.Lock()
-
-
-def _side_thread() -> ThreadPoolExecutor:
-    """The one thread that steps side-by-side lanes beside the caller's, on one torch thread."""
-    global _side
-    with _side_lock:
-        if _side is None:
-            _side = ThreadPoolExecutor(1, thread_name_prefix="sift-chat-decode", initializer=torch.set_num_threads,
-                                       initargs=(1,))
-        return _side
+# the one thread that steps side-by-side lanes beside the caller's, on one torch thread (started on first use)
+_SIDE = ThreadPoolExecutor(1, thread_name_prefix="sift-chat-decode", initializer=torch.set_num_threads, initargs=(1,))
 
 
 @contextmanager
