@@ -20,7 +20,13 @@ decodes as many tokens):
                          the default's decoding after its steps
     side by side, base   the two rows of "one batch, base" each its own forward on its own thread
                          (one torch thread each), at the same time (`Rows(side_by_side=True)`);
-                         what the engine runs where its start-up probe measured it faster
+                         what the engine ran where its start-up probe measured it faster
+    on demand, no steps  the conversation with the passage alone per token; the one without it
+                         runs only for tokens where more than one token is plausible (the only
+                         ones where the contrast can change the choice), catching up on every
+                         token since in one forward: what the engine runs, before any step
+    on demand, base      the same with the adapter term in the first row and the base model in the
+                         second: the default's decoding after its steps
     … torch's threads    (--before) plain greedy and two passes as before issue 19: steps on torch's threads
     … concatenated cache (--before) plain greedy and one batch with transformers' DynamicCache, which
                          copies every layer's keys and values into a new tensor per token (before
@@ -30,7 +36,7 @@ Every step runs on `decoding.DECODE_THREADS` (1) thread, as the engine's do (sid
 per row), except the --before rows on torch's threads.
 
 Prints the median seconds of the prefill (from the ids to the first token's logits) and per token
-after it, over prompts × repeats, the ways interleaved so all see the same load; each way's
+after it (each run's mean: on demand, tokens differ in cost), over prompts × repeats, the ways interleaved so all see the same load; each way's
 per-token time against plain greedy in the same run; whether the two-pass and batched contrast
 chose the same tokens; and the load average before and after (the machine may be shared). Bar
 (issue 19): context-aware decoding ≤ 1.15× plain greedy per answer token.
@@ -97,12 +103,39 @@ def rows(model, prompts, tokens: int, scales=None, threads: int = DECODE_THREADS
     decoding = Rows(model, prompts, scales, threads, side_by_side=side_by_side)
     logits = decoding.logits()
     prefill, times, chosen = time.perf_counter() - started, [], []
-    for _ in range(tokens):
+    for _ in range(tokens):  # a token's time: its choice from the last logits, then the forward after it
+        step = time.perf_counter()
         token = int((contrast(logits[0], logits[1], ALPHA) if len(prompts) == 2 else logits[0]).argmax())
         chosen.append(token)
-        step = time.perf_counter()
         decoding.append(token)
         logits = decoding.logits()
+        times.append(time.perf_counter() - step)
+    return prefill, times, chosen
+
+
+CONTRASTED = {"tokens": 0, "with the prior": 0}  # on demand: how often the contrast needed the second row
+
+
+def on_demand(model, read, unread, tokens: int, scales: tuple[float, float]) -> tuple[float, list[float], list[int]]:
+    """The engine's context-aware decoding: the conversation without the passage a second `Rows`
+    whose forward runs only when `contrast` asks for its logits."""
+    started = time.perf_counter()
+    reading, prior = Rows(model, [read], scales[:1]), Rows(model, [unread], scales[1:])
+    logits = reading.logits()[0]
+    prefill, times, chosen = time.perf_counter() - started, [], []
+
+    def prior_logits():
+        CONTRASTED["with the prior"] += 1
+        return prior.logits()[0]
+
+    for _ in range(tokens):
+        step = time.perf_counter()
+        token = int(contrast(logits, prior_logits, ALPHA).argmax())
+        CONTRASTED["tokens"] += 1
+        chosen.append(token)
+        reading.append(token)
+        prior.append(token)
+        logits = reading.logits()[0]
         times.append(time.perf_counter() - step)
     return prefill, times, chosen
 
@@ -165,6 +198,8 @@ def main() -> None:
         "one batch, no steps": lambda read, unread: rows(model, [read, unread], args.tokens, (0.0, 0.0)),
         "one batch": lambda read, unread: rows(model, [read, unread], args.tokens),
         "one batch, base": lambda read, unread: rows(model, [read, unread], args.tokens, (1.0, 0.0)),
+        "on demand, no steps": lambda read, unread: on_demand(model, read, unread, args.tokens, (0.0, 0.0)),
+        "on demand, base": lambda read, unread: on_demand(model, read, unread, args.tokens, (1.0, 0.0)),
     }
     if torch.get_num_threads() >= 2 and model.device.type == "cpu":
         ways["side by side, base"] = lambda read, unread: rows(model, [read, unread], args.tokens, (1.0, 0.0),
@@ -187,7 +222,7 @@ def main() -> None:
             for way, decode in ways.items():  # interleaved: every way sees the same load
                 seconds, times, tokens = decode(read, unread)
                 prefill[way].append(seconds)
-                per_token[way].append(statistics.median(times))
+                per_token[way].append(statistics.mean(times))
                 chosen[way].append(tokens)
     load_after = os.getloadavg()
 
@@ -207,9 +242,10 @@ def main() -> None:
     if "side by side, base" in chosen:
         beside = sum(a == b for a, b in zip(chosen["one batch, base"], chosen["side by side, base"]))
         print(f"one batch and side by side (base) chose the same tokens for {beside} of {len(chosen['one batch'])} runs")
-    after_steps = min((way for way in ("one batch, base", "side by side, base") if way in medians),
-                      key=lambda way: medians[way][1])
-    for label, way in (("reading (no steps)", "one batch, no steps"), ("after steps", after_steps)):
+    demand = sum(a == b for a, b in zip(chosen["one batch, base"], chosen["on demand, base"]))
+    print(f"on demand, the second row ran for {CONTRASTED['with the prior']} of {CONTRASTED['tokens']} tokens")
+    print(f"one batch and on demand (base) chose the same tokens for {demand} of {len(chosen['one batch'])} runs")
+    for label, way in (("reading (no steps)", "on demand, no steps"), ("after steps", "on demand, base")):
         ratio = medians[way][1] / reference
         print(f"bar: context-aware decoding <= 1.15x plain greedy per token, {label}: "
               f"{'met' if ratio <= 1.15 else 'MISSED'} ({ratio:.2f}x, {way})")

@@ -1,7 +1,7 @@
 """Message latency by stage, per mode, on the sample corpus and the default models.
 
     .venv/bin/python benchmarks/bench_message.py [--corpus stdlib] [--modes default,context] [--contrast 0,1]
-                                                 [--prompts N] [--json PATH]
+                                                 [--on-demand] [--prompts N] [--json PATH]
 
 On the sample corpus the passages are short (about 50 tokens); `--corpus stdlib` uses 60 files of
 the Python standard library instead, whose passages are full length (192 embedder tokens).
@@ -10,7 +10,10 @@ default: the chat default), prints the median seconds of each stage (embed,
 select, fine-tune, first token from sending, generation, the whole answer from sending to its
 last token), the median answer length in tokens and how answers ended, over a few prompts after
 one warm-up message; and each row's whole answer against plain `context` (α = 0), measured in the
-same run. Targets on 2 CPU cores: the whole answer within 10 s on the sample corpus with the
+same run. The engine decodes as the probe's default does (fp32, one thread, the two conversations
+of context-aware decoding in one forward per token); `--on-demand` adds each row with α > 0 again
+with the second conversation a forward only where the contrast can change the token
+(`Compute.contrast_on_demand`). Targets on 2 CPU cores: the whole answer within 10 s on the sample corpus with the
 defaults, and no default costing more than 2x plain `context`.
 """
 
@@ -31,6 +34,7 @@ from sift_chat import config  # noqa: E402
 from sift_chat.corpus import ingest  # noqa: E402
 from sift_chat.engine import ChatSettings, Done, Engine  # noqa: E402
 from sift_chat.models import load_chat_model, load_embedder  # noqa: E402
+from sift_chat.probe import Compute  # noqa: E402
 from sift_chat.store import Store  # noqa: E402
 
 CODE_PROMPTS = [
@@ -70,19 +74,22 @@ def main() -> None:
     parser.add_argument("--contrast", default=f"0,{ChatSettings.context_contrast:g}",
                         help="comma-separated α of context-aware decoding, each run with every mode "
                              "(default: %(default)s)")
+    parser.add_argument("--on-demand", action="store_true",
+                        help="also each row with α > 0 with the contrast on demand")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     modes = [ChatSettings.mode if m == "default" else m for m in args.modes.split(",") if m.strip()]
     strengths = [float(a) for a in args.contrast.split(",") if a.strip()]
-    rows = list(dict.fromkeys((mode, strength) for mode in modes for strength in strengths))
-    reference = ("context", 0.0)
+    rows = list(dict.fromkeys((mode, strength, False) for mode in modes for strength in strengths))
+    rows += [(mode, strength, True) for mode, strength, _ in rows if args.on_demand and strength > 0]
+    reference = ("context", 0.0, False)
 
     def settings_of(row) -> ChatSettings:
         return ChatSettings(mode=row[0], context_contrast=row[1], passages=args.passages)
 
     def label(row) -> str:
-        return f"{row[0]} α={row[1]:g}"
+        return f"{row[0]} α={row[1]:g}{', on demand' if row[2] else ''}"
 
     embedder = load_embedder(config.DEFAULT_EMBEDDER, args.device)
     model, tokenizer = load_chat_model(config.DEFAULT_CHAT_MODEL, args.device, config.data_dir() / "models")
@@ -100,6 +107,7 @@ def main() -> None:
         answer(engine, prompts[0], settings_of(rows[0]))  # warm-up
         for prompt in prompts[: args.prompts]:  # rows interleaved: all see the same machine load
             for row in rows:
+                engine.compute = Compute(contrast_on_demand=row[2])
                 runs[row].append(answer(engine, prompt, settings_of(row)))
         store_size = store.passage_count()
     stages = ["embed", "select", "fine-tune", "first_token", "generate", "whole", "tokens"]
@@ -120,7 +128,7 @@ def main() -> None:
         ended = ", ".join(f"{n} {how}" for how, n in Counter(r["ended"] for r in runs[row]).items())
         print(f"| {label(row)} | {m['embed']:.2f} | {m['select']:.2f} | {m['fine-tune']:.2f} | {m['first_token']:.2f} | "
               f"{m['generate']:.2f} | {m['whole']:.2f} | {ratio} | {m['tokens']:g} | {ended} |")
-    default = medians.get((settings.mode, settings.context_contrast))
+    default = medians.get((settings.mode, settings.context_contrast, False))
     if default:
         print(f"\ntarget: whole answer with the defaults <= 10 s: {'met' if default['whole'] <= 10 else 'MISSED'}")
     if args.json:

@@ -104,8 +104,10 @@ def left_padded(caches: Sequence[DynamicCache], config) -> DynamicCache:
 class Rows:
     """Conversations [1, T_i] decoded together by a causal LM, each row weighing the adapter by
     `adapter_scales[i]` (None: every row adapted). `logits()` are the next-token logits of every
-    row [B, V] (fp32); `append(token)` adds the same token to every row. The forward for a token
-    runs when its logits are first asked for, so a token after which decoding stops costs none.
+    row [B, V] (fp32); `append(token)` adds the same token to every row. The forward runs when
+    logits are asked for, one over every token appended since: a token after which decoding stops
+    costs none, and a conversation asked for its logits only now and then (the one without the
+    passages, in context-aware decoding) catches up in one forward.
     The prefill runs inside `prefill_context()` and every step inside `step_context()` (the
     precision `probe.Compute` chose: bf16 autocast or nothing), entered and left around each
     forward in the thread that runs it, so that a consumer resuming the decoding on another
@@ -134,21 +136,19 @@ class Rows:
         self.threads = 1 if len(self.lanes) > 1 else threads  # torch threads per lane, on the CPU
         self.step_context = step_context
         self._logits = torch.cat([lane.logits for lane in self.lanes])
-        self._pending: int | None = None
+        self._pending: list[int] = []
 
     def append(self, token: int) -> None:
-        if self._pending is not None:
-            self.logits()
-        self._pending = token
+        self._pending.append(token)
 
     def logits(self) -> torch.Tensor:
-        if self._pending is not None:
-            token, self._pending = self._pending, None
+        if self._pending:
+            tokens, self._pending = self._pending, []
             first, others = self.lanes[0], self.lanes[1:]
             with at_most_threads(self.threads, self._logits.device):
-                beside = _SIDE.submit(_step_all, others, token, self.step_context) if others else None
+                beside = _SIDE.submit(_step_all, others, tokens, self.step_context) if others else None
                 try:
-                    first.step(token, self.step_context)
+                    first.step(tokens, self.step_context)
                 finally:  # waits: the other lanes are done with the model before anything else touches it
                     failed = beside.exception() if beside is not None else None
             if failed is not None:
@@ -189,24 +189,25 @@ class Lane:
             # logits for the last position only: the head over a large vocabulary is costly
             return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **inputs)
 
-    def step(self, token: int, step_context: Callable[[], ContextManager] = nullcontext) -> None:
-        """Append `token` to every row: one forward, in the calling thread."""
-        batch = self.logits.shape[0]
-        input_ids = torch.full((batch, 1), token, dtype=torch.long, device=self.logits.device)
+    def step(self, tokens: Sequence[int], step_context: Callable[[], ContextManager] = nullcontext) -> None:
+        """Append `tokens` to every row: one forward, in the calling thread."""
+        batch, count = self.logits.shape[0], len(tokens)
+        input_ids = torch.tensor([list(tokens)] * batch, dtype=torch.long, device=self.logits.device)
         inputs = {}
         if self.mask is not None:
-            self.mask = torch.cat([self.mask, self.mask.new_ones(batch, 1)], 1)
-            inputs = {"attention_mask": self.mask, "position_ids": self.positions}
-            self.positions = self.positions + 1
+            self.mask = torch.cat([self.mask, self.mask.new_ones(batch, count)], 1)
+            inputs = {"attention_mask": self.mask,
+                      "position_ids": self.positions + torch.arange(count, device=self.positions.device)}
+            self.positions = self.positions + count
         with step_context():
             output = self._forward(input_ids, self.scales, cache=self.cache, **inputs)
         self.cache = output.cache
         self.logits = output.logits[:, -1].float()
 
 
-def _step_all(lanes: Sequence[Lane], token: int, step_context) -> None:
+def _step_all(lanes: Sequence[Lane], tokens: Sequence[int], step_context) -> None:
     for lane in lanes:
-        lane.step(token, step_context)
+        lane.step(tokens, step_context)
 
 
 # the one thread that steps side-by-side lanes beside the caller's, on one torch thread (started on first use)

@@ -532,8 +532,10 @@ class Engine:
         "repeat" when its last `loop_tokens` tokens repeated earlier ones (the text then ends
         before the repeat). With `unread_ids` (the conversation without its passages) and
         `settings.context_contrast` > 0, each token is chosen by `generation.contrast` from both,
-        the two as rows of one forward per token (`decoding.Rows`); the second row under the base
-        model when `settings.contrast_against` is "base".
+        the two as rows of one forward per token (`decoding.Rows`), or, where the probe measured
+        it faster, the second a forward only for the tokens where the contrast can change the
+        choice (`Compute.contrast_on_demand`); the second under the base model when
+        `settings.contrast_against` is "base".
 
         Written as a loop in the caller's thread (not `generate` with a streamer thread) so that a
         consumer that stops reading, or a Ctrl-C, stops generation at the next token, and the
@@ -549,20 +551,22 @@ class Engine:
                "prefill_context": lambda: self.compute.autocast(device, "prefill"),
                "step_context": lambda: self.compute.autocast(device, "decode")}
         learned = self.adapter.steps > 0  # else the adapter adds zeros: the rows run the base layers alone
-        if contrasted:  # one forward per token for both rows, the second against the base model or not
-            if not learned:
-                scales = (0.0, 0.0)
-            elif settings.contrast_against == "base":
-                scales = (1.0, 0.0)
-            else:
-                scales = None
-            rows = Rows(self.model, [input_ids.to(device), unread_ids.to(device)], scales, **how)
-        else:
-            rows = Rows(self.model, [input_ids.to(device)], None if learned else (0.0,), **how)
+        reading_scale = 1.0 if learned else 0.0
+        prior_scale = 0.0 if not learned or settings.contrast_against == "base" else 1.0
+        prompts = [input_ids.to(device)] + ([unread_ids.to(device)] if contrasted else [])
+        if contrasted and self.compute.contrast_on_demand:  # the second conversation's forward only when asked
+            rows = Rows(self.model, prompts[:1], (reading_scale,), **how)
+            prior = Rows(self.model, prompts[1:], (prior_scale,), **how)
+        else:  # both conversations in one forward per token
+            rows, prior = Rows(self.model, prompts, (reading_scale, prior_scale)[:len(prompts)], **how), None
         ended = "limit"
         for _ in range(settings.max_new_tokens):
             logits = rows.logits()
-            logits = contrast(logits[0], logits[1], settings.context_contrast) if contrasted else logits[0]
+            if contrasted:  # on demand, the prior's forward runs only for tokens where it can change the choice
+                without = (lambda: prior.logits()[0]) if prior else logits[1]
+                logits = contrast(logits[0], without, settings.context_contrast)
+            else:
+                logits = logits[0]
             token = next_token(logits, generated, processors, settings.temperature)
             if token in self.stop_ids:
                 ended = "end"
@@ -573,7 +577,8 @@ class Engine:
                 generated = generated[:repeat]
                 ended = "repeat"
                 break
-            rows.append(token)
+            for conversation in (rows, prior) if prior else (rows,):
+                conversation.append(token)
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
             if text.endswith("\ufffd"):
                 continue  # half of a multi-byte character: wait for the rest

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
@@ -70,8 +70,8 @@ def answer_processors(repetition_penalty: float, no_repeat_ngram: int) -> Logits
     return processors
 
 
-def contrast(with_passages: torch.Tensor, without_passages: torch.Tensor, strength: float,
-             plausible: float = 0.1) -> torch.Tensor:
+def contrast(with_passages: torch.Tensor, without_passages: torch.Tensor | Callable[[], torch.Tensor],
+             strength: float, plausible: float = 0.1) -> torch.Tensor:
     """Context-aware decoding (Shi et al., 2023, "Trusting Your Evidence"): scores that favour what
     the passages make likelier than the question alone does,
 
@@ -79,11 +79,19 @@ def contrast(with_passages: torch.Tensor, without_passages: torch.Tensor, streng
 
     over the tokens the model finds plausible with the passages, p(y | passages, question) ≥
     β · max p (β = `plausible`), so that a token unlikely either way does not win by the ratio;
-    the others get −∞. α = `strength`; α = 0 is ordinary decoding."""
+    the others get −∞. α = `strength`; α = 0 is ordinary decoding.
+
+    `without_passages` may be a function that computes those logits: it is called only when more
+    than one token is plausible, since a lone plausible token is chosen whatever p(y | question)
+    says (its score is then log p(y | passages, question): the same choice, greedy or sampled)."""
     reading = torch.log_softmax(with_passages.float(), -1)
+    implausible = reading < reading.max() + math.log(plausible)
+    if callable(without_passages):
+        if int((~implausible).sum()) == 1:
+            return reading.masked_fill(implausible, float("-inf"))
+        without_passages = without_passages()
     prior = torch.log_softmax(without_passages.float(), -1)
     scores = (1 + strength) * reading - strength * prior
-    implausible = reading < reading.max() + math.log(plausible)
     return scores.masked_fill(implausible, float("-inf"))
 
 

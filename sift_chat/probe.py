@@ -8,7 +8,9 @@ At start-up (`Engine.load`) the probe times, on the loaded model's own shapes:
     decode    the one-token decoding step the chat runs (`decoding.Rows`, two rows as in
               context-aware decoding) on 1 thread and on torch's thread count, at each precision
               it may run at; and, on a CPU with two threads or more, the two rows side by side
-              (a forward per row, each on its own thread) at the decode precision
+              (a forward per row, each on its own thread) at the decode precision; and the contrast
+              on demand: a token of the conversation with the passages alone, the one without
+              them caught up on three tokens every third token (`demand`)
 
 and chooses (`choose`, a pure function of the timings):
 
@@ -19,6 +21,9 @@ and chooses (`choose`, a pure function of the timings):
     decode threads    whichever count decodes faster at the decode precision
     side by side      when the two rows side by side decode MIN_SIDE_SPEEDUP faster than the
                       faster batched step
+    on demand         when the contrast on demand is faster than both: where a second row costs
+                      little (a GPU) the rows stay in step; where it costs most of a first one
+                      (a CPU reading the weights) the second runs only for the tokens that need it
 
 The timings are cached per machine in <data dir>/compute.json, keyed by the CPU's model name (or
 the GPU's), torch's version and thread count, the device and the model's shapes; a key not seen
@@ -61,6 +66,7 @@ class Compute:
     decode_precision: str = "fp32"
     decode_threads: int = 1
     decode_side_by_side: bool = False  # the rows of a decoding step each on its own thread (`decoding.Rows`)
+    contrast_on_demand: bool = False  # the conversation without the passages a forward only where the contrast needs it
     source: str = "default"  # default, measured, cached (measured before), forced (a flag decided it)
     timings: dict = field(default_factory=dict)  # seconds, by name (Measure's)
     threads: int = 1  # torch's thread count when measured
@@ -80,6 +86,7 @@ class Compute:
             what = f"compute: {self.precision} for steps and prefill, decode {self.decode_precision}"
         what += (" with each row on its own thread" if self.decode_side_by_side else
                  f" on {self.decode_threads} thread{'s' * (self.decode_threads != 1)}")
+        what += ", the contrast on demand" if self.contrast_on_demand else ""
         t, n = self.timings, self.threads
         evidence = []
         if "matmul_fp32" in t and "matmul_bf16" in t:
@@ -92,6 +99,8 @@ class Compute:
                 evidence.append(f"{precision} decode step {one * 1e3:.0f} ms")
             if f"decode_{precision}_side" in t:
                 evidence.append(f"side by side {t[f'decode_{precision}_side'] * 1e3:.0f} ms")
+            if f"decode_{precision}_demand" in t:
+                evidence.append(f"on demand {t[f'decode_{precision}_demand'] * 1e3:.0f} ms")
         how = {"measured": "measured", "cached": "measured before", "forced": "forced; measured",
                "default": "not measured"}[self.source]
         return f"{what} ({how}{': ' if evidence else ''}{'; '.join(evidence)}{f'; kept in {self.cache}' if self.cache else ''})"
@@ -139,6 +148,21 @@ def side_by_side(timings: dict, decode_precision: str, threads: int, min_speedup
     return side is not None and bool(batched) and min(batched) >= min_speedup * side
 
 
+def on_demand(timings: dict, decode_precision: str, threads: int) -> bool:
+    """Whether context-aware decoding runs the conversation without the passages only for the
+    tokens where the contrast can change the choice (`generation.contrast`), catching up then:
+
+        decode_{p}_demand < min(decode_{p}_k, decode_{p}_side),  k ∈ {1, threads}
+
+    `demand` is timed with the second conversation needed every third token, as for a third of
+    the default's answer tokens on the sample corpus (README). Never when not measured."""
+    demand = timings.get(f"decode_{decode_precision}_demand")
+    in_step = [timings[name] for name in (f"decode_{decode_precision}_{k}" for k in {1, threads})
+               if name in timings]
+    in_step += [timings[f"decode_{decode_precision}_side"]] if f"decode_{decode_precision}_side" in timings else []
+    return demand is not None and bool(in_step) and demand < min(in_step)
+
+
 # -- measuring --------------------------------------------------------------------------------
 
 
@@ -146,6 +170,7 @@ class Measure(Protocol):
     def matmuls(self, precision: str) -> float: ...
     def decode(self, precision: str, threads: int) -> float: ...
     def decode_side_by_side(self, precision: str) -> float: ...
+    def decode_on_demand(self, precision: str) -> float: ...
 
 
 class ModelTimer:
@@ -210,6 +235,30 @@ class ModelTimer:
 
     def decode_side_by_side(self, precision: str) -> float:
         return self.decode(precision, 1, side_by_side=True)
+
+    @torch.no_grad()
+    def decode_on_demand(self, precision: str) -> float:
+        """Seconds per token of the contrast on demand, on 1 thread: a step of the first row (16
+        tokens read) every token, the second (12 read) caught up on three tokens every third token."""
+        from .decoding import Rows
+
+        compute = Compute(precision=precision, decode_precision=precision)
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        how = {"prefill_context": lambda: compute.autocast(self.device, "prefill"),
+               "step_context": lambda: compute.autocast(self.device, "decode")}
+        reading = Rows(self.model, [torch.arange(16, device=self.device)[None] % vocab], **how)
+        prior = Rows(self.model, [torch.arange(12, device=self.device)[None] % vocab], **how)
+        token = iter(range(1, 10_000))
+
+        def run():
+            for _ in range(3):
+                step = next(token) % vocab
+                reading.append(step)
+                prior.append(step)
+                reading.logits()
+            prior.logits()
+
+        return self._timed(run) / 3
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -325,12 +374,14 @@ def probe(model: nn.Module, data_dir: Path | str | None, precision: str | None =
     if device.type == "cpu" and threads >= 2 and not decode_threads:
         need(f"decode_{decode_precision}_side", lambda: measure.decode_side_by_side(decode_precision))
     beside = side_by_side(timings, decode_precision, threads) and not decode_threads
+    need(f"decode_{decode_precision}_demand", lambda: measure.decode_on_demand(decode_precision))
+    demand = on_demand(timings, decode_precision, threads) and not decode_threads
     if measured and cache:
         cache.save(key, timings)
     source = ("forced" if precision != "auto" or decode_threads else
               "measured" if measured else "cached")
-    return Compute(chosen, decode_precision, 1 if beside else chosen_threads, beside, source, timings, threads,
-                   str(cache.path) if cache else "")
+    return Compute(chosen, decode_precision, 1 if beside or demand else chosen_threads, beside and not demand, demand,
+                   source, timings, threads, str(cache.path) if cache else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             timings[f"decode_{p}_{k}"] = timer.decode(p, k)
         if threads >= 2 and args.device == "cpu":
             timings[f"decode_{p}_side"] = timer.decode_side_by_side(p)
+        timings[f"decode_{p}_demand"] = timer.decode_on_demand(p)
     shapes = ", ".join(f"{i}→{o}" for i, o in timer.shapes)
     print(f"{machine_key(model, args.device, threads)}; matmuls: one F.linear per shape ({shapes}) on {ROWS} rows; "
           f"decoding step: two rows; medians of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
@@ -363,13 +415,14 @@ def main(argv: list[str] | None = None) -> int:
                                          for k in dict.fromkeys([1, threads])]
     if "decode_fp32_side" in timings:
         rows.append(("decoding step, each row on its own thread", "decode_{}_side"))
+    rows.append(("decoding step, the second row on demand (every third token)", "decode_{}_demand"))
     for label, name in rows:
         fp32, bf16 = timings[name.format("fp32")], timings[name.format("bf16")]
         print(f"| {label} | {fp32 * 1e3:.1f} ms | {bf16 * 1e3:.1f} ms | {fp32 / bf16:.2f}x |")
     precision, decode_precision, decode_threads = choose(timings, threads)
-    beside = side_by_side(timings, decode_precision, threads)
-    print(Compute(precision, decode_precision, 1 if beside else decode_threads, beside, source="measured",
-                  timings=timings, threads=threads).describe())
+    beside, demand = side_by_side(timings, decode_precision, threads), on_demand(timings, decode_precision, threads)
+    print(Compute(precision, decode_precision, 1 if beside or demand else decode_threads, beside and not demand, demand,
+                  source="measured", timings=timings, threads=threads).describe())
     return 0
 
 

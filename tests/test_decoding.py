@@ -13,6 +13,7 @@ import torch
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.decoding import Rows
 from sift_chat.engine import ChatSettings, Done, Engine
+from sift_chat.probe import Compute
 from sift_chat.generation import contrast
 from sift_chat.lora import add_lora
 from sift_chat.store import Store
@@ -71,6 +72,28 @@ def test_each_row_decodes_as_it_would_alone(tokenizer, scales, side_by_side):
             rows.append(token)
 
 
+@pytest.mark.parametrize("texts", [["The quick brown fox."],
+                                   ["SIFT selects passages that reduce the uncertainty.", "The quick brown fox."]])
+def test_tokens_appended_between_forwards_are_caught_up_in_one_as_one_at_a_time(tokenizer, texts):
+    # the conversation without the passages runs only for some tokens: the others wait and go in one forward
+    model, _ = adapted_model(tokenizer)
+    prompts = [ids_of(tokenizer, text) for text in texts]
+    continuation = tokenizer(" over the lazy dog, and then returns home", add_special_tokens=False)["input_ids"]
+    step_by_step, caught_up = Rows(model, prompts, (1.0, 0.0)[:len(texts)]), Rows(model, prompts, (1.0, 0.0)[:len(texts)])
+    forwards = []
+    for lane in caught_up.lanes:  # count the forwards of the rows that catch up
+        lane_step = lane.step
+        lane.step = lambda tokens, *args, lane_step=lane_step: forwards.append(list(tokens)) or lane_step(tokens, *args)
+    asked_at = {2, 3, 7, len(continuation)}  # after 2 tokens, 1, 4 and the rest
+    for count, token in enumerate(continuation, 1):
+        step_by_step.append(token)
+        expected = step_by_step.logits()
+        caught_up.append(token)
+        if count in asked_at:
+            torch.testing.assert_close(caught_up.logits(), expected, atol=1e-5, rtol=0)
+    assert forwards == [continuation[:2], continuation[2:3], continuation[3:7], continuation[7:]]
+
+
 def test_one_row_decodes_exactly_as_the_plain_cached_loop(tokenizer):
     model = tiny_model(tokenizer)
     prompt = ids_of(tokenizer, "Test-time fine-tuning takes one gradient step per selected passage.")
@@ -115,8 +138,10 @@ def sequential(engine, input_ids, unread_ids, settings) -> list[int]:
     return answer
 
 
+@pytest.mark.parametrize("demand", [False, True])
 @pytest.mark.parametrize("mode", ["context", "both", "fine-tune"])
-def test_batched_contrast_answers_token_for_token_as_the_two_sequential_passes(engine, monkeypatch, mode):
+def test_batched_contrast_answers_token_for_token_as_the_two_sequential_passes(engine, monkeypatch, mode, demand):
+    engine.compute = Compute(contrast_on_demand=demand)  # in step, or the second row when the contrast asks
     seen = []  # per message: (unread ids given, the sequential reference's answer)
     generate = engine.generate
 

@@ -15,6 +15,7 @@ from sift_chat.access import Caller
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import ChatSettings, Done, Engine, Notice, Prompted, Selected, Stage, Step, Token
 from sift_chat.generation import cite, content_words, contrast, conversation
+from sift_chat.probe import Compute
 from sift_chat.record import AnswerRecord
 from sift_chat.service import Answered, Service, Stored
 from sift_chat.store import Store
@@ -207,11 +208,19 @@ def test_an_answer_that_loops_is_stopped_where_the_loop_began(engine, monkeypatc
     assert any(isinstance(e, Notice) and "repeating" in e.message for e in events)
 
 
-def test_contrast_decoding_weighs_the_prompt_with_passages_against_the_prompt_without(engine, monkeypatch):
+@pytest.mark.parametrize("demand", [False, True])
+def test_contrast_decoding_weighs_the_prompt_with_passages_against_the_prompt_without(engine, monkeypatch, demand):
     import sift_chat.engine as engine_module
 
-    seen = []  # each token's (logits with passages, logits without, α)
-    monkeypatch.setattr(engine_module, "contrast", lambda *args: seen.append(args) or contrast(*args))
+    engine.compute = Compute(contrast_on_demand=demand)  # the two rows in step, or the second caught up when asked
+
+    seen = []  # each token's (logits with passages, logits without, α): the second asked for every token
+
+    def contrasted(with_passages, without_passages, strength):
+        seen.append((with_passages, without_passages() if callable(without_passages) else without_passages, strength))
+        return contrast(*seen[-1])
+
+    monkeypatch.setattr(engine_module, "contrast", contrasted)
     settings = ChatSettings(mode="context", passages=2, max_new_tokens=4, loop_tokens=0, context_contrast=2.0)
     events = list(engine.respond(QUESTION, settings=settings))
     read = _prompted(events)

@@ -116,6 +116,25 @@ def test_contrast_never_picks_a_token_the_passages_make_implausible():
     assert int(contrast(reading, prior, 5.0, plausible=0.01).argmax()) == 3
 
 
+def test_contrast_asks_for_the_question_alone_only_where_it_can_change_the_choice():
+    asked = []
+
+    def prior_of(logits):
+        return lambda: asked.append(1) or logits
+
+    # one plausible token (the next 0.05 / 0.9 < 0.1): chosen without the second conversation's forward
+    reading = torch.log(torch.tensor([0.90, 0.05, 0.03, 0.02]))
+    for prior in (torch.log(torch.tensor([0.001, 0.9, 0.05, 0.049])), torch.zeros(4)):
+        lazy = contrast(reading, prior_of(prior), 5.0)
+        assert asked == [] and int(lazy.argmax()) == int(contrast(reading, prior, 5.0).argmax()) == 0
+        assert torch.isinf(lazy[1:]).all()  # the same single candidate, greedy or sampled
+    # two plausible: asked, and the scores are the formula's
+    reading = torch.log(torch.tensor([0.05, 0.50, 0.40, 0.05]))
+    prior = torch.log(torch.tensor([0.05, 0.80, 0.05, 0.10]))
+    lazy = contrast(reading, prior_of(prior), 1.0)
+    assert asked == [1] and torch.equal(lazy, contrast(reading, prior, 1.0)) and int(lazy.argmax()) == 2
+
+
 def test_only_learned_words_are_the_answers_words_no_passage_read_holds():
     read = ["Viggo Hallor founded Zennford in 1693."]
     learned = ["Quentin Larkfield has been the mayor of Zennford since 1990.", "Zennford had 1,200 inhabitants.",

@@ -12,7 +12,7 @@ import torch
 from sift_chat import probe as probing
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import ChatSettings, Done, Engine
-from sift_chat.probe import Compute, choose, probe, side_by_side
+from sift_chat.probe import Compute, choose, on_demand, probe, side_by_side
 from sift_chat.store import Store
 
 from .tiny import logits, tiny_model, tiny_tokenizer
@@ -39,6 +39,10 @@ class FakeMeasure:
     def decode_side_by_side(self, precision: str) -> float:
         self.asked.append(("side by side", precision))
         return self.decode_timings.get((precision, "side"), 1.0)
+
+    def decode_on_demand(self, precision: str) -> float:
+        self.asked.append(("on demand", precision))
+        return self.decode_timings.get((precision, "demand"), 1.0)
 
 
 @pytest.fixture
@@ -76,7 +80,8 @@ def test_the_probe_measures_once_per_machine_and_again_when_the_key_changes(tmp_
     assert (compute.precision, compute.decode_precision, compute.decode_threads, compute.source) == \
         ("fp32", "fp32", 1, "measured")
     assert sorted(slow_bf16.asked) == [("decode", "fp32", 1), ("decode", "fp32", 2),
-                                       ("matmuls", "bf16"), ("matmuls", "fp32"), ("side by side", "fp32")]
+                                       ("matmuls", "bf16"), ("matmuls", "fp32"), ("on demand", "fp32"),
+                                       ("side by side", "fp32")]
     assert compute.describe().startswith("compute: fp32, decode on 1 thread (measured: bf16 matmuls 0.33x")
     saved = json.loads((tmp_path / "compute.json").read_text())
     assert len(saved) == 1 and saved[0]["key"]["threads"] == 2 and saved[0]["key"]["torch"] == torch.__version__
@@ -126,6 +131,28 @@ def test_the_rows_decode_side_by_side_only_where_measured_faster_than_batched(tm
     assert not probe(model, tmp_path / "d", measure=one).decode_side_by_side and ("side by side", "fp32") not in one.asked
 
 
+def test_the_contrast_runs_on_demand_only_where_measured_faster_than_both_rows_in_step(tmp_path, two_threads,
+                                                                                      monkeypatch):
+    in_step = {"decode_fp32_1": 0.09, "decode_fp32_2": 0.12, "decode_fp32_side": 0.10}
+    assert on_demand({**in_step, "decode_fp32_demand": 0.07}, "fp32", 2)  # a CPU: the second row costs most of a first
+    assert not on_demand({**in_step, "decode_fp32_demand": 0.095}, "fp32", 2)  # slower than batched on 1 thread
+    assert not on_demand({**in_step, "decode_fp32_side": 0.06, "decode_fp32_demand": 0.07}, "fp32", 2)
+    assert not on_demand(in_step, "fp32", 2) and not on_demand({"decode_fp32_demand": 0.07}, "fp32", 2)
+
+    model = tiny_model(tiny_tokenizer())
+    cpu = FakeMeasure(matmul_bf16=3.0, decode={("fp32", 1): 0.09, ("fp32", 2): 0.12, ("fp32", "side"): 0.07,
+                                               ("fp32", "demand"): 0.06})
+    compute = probe(model, tmp_path / "a", measure=cpu)
+    assert (compute.contrast_on_demand, compute.decode_side_by_side, compute.decode_threads) == (True, False, 1)
+    assert compute.describe().startswith("compute: fp32, decode on 1 thread, the contrast on demand (measured:")
+    assert "on demand 60 ms" in compute.describe() and ("on demand", "fp32") in cpu.asked
+    gpu = FakeMeasure(matmul_bf16=3.0, decode={("fp32", 1): 0.010, ("fp32", 2): 0.010, ("fp32", "demand"): 0.013})
+    assert not probe(model, tmp_path / "b", measure=gpu).contrast_on_demand  # a second row nearly free: in step
+    monkeypatch.setenv(probing.ENV_DECODE_THREADS, "2")  # threads forced: the rows in step on them
+    forced = FakeMeasure(matmul_bf16=3.0, decode={("fp32", "demand"): 0.001})
+    assert not probe(model, tmp_path / "c", measure=forced).contrast_on_demand
+
+
 def test_a_forced_choice_is_honoured(tmp_path, two_threads, monkeypatch):
     model = tiny_model(tiny_tokenizer())
     fast_bf16 = {("fp32", 1): 0.2, ("fp32", 2): 0.3, ("bf16", 1): 0.05, ("bf16", 2): 0.06}
@@ -173,7 +200,7 @@ def answer(engine: Engine, prompt: str, mode: str) -> Done:
 
 
 @pytest.mark.parametrize("mode", ["context", "both"])
-def test_bf16_and_side_by_side_rows_answer_as_fp32_batched_does_and_the_model_returns_to_base(engine, mode):
+def test_bf16_side_by_side_and_on_demand_answer_as_fp32_batched_does_and_the_model_returns_to_base(engine, mode):
     torch.set_num_threads(1)
     ids = torch.tensor([engine.tokenizer("The lantern festival and the glassworks.")["input_ids"]])
     with engine.adapter.disabled() as base_model:
@@ -182,6 +209,9 @@ def test_bf16_and_side_by_side_rows_answer_as_fp32_batched_does_and_the_model_re
     engine.compute = Compute("fp32", "fp32", 1, decode_side_by_side=True)
     beside = [answer(engine, prompt, mode) for prompt in PROMPTS]
     assert [d.raw_answer for d in beside] == [d.raw_answer for d in fp32]
+    engine.compute = Compute("fp32", "fp32", 1, contrast_on_demand=True)
+    demand = [answer(engine, prompt, mode) for prompt in PROMPTS]
+    assert [d.raw_answer for d in demand] == [d.raw_answer for d in fp32]
     engine.compute = Compute("bf16", "bf16", 1)
     bf16 = [answer(engine, prompt, mode) for prompt in PROMPTS]
     assert [d.raw_answer for d in bf16] == [d.raw_answer for d in fp32]
