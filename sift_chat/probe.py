@@ -375,7 +375,7 @@ def probe(model: nn.Module, data_dir: Path | str | None, precision: str | None =
         need(f"decode_{decode_precision}_side", lambda: measure.decode_side_by_side(decode_precision))
     beside = side_by_side(timings, decode_precision, threads) and not decode_threads
     need(f"decode_{decode_precision}_demand", lambda: measure.decode_on_demand(decode_precision))
-    demand = on_demand(timings, decode_precision, threads) and not decode_threads
+    demand = on_demand(timings, decode_precision, threads) and (decode_threads or 1) == 1  # it runs on 1 thread
     if measured and cache:
         cache.save(key, timings)
     source = ("forced" if precision != "auto" or decode_threads else

@@ -148,9 +148,11 @@ def test_the_contrast_runs_on_demand_only_where_measured_faster_than_both_rows_i
     assert "on demand 60 ms" in compute.describe() and ("on demand", "fp32") in cpu.asked
     gpu = FakeMeasure(matmul_bf16=3.0, decode={("fp32", 1): 0.010, ("fp32", 2): 0.010, ("fp32", "demand"): 0.013})
     assert not probe(model, tmp_path / "b", measure=gpu).contrast_on_demand  # a second row nearly free: in step
-    monkeypatch.setenv(probing.ENV_DECODE_THREADS, "2")  # threads forced: the rows in step on them
+    monkeypatch.setenv(probing.ENV_DECODE_THREADS, "2")  # two threads forced: the rows in step on them
     forced = FakeMeasure(matmul_bf16=3.0, decode={("fp32", "demand"): 0.001})
     assert not probe(model, tmp_path / "c", measure=forced).contrast_on_demand
+    monkeypatch.setenv(probing.ENV_DECODE_THREADS, "1")  # one: on demand runs on one thread
+    assert probe(model, tmp_path / "d", measure=forced).contrast_on_demand
 
 
 def test_a_forced_choice_is_honoured(tmp_path, two_threads, monkeypatch):
