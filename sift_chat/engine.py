@@ -245,9 +245,10 @@ class Engine:
         home = config.data_dir(data_dir)
         embedder_name = config.embedder_name(embedder)
         model, tokenizer = load_chat_model(chat_model, device, home / "models")
-        compute = probe(model, home, precision)
-        return cls(Store(home / "store"), load_embedder(embedder_name, device), model, tokenizer,
-                   embedder_name=embedder_name, adaptation=adaptation, compute=compute)
+        engine = cls(Store(home / "store"), load_embedder(embedder_name, device), model, tokenizer,
+                     embedder_name=embedder_name, adaptation=adaptation)
+        engine.compute = probe(engine.model, home, precision)  # with its LoRA layers, as it decodes
+        return engine
 
     @property
     def model(self):

@@ -51,6 +51,11 @@ PRECISIONS = ("fp32", "bf16")
 MIN_SPEEDUP = 1.3  # bf16 only when clearly faster
 MIN_SIDE_SPEEDUP = 1.1  # rows side by side only when faster beyond the noise of shared cores
 ROWS = 128  # rows of the probe's matmuls: a step's passage, a prefill's prompt
+# the conversations a decoding step is timed after: with a passage read and without (the sample's medians)
+READ_TOKENS, UNREAD_TOKENS = 96, 35
+# their adapter scales as the default decodes after its steps (the LoRA layers of the engine's model, if any)
+AFTER_STEPS = (1.0, 0.0)
+VERSION = 2  # what the probe times; cached timings of another version are measured again
 CACHE_FILE = "compute.json"
 ENV_PRECISION = "SIFT_CHAT_PRECISION"
 ENV_DECODE_THREADS = "SIFT_CHAT_DECODE_THREADS"
@@ -216,14 +221,15 @@ class ModelTimer:
 
     @torch.no_grad()
     def decode(self, precision: str, threads: int, side_by_side: bool = False) -> float:
-        """Seconds for one decoding step of two rows (16 and 12 tokens read) on `threads` threads,
+        """Seconds for one decoding step of two rows (READ_TOKENS and UNREAD_TOKENS) on `threads` threads,
         or each row on its own thread."""
         from .decoding import Rows
 
         compute = Compute(precision=precision, decode_precision=precision, decode_threads=threads)
         vocab = self.model.get_input_embeddings().weight.shape[0]
-        prompts = [torch.arange(16, device=self.device)[None] % vocab, torch.arange(12, device=self.device)[None] % vocab]
-        rows = Rows(self.model, prompts, threads=threads, prefill_context=lambda: compute.autocast(self.device, "prefill"),
+        prompts = [torch.arange(n, device=self.device)[None] % vocab for n in (READ_TOKENS, UNREAD_TOKENS)]
+        rows = Rows(self.model, prompts, AFTER_STEPS, threads=threads,
+                    prefill_context=lambda: compute.autocast(self.device, "prefill"),
                     step_context=lambda: compute.autocast(self.device, "decode"), side_by_side=side_by_side)
         token = iter(range(1, 10_000))
 
@@ -238,16 +244,16 @@ class ModelTimer:
 
     @torch.no_grad()
     def decode_on_demand(self, precision: str) -> float:
-        """Seconds per token of the contrast on demand, on 1 thread: a step of the first row (16
-        tokens read) every token, the second (12 read) caught up on three tokens every third token."""
+        """Seconds per token of the contrast on demand, on 1 thread: a step of the first row
+        (READ_TOKENS) every token, the second (UNREAD_TOKENS) caught up on three tokens every third."""
         from .decoding import Rows
 
         compute = Compute(precision=precision, decode_precision=precision)
         vocab = self.model.get_input_embeddings().weight.shape[0]
         how = {"prefill_context": lambda: compute.autocast(self.device, "prefill"),
                "step_context": lambda: compute.autocast(self.device, "decode")}
-        reading = Rows(self.model, [torch.arange(16, device=self.device)[None] % vocab], **how)
-        prior = Rows(self.model, [torch.arange(12, device=self.device)[None] % vocab], **how)
+        reading = Rows(self.model, [torch.arange(READ_TOKENS, device=self.device)[None] % vocab], AFTER_STEPS[:1], **how)
+        prior = Rows(self.model, [torch.arange(UNREAD_TOKENS, device=self.device)[None] % vocab], AFTER_STEPS[1:], **how)
         token = iter(range(1, 10_000))
 
         def run():
@@ -276,7 +282,7 @@ def machine_key(model: nn.Module, device: torch.device | str, threads: int) -> d
     shapes = [getattr(config, name, None) for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                        "num_attention_heads", "num_key_value_heads", "vocab_size")]
     return {"processor": processor, "torch": torch.__version__, "threads": threads, "device": device.type,
-            "model": shapes}
+            "model": shapes, "probe": VERSION}
 
 
 def cpu_name() -> str:
@@ -397,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    model, _ = load_chat_model(args.chat_model, args.device, config.data_dir() / "models")
+    from .adaptation import Adapter
+
+    model, tokenizer = load_chat_model(args.chat_model, args.device, config.data_dir() / "models")
+    model = Adapter(model, tokenizer).model  # with the default LoRA layers, as the engine decodes
     timer, threads = ModelTimer(model, args.repeats), torch.get_num_threads() if args.device == "cpu" else 1
     timings = {f"matmul_{p}": timer.matmuls(p) for p in PRECISIONS}
     for p in PRECISIONS:

@@ -105,6 +105,10 @@ def test_the_probe_measures_once_per_machine_and_again_when_the_key_changes(tmp_
     probe(model, tmp_path, measure=fewer)
     assert ("matmuls", "fp32") in fewer.asked and ("decode", "fp32", 2) not in fewer.asked
 
+    monkeypatch.setattr(probing, "VERSION", probing.VERSION + 1)  # the probe times something else now
+    remeasured = FakeMeasure()
+    assert probe(model, tmp_path, measure=remeasured).source == "measured" and remeasured.asked
+
 
 def test_the_rows_decode_side_by_side_only_where_measured_faster_than_batched(tmp_path, two_threads, monkeypatch):
     batched = {"decode_fp32_1": 0.09, "decode_fp32_2": 0.12}
