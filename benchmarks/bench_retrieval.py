@@ -40,10 +40,10 @@ from sift_chat import retrieval
 from sift_chat import store as store_module
 from sift_chat.corpus import ingest
 from sift_chat.evaluation import mean_and_error
+from sift_chat.lexical_search import LexicalSearch, _fts_term
 from sift_chat.models import load_embedder
 from sift_chat.retrieval import preselect, prompt_terms
 from sift_chat.selection import select
-from sift_chat.lexical_search import LexicalSearch, _fts_term
 from sift_chat.store import Store
 from sift_chat.world import TEMPLATES, write_world
 

@@ -65,9 +65,9 @@ class LexicalSearch:
 
     def _indexed_count(self) -> int:
         """N for BM25's idf: the passages indexed, counted once per change of the passages."""
-        if self._indexed_at != self.passages_version:
-            self._indexed = self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
-            self._indexed_at = self.passages_version
+        version = self.passages_version
+        if self._indexed_at != version:
+            self._indexed, self._indexed_at = self.passage_count(), version
         return self._indexed
 
     @serialized

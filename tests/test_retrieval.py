@@ -176,10 +176,10 @@ def test_the_lexical_scores_are_bm25_of_what_each_passage_holds(tmp_path):
     texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 20)))) for _ in range(30)]
     with Store(tmp_path / "store") as store:
         store.write_documents([document("/words.txt", texts, unit(rng.normal(size=(30, DIMENSION))))], "test-embedder")
+        every = [p.split() for p in texts]
         for terms in (["esk"], ["amber", "dwyle"], ["brisk", "corran", "farrow"]):
             ids, scores = store.lexical(terms, 100)
             stored = {p.id: p.text.split() for p in store.passages(ids.tolist()).values()}
-            every = [p.split() for p in texts]
             holding = {t: sum(t in p for p in every) for t in terms}
             expected = {}
             for passage_id, tokens in stored.items():
