@@ -80,25 +80,28 @@ def _with_room(states: torch.Tensor, capacity: int) -> torch.Tensor:
     return buffer
 
 
-def growing(layer_states: Sequence[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
+def growing(layer_states: Sequence[tuple[torch.Tensor, torch.Tensor]], config,
+            dtype: torch.dtype | None = None) -> DynamicCache:
     """A cache holding each layer's (keys, values), in `GrowingLayer`s where the model's layers are
-    plain `DynamicLayer`s (a sliding-window layer, which drops old positions, is kept as it is)."""
+    plain `DynamicLayer`s (a sliding-window layer, which drops old positions, is kept as it is),
+    as `dtype` where given: a prefill under bf16 autocast leaves bf16 values beside fp32 keys (the
+    rotary embedding computes in fp32), which a step without autocast cannot attend to."""
     cache = DynamicCache(config=config)
     layers = list(cache.layers) or [DynamicLayer() for _ in layer_states]
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in layers]
     for index, (keys, values) in enumerate(layer_states):
-        cache.update(keys, values, index)
+        cache.update(keys.to(dtype or keys.dtype), values.to(dtype or values.dtype), index)
     return cache
 
 
-def left_padded(caches: Sequence[DynamicCache], config) -> DynamicCache:
+def left_padded(caches: Sequence[DynamicCache], config, dtype: torch.dtype | None = None) -> DynamicCache:
     """One batch's cache from single-row caches of lengths T_i: each layer's keys and values
     [1, heads, T_i, d] zero-padded on the left to max T_i and stacked on the batch dimension. The
     padding is never attended to (the caller's attention mask is 0 there)."""
     longest = max(cache.get_seq_length() for cache in caches)
     return growing([(torch.cat([F.pad(layer.keys, (0, 0, longest - layer.keys.shape[-2], 0)) for layer in layers]),
                      torch.cat([F.pad(layer.values, (0, 0, longest - layer.values.shape[-2], 0)) for layer in layers]))
-                    for layers in zip(*(cache.layers for cache in caches))], config)
+                    for layers in zip(*(cache.layers for cache in caches))], config, dtype)
 
 
 class Rows:
@@ -173,8 +176,9 @@ class Lane:
             caches.append(output.cache)
             logits.append(output.logits[:, -1])
         lengths = [ids.shape[1] for ids in prompts]
-        self.cache = (growing([(layer.keys, layer.values) for layer in caches[0].layers], model.config)
-                      if len(caches) == 1 else left_padded(caches, model.config))
+        # the cache in the model's own dtype, whatever precision the prefill ran in
+        self.cache = (growing([(layer.keys, layer.values) for layer in caches[0].layers], model.config, model.dtype)
+                      if len(caches) == 1 else left_padded(caches, model.config, model.dtype))
         device = prompts[0].device
         if len(prompts) == 1:
             self.mask = self.positions = None
