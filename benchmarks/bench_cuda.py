@@ -82,7 +82,7 @@ def main() -> int:
             compute = Compute(precision, precision, 1, "forced")
 
             def one_step():
-                with compute.autocast(device, "step"):
+                with compute.context("step"):
                     adapter.step(text)
 
             saved = adapter.settings

@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/bench_lora_step.py [--json] [--device cpu|cuda|all] [--tokens 128 256]
                                                    [--top-layers all 8 4] [--threads N] [--attn sdpa|eager]
+                                                   [--precision fp32 bf16]
 
 A step is what `Adapter.step` does for one passage: tokenise, forward, next-token loss, backward,
 optimizer step. It is timed after warm-up on one passage of T tokens: median and best of a few
 steps (on a shared machine the best is the cleaner number). The matmul rate is torch.mm of two
-2048×2048 fp32 matrices (4096 on CUDA), median of repeats, measured in the same run before and
-after the steps (a busy machine shows as a gap between the two); the better one is the reference.
+2048×2048 matrices (4096 on CUDA) in the step's precision, median of repeats, measured in the
+same run before and after the steps (a busy machine shows as a gap between the two); the better
+one is the reference. `--precision bf16` runs the step as the engine does where the start-up
+probe chose bf16: the base weights' products on their kept bf16 copies (`lora.base_matmuls`),
+fp32 everywhere else (LoRA, Adam, norms, attention); its kernels alone are timed the same way.
 
 FLOPs of a step, with N decoder layers of P linear weights each, the top L of them adapted
 (L = N for full depth), hidden size d, vocabulary V (the head is tied to the embeddings and
@@ -45,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 from sift_chat.adaptation import HEAD_CHUNK_ELEMENTS, AdaptationSettings, Adapter, next_token_loss  # noqa: E402
+from sift_chat.lora import base_linear, base_matmuls, low_precision, matmul_dtype  # noqa: E402
 from sift_chat.models import load_chat_model  # noqa: E402
 
 
@@ -67,9 +72,9 @@ def seconds(fn, device: torch.device, repeats: int, warmup: int) -> list[float]:
     return times
 
 
-def matmul_rate(device: torch.device, n: int, repeats: int = 10) -> float:
-    """fp32 GFLOP/s of torch.mm on two n×n matrices (2·n³ FLOPs), median of repeats."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_rate(device: torch.device, n: int, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of torch.mm on two n×n matrices of `dtype` (2·n³ FLOPs), median of repeats."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / statistics.median(seconds(lambda: torch.mm(a, b), device, repeats, warmup=3)) / 1e9
 
 
@@ -136,27 +141,36 @@ def kernel_floor(adapter: Adapter, tokens: int, device: torch.device, repeats: i
     q, k, v = (torch.randn(1, heads, t, head_dim, device=device, requires_grad=True) for _ in range(3))
     attention_grad = torch.randn(1, heads, t, head_dim, device=device)
 
+    dtype = matmul_dtype()  # bf16 where the step's base matmuls run on kept bf16 copies
+    head = low_precision(head, dtype)
+    low = {id(w): low_precision(w, dtype) for ws in weights for w in ws}
+
     def run():
         for i, ws in enumerate(weights):
             for w in ws:
-                F.linear(inputs[w.shape[1]], w)
+                base_linear(inputs[w.shape[1]], w, None, dtype)
             if i in adapted:
                 F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(attention_grad)
             else:
                 with torch.no_grad():
                     F.scaled_dot_product_attention(q, k, v, is_causal=True)
         for r in rows:
-            hidden[r] @ head.T
+            (hidden[r].to(head.dtype) @ head.T).float()
         for r in rows:
-            probs[r] @ head
+            (probs[r].to(head.dtype) @ head).float()
         for ws in reversed(backward):
             for w in reversed(ws):
-                grads[w.shape[0]] @ w
+                (grads[w.shape[0]].to(low[id(w)].dtype) @ low[id(w)]).float()
 
     return statistics.median(seconds(run, device, repeats, warmup=2))
 
 
-def bench_config(model, tokenizer, device, source, tokens, top_layers, steps, warmup):
+def precision_context(precision: str):
+    """What the engine runs a step in (`probe.Compute.context`): the base matmuls in bf16, or as stored."""
+    return base_matmuls(torch.bfloat16 if precision == "bf16" else None)
+
+
+def bench_config(model, tokenizer, device, source, tokens, top_layers, steps, warmup, precision="fp32"):
     settings = AdaptationSettings(max_passage_tokens=tokens, top_layers=top_layers)
     # a passage about as long as the step reads, as the engine's are (a 200 kB text would add
     # 80 ms of tokenising to every step)
@@ -164,17 +178,18 @@ def bench_config(model, tokenizer, device, source, tokens, top_layers, steps, wa
     adapter = Adapter(model, tokenizer, settings)
     try:
         assert adapter.tokens(text).shape[1] == tokens
-        step_times = seconds(lambda: adapter.step(text), device, steps, warmup)
-        ids = adapter.tokens(text)
-        with torch.no_grad():
-            forward = statistics.median(seconds(lambda: next_token_loss(adapter.model, ids), device, steps, 1))
+        with precision_context(precision):
+            step_times = seconds(lambda: adapter.step(text), device, steps, warmup)
+            ids = adapter.tokens(text)
+            with torch.no_grad():
+                forward = statistics.median(seconds(lambda: next_token_loss(adapter.model, ids), device, steps, 1))
+            floor = kernel_floor(adapter, tokens, device, steps)
         counted = counted_flops(adapter, text)
         flops = step_flops(adapter, tokens)
-        floor = kernel_floor(adapter, tokens, device, steps)
     finally:
         adapter.reset()
         model = adapter.remove()  # the plain model again, for the next configuration
-    return model, dict(tokens=tokens, lora_layers=top_layers or model.config.num_hidden_layers,
+    return model, dict(precision=precision, tokens=tokens, lora_layers=top_layers or model.config.num_hidden_layers,
                        seconds=statistics.median(step_times), best_seconds=min(step_times), forward_seconds=forward, floor_seconds=floor, gflop=flops / 1e9,
                        counted_gflop=counted / 1e9)
 
@@ -190,6 +205,8 @@ def main(argv=None):
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--model", default=None, help="chat model (default: the packaged SmolLM2)")
     parser.add_argument("--cache-dir", default=None, help="where the converted model is kept")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="fp32, and/or bf16 autocast as the engine runs a step where the probe chose it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     args = parser.parse_args(argv)
     if args.threads:
@@ -204,22 +221,27 @@ def main(argv=None):
         model, tokenizer = load_chat_model(args.model, device=device, cache_dir=args.cache_dir)
         model.set_attn_implementation(args.attn)
         n = 4096 if device.type == "cuda" else 2048
-        rate_before = matmul_rate(device, n)
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        rate_before = {p: matmul_rate(device, n, dtype=dtypes[p]) for p in args.precision}
         results = []
-        for tokens in args.tokens:
-            for top in tops:
-                model, row = bench_config(model, tokenizer, device, source, tokens, top, args.steps, args.warmup)
-                results.append(row)
-        rate_after = matmul_rate(device, n)
+        for precision in args.precision:
+            for tokens in args.tokens:
+                for top in tops:
+                    model, row = bench_config(model, tokenizer, device, source, tokens, top, args.steps, args.warmup,
+                                              precision)
+                    results.append(row)
+        rate_after = {p: matmul_rate(device, n, dtype=dtypes[p]) for p in args.precision}
         model_layers = model.config.num_hidden_layers
-        rate = max(rate_before, rate_after)
+        rates = {p: max(rate_before[p], rate_after[p]) for p in args.precision}
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
         machine.append(dict(device=str(device), name=name, threads=torch.get_num_threads(), attn=args.attn,
                             matmul_n=n, matmul_gflops_before=rate_before, matmul_gflops_after=rate_after,
                             load_average=os.getloadavg()[0]))
-        full = {r["tokens"]: r["best_seconds"] for r in results if r["lora_layers"] == model_layers}
+        full = {(r["precision"], r["tokens"]): r["best_seconds"] for r in results if r["lora_layers"] == model_layers}
         for row in results:  # speed-up of top-L over all layers, best steps (the less noisy ones)
-            row["speedup"] = full[row["tokens"]] / row["best_seconds"] if row["tokens"] in full else None
+            key = (row["precision"], row["tokens"])
+            row["speedup"] = full[key] / row["best_seconds"] if key in full else None
+            rate = rates[row["precision"]]
             row.update(device=str(device), gflops=row["gflop"] / row["seconds"], of_matmul=row["gflop"] / row["seconds"] / rate,
                        best_of_matmul=row["gflop"] / row["best_seconds"] / rate, floor_of_matmul=row["gflop"] / row["floor_seconds"] / rate)
             rows.append(row)
@@ -229,15 +251,17 @@ def main(argv=None):
         print(json.dumps(dict(machine=machine, steps=rows), indent=2))
         return
     for m in machine:
-        print(f"- {m['device']} ({m['name']}), {m['threads']} threads, attention {m['attn']}: fp32 mm {m['matmul_n']}² "
-              f"{m['matmul_gflops_before']:.0f} GFLOP/s before, {m['matmul_gflops_after']:.0f} after; load average {m['load_average']:.2f}")
+        rates = "; ".join(f"{p} mm {m['matmul_n']}² {m['matmul_gflops_before'][p]:.0f} GFLOP/s before, "
+                          f"{m['matmul_gflops_after'][p]:.0f} after" for p in m["matmul_gflops_before"])
+        print(f"- {m['device']} ({m['name']}), {m['threads']} threads, attention {m['attn']}: {rates}; "
+              f"load average {m['load_average']:.2f}")
     print()
-    print("| device | tokens | LoRA layers | s/step | best | best vs all layers | s forward (no grad) | GFLOP/step | counted "
+    print("| device | precision | tokens | LoRA layers | s/step | best | best vs all layers | s forward (no grad) | GFLOP/step | counted "
           "| GFLOP/s | of matmul rate | best step | s kernels alone | kernels alone, of matmul rate |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         speedup = f"{r['speedup']:.2f}×" if r["speedup"] else "—"
-        print(f"| {r['device']} | {r['tokens']} | {r['lora_layers']} | {r['seconds']:.3f} | {r['best_seconds']:.3f} | {speedup} "
+        print(f"| {r['device']} | {r['precision']} | {r['tokens']} | {r['lora_layers']} | {r['seconds']:.3f} | {r['best_seconds']:.3f} | {speedup} "
               f"| {r['forward_seconds']:.3f} | {r['gflop']:.1f} | {r['counted_gflop']:.1f} | {r['gflops']:.0f} "
               f"| {100 * r['of_matmul']:.0f}% | {100 * r['best_of_matmul']:.0f}% | {r['floor_seconds']:.3f} "
               f"| {100 * r['floor_of_matmul']:.0f}% |")

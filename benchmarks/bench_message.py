@@ -1,7 +1,7 @@
 """Message latency by stage, per mode, on the sample corpus and the default models.
 
     .venv/bin/python benchmarks/bench_message.py [--corpus stdlib] [--modes default,context] [--contrast 0,1]
-                                                 [--on-demand] [--prompts N] [--json PATH]
+                                                 [--on-demand] [--precision fp32,bf16] [--prompts N] [--json PATH]
 
 On the sample corpus the passages are short (about 50 tokens); `--corpus stdlib` uses 60 files of
 the Python standard library instead, whose passages are full length (192 embedder tokens).
@@ -13,7 +13,9 @@ one warm-up message; and each row's whole answer against plain `context` (α = 0
 same run. The engine decodes as the probe's default does (fp32, one thread, the two conversations
 of context-aware decoding in one forward per token); `--on-demand` adds each row with α > 0 again
 with the second conversation a forward only where the contrast can change the token
-(`Compute.contrast_on_demand`). Targets on 2 CPU cores: the whole answer within 10 s on the sample corpus with the
+(`Compute.contrast_on_demand`). `--precision fp32,bf16` runs every row at each precision (bf16:
+the base matmuls of the steps and the prefill on kept bf16 copies, decoding in fp32, as the probe
+chooses where bf16 matmuls measure faster and a bf16 decoding step does not). Targets on 2 CPU cores: the whole answer within 10 s on the sample corpus with the
 defaults, and no default costing more than 2x plain `context`.
 """
 
@@ -76,20 +78,25 @@ def main() -> None:
                              "(default: %(default)s)")
     parser.add_argument("--on-demand", action="store_true",
                         help="also each row with α > 0 with the contrast on demand")
+    parser.add_argument("--precision", default="fp32",
+                        help="comma-separated: fp32, bf16 (steps and prefill), each run with every row (default: %(default)s)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     modes = [ChatSettings.mode if m == "default" else m for m in args.modes.split(",") if m.strip()]
     strengths = [float(a) for a in args.contrast.split(",") if a.strip()]
-    rows = list(dict.fromkeys((mode, strength, False) for mode in modes for strength in strengths))
-    rows += [(mode, strength, True) for mode, strength, _ in rows if args.on_demand and strength > 0]
-    reference = ("context", 0.0, False)
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        parser.error(f"--precision: fp32 and/or bf16, got {args.precision!r}")
+    rows = list(dict.fromkeys((mode, strength, False, p) for p in precisions for mode in modes for strength in strengths))
+    rows += [(mode, strength, True, p) for mode, strength, _, p in rows if args.on_demand and strength > 0]
+    reference = ("context", 0.0, False, precisions[0])
 
     def settings_of(row) -> ChatSettings:
         return ChatSettings(mode=row[0], context_contrast=row[1], passages=args.passages)
 
     def label(row) -> str:
-        return f"{row[0]} α={row[1]:g}{', on demand' if row[2] else ''}"
+        return f"{row[0]} α={row[1]:g}{', on demand' if row[2] else ''}{', ' + row[3] if len(precisions) > 1 else ''}"
 
     embedder = load_embedder(config.DEFAULT_EMBEDDER, args.device)
     model, tokenizer = load_chat_model(config.DEFAULT_CHAT_MODEL, args.device, config.data_dir() / "models")
@@ -107,7 +114,7 @@ def main() -> None:
         answer(engine, prompts[0], settings_of(rows[0]))  # warm-up
         for prompt in prompts[: args.prompts]:  # rows interleaved: all see the same machine load
             for row in rows:
-                engine.compute = Compute(contrast_on_demand=row[2])
+                engine.compute = Compute(row[3], "fp32", 1, contrast_on_demand=row[2])
                 runs[row].append(answer(engine, prompt, settings_of(row)))
         store_size = store.passage_count()
     stages = ["embed", "select", "fine-tune", "first_token", "generate", "whole", "tokens"]
@@ -128,7 +135,7 @@ def main() -> None:
         ended = ", ".join(f"{n} {how}" for how, n in Counter(r["ended"] for r in runs[row]).items())
         print(f"| {label(row)} | {m['embed']:.2f} | {m['select']:.2f} | {m['fine-tune']:.2f} | {m['first_token']:.2f} | "
               f"{m['generate']:.2f} | {m['whole']:.2f} | {ratio} | {m['tokens']:g} | {ended} |")
-    default = medians.get((settings.mode, settings.context_contrast, False))
+    default = medians.get((settings.mode, settings.context_contrast, False, precisions[0]))
     if default:
         print(f"\ntarget: whole answer with the defaults <= 10 s: {'met' if default['whole'] <= 10 else 'MISSED'}")
     if args.json:

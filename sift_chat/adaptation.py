@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import add_lora, layer_index, remove_lora
+from .lora import add_lora, layer_index, low_precision, matmul_dtype, remove_lora
 from .vocabulary import SettingError
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -143,7 +143,8 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor, first_target: int
         and not head.weight.requires_grad
     ):
         hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-        return head_loss(hidden[0, first_target - 1:-1], head.weight, targets)
+        # the head's products in the dtype the engine chose for base matmuls (`lora.base_matmuls`)
+        return head_loss(hidden[0, first_target - 1:-1], low_precision(head.weight, matmul_dtype()), targets)
     logits = model(input_ids=input_ids, use_cache=False).logits
     return F.cross_entropy(logits[0, first_target - 1:-1].float(), targets)
 
@@ -169,7 +170,7 @@ def _chunked_head_loss(hidden, weight, targets, with_grad: bool):
     total = hidden.new_zeros((), dtype=torch.float32)
     grad = torch.empty_like(hidden) if with_grad else None
     for start, end in zip(bounds, bounds[1:]):
-        logits = (hidden[start:end] @ weight.T).float()
+        logits = (hidden[start:end].to(weight.dtype) @ weight.T).float()
         y = targets[start:end, None]
         target_logits = logits.gather(1, y)
         top = logits.amax(-1, keepdim=True)
@@ -179,7 +180,10 @@ def _chunked_head_loss(hidden, weight, targets, with_grad: bool):
         if with_grad:
             probs = exp.div_(norm)
             probs.scatter_add_(1, y, probs.new_full(y.shape, -1.0))
-            torch.mm(probs.to(weight.dtype), weight, out=grad[start:end])
+            if weight.dtype == grad.dtype:
+                torch.mm(probs, weight, out=grad[start:end])
+            else:  # a bf16 copy of the head (`lora.low_precision`): the product cast back
+                grad[start:end] = probs.to(weight.dtype) @ weight
     return total, grad
 
 

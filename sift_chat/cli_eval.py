@@ -89,6 +89,9 @@ def add_eval_parsers(commands) -> None:
                     help="passes over the selected passages (default: %(default)s)")
     qa.add_argument("--training", choices=TRAINING_FORMATS, default=AdaptationSettings.training,
                     help="what a step's loss is on (default: %(default)s)")
+    qa.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                    help="the base matmuls of steps and prefill: fp32, bf16 (decoding in fp32), or auto: what the "
+                         "app's start-up probe chooses on this machine (default: %(default)s)")
     qa.add_argument("--seed", type=int, default=0)
     qa.add_argument("--out", default="eval-results/answers", help="folder for answers.md and answers.json")
     qa.add_argument("--quiet", action="store_true")
@@ -148,6 +151,7 @@ def cmd_eval_qa(args) -> int:
     from .corpus import ingest
     from .engine import Engine
     from .models import load_chat_model
+    from .probe import Compute, probe
     from .store import Store
 
     questions = qa.load_questions(args.questions)
@@ -178,6 +182,11 @@ def cmd_eval_qa(args) -> int:
         return _pick_locations(args, store, embedder, questions, settings, corpus)
     model, tokenizer = load_chat_model(args.chat_model, args.device, home / "models")
     engine = Engine(store, embedder, model, tokenizer, embedder_name=name, adaptation=adaptation)
+    if args.precision == "auto":
+        engine.compute = probe(engine.model, home)
+        print(f"sift-chat: {engine.compute.describe()}", file=sys.stderr)
+    else:
+        engine.compute = Compute(args.precision, "fp32", 1, source="forced")
     answers = qa.run(engine, questions, configs, settings, progress=not args.quiet,
                      max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     answered = len({a.question for a in answers})
@@ -191,7 +200,7 @@ def cmd_eval_qa(args) -> int:
              f"against the {settings.contrast_against} model")
     meta = {"settings": asdict(settings), "adaptation": asdict(adaptation), "corpus": str(corpus),
             "questions_file": str(args.questions), "sample": args.sample, "limit": args.limit,
-            "max_minutes": args.max_minutes}
+            "max_minutes": args.max_minutes, "compute": engine.compute.describe()}
     summary = qa.write_report(answers, questions, configs, meta, Path(args.out), title)
     print(qa.markdown(summary, title))
     print(f"written to {args.out}/answers.md and answers.json")

@@ -390,7 +390,7 @@ class Engine:
                 texts = [training_text(prompt, pick.passage.text, training, self._render) for pick in selected.picks]
                 schedule = texts * self.adapter.settings.epochs  # pass after pass, picks in order
                 for index, (prefix, text) in enumerate(schedule, 1):
-                    with self.compute.autocast(self.adapter.device, "step"):  # bf16 autocast, fp32 LoRA and Adam
+                    with self.compute.context("step"):  # bf16 base matmuls where chosen; fp32 LoRA and Adam
                         losses.append(self.adapter.step(text, prefix))
                     yield Step(index, len(schedule), losses[-1])
                 seconds["fine-tune"] = time.perf_counter() - started
@@ -549,8 +549,8 @@ class Engine:
         contrasted = unread_ids is not None and settings.context_contrast > 0
         how = {"threads": self.compute.decode_threads,  # as the probe measured this machine
                "side_by_side": self.compute.decode_side_by_side,
-               "prefill_context": lambda: self.compute.autocast(device, "prefill"),
-               "step_context": lambda: self.compute.autocast(device, "decode")}
+               "prefill_context": lambda: self.compute.context("prefill"),
+               "step_context": lambda: self.compute.context("decode")}
         learned = self.adapter.steps > 0  # else the adapter adds zeros: the rows run the base layers alone
         reading_scale = 1.0 if learned else 0.0
         prior_scale = 0.0 if not learned or settings.contrast_against == "base" else 1.0

@@ -26,6 +26,13 @@ base layer: the term adds exact zeros) side by side. Where every row's m is 0 th
 computed at all (the same output without the term's small ops). The scales belong to the thread
 that set them, so two threads may decode on one model at once, each with its own rows
 (`decoding.Rows`).
+
+Inside `base_matmuls(torch.bfloat16)` the base term x Wᵀ (and, in the backward, (∂L/∂y) W) runs
+on a bf16 copy of W kept beside it (`low_precision`), x cast to bf16 and the product back to x's
+dtype; the bias, the LoRA term, its gradients and Adam's state stay fp32, and so does everything
+outside the linear layers. Where a CPU multiplies bf16 in hardware (AMX) this is several times
+fp32's speed on a step's or a prefill's many rows, without the cast of every weight on every call
+that bf16 autocast makes (README: Precision). Which stages run so is the engine's choice (`probe`).
 """
 
 from __future__ import annotations
@@ -41,6 +48,46 @@ from torch import nn
 
 _row_scales = threading.local()  # .by_layer: id(LoRALinear) -> scales [batch] or BASE, this thread's forwards only
 BASE = "base"  # every row's scale 0: the base layer
+_matmuls = threading.local()  # .dtype: what this thread's base matmuls run in (None: the weights' own)
+
+
+@contextmanager
+def base_matmuls(dtype: torch.dtype | None) -> Iterator[None]:
+    """This thread's LoRA layers multiply by their base weights in `dtype` (None: as stored), and
+    `head_loss` by the head's, inside; as before on exit, whatever happens."""
+    previous = getattr(_matmuls, "dtype", None)
+    _matmuls.dtype = dtype
+    try:
+        yield
+    finally:
+        _matmuls.dtype = previous
+
+
+def matmul_dtype() -> torch.dtype | None:
+    """The dtype `base_matmuls` set for this thread's base matmuls, or None."""
+    return getattr(_matmuls, "dtype", None)
+
+
+def low_precision(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`weight` in `dtype`: a copy made once and kept with the weight (made again if the weight is
+    changed in place); the weight itself where it already is `dtype` or none is asked for."""
+    if dtype is None or weight.dtype == dtype:
+        return weight
+    kept = getattr(weight, "_sift_low_precision", None)
+    if kept is None or kept[0] != (dtype, weight._version, weight.data_ptr()):
+        kept = ((dtype, weight._version, weight.data_ptr()), weight.detach().to(dtype))
+        weight._sift_low_precision = kept
+    return kept[1]
+
+
+def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x Wᵀ + b, the product in `dtype` on the kept copy of W (`low_precision`), in x's dtype;
+    F.linear itself where no other dtype is asked for (the base layer's output bit for bit)."""
+    if dtype is None or dtype == weight.dtype:
+        return F.linear(x, weight, bias)
+    y = F.linear(x.to(dtype), low_precision(weight, dtype)).to(x.dtype)
+    return y if bias is None else y.add_(bias)
 
 
 class LoRALinear(nn.Module):
@@ -68,27 +115,30 @@ class LoRALinear(nn.Module):
         row_scale = self.row_scale
         if row_scale is not None and torch.is_grad_enabled():
             raise RuntimeError("per-row adapter scales are for generation: run under torch.no_grad()")
+        dtype = matmul_dtype()
         if not self.enabled or row_scale is BASE:
-            return self.base(x)
+            return base_linear(x, self.base.weight, self.base.bias, dtype)
         if row_scale is not None:
             return _lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
-                                row_scale)[0]
+                                row_scale, dtype)[0]
         if self.dropout > 0 and self.training:
             lora = F.linear(F.linear(F.dropout(x, self.dropout), self.lora_A), self.lora_B)
-            return self.base(x) + self.scaling * lora
+            return base_linear(x, self.base.weight, self.base.bias, dtype) + self.scaling * lora
         if not torch.is_grad_enabled():  # generation: the same ops without autograd's bookkeeping
-            return _lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)[0]
-        return _LoRALinearFunction.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
+            return _lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
+                                dtype=dtype)[0]
+        return _LoRALinearFunction.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
+                                         dtype)
 
     def extra_repr(self) -> str:
         return f"rank={self.lora_A.shape[0]}, scaling={self.scaling:g}, enabled={self.enabled}"
 
 
-def _lora_linear(x, weight, bias, lora_a, lora_b, scaling, row_scale=None):
+def _lora_linear(x, weight, bias, lora_a, lora_b, scaling, row_scale=None, dtype=None):
     """(y, rows, h): y = x Wᵀ + b + s (x Aᵀ) Bᵀ, and x as rows and h = x Aᵀ for the backward;
-    with `row_scale` m [batch] (x: [batch, …, in]), row i's h is m_i (x_i Aᵀ)."""
+    with `row_scale` m [batch] (x: [batch, …, in]), row i's h is m_i (x_i Aᵀ); x Wᵀ in `dtype`."""
     rows = x.reshape(-1, x.shape[-1])
-    y = F.linear(x, weight, bias)  # the base layer's own op, so that B = 0 gives its output bit for bit
+    y = base_linear(x, weight, bias, dtype)  # the base layer's own op, so that B = 0 gives its output bit for bit
     h = rows @ lora_a.T
     if row_scale is not None:
         h = (h.view(row_scale.shape[0], -1, h.shape[-1]) * row_scale.view(-1, 1, 1).to(h.dtype)).view_as(h)
@@ -100,11 +150,12 @@ class _LoRALinearFunction(torch.autograd.Function):
     """y = x Wᵀ + b + s (x Aᵀ) Bᵀ with the backward of the module docstring (W and b get none)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
-        y, rows, h = _lora_linear(x, weight, bias, lora_a, lora_b, scaling)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dtype=None):
+        y, rows, h = _lora_linear(x, weight, bias, lora_a, lora_b, scaling, dtype=dtype)
         ctx.save_for_backward(rows, h, weight, lora_a, lora_b)
         ctx.scaling = scaling
         ctx.x_shape = x.shape
+        ctx.matmul_dtype = dtype
         return y
 
     @staticmethod
@@ -118,8 +169,11 @@ class _LoRALinearFunction(torch.autograd.Function):
         grad_a = grad_h.T @ rows.to(dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_rows @ weight.to(dtype)).addmm_(grad_h, lora_a.to(dtype)).view(ctx.x_shape)
-        return grad_x, None, None, grad_a, grad_b, None
+            low = ctx.matmul_dtype
+            through_weight = (grad_rows @ weight.to(dtype) if low is None or low == weight.dtype else
+                              (grad_rows.to(low) @ low_precision(weight, low)).to(dtype))
+            grad_x = through_weight.addmm_(grad_h, lora_a.to(dtype)).view(ctx.x_shape)
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 @contextmanager

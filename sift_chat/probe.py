@@ -3,8 +3,9 @@
 At start-up (`Engine.load`) the probe times, on the loaded model's own shapes:
 
     matmuls   every distinct linear shape of the model (the head aside) on T = 128 rows, the shape
-              of a LoRA step's and a prefill's matmuls: F.linear in fp32, and under bf16 autocast
-              (which casts the fp32 weights on every call, so the cast is in the time)
+              of a LoRA step's and a prefill's matmuls: in fp32, and in bf16 as the LoRA layers
+              run them (`lora.base_matmuls`: fp32 activations cast to bf16, times a bf16 copy
+              of the weight kept beside it, the product cast back)
     decode    the one-token decoding step the chat runs (`decoding.Rows`, two rows as in
               context-aware decoding) on 1 thread and on torch's thread count, at each precision
               it may run at; and, on a CPU with two threads or more, the two rows side by side
@@ -16,7 +17,7 @@ and chooses (`choose`, a pure function of the timings):
 
     precision         bf16 when its matmuls take at most 1/MIN_SPEEDUP of fp32's time, else fp32
     decode precision  the precision's, unless its decoding step is not MIN_SPEEDUP faster than
-                      fp32's (a token reads every weight: bf16 autocast adds a cast of each);
+                      fp32's (one or two rows per token: bf16 GEMV is no faster on some CPUs);
                       a forced precision is the decoding's too
     decode threads    whichever count decodes faster at the decode precision
     side by side      when the two rows side by side decode MIN_SIDE_SPEEDUP faster than the
@@ -33,7 +34,6 @@ forces the precision, $SIFT_CHAT_DECODE_THREADS the threads; the rest is still m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora import base_linear, base_matmuls
+
 PRECISIONS = ("fp32", "bf16")
 MIN_SPEEDUP = 1.3  # bf16 only when clearly faster
 MIN_SIDE_SPEEDUP = 1.1  # rows side by side only when faster beyond the noise of shared cores
@@ -55,7 +57,7 @@ ROWS = 128  # rows of the probe's matmuls: a step's passage, a prefill's prompt
 READ_TOKENS, UNREAD_TOKENS = 96, 35
 # their adapter scales as the default decodes after its steps (the LoRA layers of the engine's model, if any)
 AFTER_STEPS = (1.0, 0.0)
-VERSION = 2  # what the probe times; cached timings of another version are measured again
+VERSION = 3  # what the probe times; cached timings of another version are measured again
 CACHE_FILE = "compute.json"
 ENV_PRECISION = "SIFT_CHAT_PRECISION"
 ENV_DECODE_THREADS = "SIFT_CHAT_DECODE_THREADS"
@@ -77,12 +79,11 @@ class Compute:
     threads: int = 1  # torch's thread count when measured
     cache: str = ""  # where the timings are kept
 
-    def autocast(self, device: torch.device | str, stage: str = "step") -> ContextManager:
-        """The context to run `stage` in ("step", "prefill" or "decode"): bf16 autocast, or nothing."""
+    def context(self, stage: str = "step") -> ContextManager:
+        """The context to run `stage` in ("step", "prefill" or "decode"): the base weights'
+        matmuls on their kept bf16 copies (`lora.base_matmuls`), or as stored."""
         precision = self.decode_precision if stage == "decode" else self.precision
-        if precision != "bf16":
-            return contextlib.nullcontext()
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        return base_matmuls(torch.bfloat16 if precision == "bf16" else None)
 
     def describe(self) -> str:
         """One line: what was chosen and on what evidence."""
@@ -206,16 +207,16 @@ class ModelTimer:
 
     @torch.no_grad()
     def matmuls(self, precision: str) -> float:
-        """Seconds for one F.linear of each shape on ROWS rows, fp32 inputs and weights."""
+        """Seconds for one product x Wᵀ of each shape on ROWS rows as a step's and a prefill's base
+        layers compute it at `precision` (`lora.base_linear`: fp32 x, the weight's kept copy)."""
         generator = torch.Generator().manual_seed(0)
         pairs = [(torch.randn(ROWS, n_in, generator=generator).to(self.device),
                   torch.randn(n_out, n_in, generator=generator).to(self.device)) for n_in, n_out in self.shapes]
-        compute = Compute(precision=precision)
+        dtype = torch.bfloat16 if precision == "bf16" else None
 
         def run():
-            with compute.autocast(self.device):
-                for x, w in pairs:
-                    F.linear(x, w)
+            for x, w in pairs:
+                base_linear(x, w, None, dtype)
 
         return self._timed(run)
 
@@ -229,8 +230,8 @@ class ModelTimer:
         vocab = self.model.get_input_embeddings().weight.shape[0]
         prompts = [torch.arange(n, device=self.device)[None] % vocab for n in (READ_TOKENS, UNREAD_TOKENS)]
         rows = Rows(self.model, prompts, AFTER_STEPS, threads=threads,
-                    prefill_context=lambda: compute.autocast(self.device, "prefill"),
-                    step_context=lambda: compute.autocast(self.device, "decode"), side_by_side=side_by_side)
+                    prefill_context=lambda: compute.context("prefill"),
+                    step_context=lambda: compute.context("decode"), side_by_side=side_by_side)
         token = iter(range(1, 10_000))
 
         def run():
@@ -250,8 +251,8 @@ class ModelTimer:
 
         compute = Compute(precision=precision, decode_precision=precision)
         vocab = self.model.get_input_embeddings().weight.shape[0]
-        how = {"prefill_context": lambda: compute.autocast(self.device, "prefill"),
-               "step_context": lambda: compute.autocast(self.device, "decode")}
+        how = {"prefill_context": lambda: compute.context("prefill"),
+               "step_context": lambda: compute.context("decode")}
         reading = Rows(self.model, [torch.arange(READ_TOKENS, device=self.device)[None] % vocab], AFTER_STEPS[:1], **how)
         prior = Rows(self.model, [torch.arange(UNREAD_TOKENS, device=self.device)[None] % vocab], AFTER_STEPS[1:], **how)
         token = iter(range(1, 10_000))
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = ", ".join(f"{i}→{o}" for i, o in timer.shapes)
     print(f"{machine_key(model, args.device, threads)}; matmuls: one F.linear per shape ({shapes}) on {ROWS} rows; "
           f"decoding step: two rows; medians of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
-    print("| measured | fp32 | bf16 autocast | bf16 / fp32 speed |")
+    print("| measured | fp32 | bf16 | bf16 / fp32 speed |")
     print("|---|---|---|---|")
     rows = [("matmuls", "matmul_{}")] + [(f"decoding step, {k} thread{'s' * (k > 1)}", f"decode_{{}}_{k}")
                                          for k in dict.fromkeys([1, threads])]

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sift_chat import adaptation
 from sift_chat.adaptation import AdaptationSettings, Adapter, next_token_loss, passage_ids
+from sift_chat.lora import low_precision
 
 
 TEXT = (
@@ -182,6 +183,42 @@ def test_next_token_loss_equals_cross_entropy_of_the_logits(setup, monkeypatch, 
             adapter.optimizer.zero_grad(set_to_none=True)
     for fused, plain in zip(*grads):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 23, 1000])
+def test_the_head_loss_in_bf16_is_the_cross_entropy_of_bf16_logits(monkeypatch, chunk_elements):
+    """Under `base_matmuls(bf16)` the loss's logits are hidden · Wᵀ on the head's kept bf16 copy;
+    the loss and the gradient with respect to the hidden states are those of the textbook loss
+    over those logits, and the gradient is fp32."""
+    monkeypatch.setattr(adaptation, "HEAD_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (9,))
+    ours = adaptation.head_loss(hidden, low_precision(weight, torch.bfloat16), targets)
+    (grad,) = torch.autograd.grad(ours, hidden)
+    low = weight.to(torch.bfloat16)
+    reference = torch.nn.functional.cross_entropy(
+        _BF16Logits.apply(hidden, low), targets)
+    (expected,) = torch.autograd.grad(reference, hidden)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert grad.dtype == torch.float32
+    # (softmax − onehot) rounded to bf16 before the 1/n, where the reference rounds it after: 1% of the largest
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-2 * expected.abs().max().item())
+    fp32 = adaptation.head_loss(hidden, weight, targets)
+    assert ours.item() != fp32.item() and ours.item() == pytest.approx(fp32.item(), rel=2e-2)
+
+
+class _BF16Logits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, low):
+        ctx.save_for_backward(low)
+        return (hidden.to(low.dtype) @ low.T).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (low,) = ctx.saved_tensors
+        return (grad.to(low.dtype) @ low).float(), None
 
 
 def test_other_heads_use_the_model_logits(setup, monkeypatch):

@@ -1,10 +1,13 @@
 """The LoRA layer: its written-out backward against autograd, peft's LoRA, and putting layers in and out."""
 
+import threading
+
 import pytest
 import torch
 from torch import nn
 
-from sift_chat.lora import LoRALinear, _LoRALinearFunction, add_lora, layer_index, remove_lora, row_scales
+from sift_chat.lora import (LoRALinear, _LoRALinearFunction, add_lora, base_matmuls, layer_index, low_precision,
+                            matmul_dtype, remove_lora, row_scales)
 from tests.tiny import logits, tiny_model, tiny_tokenizer
 
 
@@ -221,3 +224,94 @@ def test_generation_path_computes_what_the_training_path_computes():
     training = layer(x)
     assert training.grad_fn is not None and generating.grad_fn is None
     assert torch.equal(generating, training.detach())
+
+
+# -- the base matmuls in bf16 (`base_matmuls`): what the engine runs where the probe measured bf16 faster
+
+
+def test_bf16_base_matmuls_take_the_base_product_in_bf16_and_keep_the_rest_fp32():
+    """Forward and backward under base_matmuls(bf16) equal the formula with x Wᵀ and (∂L/∂y) W
+    computed in bf16 (x and W rounded, the product rounded back), the LoRA term and its gradients in
+    fp32; outside, the layer is fp32 again, bit for bit."""
+    layer = random_layer(dtype=torch.float32)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    upstream = torch.randn(2, 5, 20)
+    weight, bias = layer.base.weight, layer.base.bias
+    low = weight.to(torch.bfloat16)
+
+    def reference(v):  # the base product through bf16, by plain autograd
+        base = _BF16Product.apply(v, weight) + bias
+        return base + layer.scaling * (v @ layer.lora_A.T) @ layer.lora_B.T
+
+    def grads(forward):
+        layer.zero_grad()
+        x.grad = None
+        y = forward(x)
+        (y * upstream).sum().backward()
+        return y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+    with base_matmuls(torch.bfloat16):
+        ours = grads(layer)
+    expected = grads(reference)
+    for a, b in zip(ours, expected):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    fp32 = grads(lambda v: composite(layer, v))
+    assert not torch.allclose(ours[0], fp32[0], atol=1e-4)  # the bf16 product did run
+    assert torch.equal(grads(layer)[0], fp32[0])  # outside the block: fp32 again
+    # the bf16 copy is made once and kept, and made again when the weight changes in place
+    assert low_precision(weight, torch.bfloat16) is low_precision(weight, torch.bfloat16)
+    assert torch.equal(low_precision(weight, torch.bfloat16), low)
+    with torch.no_grad():
+        weight.mul_(2)
+    assert torch.equal(low_precision(weight, torch.bfloat16), weight.to(torch.bfloat16))
+    assert low_precision(weight, None) is weight and low_precision(weight, torch.float32) is weight
+
+
+class _BF16Product(torch.autograd.Function):
+    """x Wᵀ through bf16, and ∂L/∂x = (∂L/∂y) W through bf16: the reference for base_matmuls."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return (x.to(torch.bfloat16) @ weight.to(torch.bfloat16).T).float()
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (weight,) = ctx.saved_tensors
+        return (grad_y.to(torch.bfloat16) @ weight.to(torch.bfloat16)).float(), None
+
+
+def test_bf16_base_matmuls_keep_base_rows_equal_to_the_disabled_layer():
+    """With base_matmuls(bf16), a row at adapter scale 0 gives what the disabled layer gives, bit for
+    bit (the contrast against the base model compares like with like), and B = 0 gives it too."""
+    layer = random_layer(dtype=torch.float32)
+    x = torch.randn(2, 3, 12)
+    with torch.no_grad(), base_matmuls(torch.bfloat16):
+        with row_scales(layer, [1.0, 0.0]):
+            mixed = layer(x)
+        layer.enabled = False
+        disabled = layer(x)
+        layer.enabled = True
+        with row_scales(layer, [0.0, 0.0]):
+            base_rows = layer(x)
+        torch.nn.init.zeros_(layer.lora_B)
+        zero_b = layer(x)
+    assert torch.equal(mixed[1], disabled[1]) and torch.equal(base_rows, disabled) and torch.equal(zero_b, disabled)
+    assert not torch.equal(mixed[0], disabled[0])
+
+
+def test_base_matmuls_belong_to_the_thread_and_end_with_the_block():
+    seen = {}
+    with base_matmuls(torch.bfloat16):
+        thread = threading.Thread(target=lambda: seen.setdefault("other", matmul_dtype()))
+        thread.start()
+        thread.join()
+        seen["inside"] = matmul_dtype()
+        with pytest.raises(KeyError):
+            with base_matmuls(None):
+                seen["nested"] = matmul_dtype()
+                raise KeyError
+        seen["after nested"] = matmul_dtype()
+    assert seen == {"other": None, "inside": torch.bfloat16, "nested": None, "after nested": torch.bfloat16}
+    assert matmul_dtype() is None
