@@ -3,8 +3,8 @@ against the GPU's own bf16 matmul rate.
 
     .venv/bin/python benchmarks/bench_cuda.py [--modes default,context,both] [--prompts 5] [--tokens 256]
 
-On the sample corpus with the default models on `cuda`, for each precision (fp32; bf16 autocast
-with fp32 LoRA weights and Adam state, as `probe.Compute` runs it) and each mode: the median
+On the sample corpus with the default models on `cuda`, for each precision (fp32; bf16 products
+on kept bf16 copies of the weights, fp32 LoRA weights and Adam state, as `probe.Compute` runs it) and each mode: the median
 seconds of embed, select, fine-tune (the 8 steps), first token, generation and the whole answer,
 the answer's tokens, and the whole answer against `context` at fp32 in the same run; whether the
 bf16 answers are the fp32 ones word for word. Then one LoRA step on a passage of `--tokens`

@@ -206,7 +206,7 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="chat model (default: the packaged SmolLM2)")
     parser.add_argument("--cache-dir", default=None, help="where the converted model is kept")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                        help="fp32, and/or bf16 autocast as the engine runs a step where the probe chose it")
+                        help="fp32, and/or bf16 as the engine runs a step where the probe chose it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     args = parser.parse_args(argv)
     if args.threads:

@@ -1,7 +1,8 @@
 """Message latency by stage, per mode, on the sample corpus and the default models.
 
     .venv/bin/python benchmarks/bench_message.py [--corpus stdlib] [--modes default,context] [--contrast 0,1]
-                                                 [--on-demand] [--precision fp32,bf16] [--prompts N] [--json PATH]
+                                                 [--on-demand] [--precision fp32,bf16] [--steps each,together]
+                                                 [--prompts N] [--json PATH]
 
 On the sample corpus the passages are short (about 50 tokens); `--corpus stdlib` uses 60 files of
 the Python standard library instead, whose passages are full length (192 embedder tokens).
@@ -15,7 +16,9 @@ of context-aware decoding in one forward per token); `--on-demand` adds each row
 with the second conversation a forward only where the contrast can change the token
 (`Compute.contrast_on_demand`). `--precision fp32,bf16` runs every row at each precision (bf16:
 the base matmuls of the steps and the prefill on kept bf16 copies, decoding in fp32, as the probe
-chooses where bf16 matmuls measure faster and a bf16 decoding step does not). Targets on 2 CPU cores: the whole answer within 10 s on the sample corpus with the
+chooses where bf16 matmuls measure faster and a bf16 decoding step does not); `--steps
+each,together` runs the modes that learn with a step per passage and with one step on the passages
+together (`AdaptationSettings.together`). Targets on 2 CPU cores: the whole answer within 10 s on the sample corpus with the
 defaults, and no default costing more than 2x plain `context`.
 """
 
@@ -33,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 from sift_chat import config  # noqa: E402
+from sift_chat.adaptation import AdaptationSettings  # noqa: E402
 from sift_chat.corpus import ingest  # noqa: E402
 from sift_chat.engine import ChatSettings, Done, Engine  # noqa: E402
 from sift_chat.models import load_chat_model, load_embedder  # noqa: E402
@@ -55,9 +59,9 @@ PROMPTS = [
 ]
 
 
-def answer(engine, prompt: str, settings: ChatSettings) -> dict:
+def answer(engine, prompt: str, settings: ChatSettings, adaptation: AdaptationSettings | None = None) -> dict:
     started = time.perf_counter()
-    done = [e for e in engine.respond(prompt, settings=settings) if isinstance(e, Done)][0]
+    done = [e for e in engine.respond(prompt, settings=settings, adaptation=adaptation) if isinstance(e, Done)][0]
     whole = time.perf_counter() - started
     tokens = len(engine.tokenizer(done.raw_answer, add_special_tokens=False)["input_ids"])
     return done.record.seconds | {"whole": whole, "steps": len(done.record.losses), "tokens": tokens,
@@ -80,6 +84,7 @@ def main() -> None:
                         help="also each row with α > 0 with the contrast on demand")
     parser.add_argument("--precision", default="fp32",
                         help="comma-separated: fp32, bf16 (steps and prefill), each run with every row (default: %(default)s)")
+    parser.add_argument("--steps", default="each", help="comma-separated: each, together (default: %(default)s)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -88,15 +93,23 @@ def main() -> None:
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     if not precisions or set(precisions) - {"fp32", "bf16"}:
         parser.error(f"--precision: fp32 and/or bf16, got {args.precision!r}")
-    rows = list(dict.fromkeys((mode, strength, False, p) for p in precisions for mode in modes for strength in strengths))
-    rows += [(mode, strength, True, p) for mode, strength, _, p in rows if args.on_demand and strength > 0]
-    reference = ("context", 0.0, False, precisions[0])
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if not steps or set(steps) - {"each", "together"}:
+        parser.error(f"--steps: each and/or together, got {args.steps!r}")
+    rows = list(dict.fromkeys((mode, strength, False, p, how) for p in precisions for how in steps for mode in modes
+                              for strength in strengths if how == "each" or mode in ("both", "fine-tune")))
+    rows += [(mode, strength, True, p, how) for mode, strength, _, p, how in rows if args.on_demand and strength > 0]
+    reference = ("context", 0.0, False, precisions[0], "each")
 
     def settings_of(row) -> ChatSettings:
         return ChatSettings(mode=row[0], context_contrast=row[1], passages=args.passages)
 
     def label(row) -> str:
-        return f"{row[0]} α={row[1]:g}{', on demand' if row[2] else ''}{', ' + row[3] if len(precisions) > 1 else ''}"
+        return (f"{row[0]} α={row[1]:g}{', on demand' if row[2] else ''}{', ' + row[3] if len(precisions) > 1 else ''}"
+                f"{', steps together' if row[4] == 'together' else ''}")
+
+    def adaptation_of(row) -> AdaptationSettings:
+        return AdaptationSettings(together=row[4] == "together")
 
     embedder = load_embedder(config.DEFAULT_EMBEDDER, args.device)
     model, tokenizer = load_chat_model(config.DEFAULT_CHAT_MODEL, args.device, config.data_dir() / "models")
@@ -115,12 +128,12 @@ def main() -> None:
         for prompt in prompts[: args.prompts]:  # rows interleaved: all see the same machine load
             for row in rows:
                 engine.compute = Compute(row[3], "fp32", 1, contrast_on_demand=row[2])
-                runs[row].append(answer(engine, prompt, settings_of(row)))
+                runs[row].append(answer(engine, prompt, settings_of(row), adaptation_of(row)))
         store_size = store.passage_count()
     stages = ["embed", "select", "fine-tune", "first_token", "generate", "whole", "tokens"]
     medians = {row: {stage: statistics.median(run.get(stage, 0.0) for run in runs[row]) for stage in stages}
                for row in rows}
-    settings, adaptation = ChatSettings(passages=args.passages), engine.adapter.settings
+    settings, adaptation = ChatSettings(passages=args.passages), AdaptationSettings()
     print(f"corpus {args.corpus} ({store_size} passages); {settings.passages} passages ({settings.method}), "
           f"{settings.context_passages} read in context; LoRA rank {adaptation.rank} on "
           f"{adaptation.top_layers or 'all'} layers, training on the {adaptation.training}; "
@@ -135,7 +148,7 @@ def main() -> None:
         ended = ", ".join(f"{n} {how}" for how, n in Counter(r["ended"] for r in runs[row]).items())
         print(f"| {label(row)} | {m['embed']:.2f} | {m['select']:.2f} | {m['fine-tune']:.2f} | {m['first_token']:.2f} | "
               f"{m['generate']:.2f} | {m['whole']:.2f} | {ratio} | {m['tokens']:g} | {ended} |")
-    default = medians.get((settings.mode, settings.context_contrast, False, precisions[0]))
+    default = medians.get((settings.mode, settings.context_contrast, False, precisions[0], "each"))
     if default:
         print(f"\ntarget: whole answer with the defaults <= 10 s: {'met' if default['whole'] <= 10 else 'MISSED'}")
     if args.json:

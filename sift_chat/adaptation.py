@@ -48,7 +48,8 @@ StepCallback = Callable[[int, int, float], None]  # on_step(i, n, loss): step i 
 class AdaptationSettings:
     """How a message adapts the model: the best of the evaluation's sweep (README: Evaluation) —
     learning rate 1e-3 (of 1e-3, 3e-3, 1e-2), every layer (top 8 learned far less), LoRA on the
-    MLP too; rank 8 (32 did the same)."""
+    MLP too; rank 8 (32 did the same); a step per passage (`together`: one on all of them answered
+    the same, README: Answers)."""
 
     rank: int = 8
     alpha: float = 16.0  # LoRA scaling is alpha / rank
@@ -64,6 +65,11 @@ class AdaptationSettings:
     # passes over the selected passages: a message takes epochs × N steps, all of the first pass
     # first (README, Answers: a fact only learned is said after about 4 passes, not after one)
     epochs: int = 1
+    # one optimizer step on a pass's passages together (the mean of their losses, one forward and
+    # backward over them as one right-padded batch, at learning_rate × their number: Adam's first
+    # step moves each weight by about its rate, so the n steps it replaces could move it n times
+    # as far) instead of one step per passage in turn
+    together: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -91,6 +97,7 @@ class AdaptationSettings:
         check(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
         check(_is_int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS,
               f"epochs must be an integer in [1, {MAX_EPOCHS}], got {self.epochs!r}")
+        check(isinstance(self.together, bool), f"together must be true or false, got {self.together!r}")
         check(self.training in TRAINING_FORMATS,
               f"training must be one of {', '.join(TRAINING_FORMATS)}, got {self.training!r}")
         targets = self.target_modules
@@ -147,6 +154,31 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor, first_target: int
         return head_loss(hidden[0, first_target - 1:-1], low_precision(head.weight, matmul_dtype()), targets)
     logits = model(input_ids=input_ids, use_cache=False).logits
     return F.cross_entropy(logits[0, first_target - 1:-1].float(), targets)
+
+
+def next_token_losses(model: nn.Module, sequences: Sequence[torch.Tensor], first_targets: Sequence[int]) -> torch.Tensor:
+    """`next_token_loss` of each sequence [T_b] (from position s_b = first_targets[b] on), by one
+    forward over them as a batch, right-padded to the longest: a causal model's position t reads
+    positions ≤ t only, so no token of a sequence reads the padding after it, and the padding's own
+    positions are in no loss. Returns the losses [B] (nats)."""
+    if not sequences or any(not 1 <= s < len(ids) for ids, s in zip(sequences, first_targets)):
+        raise ValueError("every sequence needs a token to predict after its first target")
+    longest = max(len(ids) for ids in sequences)
+    batch = torch.stack([F.pad(ids, (0, longest - len(ids)), value=int(ids[-1])) for ids in sequences])
+    head = model.get_output_embeddings()
+    if (
+        getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS
+        and isinstance(head, nn.Linear)
+        and head.bias is None
+        and not head.weight.requires_grad
+    ):
+        hidden = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
+        weight = low_precision(head.weight, matmul_dtype())
+        return torch.stack([head_loss(hidden[b, s - 1:len(ids) - 1], weight, ids[s:])
+                            for b, (ids, s) in enumerate(zip(sequences, first_targets))])
+    logits = model(input_ids=batch, use_cache=False).logits
+    return torch.stack([F.cross_entropy(logits[b, s - 1:len(ids) - 1].float(), ids[s:])
+                        for b, (ids, s) in enumerate(zip(sequences, first_targets))])
 
 
 def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -338,6 +370,34 @@ class Adapter:
             self.model.eval()
         self.steps += 1
         return loss.item()
+
+    def step_together(self, texts: Sequence[str], prefixes: Sequence[str] | None = None) -> list[float]:
+        """One optimizer step on the mean of the passages' next-token losses (each read after its
+        prefix), computed in one forward and backward over them as a batch (`next_token_losses`),
+        at the learning rate × the number of passages in it (`AdaptationSettings.together`);
+        returns each passage's loss before the step (nan for one with nothing to predict, which is
+        left out). No step when no passage has anything to predict."""
+        prefixes = list(prefixes) if prefixes is not None else [""] * len(texts)
+        tokenised = [self.training_tokens(text, prefix) for text, prefix in zip(texts, prefixes)]
+        learnable = [i for i, (ids, first) in enumerate(tokenised) if ids.shape[1] > first]
+        losses = [float("nan")] * len(texts)
+        if not learnable:
+            return losses
+        self.model.train()
+        try:
+            each = next_token_losses(self.model, [tokenised[i][0][0] for i in learnable],
+                                     [tokenised[i][1] for i in learnable])
+            each.mean().backward()
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.settings.learning_rate * len(learnable)
+            self.optimizer.step()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.eval()
+        self.steps += 1
+        for i, loss in zip(learnable, each.tolist()):
+            losses[i] = loss
+        return losses
 
     def adapt(self, texts: Sequence[str], on_step: StepCallback | None = None) -> list[float]:
         """One step per passage, in order, on the current adapter; `on_step(i, n, loss)` after each

@@ -332,7 +332,7 @@ def _answer(service: Service, turn: Turn, request: CompletionRequest) -> Iterato
             elif isinstance(event, Prompted) and panel is not None:
                 panel.read = [p.id for p in event.passages]
             elif isinstance(event, Step):
-                panel.losses.append(event.loss)
+                panel.add_step(event)
                 yield "step", event.index, event.total
             elif isinstance(event, Notice):
                 notices.append(event.message)

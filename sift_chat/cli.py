@@ -269,7 +269,7 @@ def _show(event) -> bool:
     elif isinstance(event, Selected):
         print(_selection_table(event))
     elif isinstance(event, Step):
-        print(f"  fine-tune step {event.index}/{event.total}: loss {event.loss:.3f}", file=sys.stderr)
+        print(f"  fine-tune {event.words}: loss {event.loss:.3f}", file=sys.stderr)
     elif isinstance(event, Stage) and event.name == "generate" and event.state == "started":
         print()
     elif isinstance(event, Token):

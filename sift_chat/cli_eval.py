@@ -89,6 +89,8 @@ def add_eval_parsers(commands) -> None:
                     help="passes over the selected passages (default: %(default)s)")
     qa.add_argument("--training", choices=TRAINING_FORMATS, default=AdaptationSettings.training,
                     help="what a step's loss is on (default: %(default)s)")
+    qa.add_argument("--together", action="store_true",
+                    help="one step per pass on its passages as one batch (their mean loss), not one per passage")
     qa.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                     help="the base matmuls of steps and prefill: fp32, bf16 (decoding in fp32), or auto: what the "
                          "app's start-up probe chooses on this machine (default: %(default)s)")
@@ -169,7 +171,8 @@ def cmd_eval_qa(args) -> int:
         ChatSettings(mode=configuration.mode,
                      method=settings.method if configuration.method == qa.NO_METHOD else configuration.method)
     adaptation = AdaptationSettings(learning_rate=args.lr, top_layers=args.top_layers, target_modules=args.targets,
-                                    training=args.training, epochs=args.epochs, seed=args.seed)
+                                    training=args.training, epochs=args.epochs, together=args.together,
+                                    seed=args.seed)
     home = config.data_dir(args.data_dir)
     corpus = Path(args.corpus).expanduser().resolve()
     if not corpus.is_dir():

@@ -112,7 +112,7 @@ class Rows:
     costs none, and a conversation asked for its logits only now and then (the one without the
     passages, in context-aware decoding) catches up in one forward.
     The prefill runs inside `prefill_context()` and every step inside `step_context()` (the
-    precision `probe.Compute` chose: bf16 autocast or nothing), entered and left around each
+    precision `probe.Compute` chose: bf16 base products or nothing), entered and left around each
     forward in the thread that runs it, so that a consumer resuming the decoding on another
     thread (Gradio does) runs it the same way.
 

@@ -166,9 +166,21 @@ class Selected:
 
 @dataclass(frozen=True)
 class Step:
-    index: int  # 1-based
+    """Passage `index` of `total` (1-based, pass after pass) was learned from: `loss` is its
+    next-token loss before its step, which it took alone or, `together`, with the other passages
+    of its pass (one step on all of them, `AdaptationSettings.together`)."""
+
+    index: int
     total: int
     loss: float
+    together: bool = False
+
+    @property
+    def words(self) -> str:
+        """For a status line: "step 2 of 3", or "passage 2 of 4 (one step on all 4)"."""
+        if self.together:
+            return f"passage {self.index} of {self.total} (one step on all {self.total})"
+        return f"step {self.index} of {self.total}"
 
 
 @dataclass(frozen=True)
@@ -261,7 +273,7 @@ class Engine:
     def _use(self, adaptation: AdaptationSettings) -> None:
         """Adapt this message with these settings (called holding the lock). What only the
         optimizer or the data sees (learning rate, optimizer, seed, passage length, training
-        format, passes) takes a fresh optimizer; another LoRA shape (rank, targets, layers) rebuilds the
+        format, passes, steps together) takes a fresh optimizer; another LoRA shape (rank, targets, layers) rebuilds the
         adapter on the base model, or keeps the old one when the new settings do not fit the
         model. The adapter's shape is a cache: the next message states its own settings again."""
         current = self.adapter.settings
@@ -269,7 +281,7 @@ class Engine:
             return
         same_shape = replace(adaptation, learning_rate=current.learning_rate, optimizer=current.optimizer,
                              seed=current.seed, max_passage_tokens=current.max_passage_tokens,
-                             training=current.training, epochs=current.epochs) == current
+                             training=current.training, epochs=current.epochs, together=current.together) == current
         if same_shape:
             self.adapter.settings = adaptation
             self.adapter.reset()
@@ -389,7 +401,14 @@ class Engine:
                 training = self.adapter.settings.training
                 texts = [training_text(prompt, pick.passage.text, training, self._render) for pick in selected.picks]
                 schedule = texts * self.adapter.settings.epochs  # pass after pass, picks in order
-                for index, (prefix, text) in enumerate(schedule, 1):
+                if self.adapter.settings.together:  # a step per pass, on its passages as one batch
+                    for start in range(0, len(schedule), len(texts)):
+                        one_pass = schedule[start:start + len(texts)]
+                        with self.compute.context("step"):
+                            losses += self.adapter.step_together([t for _, t in one_pass], [p for p, _ in one_pass])
+                        for index in range(start + 1, start + len(one_pass) + 1):
+                            yield Step(index, len(schedule), losses[index - 1], together=True)
+                for index, (prefix, text) in enumerate([] if self.adapter.settings.together else schedule, 1):
                     with self.compute.context("step"):  # bf16 base matmuls where chosen; fp32 LoRA and Adam
                         losses.append(self.adapter.step(text, prefix))
                     yield Step(index, len(schedule), losses[-1])

@@ -100,6 +100,12 @@ class Panel:
     lead: dict | None = None  # passage_id, document_id, path, start_char, end_char, text of the passage read first
     # passage id -> the answer's words that this passage, learned from, holds and no passage read does
     only_learned: dict[int, list[str]] = field(default_factory=dict)
+    together: bool = False  # the passages were learned from in one step (`AdaptationSettings.together`)
+
+    def add_step(self, step) -> None:
+        """An `engine.Step`: the loss of the passage it learned from."""
+        self.losses.append(step.loss)
+        self.together = step.together
 
     @property
     def final_variance(self) -> float:
@@ -185,7 +191,8 @@ class Panel:
         return cls(selection.method, selection.prior_variance, picks, list(selection.nn_posterior_variance),
                    selection.stop_reason, list(losses), dict(record.seconds), mode=mode, read=list(record.read),
                    citations=list(record.citations), lead=lead,
-                   only_learned={int(k): list(v) for k, v in record.only_learned.items()})
+                   only_learned={int(k): list(v) for k, v in record.only_learned.items()},
+                   together=bool(record.adaptation.get("together", False)))
 
     def to_json(self) -> dict:
         """The panel as JSON: each pick with its citation number, source (and its document's id),
@@ -200,7 +207,8 @@ class Panel:
                   "loss": _finite(self.losses[pick["step"] - 1]) if pick["step"] <= len(self.losses) else None,
                   "only_learned": list(self.only_learned.get(pick["passage_id"], []))}
                  for pick in self.picks]
-        return {"method": self.method, "mode": self.mode, "prior_variance": self.prior_variance,
+        return {"method": self.method, "mode": self.mode, "together": self.together,
+                "prior_variance": self.prior_variance,
                 "final_variance": self.final_variance, "stop_reason": self.stop_reason,
                 "nn_posterior_variance": self.nn_variance, "picks": picks,
                 "lead": {**self.lead, "number": 1} if self.lead else None,

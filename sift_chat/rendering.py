@@ -81,13 +81,16 @@ def _usage(panel: Panel) -> str:
     not_read = f" that {read} does not" if panel.read else ""
     taught = f" {taught} of them hold words of the answer{not_read}: what the steps put into it." if taught else ""
     passes = len(panel.losses) // len(panel.picks) if panel.picks else 1
-    each = "one fine-tuning step each" if passes <= 1 else f"{passes} fine-tuning steps each, pass after pass"
+    if panel.together:
+        each = "one fine-tuning step on all of them" if passes <= 1 else f"{passes} fine-tuning steps on all of them"
+    else:
+        each = ("one fine-tuning step each" if passes <= 1 else f"{passes} fine-tuning steps each, pass after pass"
+                ) + ", in this order"
     if panel.learned and panel.read:
-        return (f"The model read {read} in its prompt and learned from {len(panel.picks)} "
-                f"({each}, in this order).{taught}")
+        return f"The model read {read} in its prompt and learned from {len(panel.picks)} ({each}).{taught}"
     if panel.learned:
-        return (f"The model learned from these {len(panel.picks)} passages ({each}, in "
-                f"this order{'' if steps else '; the steps are still to come'}); it did not read them in its prompt."
+        return (f"The model learned from these {len(panel.picks)} passages ({each}"
+                f"{'' if steps else '; the steps are still to come'}); it did not read them in its prompt."
                 f"{taught}")
     if panel.read:
         return f"The model read {read} in its prompt; it learned from none ({panel.mode} mode takes no fine-tuning step)."

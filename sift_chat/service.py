@@ -287,8 +287,8 @@ class Service:
                              "fine-tune": "before the first step", "generate": "before the first word"
                              }.get(event.name, f"while in {event.name}")
                 elif isinstance(event, Step):
-                    panel.losses.append(event.loss)
-                    where = f"after step {event.index} of {event.total}"
+                    panel.add_step(event)
+                    where = f"after {event.words}"
                 elif isinstance(event, Token):
                     where = "while writing the answer"
                 elif isinstance(event, Notice):

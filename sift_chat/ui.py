@@ -230,9 +230,8 @@ class Handlers:
                 elif isinstance(event, Prompted) and panel is not None:
                     panel.read = [p.id for p in event.passages]
                 elif isinstance(event, Step):
-                    panel.losses.append(event.loss)
-                    yield view(f"Fine-tuning: step {event.index} of {event.total} · loss {event.loss:.3f}",
-                               panel=panel)
+                    panel.add_step(event)
+                    yield view(f"Fine-tuning: {event.words} · loss {event.loss:.3f}", panel=panel)
                 elif isinstance(event, Notice):
                     notes.append(event.message)
                     yield view()
@@ -304,8 +303,8 @@ class Handlers:
                 elif isinstance(event, Prompted) and method in panels:
                     panels[method].read = [p.id for p in event.passages]
                 elif isinstance(event, Step):
-                    panels[method].losses.append(event.loss)
-                    yield view(f"{label}: fine-tuning step {event.index} of {event.total} · loss {event.loss:.3f}")
+                    panels[method].add_step(event)
+                    yield view(f"{label}: fine-tuning, {event.words} · loss {event.loss:.3f}")
                 elif isinstance(event, Answered):
                     if event.panel is not None:
                         panels[method] = event.panel

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sift_chat import adaptation
-from sift_chat.adaptation import AdaptationSettings, Adapter, next_token_loss, passage_ids
+from sift_chat.adaptation import AdaptationSettings, Adapter, next_token_loss, next_token_losses, passage_ids
 from sift_chat.lora import low_precision
 
 
@@ -428,3 +428,56 @@ def test_default_model_end_to_end(chat_model):  # conftest: the packaged model, 
         adapter.remove()  # the session's model is shared: give it back without LoRA layers
     assert not any("lora_" in name for name, _ in model.named_modules())
     assert torch.equal(logits(model, probe), base)
+
+
+# -- one step on the passages together (AdaptationSettings.together)
+
+
+def test_losses_of_a_padded_batch_equal_each_sequence_alone(setup):
+    """Right padding changes no sequence's loss: a causal position reads only the positions before it."""
+    _, make, _, _ = setup
+    adapter = make()
+    with adapter.adapted(PASSAGES[:1]):  # B != 0
+        batch = [adapter.tokens(p)[0] for p in PASSAGES[:3]]
+        assert len({len(ids) for ids in batch}) > 1  # the padding is exercised
+        with torch.no_grad():
+            together = next_token_losses(adapter.model, batch, [1, 2, 1])
+            alone = [next_token_loss(adapter.model, ids, first) for ids, first in zip(batch, [1, 2, 1])]
+    torch.testing.assert_close(together, torch.stack(alone), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="a token to predict"):
+        next_token_losses(adapter.model, [batch[0][:1]], [1])
+
+
+def test_a_step_together_is_one_step_on_the_mean_of_the_losses(setup):
+    """step_together on one passage is step; on three it returns each loss before the step and
+    moves the adapter as one step on their mean at 3 × the learning rate does."""
+    _, make, _, _ = setup
+    adapter = make()
+
+    def after(run):
+        adapter.reset()
+        out = run()
+        return out, [p.detach().clone() for p in adapter.trainable]
+
+    (together_one, moved_together), (alone, moved_alone) = (after(lambda: adapter.step_together([PASSAGES[0]])),
+                                                            after(lambda: adapter.step(PASSAGES[0])))
+    assert together_one == [pytest.approx(alone, rel=1e-6)]
+    for a, b in zip(moved_together, moved_alone):  # Adam's first step is ±lr where a gradient is float noise
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    def by_hand():
+        for group in adapter.optimizer.param_groups:  # a step on 3 passages at 3 × their rate
+            group["lr"] = 3 * adapter.settings.learning_rate
+        adapter.model.train()
+        mean = torch.stack([next_token_loss(adapter.model, adapter.tokens(p)) for p in PASSAGES[:3]]).mean()
+        mean.backward()
+        adapter.optimizer.step()
+        adapter.optimizer.zero_grad(set_to_none=True)
+        adapter.model.eval()
+        return mean.item()
+
+    (losses, moved_together), (mean, moved_by_hand) = after(lambda: adapter.step_together(PASSAGES[:3])), after(by_hand)
+    assert len(losses) == 3 and sum(losses) / 3 == pytest.approx(mean, rel=1e-5)
+    for a, b in zip(moved_together, moved_by_hand):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert any(p.abs().sum() > 0 for p in moved_together[1::2])  # B moved

@@ -85,7 +85,7 @@ def test_chat_one_shot_shows_the_selection_and_steps_then_the_answer(tiny_chat, 
     assert out.startswith("SIFT: σ² 1.000 → ") and "after 3 picks (stopped: max_steps)" in out
     assert "lighthouse.md" in out and out.count("σ² → ") == 3
     assert [line.split(":")[0].strip() for line in err.splitlines() if "fine-tune step" in line] == [
-        "fine-tune step 1/3", "fine-tune step 2/3", "fine-tune step 3/3"]
+        "fine-tune step 1 of 3", "fine-tune step 2 of 3", "fine-tune step 3 of 3"]
     assert "[embed" in out and "first token" in out
 
     from sift_chat.store import Store

@@ -428,3 +428,43 @@ def test_epochs_take_every_pick_again_pass_after_pass_and_the_model_returns_to_b
     assert_at_base(engine, probe)
     with pytest.raises(ValueError, match="epochs must be an integer in"):
         AdaptationSettings(epochs=0)
+
+
+def test_steps_together_take_one_step_a_pass_report_each_pick_and_return_to_base(engine, probe, monkeypatch):
+    """`together`: one step a pass on all the picks (their losses before it, one per pick, in pick
+    order), passes as with a step each; the panel says so; the model is at base afterwards."""
+    from sift_chat.panel import Panel
+    from sift_chat.rendering import _usage
+
+    batches = []
+    real = engine.adapter.step_together
+
+    def step_together(texts, prefixes=None):
+        batches.append(list(texts))
+        return real(texts, prefixes)
+
+    monkeypatch.setattr(engine.adapter, "step_together", step_together)
+    monkeypatch.setattr(engine.adapter, "step", lambda *a, **k: pytest.fail("a step per passage was taken"))
+    settings = replace(FAST, passages=3, max_new_tokens=2)
+    events = list(engine.respond(QUESTION, [], settings,
+                                 adaptation=replace(engine.default_adaptation, together=True, epochs=2)))
+    [selected] = [e for e in events if isinstance(e, Selected)]
+    picks = [p.passage.text for p in selected.picks]
+    assert batches == [picks, picks]  # one step per pass
+    steps = [e for e in events if isinstance(e, Step)]
+    assert [(s.index, s.total, s.together) for s in steps] == [(i, 6, True) for i in range(1, 7)]
+    assert steps[0].words == "passage 1 of 6 (one step on all 6)"
+    with engine.adapter.disabled() as base_model:  # the first pass's losses are the base model's on each pick
+        from sift_chat.adaptation import next_token_loss
+        with torch.no_grad():
+            first_pass = [next_token_loss(base_model, engine.adapter.tokens(text)).item() for text in picks]
+    assert [s.loss for s in steps[:3]] == pytest.approx(first_pass, rel=1e-5)
+    assert steps[3].loss < steps[0].loss  # the second pass reads the adapted model
+    done = events[-1]
+    assert done.record.adaptation["together"] is True
+    panel = Panel.from_selected(selected, "both")
+    for step in steps:
+        panel.add_step(step)
+    panel.read = [selected.lead.id]
+    assert "2 fine-tuning steps on all of them" in _usage(panel) and "in this order" not in _usage(panel)
+    assert_at_base(engine, probe)

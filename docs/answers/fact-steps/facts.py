@@ -4,7 +4,8 @@ For two-fact questions: select (SIFT or NN defaults), the lead is read; per reci
 measure bits of each fact's span given the reference prefix (what the model would need to say), and
 optionally generate the answer (CAD α=1 against base or adapted) and check the facts.
 
-A recipe is KIND:LR:PASSES:WHICH — KIND passage | answer | readanswer | chat (what a step's loss is
+A recipe is KIND:LR:PASSES:WHICH — KIND passage | answer | readanswer | chat | sentence | readsentence (the pick's --sentences
+sentences most like the question, each as the answer after the question, without or with the lead read) (what a step's loss is
 on), PASSES over the picks, WHICH all | notlead | notleadK (the first K picks not read). E.g.
 
     sift-chat --data-dir /tmp/w ingest /tmp/world/documents
@@ -52,6 +53,20 @@ def span_bits(engine, input_ids, prefix, span):
     return float(nats) / math.log(2)
 
 
+SENTENCES_PER_PICK = 1
+
+
+def best_sentences(engine, prompt, text, k):
+    import re
+    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+", text) if len(x.split()) >= 3]
+    if len(sentences) <= k:
+        return sentences
+    q = engine.embed(prompt)
+    scores = [float(engine.embed(x) @ q) for x in sentences]
+    order = sorted(range(len(sentences)), key=lambda i: -scores[i])[:k]
+    return [sentences[i] for i in sorted(order)]
+
+
 def set_lr(adapter, lr):
     for g in adapter.optimizer.param_groups:
         g["lr"] = lr
@@ -80,6 +95,11 @@ def recipe_steps(engine, name, prompt, picks, lead, settings):
                 a.step(flat, render(conversation(prompt, [], []), True))
             elif kind == "readanswer":
                 a.step(flat, render(conversation(prompt, [], [" ".join(lead.text.split())]), True))
+            elif kind in ("sentence", "readsentence"):
+                # the pick's sentences most like the question, each as the answer to it (loss on it only)
+                prefix = render(conversation(prompt, [], [] if kind == "sentence" else [" ".join(lead.text.split())]), True)
+                for sentence in best_sentences(engine, prompt, flat, SENTENCES_PER_PICK):
+                    a.step(sentence, prefix)
             elif kind == "chat":
                 from sift_chat.generation import training_text
                 pre, tx = training_text(prompt, t, "chat", render)
@@ -97,11 +117,14 @@ def main():
     ap.add_argument("--method", default="sift")
     ap.add_argument("--recipes", default="base,passage:1e-3:1:all")
     ap.add_argument("--generate", type=int, default=0)
+    ap.add_argument("--sentences", type=int, default=1, help="sentence recipes: sentences per pick")
     ap.add_argument("--against", default="base")
     ap.add_argument("--only-learned", action="store_true", help="keep questions whose missing fact is in a non-lead pick")
     ap.add_argument("--out", default=None)
     ap.add_argument("--data-dir", required=True, help="a store holding the world's documents (sift-chat ingest)")
     args = ap.parse_args()
+    global SENTENCES_PER_PICK
+    SENTENCES_PER_PICK = args.sentences
     engine = Engine.load(args.data_dir)
     qs = [json.loads(l) for l in open(args.questions)]
     random.Random(args.seed).shuffle(qs)
