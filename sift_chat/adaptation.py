@@ -141,19 +141,7 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor, first_target: int
         input_ids = input_ids[None]
     if not 1 <= first_target < input_ids.shape[1]:
         raise ValueError(f"first_target must be in [1, {input_ids.shape[1] - 1}], got {first_target}")
-    targets = input_ids[0, first_target:]
-    head = model.get_output_embeddings()
-    if (
-        getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS
-        and isinstance(head, nn.Linear)
-        and head.bias is None
-        and not head.weight.requires_grad
-    ):
-        hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-        # the head's products in the dtype the engine chose for base matmuls (`lora.base_matmuls`)
-        return head_loss(hidden[0, first_target - 1:-1], low_precision(head.weight, matmul_dtype()), targets)
-    logits = model(input_ids=input_ids, use_cache=False).logits
-    return F.cross_entropy(logits[0, first_target - 1:-1].float(), targets)
+    return next_token_losses(model, [input_ids[0]], [first_target])[0]
 
 
 def next_token_losses(model: nn.Module, sequences: Sequence[torch.Tensor], first_targets: Sequence[int]) -> torch.Tensor:
@@ -164,7 +152,8 @@ def next_token_losses(model: nn.Module, sequences: Sequence[torch.Tensor], first
     if not sequences or any(not 1 <= s < len(ids) for ids, s in zip(sequences, first_targets)):
         raise ValueError("every sequence needs a token to predict after its first target")
     longest = max(len(ids) for ids in sequences)
-    batch = torch.stack([F.pad(ids, (0, longest - len(ids)), value=int(ids[-1])) for ids in sequences])
+    batch = (sequences[0][None] if len(sequences) == 1 else
+             torch.stack([F.pad(ids, (0, longest - len(ids)), value=int(ids[-1])) for ids in sequences]))
     head = model.get_output_embeddings()
     if (
         getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS
@@ -173,6 +162,7 @@ def next_token_losses(model: nn.Module, sequences: Sequence[torch.Tensor], first
         and not head.weight.requires_grad
     ):
         hidden = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
+        # the head's products in the dtype the engine chose for base matmuls (`lora.base_matmuls`)
         weight = low_precision(head.weight, matmul_dtype())
         return torch.stack([head_loss(hidden[b, s - 1:len(ids) - 1], weight, ids[s:])
                             for b, (ids, s) in enumerate(zip(sequences, first_targets))])

@@ -21,6 +21,15 @@ def random_layer(inputs=12, outputs=20, rank=4, bias=True, dtype=torch.float64, 
     return layer
 
 
+def outputs_and_grads(layer: LoRALinear, x: torch.Tensor, upstream: torch.Tensor, forward):
+    """forward(x), and the gradients of Σ forward(x) · upstream with respect to x, A and B."""
+    layer.zero_grad()
+    x.grad = None
+    y = forward(x)
+    (y * upstream).sum().backward()
+    return y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+
 def composite(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
     """The layer by the formula, through plain autograd: x Wᵀ + b + s (x Aᵀ) Bᵀ."""
     return layer.base(x) + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T
@@ -34,11 +43,7 @@ def test_backward_equals_autograd_of_the_formula(bias, shape):
     upstream = torch.randn(*shape[:-1], 20, dtype=torch.float64)
 
     def grads(forward):
-        layer.zero_grad()
-        x.grad = None
-        y = forward(x)
-        (y * upstream).sum().backward()
-        return y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+        return outputs_and_grads(layer, x, upstream, forward)
 
     ours, reference = grads(layer), grads(lambda v: composite(layer, v))
     for a, b in zip(ours, reference):
@@ -244,11 +249,7 @@ def test_bf16_base_matmuls_take_the_base_product_in_bf16_and_keep_the_rest_fp32(
         return base + layer.scaling * (v @ layer.lora_A.T) @ layer.lora_B.T
 
     def grads(forward):
-        layer.zero_grad()
-        x.grad = None
-        y = forward(x)
-        (y * upstream).sum().backward()
-        return y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+        return outputs_and_grads(layer, x, upstream, forward)
 
     with base_matmuls(torch.bfloat16):
         ours = grads(layer)
