@@ -152,8 +152,7 @@ def next_token_losses(model: nn.Module, sequences: Sequence[torch.Tensor], first
     if not sequences or any(not 1 <= s < len(ids) for ids, s in zip(sequences, first_targets)):
         raise ValueError("every sequence needs a token to predict after its first target")
     longest = max(len(ids) for ids in sequences)
-    batch = (sequences[0][None] if len(sequences) == 1 else
-             torch.stack([F.pad(ids, (0, longest - len(ids)), value=int(ids[-1])) for ids in sequences]))
+    batch = torch.stack([F.pad(ids, (0, longest - len(ids)), value=int(ids[-1])) for ids in sequences])
     head = model.get_output_embeddings()
     if (
         getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS
@@ -373,10 +372,10 @@ class Adapter:
         losses = [float("nan")] * len(texts)
         if not learnable:
             return losses
+        sequences = [tokenised[i][0][0] for i in learnable]  # each [1, T] as [T]
         self.model.train()
         try:
-            each = next_token_losses(self.model, [tokenised[i][0][0] for i in learnable],
-                                     [tokenised[i][1] for i in learnable])
+            each = next_token_losses(self.model, sequences, [tokenised[i][1] for i in learnable])
             each.mean().backward()
             for group in self.optimizer.param_groups:
                 group["lr"] = self.settings.learning_rate * len(learnable)

@@ -401,17 +401,18 @@ class Engine:
                 training = self.adapter.settings.training
                 texts = [training_text(prompt, pick.passage.text, training, self._render) for pick in selected.picks]
                 schedule = texts * self.adapter.settings.epochs  # pass after pass, picks in order
-                if self.adapter.settings.together:  # a step per pass, on its passages as one batch
-                    for start in range(0, len(schedule), len(texts)):
-                        one_pass = schedule[start:start + len(texts)]
-                        with self.compute.context("step"):
-                            losses += self.adapter.step_together([t for _, t in one_pass], [p for p, _ in one_pass])
-                        for index in range(start + 1, start + len(one_pass) + 1):
+                if self.adapter.settings.together:  # one step a pass, on all its passages as one batch
+                    prefixes, passages = zip(*texts)
+                    for _ in range(self.adapter.settings.epochs):
+                        with self.compute.context("step"):  # bf16 base matmuls where chosen; fp32 LoRA and Adam
+                            losses += self.adapter.step_together(passages, prefixes)
+                        for index in range(len(losses) - len(texts) + 1, len(losses) + 1):
                             yield Step(index, len(schedule), losses[index - 1], together=True)
-                for index, (prefix, text) in enumerate([] if self.adapter.settings.together else schedule, 1):
-                    with self.compute.context("step"):  # bf16 base matmuls where chosen; fp32 LoRA and Adam
-                        losses.append(self.adapter.step(text, prefix))
-                    yield Step(index, len(schedule), losses[-1])
+                else:
+                    for index, (prefix, text) in enumerate(schedule, 1):
+                        with self.compute.context("step"):
+                            losses.append(self.adapter.step(text, prefix))
+                        yield Step(index, len(schedule), losses[-1])
                 seconds["fine-tune"] = time.perf_counter() - started
                 yield Stage("fine-tune", "finished", seconds["fine-tune"])
 
