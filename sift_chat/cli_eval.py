@@ -54,6 +54,8 @@ def add_eval_parsers(commands) -> None:
     evaluate.add_argument("--max-passage-tokens", type=int, default=AdaptationSettings.max_passage_tokens)
     evaluate.add_argument("--passage-tokens", type=int, default=DEFAULT_PASSAGE_TOKENS,
                           help="embedder tokens per pool passage")
+    evaluate.add_argument("--together", action="store_true",
+                          help="one step on all the picks together (their mean loss) instead of one per pick")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="eval-results", help="folder for results.md/.json and the plot")
     evaluate.add_argument("--quiet", action="store_true")
@@ -122,7 +124,7 @@ def cmd_eval(args) -> int:
                             seed=args.seed, measure_first=args.measure_first)
     adaptation = AdaptationSettings(learning_rate=args.lr, rank=args.rank, top_layers=args.top_layers,
                                     target_modules=args.targets, max_passage_tokens=args.max_passage_tokens,
-                                    seed=args.seed)
+                                    together=args.together, seed=args.seed)
     home = config.data_dir(args.data_dir)
     name = config.embedder_name(args.embedder)
     model, tokenizer = load_chat_model(args.chat_model, args.device, home / "models")
@@ -132,7 +134,9 @@ def cmd_eval(args) -> int:
                                  passage_tokens=args.passage_tokens, progress=not args.quiet)
     measured = len({row.path for row in rows})
     title = (f"{Path(args.corpus).name}: {measured} test documents, pool of {len(split.pool)}, "
-             f"{settings.steps} {'picks' if settings.mode == 'context' else 'steps'}, lr {adaptation.learning_rate}, "
+             f"{settings.steps} {'picks' if settings.mode == 'context' else 'steps'}"
+             + (" taken together" if adaptation.together and settings.mode != "context" else "")
+             + f", lr {adaptation.learning_rate}, "
              f"λ {settings.lam}"
              + (f", every passage ×{settings.duplicate}" if settings.duplicate > 1 else "")
              + (", personal documents (test documents in the pool)" if settings.setting == "personal" else "")

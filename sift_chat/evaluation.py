@@ -220,7 +220,9 @@ def evaluate_document(document: TestDocument, query: torch.Tensor, candidate_ids
             context = context_ids(adapter.tokenizer, [passages[i].text for i in dict.fromkeys(ids)], settings) \
                 if settings.mode in ("context", "both") else []
             losses = []
-            if settings.mode != "context":
+            if settings.mode != "context" and adapter.settings.together:  # one step on all the picks
+                losses = adapter.step_together([passages[i].text for i in ids])
+            elif settings.mode != "context":
                 for step, passage_id in enumerate(ids, 1):
                     losses.append(adapter.step(passages[passage_id].text))
                     if step in settings.checkpoints and step < len(ids):

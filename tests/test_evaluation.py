@@ -160,6 +160,13 @@ def test_eval_runs_end_to_end_and_the_same_seed_gives_the_same_result(tmp_path, 
         assert row["losses"] == [] and row["passage_ids"] == fine_tuned[path]["passage_ids"]
         assert row["bpb"] != fine_tuned[path]["bpb"]
     assert not (tmp_path / "context" / "bpb-by-steps.png").exists()
+    together = run_eval(tmp_path, tmp_path / "together", "--together", "--methods", "none,sift")
+    assert {r["steps"] for r in together["rows"] if r["method"] == "sift"} == {3}  # one step: no checkpoints
+    for path, row in finals_of(together).items():  # the same picks, one step on all of them: another loss
+        assert row["passage_ids"] == fine_tuned[path]["passage_ids"] and len(row["losses"]) == 3
+        assert row["losses"][0] == pytest.approx(fine_tuned[path]["losses"][0], rel=1e-4)  # before any step
+        assert row["bpb"] != fine_tuned[path]["bpb"]
+    assert "taken together" in (tmp_path / "together" / "results.md").read_text()
     both = finals_of(run_eval(tmp_path, tmp_path / "both", "--mode", "both", "--methods", "none,sift"))
     for path, row in both.items():  # the same steps, measured with the passages in context
         assert row["losses"] == fine_tuned[path]["losses"] and row["bpb"] not in (fine_tuned[path]["bpb"],
