@@ -25,10 +25,12 @@ import torch
 
 from . import config
 from .adaptation import AdaptationSettings, Adapter, decoder_layers
+from .batching import GATHER_SECONDS, MAX_ROWS, Batch
 from .decoding import Rows
 from .embedding import shared
 from .generation import (answer_processors, cite, contrast, conversation, next_token, only_learned_words, repeat_start,
                          training_text)
+from .lora import lora_weights
 from .probe import Compute, probe
 from .record import AnswerRecord, SelectionRecord
 from .retrieval import FUSION, Candidates, preselect
@@ -242,6 +244,8 @@ class Engine:
         self.default_adaptation = adaptation or AdaptationSettings()  # for a message that names none
         self.adapter = Adapter(model, tokenizer, self.default_adaptation)
         self.lock = threading.Lock()  # one adaptation at a time per loaded model
+        self.model_lock = threading.Lock()  # one forward at a time: a step, a prefill, a batch's token
+        self.batch: Batch | None = None  # messages decoding together (`decode_together`), or one at a time
         self.fusion = FUSION  # how pre-selection combines the vector and the lexical search
         self._overhead: dict[str, int] | None = None  # tokens the chat template adds around a message
 
@@ -261,6 +265,15 @@ class Engine:
                      embedder_name=embedder_name, adaptation=adaptation)
         engine.compute = probe(engine.model, home, precision)  # with its LoRA layers, as it decodes
         return engine
+
+    def decode_together(self, max_rows: int = MAX_ROWS, gather_seconds: float = GATHER_SECONDS) -> None:
+        """From now on a message, once its steps are taken, decodes as rows of one batch with the
+        other messages being answered (`batching`), and hands the adapter to the next message
+        while it does: for a server with several users."""
+        self.batch = Batch(self.model, self.model_lock, threads=self.compute.decode_threads,
+                           prefill_context=lambda: self.compute.context("prefill"),
+                           step_context=lambda: self.compute.context("decode"),
+                           max_rows=max_rows, gather_seconds=gather_seconds)
 
     @property
     def model(self):
@@ -286,6 +299,8 @@ class Engine:
             self.adapter.settings = adaptation
             self.adapter.reset()
             return
+        if self.batch is not None:  # rows decoding with weights of the current LoRA layers finish first
+            self.batch.wait_until_empty()
         base = self.adapter.remove()  # the base model, LoRA layers taken out
         try:
             self.adapter = Adapter(base, self.tokenizer, adaptation)
@@ -353,11 +368,20 @@ class Engine:
         prompt = prompt.strip() if isinstance(prompt, str) else ""
         if not prompt:
             raise ValueError("the message is empty: type a question")
-        with self.lock:
-            self._use(adaptation or self.default_adaptation)
-            yield from self._respond(prompt, list(history), settings, selected, owners)
+        held = self.lock.acquire()
 
-    def _respond(self, prompt, history, settings, selected, owners) -> Iterator[Event]:
+        def hand_over() -> None:  # the adapter is free for the next message (decoding together)
+            nonlocal held
+            if held:
+                held = False
+                self.lock.release()
+        try:
+            self._use(adaptation or self.default_adaptation)
+            yield from self._respond(prompt, list(history), settings, selected, owners, hand_over)
+        finally:
+            hand_over()
+
+    def _respond(self, prompt, history, settings, selected, owners, hand_over) -> Iterator[Event]:
         seconds: dict[str, float] = {}
         message_started = time.perf_counter()
         adaptation = asdict(self.adapter.settings)
@@ -394,6 +418,7 @@ class Engine:
             yield Notice(f"no passage was selected ({selected.stop_reason}): answering with the base model")
 
         self.adapter.reset()
+        rows = None
         try:
             if selected and selected.picks and settings.fine_tunes:
                 yield Stage("fine-tune", "started")
@@ -404,13 +429,13 @@ class Engine:
                 if self.adapter.settings.together:  # one step a pass, on all its passages as one batch
                     prefixes, passages = zip(*texts)
                     for _ in range(self.adapter.settings.epochs):
-                        with self.compute.context("step"):  # bf16 base matmuls where chosen; fp32 LoRA and Adam
+                        with self.model_lock, self.compute.context("step"):  # bf16 base matmuls where chosen
                             losses += self.adapter.step_together(passages, prefixes)
                         for index in range(len(losses) - len(texts) + 1, len(losses) + 1):
                             yield Step(index, len(schedule), losses[index - 1], together=True)
                 else:
                     for index, (prefix, text) in enumerate(schedule, 1):
-                        with self.compute.context("step"):
+                        with self.model_lock, self.compute.context("step"):
                             losses.append(self.adapter.step(text, prefix))
                         yield Step(index, len(schedule), losses[-1])
                 seconds["fine-tune"] = time.perf_counter() - started
@@ -430,7 +455,11 @@ class Engine:
             yield Stage("generate", "started")
             started = time.perf_counter()
             pieces: list[str] = []
-            generation = self.generate(input_ids, settings, unread)
+            rows, prior = self._conversations(input_ids, unread, settings)
+            if self.batch is not None:  # what was learned travels with the rows: the adapter is free
+                self.adapter.reset()
+                hand_over()
+            generation = self.generate(rows, prior, settings)
             while True:
                 try:
                     piece = next(generation)
@@ -444,7 +473,10 @@ class Engine:
             seconds["generate"] = time.perf_counter() - started
             yield Stage("generate", "finished", seconds["generate"])
         finally:
-            self.adapter.reset()
+            if rows is not None and self.batch is not None:
+                rows.leave()
+            else:
+                self.adapter.reset()
 
         if ended == "limit":
             yield Notice(f"the answer was cut at the limit of {settings.max_new_tokens} new tokens "
@@ -545,41 +577,52 @@ class Engine:
             ids = ids["input_ids"]
         return list(ids)
 
+    def _conversations(self, input_ids: torch.Tensor, unread_ids: torch.Tensor | None, settings: ChatSettings):
+        """(rows, prior): what `generate` decodes. Row 0 reads the passages with the adapter as the
+        steps left it; with `unread_ids` (the conversation without its passages) and
+        `settings.context_contrast` > 0, a second row without them, under the base model when
+        `settings.contrast_against` is "base". Both as rows of one forward per token
+        (`decoding.Rows`), or, where the probe measured it faster, the second a forward only for
+        the tokens where the contrast can change the choice (`Compute.contrast_on_demand`, then
+        `prior`); or, decoding together (`decode_together`), as a member of the shared batch
+        with a copy of the adapter's weights."""
+        device = self.adapter.device
+        contrasted = unread_ids is not None and settings.context_contrast > 0
+        learned = self.adapter.steps > 0  # else the adapter adds zeros: the rows run the base layers alone
+        reading_scale = 1.0 if learned else 0.0
+        prior_scale = 0.0 if not learned or settings.contrast_against == "base" else 1.0
+        prompts = [input_ids.to(device)] + ([unread_ids.to(device)] if contrasted else [])
+        scales = (reading_scale, prior_scale)[:len(prompts)]
+        if self.batch is not None:
+            weights = lora_weights(self.model) if learned else None
+            return self.batch.join(prompts, [(weights, scale) for scale in scales]), None
+        how = {"threads": self.compute.decode_threads,  # as the probe measured this machine
+               "side_by_side": self.compute.decode_side_by_side,
+               "prefill_context": lambda: self.compute.context("prefill"),
+               "step_context": lambda: self.compute.context("decode")}
+        if contrasted and self.compute.contrast_on_demand:  # the second conversation's forward only when asked
+            return Rows(self.model, prompts[:1], scales[:1], **how), Rows(self.model, prompts[1:], scales[1:], **how)
+        return Rows(self.model, prompts, scales, **how), None
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, settings: ChatSettings,
-                 unread_ids: torch.Tensor | None = None) -> Generator[str, None, tuple[str, str]]:
-        """Stream the answer as text pieces, one forward pass per token with the KV cache; return
-        (how it ended, the answer's text): "end" at a stop token, "limit" after max_new_tokens,
-        "repeat" when its last `loop_tokens` tokens repeated earlier ones (the text then ends
-        before the repeat). With `unread_ids` (the conversation without its passages) and
-        `settings.context_contrast` > 0, each token is chosen by `generation.contrast` from both,
-        the two as rows of one forward per token (`decoding.Rows`), or, where the probe measured
-        it faster, the second a forward only for the tokens where the contrast can change the
-        choice (`Compute.contrast_on_demand`); the second under the base model when
-        `settings.contrast_against` is "base".
+    def generate(self, rows, prior, settings: ChatSettings) -> Generator[str, None, tuple[str, str]]:
+        """Stream the answer of `rows` (and `prior`, from `_conversations`) as text pieces, one
+        forward pass per token with the KV cache; return (how it ended, the answer's text): "end"
+        at a stop token, "limit" after max_new_tokens, "repeat" when its last `loop_tokens` tokens
+        repeated earlier ones (the text then ends before the repeat). With a second row (or
+        `prior`), each token is chosen by `generation.contrast` from both. Sampling draws from a
+        generator of the message's own seed, so that other messages' draws in other threads
+        change nothing.
 
         Written as a loop in the caller's thread (not `generate` with a streamer thread) so that a
         consumer that stops reading, or a Ctrl-C, stops generation at the next token, and the
         adapter is reset in the same frame.
         """
-        device = self.adapter.device
         processors = answer_processors(settings.repetition_penalty, settings.no_repeat_ngram)
+        sampler = torch.Generator().manual_seed(settings.seed) if settings.temperature > 0 else None
         generated: list[int] = []
         emitted = ""
-        contrasted = unread_ids is not None and settings.context_contrast > 0
-        how = {"threads": self.compute.decode_threads,  # as the probe measured this machine
-               "side_by_side": self.compute.decode_side_by_side,
-               "prefill_context": lambda: self.compute.context("prefill"),
-               "step_context": lambda: self.compute.context("decode")}
-        learned = self.adapter.steps > 0  # else the adapter adds zeros: the rows run the base layers alone
-        reading_scale = 1.0 if learned else 0.0
-        prior_scale = 0.0 if not learned or settings.contrast_against == "base" else 1.0
-        prompts = [input_ids.to(device)] + ([unread_ids.to(device)] if contrasted else [])
-        if contrasted and self.compute.contrast_on_demand:  # the second conversation's forward only when asked
-            rows = Rows(self.model, prompts[:1], (reading_scale,), **how)
-            prior = Rows(self.model, prompts[1:], (prior_scale,), **how)
-        else:  # both conversations in one forward per token
-            rows, prior = Rows(self.model, prompts, (reading_scale, prior_scale)[:len(prompts)], **how), None
+        contrasted = prior is not None or rows.logits().shape[0] > 1
         ended = "limit"
         for _ in range(settings.max_new_tokens):
             logits = rows.logits()
@@ -588,7 +631,7 @@ class Engine:
                 logits = contrast(logits[0], without, settings.context_contrast)
             else:
                 logits = logits[0]
-            token = next_token(logits, generated, processors, settings.temperature)
+            token = next_token(logits, generated, processors, settings.temperature, sampler)
             if token in self.stop_ids:
                 ended = "end"
                 break

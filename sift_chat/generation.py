@@ -96,13 +96,14 @@ def contrast(with_passages: torch.Tensor, without_passages: torch.Tensor | Calla
 
 
 def next_token(logits: torch.Tensor, answer_ids: list[int], processors: LogitsProcessorList,
-               temperature: float) -> int:
-    """The next token from the last position's logits [V], after the processors saw the answer so far."""
+               temperature: float, generator: torch.Generator | None = None) -> int:
+    """The next token from the last position's logits [V], after the processors saw the answer so
+    far: the most likely at temperature 0, else drawn (from `generator`'s stream where given)."""
     if processors and answer_ids:
         answer = torch.tensor([answer_ids], device=logits.device)
         logits = processors(answer, logits[None])[0]
     if temperature > 0:
-        return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1))
+        return int(torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=generator))
     return int(logits.argmax())
 
 

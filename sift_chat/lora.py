@@ -23,9 +23,17 @@ In generation (no autograd) a batch's rows can each weigh the adapter, m [batch]
 
 so one forward serves the adapted model (m_i = 1) and the base model (m_i = 0, bit for bit the
 base layer: the term adds exact zeros) side by side. Where every row's m is 0 the term is not
-computed at all (the same output without the term's small ops). The scales belong to the thread
-that set them, so two threads may decode on one model at once, each with its own rows
-(`decoding.Rows`).
+computed at all (the same output without the term's small ops). Rows of several messages, each
+adapted on its own, carry their own matrices instead (`row_weights`): with the U adapters in use
+side by side, A = [A_1; …; A_U] [U·r, in] and B = [B_1 … B_U] [out, U·r], and a mask M [batch, U·r]
+that is m_i over row i's own adapter's r columns and 0 elsewhere,
+
+    y_i = x_i Wᵀ + b + s · ((x_i Aᵀ) ⊙ M_i) Bᵀ = x_i Wᵀ + b + m_i · s · (x_i A_uᵢᵀ) B_uᵢᵀ
+
+two plain matmuls that read each adapter once, however many rows use it.
+
+The scales and weights belong to the thread that set them, so two threads may decode on one
+model at once, each with its own rows (`decoding.Rows`).
 
 Inside `base_matmuls(torch.bfloat16)` the base term x Wᵀ (and, in the backward, (∂L/∂y) W) runs
 on a bf16 copy of W kept beside it (`low_precision`), x cast to bf16 and the product back to x's
@@ -39,14 +47,14 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-_row_scales = threading.local()  # .by_layer: id(LoRALinear) -> scales [batch] or BASE, this thread's forwards only
+_row_scales = threading.local()  # .by_layer: id(LoRALinear) -> scales [batch], BASE or RowWeights, this thread's forwards only
 BASE = "base"  # every row's scale 0: the base layer
 _matmuls = threading.local()  # .dtype: what this thread's base matmuls run in (None: the weights' own)
 
@@ -118,6 +126,8 @@ class LoRALinear(nn.Module):
         dtype = matmul_dtype()
         if not self.enabled or row_scale is BASE:
             return base_linear(x, self.base.weight, self.base.bias, dtype)
+        if isinstance(row_scale, RowWeights):
+            return _per_row_lora_linear(x, self.base.weight, self.base.bias, row_scale, self.scaling, dtype)
         if row_scale is not None:
             return _lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
                                 row_scale, dtype)[0]
@@ -144,6 +154,24 @@ def _lora_linear(x, weight, bias, lora_a, lora_b, scaling, row_scale=None, dtype
         h = (h.view(row_scale.shape[0], -1, h.shape[-1]) * row_scale.view(-1, 1, 1).to(h.dtype)).view_as(h)
     y.view(-1, y.shape[-1]).addmm_(h, lora_b.T.to(h.dtype), alpha=scaling)  # under bf16 autocast y and h are bf16
     return y, rows, h
+
+
+class RowWeights(NamedTuple):
+    """One layer's LoRA matrices for the rows of a batch (module docstring): the adapters in use
+    side by side, A [U·r, in] and B [out, U·r], and which of their columns each row uses, M
+    [batch, U·r] (the row's scale there, 0 elsewhere; a row of zeros is the base layer)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    mask: torch.Tensor
+
+
+def _per_row_lora_linear(x, weight, bias, rows: RowWeights, scaling, dtype=None):
+    """y_i = x_i Wᵀ + b + s ((x_i Aᵀ) ⊙ M_i) Bᵀ for x [batch, T, in], x Wᵀ in `dtype`."""
+    y = base_linear(x, weight, bias, dtype)
+    h = (x @ rows.a.T) * rows.mask.view(rows.mask.shape[0], *[1] * (x.dim() - 2), -1)
+    y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), rows.b.T, alpha=scaling)
+    return y
 
 
 class _LoRALinearFunction(torch.autograd.Function):
@@ -198,6 +226,63 @@ def row_scales(model: nn.Module, scales: Sequence[float] | torch.Tensor | None) 
     finally:
         for layer in layers:
             by_layer.pop(id(layer), None)
+
+
+LayerWeights = list[tuple[torch.Tensor, torch.Tensor]]  # each LoRA layer's (A, B), in module order
+
+
+def lora_weights(model: nn.Module) -> LayerWeights:
+    """A copy of every LoRA layer's (A, B), in module order: an adapter kept apart from the
+    model, to decode with (`stack_row_weights`) while the model's own adapter learns the next message."""
+    return [(m.lora_A.detach().clone(), m.lora_B.detach().clone()) for m in model.modules()
+            if isinstance(m, LoRALinear)]
+
+
+def stack_row_weights(model: nn.Module, rows: Sequence[tuple[LayerWeights | None, float]]) -> dict[int, RowWeights | str]:
+    """For each LoRA layer of `model`, its `RowWeights` for a batch whose row i decodes with
+    rows[i] = (weights from `lora_weights`, or None for the base model; the scale m_i), as
+    `row_weights` takes them: each adapter once (rows holding the same weights object share it),
+    BASE where no row is adapted. Every row's weights must come from this model's current layers."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    adapters: dict[int, LayerWeights] = {}
+    for weights, scale in rows:
+        if weights is None or scale == 0:
+            continue
+        if len(weights) != len(layers) or any(a.shape != layer.lora_A.shape or b.shape != layer.lora_B.shape
+                                              for (a, b), layer in zip(weights, layers)):
+            raise ValueError("these LoRA weights were kept from other LoRA layers than the model has now")
+        adapters.setdefault(id(weights), weights)
+    if not adapters:  # every row at base: the base layers alone
+        return {id(layer): BASE for layer in layers}
+    order = {key: u for u, key in enumerate(adapters)}
+    masks: dict[int, torch.Tensor] = {}  # by rank: the same for every layer of that rank
+    stacked = {}
+    for index, layer in enumerate(layers):
+        rank = layer.lora_A.shape[0]
+        if rank not in masks:
+            masks[rank] = mask = layer.lora_A.new_zeros(len(rows), len(adapters) * rank)
+            for row, (weights, scale) in enumerate(rows):
+                if weights is not None and scale != 0:
+                    u = order[id(weights)]
+                    mask[row, u * rank:(u + 1) * rank] = scale
+        stacked[id(layer)] = RowWeights(torch.cat([weights[index][0] for weights in adapters.values()]),
+                                        torch.cat([weights[index][1] for weights in adapters.values()], 1), masks[rank])
+    return stacked
+
+
+@contextmanager
+def row_weights(model: nn.Module, stacked: dict[int, RowWeights | str]) -> Iterator[nn.Module]:
+    """The model with each LoRA layer computing row i with its own A_i, B_i (`stack_row_weights`),
+    for forwards under torch.no_grad() in this thread; back to the adapter's own on exit."""
+    if not hasattr(_row_scales, "by_layer"):
+        _row_scales.by_layer = {}
+    by_layer = _row_scales.by_layer
+    by_layer.update(stacked)
+    try:
+        yield model
+    finally:
+        for key in stacked:
+            by_layer.pop(key, None)
 
 
 def layer_index(name: str, layers_name: str) -> int | None:

@@ -245,7 +245,7 @@ class Service:
                 yield event
                 if isinstance(event, Stopped):
                     return
-            yield from self._answer(turn, prompt, history, chat, adaptation, owners=caller.readable)
+            yield from self._answer(turn, prompt, history, chat, adaptation, owners=caller.readable, step_aside=True)
         finally:
             self._leave(turn)
 
@@ -268,7 +268,9 @@ class Service:
 
     def _answer(self, turn: Turn, prompt: str, history: list[dict], chat: ChatSettings,
                 adaptation: AdaptationSettings | None, selected: Selected | None = None,
-                owners: tuple[str, ...] = ()) -> Iterator[TurnEvent]:
+                owners: tuple[str, ...] = (), step_aside: bool = False) -> Iterator[TurnEvent]:
+        """The engine's events for one answer, as the turn's; with `step_aside`, where messages
+        decode together, the turn lets the next one in once it starts writing."""
         where = "before it started"
         stream = self.engine.respond(prompt, history, chat, adaptation=adaptation, selected=selected, owners=owners)
         panel, notices = None, []
@@ -286,6 +288,8 @@ class Service:
                     where = {"embed": "while reading the question", "select": "while selecting",
                              "fine-tune": "before the first step", "generate": "before the first word"
                              }.get(event.name, f"while in {event.name}")
+                    if event.name == "generate" and step_aside and self.engine.batch is not None:
+                        self.queue.step_aside(turn)
                 elif isinstance(event, Step):
                     panel.add_step(event)
                     where = f"after {event.words}"

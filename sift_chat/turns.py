@@ -1,7 +1,9 @@
 """One line for the model: every chat turn, comparison and API request of the process waits in it.
 
 A `Turn` is one request's ticket: its place in the line (first come, first served), the switch
-that stops it, and what it stored. The line holds at most `max_waiting` turns behind the one
+that stops it, and what it stored. Where messages decode together (`Engine.decode_together`), a
+turn steps aside once its steps are taken: the next one gets the model's adapter while it
+writes its answer, and its owner's request stays open until it is done. The line holds at most `max_waiting` turns behind the one
 that has the model; one more is refused (`QueueFull`: the API answers 429). Each owner has one
 request at a time: a second ticket while the first waits or runs is refused (`Busy`, 429 too).
 
@@ -79,6 +81,7 @@ class TurnQueue:
         self.max_waiting = max_waiting
         self._changed = threading.Condition()
         self._line: deque[Turn] = deque()  # the first holds the model
+        self._aside: set[Turn] = set()  # out of the line, still answering (`step_aside`)
         self._open: dict[int, Turn] = {}  # issued and not finished, by arrival number
         self._arrivals = itertools.count(1)
         self._starts = itertools.count(1)
@@ -90,7 +93,8 @@ class TurnQueue:
         it could join)."""
         with self._changed:
             if owner is not None and any(t.owner == owner and not t.stopped and
-                                         (t in self._line or time.monotonic() - t.created < TICKET_SECONDS)
+                                         (t in self._line or t in self._aside
+                                          or time.monotonic() - t.created < TICKET_SECONDS)
                                          for t in self._open.values()):
                 raise Busy()
             turn = Turn(owner, next(self._arrivals))
@@ -125,6 +129,15 @@ class TurnQueue:
                 turn.started = next(self._starts)
             return ahead
 
+    def step_aside(self, turn: Turn) -> None:
+        """The turn leaves the head of the line and the next one gets the model, while this one
+        goes on answering (its owner's request stays open until `leave`)."""
+        with self._changed:
+            if turn in self._line:
+                self._line.remove(turn)
+                self._aside.add(turn)
+                self._changed.notify_all()
+
     def release(self, turn: Turn) -> None:
         """The request is over for whoever sent it (answered, failed, or its client went away):
         stop the turn if it has stored nothing, wake it if it waits, and free its owner's ticket
@@ -132,7 +145,7 @@ class TurnQueue:
         the line is forgotten here (nothing else would: its answer may never have started)."""
         turn.stop()
         with self._changed:
-            if turn not in self._line:
+            if turn not in self._line and turn not in self._aside:
                 self._open.pop(turn.arrived, None)
                 if turn.finished_at is None:
                     turn.finished_at = time.monotonic()
@@ -143,6 +156,7 @@ class TurnQueue:
         with self._changed:
             if turn in self._line:
                 self._line.remove(turn)
+            self._aside.discard(turn)
             turn.finished_at = time.monotonic()
             self._open.pop(turn.arrived, None)
             self._changed.notify_all()
@@ -150,6 +164,12 @@ class TurnQueue:
     def open_turns(self, owner: str) -> list[Turn]:
         with self._changed:
             return [t for t in self._open.values() if t.owner == owner]
+
+    @property
+    def answering(self) -> int:
+        """Turns that stepped aside and are still answering."""
+        with self._changed:
+            return len(self._aside)
 
     @property
     def waiting(self) -> int:

@@ -138,19 +138,22 @@ def sequential(engine, input_ids, unread_ids, settings) -> list[int]:
     return answer
 
 
-@pytest.mark.parametrize("demand", [False, True])
+@pytest.mark.parametrize("how", ["batched", "on demand", "together"])
 @pytest.mark.parametrize("mode", ["context", "both", "fine-tune"])
-def test_batched_contrast_answers_token_for_token_as_the_two_sequential_passes(engine, monkeypatch, mode, demand):
-    engine.compute = Compute(contrast_on_demand=demand)  # in step, or the second row when the contrast asks
+def test_batched_contrast_answers_token_for_token_as_the_two_sequential_passes(engine, monkeypatch, mode, how):
+    # in step, or the second row when the contrast asks, or as a member of the batch of all messages
+    engine.compute = Compute(contrast_on_demand=how == "on demand")
+    if how == "together":
+        engine.decode_together()
     seen = []  # per message: (unread ids given, the sequential reference's answer)
-    generate = engine.generate
+    conversations = engine._conversations
 
-    def checked(input_ids, settings, unread_ids=None):
+    def checked(input_ids, unread_ids, settings):
         # the reference runs on the model as adapted for this message, before the engine answers
         seen.append((unread_ids, None if unread_ids is None else sequential(engine, input_ids, unread_ids, settings)))
-        return (yield from generate(input_ids, settings, unread_ids))
+        return conversations(input_ids, unread_ids, settings)
 
-    monkeypatch.setattr(engine, "generate", checked)
+    monkeypatch.setattr(engine, "_conversations", checked)
     settings = ChatSettings(mode=mode, passages=3, max_new_tokens=12, loop_tokens=0, context_contrast=1.0)
     answers = {}
     for against in ("adapted", "base"):

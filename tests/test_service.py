@@ -21,7 +21,7 @@ from sift_chat.panel import parse_settings
 from sift_chat.record import AnswerRecord
 from sift_chat.service import Answered, Service, Stopped, Stored, Waiting
 from sift_chat.store import Store
-from sift_chat.turns import QueueFull
+from sift_chat.turns import Busy, QueueFull
 from sift_chat.ui import Handlers
 
 from .tiny import logits, tiny_model, tiny_tokenizer
@@ -230,7 +230,7 @@ def test_compare_selects_once_per_method_and_answers_as_a_chat_turn_would(servic
 def test_an_answer_is_stored_with_what_it_read_cites_and_how_it_ended_and_reopens_so(service, monkeypatch):
     said = "The lighthouse keeper is Matthias Orrey, since 1998."
 
-    def generate(input_ids, settings, unread_ids=None):  # a model that answers from the lighthouse note
+    def generate(rows, prior, settings):  # a model that answers from the lighthouse note
         yield said
         return "end", said
 
@@ -280,3 +280,31 @@ def test_a_read_only_store_answers_a_chat_and_records_nothing(sample_store, embe
         handlers = Handlers(service)
         said = handlers.remove_document(store.documents()[0]["id"], LOCAL)
         assert "read-only" in said and "\n" not in said and store.document_count() == 10
+
+
+def test_decoding_together_a_message_steps_and_answers_while_another_writes_and_each_answers_as_alone(service):
+    settings = replace(FAST, max_new_tokens=12, loop_tokens=0)
+    first, second = Caller("user:una", "una"), Caller("user:dev", "dev")
+    questions = {first: QUESTION, second: "What are the bottles of the glassworks coloured with?"}
+
+    def events(caller):
+        return service.run(service.new_turn(caller.owner), questions[caller], [], settings, caller=caller)
+
+    def answer(stream):
+        return [e for e in stream if isinstance(e, Answered)][0].raw_answer
+
+    alone = {caller: answer(events(caller)) for caller in questions}  # one message at a time
+    service.engine.decode_together(gather_seconds=0.001)
+    writing = events(first)
+    while not isinstance(next(writing), Token):  # the first message has taken its steps and writes
+        pass
+    with pytest.raises(Busy):  # its owner's request is still open
+        service.new_turn(first.owner)
+    second_events = []  # got the adapter, stepped and answered meanwhile, never waiting in the line
+    for event in events(second):
+        assert not isinstance(event, Waiting), "the second message waited for the first one's answer"
+        second_events.append(event)
+    assert any(isinstance(e, Step) for e in second_events)
+    assert [e for e in second_events if isinstance(e, Answered)][0].raw_answer == alone[second]
+    assert answer(writing) == alone[first]
+    assert service.engine.batch.members == 0 and at_base(service.engine)

@@ -1,0 +1,151 @@
+"""Several users at once: answers per minute and each answer's time, one message at a time against decoding together.
+
+    .venv/bin/python benchmarks/bench_users.py [--users 1,2,4,8] [--messages 2] [--precision auto]
+                                               [--gather 0.01] [--json PATH]
+
+On the sample corpus with the default models and chat settings, U users each send `--messages`
+questions one after the other (the next when its answer is done), all U at once, through the
+service's line as the app's handlers do (`Service.run`). Two lines, measured in one run, U after
+U, alternating which goes first:
+
+    one at a time   today's line: a message holds the model from its first step to its last token
+    together        `Engine.decode_together`: a message holds the adapter for its steps, then
+                    decodes as rows of one batch with the others (`batching`) while the next
+                    message steps
+
+For each: answers per minute (all answers over the wall time), the median and worst whole answer
+(from sending, waiting in the line included), the batch's mean rows per forward, and whether every
+answer is the one the same question gets alone (isolation). Target (issue 19): with 4 users,
+answers per minute >= 2.5x one at a time, and no answer differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+from sift_chat import config  # noqa: E402
+from sift_chat.access import Caller  # noqa: E402
+from sift_chat.corpus import ingest  # noqa: E402
+from sift_chat.engine import ChatSettings, Engine  # noqa: E402
+from sift_chat.models import load_chat_model, load_embedder  # noqa: E402
+from sift_chat.probe import probe  # noqa: E402
+from sift_chat.service import Answered, Service  # noqa: E402
+from sift_chat.store import Store  # noqa: E402
+
+PROMPTS = [
+    "Who founded Brindlemoor and who keeps the lighthouse?",
+    "When is the lantern festival and what is eaten there?",
+    "How many people live in Brindlemoor, and when does the ferry leave?",
+    "What are the bottles of the glassworks coloured with?",
+    "Tell me about the history of the town.",
+    "Which river runs through Brindlemoor?",
+    "What does the lighthouse keeper do in winter?",
+    "What is the glassworks known for?",
+]
+
+
+def ask(service: Service, user: int, prompt: str, settings: ChatSettings) -> dict:
+    caller = Caller(f"user:bench{user}", f"bench{user}")
+    started = time.perf_counter()
+    answered = None
+    for event in service.run(service.new_turn(caller.owner), prompt, [], settings, caller=caller):
+        if isinstance(event, Answered):
+            answered = event
+    return {"prompt": prompt, "answer": answered.raw_answer, "whole": time.perf_counter() - started,
+            "steps": len(answered.record.losses)}
+
+
+def run_line(service: Service, users: int, messages: int, settings: ChatSettings) -> dict:
+    """U users at once, each asking `messages` questions in turn; every answer and the wall time."""
+    results: list[dict] = []
+    failures: list[BaseException] = []
+
+    def user(index: int) -> None:
+        try:
+            for m in range(messages):
+                results.append(ask(service, index, PROMPTS[(index + m * users) % len(PROMPTS)], settings))
+        except BaseException as error:  # reported after the run
+            failures.append(error)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    if failures:
+        raise failures[0]
+    return {"wall": wall, "answers": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", default="1,2,4,8")
+    parser.add_argument("--messages", type=int, default=2, help="questions each user sends, one after the other")
+    parser.add_argument("--precision", default="auto", help="auto (the probe's choice), fp32 or bf16")
+    parser.add_argument("--gather", type=float, default=0.01, help="seconds a batch's forward waits for stragglers")
+    parser.add_argument("--max-new-tokens", type=int, default=ChatSettings.max_new_tokens)
+    parser.add_argument("--json", help="also write every answer here")
+    args = parser.parse_args()
+    counts = [int(u) for u in args.users.split(",") if u.strip()]
+    settings = ChatSettings(max_new_tokens=args.max_new_tokens)
+
+    embedder = load_embedder(config.DEFAULT_EMBEDDER, None)
+    model, tokenizer = load_chat_model(config.DEFAULT_CHAT_MODEL, None, config.data_dir() / "models")
+    with tempfile.TemporaryDirectory() as folder, Store(Path(folder) / "store") as store:
+        ingest(store, embedder, [ROOT / "corpora" / "brindlemoor"], embedder_name=config.DEFAULT_EMBEDDER,
+               progress=False)
+        engine = Engine(store, embedder, model, tokenizer, embedder_name=config.DEFAULT_EMBEDDER)
+        engine.compute = probe(engine.model, config.data_dir(), None if args.precision == "auto" else args.precision)
+        print(f"compute: {engine.compute.describe()}")
+        service = Service(engine, Path(folder), max_waiting=64)
+        alone = {}
+        for prompt in PROMPTS:  # warm-up, and each question's answer alone
+            alone[prompt] = ask(service, 0, prompt, settings)["answer"]
+        rows = []
+        for index, users in enumerate(counts):
+            measured = {}
+            for line in (("one at a time", "together") if index % 2 == 0 else ("together", "one at a time")):
+                engine.batch = None
+                if line == "together":
+                    engine.decode_together(gather_seconds=args.gather)
+                run = run_line(service, users, args.messages, settings)
+                if engine.batch is not None:
+                    run["rows_per_forward"] = engine.batch.rows_forwarded / max(engine.batch.forwards, 1)
+                measured[line] = run
+            for line in ("one at a time", "together"):
+                run = measured[line]
+                answers = run["answers"]
+                wholes = [a["whole"] for a in answers]
+                rows.append({"users": users, "line": line, "wall": run["wall"],
+                             "per_minute": 60 * len(answers) / run["wall"],
+                             "median": statistics.median(wholes), "worst": max(wholes),
+                             "rows_per_forward": run.get("rows_per_forward"),
+                             "differ": sum(a["answer"] != alone[a["prompt"]] for a in answers),
+                             "answers": answers})
+    one = {r["users"]: r["per_minute"] for r in rows if r["line"] == "one at a time"}
+    print(f"\nsample corpus; default settings ({settings.mode}, {settings.passages} passages, "
+          f"α={settings.context_contrast:g} against the {settings.contrast_against} model); "
+          f"{args.messages} messages per user; gather {args.gather * 1000:g} ms")
+    print("| users | line | answers per minute | vs one at a time | whole answer, median | worst | "
+          "rows per forward | answers not as alone |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rpf = f"{r['rows_per_forward']:.1f}" if r["rows_per_forward"] is not None else "-"
+        print(f"| {r['users']} | {r['line']} | {r['per_minute']:.1f} | {r['per_minute'] / one[r['users']]:.2f}x | "
+              f"{r['median']:.2f} s | {r['worst']:.2f} s | {rpf} | {r['differ']} of {len(r['answers'])} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"alone": alone, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Several messages decoded together: one forward per token for every conversation being answered.
+
+Decoding a small model on a CPU is bound by reading its weights: a forward over eight rows costs
+little more than over one. So when several users wait, each message takes its steps on the model's
+adapter alone (they need the whole machine), keeps what it learned (`lora.lora_weights`), hands
+the adapter to the next message, and decodes as rows of one shared batch:
+
+    join     each new conversation prefilled alone (its own LoRA weights), its cache then
+             left-padded into the batch's one cache (or the batch's into its length)
+    step     every member that asked for its next logits gives its token; one forward over all
+             rows, each with its own LoRA matrices (`lora.row_weights`), its own attention mask
+             and its own positions; a member not ready in time gets a masked column instead of a
+             token, so no one waits for a slow reader longer than `gather_seconds`
+    leave    a member's rows are dropped before the next forward, and the columns that are now
+             padding for every row with them
+
+A row's attention mask is 0 over its padding and over the columns where it had no token, and its
+position ids count its own tokens only: each row computes what it would alone (up to the order of
+floating-point sums in a batched matmul).
+
+Every use of the model (a prefill, a batch's forward, a message's step) holds one lock, `lock`:
+the steps of the next message run between two forwards of the batch, never beside them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .decoding import DECODE_THREADS, at_most_threads, growing
+from .lora import LayerWeights, row_weights, stack_row_weights
+
+GATHER_SECONDS = 0.01  # how long a forward waits for members that have not asked for their next token yet
+MAX_ROWS = 16  # rows in one batch; a message joining a full batch waits for room
+
+
+class Batch:
+    """Conversations of several messages decoded together (module docstring). `join` adds a
+    message's conversations as a `Member`, which decodes like `decoding.Rows`: `append(token)`,
+    then `logits()`."""
+
+    def __init__(self, model, lock=None, *, threads: int = DECODE_THREADS,
+                 prefill_context: Callable[[], ContextManager] = nullcontext,
+                 step_context: Callable[[], ContextManager] = nullcontext,
+                 max_rows: int = MAX_ROWS, gather_seconds: float = GATHER_SECONDS):
+        self.model = model
+        self.lock = lock or threading.Lock()  # the model's: held for every forward, prefill and step
+        self.threads = threads
+        self.prefill_context, self.step_context = prefill_context, step_context
+        self.max_rows, self.gather_seconds = max_rows, gather_seconds
+        self._changed = threading.Condition()
+        self._members: list[Member] = []  # in row order
+        self._reserved = 0  # rows of members being prefilled
+        self._running = False  # a forward is being run (or waits for the model's lock)
+        self._cache = None  # the rows' keys and values, left-padded: [rows, heads, T, d] per layer
+        self._mask: torch.Tensor | None = None  # [rows, T]: 1 where a row has a token
+        self._positions: torch.Tensor | None = None  # [rows]: each row's own token count
+        self._weights: dict = {}  # each LoRA layer's RowWeights for the rows
+        self.forwards = 0  # batched forwards run (for the benchmarks and tests)
+        self.rows_forwarded = 0  # rows in them, together
+
+    @property
+    def members(self) -> int:
+        with self._changed:
+            return sum(not m.gone for m in self._members)
+
+    def wait_until_empty(self) -> None:
+        """Return once no member decodes and none is joining."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._rows() == 0 and self._reserved == 0)
+
+    def join(self, prompts: Sequence[torch.Tensor], adapters: Sequence[tuple[LayerWeights | None, float]]) -> "Member":
+        """A message's conversations [1, T_i], row i decoded with adapters[i] = (LoRA weights from
+        `lora.lora_weights`, or None for the base model; the scale of the adapter in that row):
+        prefilled, each alone, and put into the batch. Waits while the batch is full."""
+        if not prompts or len(prompts) != len(adapters):
+            raise ValueError("a member needs one adapter for each of its conversations")
+        if len(prompts) > self.max_rows:
+            raise ValueError(f"a member of at most {self.max_rows} rows")
+        with self._changed:
+            self._changed.wait_for(lambda: self._rows() + self._reserved + len(prompts) <= self.max_rows)
+            self._reserved += len(prompts)
+        try:
+            with self.lock:
+                caches, logits = [], []
+                for ids, adapter in zip(prompts, adapters):  # each alone: prefill is compute-bound, padding would cost
+                    with self.prefill_context():
+                        output = self._forward(ids, stack_row_weights(self.model, [adapter]))
+                    caches.append(output.cache)
+                    logits.append(output.logits[:, -1].float())
+                member = Member(self, list(adapters), torch.cat(logits))
+                with self._changed:
+                    self._compact()
+                    self._add(member, caches, [ids.shape[1] for ids in prompts])
+        finally:
+            with self._changed:
+                self._reserved -= len(prompts)
+                self._changed.notify_all()
+        return member
+
+    def _forward(self, input_ids, weights, **inputs):
+        with torch.no_grad(), row_weights(self.model, weights):
+            # logits for the last position only: the head over a large vocabulary is costly
+            return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **inputs)
+
+    def _rows(self) -> int:
+        return sum(m.rows for m in self._members if not m.gone)
+
+    # -- the batch's state: changed holding the model's lock and `_changed` ------------------
+
+    def _add(self, member: "Member", caches, lengths: list[int]) -> None:
+        """The member's prefilled caches, left-padded with the batch's to the longer of the two."""
+        held = 0 if self._mask is None else self._mask.shape[1]
+        longest = max(held, *lengths)
+        layers = []
+        for index, new_layers in enumerate(zip(*(cache.layers for cache in caches))):
+            keys = [_pad_left(layer.keys, longest) for layer in new_layers]
+            values = [_pad_left(layer.values, longest) for layer in new_layers]
+            if self._cache is not None:
+                old = self._cache.layers[index]
+                keys, values = [_pad_left(old.keys, longest), *keys], [_pad_left(old.values, longest), *values]
+            layers.append((torch.cat(keys), torch.cat(values)))
+        device = caches[0].layers[0].keys.device
+        masks = [torch.tensor([[0] * (longest - n) + [1] * n], device=device) for n in lengths]
+        if self._mask is not None:
+            masks.insert(0, F.pad(self._mask, (longest - held, 0)))
+        self._mask = torch.cat(masks)
+        counts = torch.tensor(lengths, device=device)
+        self._positions = counts if self._positions is None else torch.cat([self._positions, counts])
+        self._cache = growing(layers, self.model.config, self.model.dtype)
+        self._members.append(member)
+        self._restack()
+
+    def _compact(self) -> None:
+        """Drop the rows of members that left, and the columns no remaining row has a token in."""
+        if not any(m.gone for m in self._members):
+            return
+        keep = [row for m, rows in zip(self._members, self._row_ranges()) if not m.gone for row in rows]
+        self._members = [m for m in self._members if not m.gone]
+        if not keep:
+            self._cache = self._mask = self._positions = None
+            self._weights = {}
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        mask = self._mask.index_select(0, index)
+        first = int(mask.any(0).nonzero()[0])  # the first column some row has a token in
+        self._mask, self._positions = mask[:, first:], self._positions.index_select(0, index)
+        self._cache = growing([(layer.keys.index_select(0, index)[..., first:, :],
+                                layer.values.index_select(0, index)[..., first:, :])
+                               for layer in self._cache.layers], self.model.config, self.model.dtype)
+        self._restack()
+
+    def _restack(self) -> None:
+        self._weights = stack_row_weights(self.model, [a for m in self._members for a in m.adapters])
+        start = 0
+        for member in self._members:
+            member.start, start = start, start + member.rows
+
+    def _row_ranges(self) -> list[range]:
+        return [range(m.start, m.start + m.rows) for m in self._members]
+
+    # -- a step ---------------------------------------------------------------------------
+
+    def _step(self, member: "Member") -> None:
+        """Wait until the member's pending token has been through a forward: as its leader when
+        no forward runs and every member is ready or the first ready one has waited
+        `gather_seconds`, else as a passenger of the forward another member leads."""
+        with self._changed:
+            member.asked = time.monotonic()
+            self._changed.notify_all()
+            while member.pending is not None:
+                if not self._running:
+                    active = [m for m in self._members if not m.gone]
+                    ready = [m for m in active if m.pending is not None]
+                    waited = time.monotonic() - min(m.asked for m in ready)
+                    if len(ready) == len(active) or waited >= self.gather_seconds:
+                        self._running = True
+                        break
+                    self._changed.wait(self.gather_seconds - waited)
+                else:
+                    self._changed.wait()
+            else:
+                return
+        try:  # the leader
+            with self.lock:
+                with self._changed:
+                    self._compact()
+                    ready = [m for m in self._members if m.pending is not None]
+                    tokens = [(m, m.pending) for m in ready]
+                self._run(tokens)
+        finally:
+            with self._changed:
+                self._running = False
+                self._changed.notify_all()
+
+    def _run(self, tokens: list[tuple["Member", int]]) -> None:
+        """One forward: each ready member's token in its rows, a masked column in the others'."""
+        rows = self._mask.shape[0]
+        device = self._mask.device
+        input_ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        present = torch.zeros(rows, 1, dtype=self._mask.dtype, device=device)
+        for member, token in tokens:
+            input_ids[member.start: member.start + member.rows] = token
+            present[member.start: member.start + member.rows] = 1
+        self._mask = torch.cat([self._mask, present], 1)
+        positions = self._positions.view(-1, 1).clone()
+        self._positions = self._positions + present.view(-1)
+        with at_most_threads(self.threads, device), self.step_context():
+            output = self._forward(input_ids, self._weights, cache=self._cache, attention_mask=self._mask,
+                                   position_ids=positions)
+        self._cache = output.cache
+        logits = output.logits[:, -1].float()
+        self.forwards += 1
+        self.rows_forwarded += rows
+        with self._changed:
+            for member, _ in tokens:
+                member.current = logits[member.start: member.start + member.rows]
+                member.pending = None
+
+
+def _pad_left(states: torch.Tensor, length: int) -> torch.Tensor:
+    """[rows, heads, T, d] zero-padded on the left to `length` positions."""
+    return F.pad(states, (0, 0, length - states.shape[-2], 0)) if states.shape[-2] < length else states
+
+
+class Member:
+    """One message's conversations in a `Batch`: every row gets the same tokens (`append`);
+    `logits()` [rows, V] (fp32) after the last one; `leave()` when the answer is done."""
+
+    def __init__(self, batch: Batch, adapters: list, logits: torch.Tensor):
+        self.batch = batch
+        self.adapters = adapters
+        self.rows = len(adapters)
+        self.start = 0  # its first row in the batch
+        self.current = logits
+        self.pending: int | None = None  # a token given to the batch, not yet through a forward
+        self.asked = 0.0
+        self._next: int | None = None
+        self.gone = False
+
+    def append(self, token: int) -> None:
+        if self._next is not None:
+            raise RuntimeError("one token at a time: ask for the logits after each")
+        self._next = token
+
+    def logits(self) -> torch.Tensor:
+        if self._next is not None:
+            if self.gone:
+                raise RuntimeError("this member has left its batch")
+            with self.batch._changed:
+                self.pending, self._next = self._next, None
+            self.batch._step(self)
+        return self.current
+
+    def leave(self) -> None:
+        """Out of the batch (its rows dropped before the next forward); again is a no-op."""
+        with self.batch._changed:
+            self.gone = True
+            self.pending = None
+            self.batch._changed.notify_all()

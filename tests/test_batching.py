@@ -1,0 +1,151 @@
+"""Several messages decoded in one batch: each row with its own adapter computes what it would alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from sift_chat.batching import Batch
+from sift_chat.lora import add_lora, lora_weights, row_scales, row_weights, stack_row_weights
+
+from .tiny import logits, tiny_model, tiny_tokenizer
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def ids_of(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor([tokenizer(text)["input_ids"]])
+
+
+def model_and_adapters(tokenizer, count: int):
+    """The tiny model with LoRA layers, and `count` different adapters kept from them."""
+    model = tiny_model(tokenizer)
+    layers = list(add_lora(model, TARGETS, rank=2, alpha=4.0).values())
+    torch.manual_seed(3)
+    adapters = []
+    for _ in range(count):
+        with torch.no_grad():
+            for layer in layers:
+                layer.lora_A.normal_()
+                layer.lora_B.normal_(std=0.3)
+        adapters.append(lora_weights(model))
+    return model, layers, adapters
+
+
+def alone(model, layers, adapter, scale, ids: torch.Tensor) -> torch.Tensor:
+    """The last position's logits of `ids` under one adapter (None: the base model) at `scale`,
+    computed from scratch (no cache, no batch)."""
+    with torch.no_grad():
+        for layer, (a, b) in zip(layers, adapter or [(torch.zeros_like(l.lora_A), torch.zeros_like(l.lora_B))
+                                                     for l in layers]):
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+        with row_scales(model, [scale]):
+            return logits(model, ids)[0, -1]
+
+
+def test_each_row_of_a_batch_computes_with_its_own_adapter_and_scale(tokenizer):
+    model, layers, (first, second) = model_and_adapters(tokenizer, 2)
+    rows = [(first, 1.0), (second, 1.0), (None, 1.0), (first, 0.0), (second, 0.5)]
+    texts = ["The quick brown fox jumps.", "SIFT selects passages that", "Nearest neighbours retrieve",
+             "The quick brown fox jumps.", "SIFT selects passages that"]
+    prompts = [ids_of(tokenizer, t) for t in texts]
+    width = min(p.shape[1] for p in prompts)
+    batch = torch.cat([p[:, :width] for p in prompts])
+    stacked = stack_row_weights(model, rows)
+    assert stacked[id(layers[0])].a.shape[0] == 2 * 2  # two adapters of rank 2, each once
+    with torch.no_grad(), row_weights(model, stacked):
+        together = model(input_ids=batch, use_cache=False).logits[:, -1]
+    for row, (adapter, scale) in enumerate(rows):
+        expected = alone(model, layers, adapter, scale, batch[row: row + 1])
+        torch.testing.assert_close(together[row], expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(together[0], together[3])  # the adapter does change what row 0 computes
+
+    with pytest.raises(ValueError, match="other LoRA layers"):
+        stack_row_weights(model, [(first[:-1], 1.0)])
+
+
+def decode_alone(model, layers, adapters, prompt, tokens) -> list[torch.Tensor]:
+    """Each row's logits after the prompt and after each of `tokens`, computed from scratch."""
+    steps = []
+    for count in range(len(tokens) + 1):
+        ids = torch.cat([prompt, torch.tensor([tokens[:count]], dtype=torch.long).reshape(1, -1)], 1)
+        steps.append(torch.stack([alone(model, layers, a, s, ids) for a, s in adapters]))
+    return steps
+
+
+def test_members_joining_waiting_and_leaving_decode_as_each_would_alone(tokenizer):
+    # one thread: each member's forward runs without the others, whose rows get a masked column
+    model, layers, (first, second, third) = model_and_adapters(tokenizer, 3)
+    batch = Batch(model, gather_seconds=0.0)
+    plans = {  # prompt, rows' adapters, tokens, joins before step, leaves after token
+        "a": (ids_of(tokenizer, "SIFT selects passages that reduce the uncertainty about the answer."),
+              [(first, 1.0), (first, 0.0)], " over the lazy dog, and then returns", 0, None),
+        "b": (ids_of(tokenizer, "The quick brown fox."), [(second, 1.0)], " jumps over the lazy", 2, 3),
+        "c": (ids_of(tokenizer, "Nearest neighbours retrieve the most similar passages, duplicates included."),
+              [(third, 1.0), (None, 1.0)], " and the most similar", 3, None),
+    }
+    tokens = {name: tokenizer(plan[2], add_special_tokens=False)["input_ids"] for name, plan in plans.items()}
+    expected = {name: decode_alone(model, layers, plan[1], plan[0], tokens[name]) for name, plan in plans.items()}
+    members, given = {}, {name: 0 for name in plans}
+    for step in range(20):
+        for name, (prompt, adapters, _, joins, leaves) in plans.items():
+            if step == joins:
+                members[name] = batch.join([prompt], [adapters[0]]) if len(adapters) == 1 else \
+                    batch.join([prompt, prompt], adapters)
+            member = members.get(name)
+            if member is None or member.gone or (name == "c" and step % 2):  # c skips every other step
+                continue
+            torch.testing.assert_close(member.logits(), expected[name][given[name]], atol=1e-5, rtol=0)
+            if given[name] == len(tokens[name]) or given[name] == leaves:
+                member.leave()
+                continue
+            member.append(tokens[name][given[name]])
+            given[name] += 1
+    assert given == {"a": len(tokens["a"]), "b": 3, "c": len(tokens["c"])}
+    assert batch.members == 0 or all(m.gone for m in members.values())
+
+
+def test_members_on_their_own_threads_share_forwards_and_each_decodes_as_alone(tokenizer):
+    torch.set_num_threads(1)
+    model, layers, adapters = model_and_adapters(tokenizer, 4)
+    prompts = [ids_of(tokenizer, t) for t in ["The quick brown fox.", "SIFT selects passages that reduce",
+                                              "Nearest neighbours retrieve the most", "Test-time fine-tuning takes"]]
+    continuation = tokenizer(" over the lazy dog, and then returns to the base", add_special_tokens=False)["input_ids"]
+    expected = [decode_alone(model, layers, [(adapter, 1.0), (None, 1.0)], prompt, continuation)
+                for adapter, prompt in zip(adapters, prompts)]
+    batch = Batch(model, gather_seconds=1.0)  # long enough that every member is in every forward
+    members = [batch.join([p, p], [(a, 1.0), (None, 1.0)]) for a, p in zip(adapters, prompts)]
+    seen = [[] for _ in members]
+    errors = []
+
+    def decode(index):
+        try:
+            for token in continuation:
+                seen[index].append(members[index].logits().clone())
+                members[index].append(token)
+            seen[index].append(members[index].logits().clone())
+            members[index].leave()
+        except Exception as error:  # reported in the main thread
+            errors.append(error)
+            members[index].leave()
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(members))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    for got, want in zip(seen, expected):
+        assert len(got) == len(want)
+        for step_got, step_want in zip(got, want):
+            torch.testing.assert_close(step_got, step_want, atol=1e-5, rtol=0)
+    assert batch.forwards == len(continuation)  # every token of all four in one forward
+    assert batch.rows_forwarded == len(continuation) * 8
