@@ -37,6 +37,7 @@ from .lora import LayerWeights, row_weights, stack_row_weights
 
 GATHER_SECONDS = 0.01  # how long a forward waits for members that have not asked for their next token yet
 MAX_ROWS = 16  # rows in one batch; a message joining a full batch waits for room
+IDLE_SECONDS = 60.0  # a member that asks for nothing this long (its reader went away) is dropped
 
 
 class Batch:
@@ -47,12 +48,13 @@ class Batch:
     def __init__(self, model, lock=None, *, threads: int = DECODE_THREADS,
                  prefill_context: Callable[[], ContextManager] = nullcontext,
                  step_context: Callable[[], ContextManager] = nullcontext,
-                 max_rows: int = MAX_ROWS, gather_seconds: float = GATHER_SECONDS):
+                 max_rows: int = MAX_ROWS, gather_seconds: float = GATHER_SECONDS,
+                 idle_seconds: float = IDLE_SECONDS):
         self.model = model
         self.lock = lock or threading.Lock()  # the model's: held for every forward, prefill and step
         self.threads = threads
         self.prefill_context, self.step_context = prefill_context, step_context
-        self.max_rows, self.gather_seconds = max_rows, gather_seconds
+        self.max_rows, self.gather_seconds, self.idle_seconds = max_rows, gather_seconds, idle_seconds
         self._changed = threading.Condition()
         self._members: list[Member] = []  # in row order
         self._reserved = 0  # rows of members being prefilled
@@ -174,6 +176,8 @@ class Batch:
             member.asked = time.monotonic()
             self._changed.notify_all()
             while member.pending is not None:
+                if member.failed is not None:
+                    raise RuntimeError(f"decoding failed: {member.failed}")
                 if not self._running:
                     active = [m for m in self._members if not m.gone]
                     ready = [m for m in active if m.pending is not None]
@@ -189,10 +193,19 @@ class Batch:
         try:  # the leader
             with self.lock:
                 with self._changed:
+                    now = time.monotonic()
+                    for idle in [m for m in self._members if m.pending is None and now - m.asked > self.idle_seconds]:
+                        idle.gone = True  # its reader went away without closing it
                     self._compact()
-                    ready = [m for m in self._members if m.pending is not None]
-                    tokens = [(m, m.pending) for m in ready]
-                self._run(tokens)
+                    tokens = [(m, m.pending) for m in self._members if m.pending is not None]
+                try:
+                    self._run(tokens)
+                except BaseException as error:  # the cache may be half-written: every member fails, the batch empties
+                    with self._changed:
+                        for m in self._members:
+                            m.failed, m.gone = m.failed or (str(error) or type(error).__name__), True
+                        self._compact()
+                    raise
         finally:
             with self._changed:
                 self._running = False
@@ -207,12 +220,11 @@ class Batch:
         for member, token in tokens:
             input_ids[member.start: member.start + member.rows] = token
             present[member.start: member.start + member.rows] = 1
-        self._mask = torch.cat([self._mask, present], 1)
-        positions = self._positions.view(-1, 1).clone()
-        self._positions = self._positions + present.view(-1)
+        mask = torch.cat([self._mask, present], 1)
         with at_most_threads(self.threads, device), self.step_context():
-            output = self._forward(input_ids, self._weights, cache=self._cache, attention_mask=self._mask,
-                                   position_ids=positions)
+            output = self._forward(input_ids, self._weights, cache=self._cache, attention_mask=mask,
+                                   position_ids=self._positions.view(-1, 1))
+        self._mask, self._positions = mask, self._positions + present.view(-1)
         self._cache = output.cache
         logits = output.logits[:, -1].float()
         self.forwards += 1
@@ -239,9 +251,10 @@ class Member:
         self.start = 0  # its first row in the batch
         self.current = logits
         self.pending: int | None = None  # a token given to the batch, not yet through a forward
-        self.asked = 0.0
+        self.asked = time.monotonic()  # when it last asked for logits
         self._next: int | None = None
         self.gone = False
+        self.failed: str | None = None  # why the batch's forward failed, when it did
 
     def append(self, token: int) -> None:
         if self._next is not None:
@@ -251,7 +264,8 @@ class Member:
     def logits(self) -> torch.Tensor:
         if self._next is not None:
             if self.gone:
-                raise RuntimeError("this member has left its batch")
+                raise RuntimeError(f"decoding failed: {self.failed}" if self.failed else
+                                   "this answer's reader was away too long: it left the batch")
             with self.batch._changed:
                 self.pending, self._next = self._next, None
             self.batch._step(self)

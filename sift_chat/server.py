@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 from . import perimeter
 
 from .access import QUOTA_BYTES, QUOTA_DOCUMENTS, Access, UsersFile
+from .vocabulary import DECODINGS
 
 SPACE_CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the packaged default's source, on the Hub
 LOOPBACK = perimeter.LOOPBACK_NAMES
@@ -69,7 +70,14 @@ def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> ar
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),  # unset: `probe` reads the environment
                         help="the chat model's compute precision (default: $SIFT_CHAT_PRECISION or auto: measured "
                              "at start-up, cached per machine)")
-    return parser.parse_args(argv)
+    parser.add_argument("--decoding", choices=DECODINGS, default=os.environ.get("SIFT_CHAT_DECODING", "together"),
+                        help="together: a message that has taken its steps writes its answer in one batch with "
+                             "the others being answered while the next one steps; one-at-a-time: a message "
+                             "holds the model until its last word (default: $SIFT_CHAT_DECODING or %(default)s)")
+    args = parser.parse_args(argv)
+    if args.decoding not in DECODINGS:  # from the environment: argparse checks only what was typed
+        parser.error(f"$SIFT_CHAT_DECODING must be one of {', '.join(DECODINGS)}, got {args.decoding!r}")
+    return args
 
 
 def default_chat_model(explicit: str | None) -> str | None:
@@ -234,7 +242,10 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
 
         engine = Engine.load(home, embedder=args.embedder, chat_model=default_chat_model(args.chat_model),
                              device=args.device, precision=args.precision)
-        print(f"sift-chat: {engine.compute.describe()}", file=sys.stderr, flush=True)
+        if args.decoding == "together":
+            engine.decode_together()
+        print(f"sift-chat: {engine.compute.describe()}; messages decode {args.decoding.replace('-', ' ')}",
+              file=sys.stderr, flush=True)
         service = Service(engine, home, allow_server_paths=not (args.share or os.environ.get("SPACE_ID")),
                           upload_folder=get_upload_folder(), max_waiting=args.max_queue,
                           quota_documents=args.quota_documents, quota_bytes=int(args.quota_mib * 2**20))

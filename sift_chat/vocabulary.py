@@ -20,6 +20,10 @@ MODE_LABELS = {"fine-tune": "Fine-tune", "context": "Context", "both": "Both", "
 CONTRAST_TARGETS = ("adapted", "base")
 CONTRAST_TARGET_LABELS = {"adapted": "The adapted model", "base": "The base model"}
 
+# How a server's messages share the model once their steps are taken: decoding together in one
+# batch while the next message steps (`batching`), or each holding it to its last word.
+DECODINGS = ("together", "one-at-a-time")
+
 # The evaluation's baseline: the base model, no selection. It is what mode "off" answers with in a
 # chat; the evaluation lists it as a method so that every table has its reference row.
 BASE_MODEL = "none"

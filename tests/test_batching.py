@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -149,3 +150,39 @@ def test_members_on_their_own_threads_share_forwards_and_each_decodes_as_alone(t
             torch.testing.assert_close(step_got, step_want, atol=1e-5, rtol=0)
     assert batch.forwards == len(continuation)  # every token of all four in one forward
     assert batch.rows_forwarded == len(continuation) * 8
+
+
+def test_a_failed_forward_fails_every_member_and_the_batch_starts_clean_after(tokenizer):
+    model, layers, (first, second) = model_and_adapters(tokenizer, 2)
+    batch = Batch(model, gather_seconds=0.0)
+    prompt = ids_of(tokenizer, "The quick brown fox.")
+    members = [batch.join([prompt], [(first, 1.0)]), batch.join([prompt], [(second, 1.0)])]
+    forward = model.forward
+    model.forward = lambda *args, **kwargs: (_ for _ in ()).throw(MemoryError("out of memory"))
+    members[0].append(5)
+    with pytest.raises(MemoryError):  # the member whose forward it was
+        members[0].logits()
+    members[1].append(5)
+    with pytest.raises(RuntimeError, match="decoding failed: out of memory"):  # and the one beside it
+        members[1].logits()
+    model.forward = forward
+    assert batch.members == 0
+    again = batch.join([prompt], [(first, 1.0)])
+    again.append(5)
+    expected = alone(model, layers, first, 1.0, torch.cat([prompt, torch.tensor([[5]])], 1))
+    torch.testing.assert_close(again.logits()[0], expected, atol=1e-5, rtol=0)
+
+
+def test_a_member_whose_reader_went_away_is_dropped_and_the_others_go_on(tokenizer):
+    model, layers, (first, second) = model_and_adapters(tokenizer, 2)
+    batch = Batch(model, gather_seconds=0.0, idle_seconds=0.05)
+    prompt = ids_of(tokenizer, "The quick brown fox.")
+    away, reading = batch.join([prompt], [(first, 1.0)]), batch.join([prompt], [(second, 1.0)])
+    time.sleep(0.1)
+    reading.append(5)
+    expected = alone(model, layers, second, 1.0, torch.cat([prompt, torch.tensor([[5]])], 1))
+    torch.testing.assert_close(reading.logits()[0], expected, atol=1e-5, rtol=0)
+    assert away.gone and batch.members == 1
+    away.append(5)
+    with pytest.raises(RuntimeError, match="away too long"):
+        away.logits()
