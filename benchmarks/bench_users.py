@@ -1,7 +1,7 @@
 """Several users at once: answers per minute and each answer's time, one message at a time against decoding together.
 
     .venv/bin/python benchmarks/bench_users.py [--users 1,2,4,8] [--messages 2] [--precision auto]
-                                               [--gather 0.01] [--json PATH]
+                                               [--gather 0.01] [--torch-thread on|off] [--json PATH]
 
 On the sample corpus with the default models and chat settings, U users each send `--messages`
 questions one after the other (the next when its answer is done), all U at once, through the
@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from sift_chat import config  # noqa: E402
+from sift_chat import config, torch_thread  # noqa: E402
 from sift_chat.access import Caller  # noqa: E402
 from sift_chat.corpus import ingest  # noqa: E402
 from sift_chat.engine import ChatSettings, Engine  # noqa: E402
@@ -94,19 +94,25 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="auto (the probe's choice), fp32 or bf16")
     parser.add_argument("--gather", type=float, default=0.01, help="seconds a batch's forward waits for stragglers")
     parser.add_argument("--max-new-tokens", type=int, default=ChatSettings.max_new_tokens)
+    parser.add_argument("--torch-thread", choices=("on", "off"), default="on",
+                        help="on: every forward on the models' one thread, as app.py runs (torch_thread); "
+                             "off: on each user's own thread (default: %(default)s)")
     parser.add_argument("--json", help="also write every answer here")
     args = parser.parse_args()
     counts = [int(u) for u in args.users.split(",") if u.strip()]
     settings = ChatSettings(max_new_tokens=args.max_new_tokens)
 
-    embedder = load_embedder(config.DEFAULT_EMBEDDER, None)
-    model, tokenizer = load_chat_model(config.DEFAULT_CHAT_MODEL, None, config.data_dir() / "models")
+    if args.torch_thread == "on":
+        torch_thread.enable()
+    embedder = torch_thread.run(load_embedder, config.DEFAULT_EMBEDDER, None)
+    model, tokenizer = torch_thread.run(load_chat_model, config.DEFAULT_CHAT_MODEL, None, config.data_dir() / "models")
     with tempfile.TemporaryDirectory() as folder, Store(Path(folder) / "store") as store:
-        ingest(store, embedder, [ROOT / "corpora" / "brindlemoor"], embedder_name=config.DEFAULT_EMBEDDER,
+        torch_thread.run(ingest, store, embedder, [ROOT / "corpora" / "brindlemoor"], embedder_name=config.DEFAULT_EMBEDDER,
                progress=False)
         engine = Engine(store, embedder, model, tokenizer, embedder_name=config.DEFAULT_EMBEDDER)
-        engine.compute = probe(engine.model, config.data_dir(), None if args.precision == "auto" else args.precision)
-        print(f"compute: {engine.compute.describe()}")
+        engine.compute = torch_thread.run(probe, engine.model, config.data_dir(),
+                                          None if args.precision == "auto" else args.precision)
+        print(engine.compute.describe())
         service = Service(engine, Path(folder), max_waiting=64)
         alone = {}
         for prompt in PROMPTS:  # warm-up, and each question's answer alone
@@ -135,7 +141,7 @@ def main() -> None:
     one = {r["users"]: r["per_minute"] for r in rows if r["line"] == "one at a time"}
     print(f"\nsample corpus; default settings ({settings.mode}, {settings.passages} passages, "
           f"α={settings.context_contrast:g} against the {settings.contrast_against} model); "
-          f"{args.messages} messages per user; gather {args.gather * 1000:g} ms")
+          f"{args.messages} messages per user; gather {args.gather * 1000:g} ms; the models' thread {args.torch_thread}")
     print("| users | line | answers per minute | vs one at a time | whole answer, median | worst | "
           "rows per forward | answers not as alone |")
     print("|---|---|---|---|---|---|---|---|")

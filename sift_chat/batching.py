@@ -18,8 +18,9 @@ A row's attention mask is 0 over its padding and over the columns where it had n
 position ids count its own tokens only: each row computes what it would alone (up to the order of
 floating-point sums in a batched matmul).
 
-Every use of the model (a prefill, a batch's forward, a message's step) holds one lock, `lock`:
-the steps of the next message run between two forwards of the batch, never beside them.
+Every use of the model (a prefill, a batch's forward, a message's step) holds one lock, `lock`,
+and runs on the models' thread (`torch_thread`): the steps of the next message run between two
+forwards of the batch, never beside them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import torch_thread
 from .decoding import DECODE_THREADS, at_most_threads, growing
 from .lora import LayerWeights, row_weights, stack_row_weights
 
@@ -89,12 +91,7 @@ class Batch:
             self._reserved += len(prompts)
         try:
             with self.lock:
-                caches, logits = [], []
-                for ids, adapter in zip(prompts, adapters):  # each alone: prefill is compute-bound, padding would cost
-                    with self.prefill_context():
-                        output = self._forward(ids, stack_row_weights(self.model, [adapter]))
-                    caches.append(output.cache)
-                    logits.append(output.logits[:, -1].float())
+                caches, logits = torch_thread.run(self._prefill, prompts, adapters)
                 member = Member(self, list(adapters), torch.cat(logits))
                 with self._changed:
                     self._compact()
@@ -104,6 +101,15 @@ class Batch:
                 self._reserved -= len(prompts)
                 self._changed.notify_all()
         return member
+
+    def _prefill(self, prompts, adapters) -> tuple[list, list[torch.Tensor]]:
+        caches, logits = [], []
+        for ids, adapter in zip(prompts, adapters):  # each alone: prefill is compute-bound, padding would cost
+            with self.prefill_context():
+                output = self._forward(ids, stack_row_weights(self.model, [adapter]))
+            caches.append(output.cache)
+            logits.append(output.logits[:, -1].float())
+        return caches, logits
 
     def _forward(self, input_ids, weights, **inputs):
         with torch.no_grad(), row_weights(self.model, weights):
@@ -221,9 +227,12 @@ class Batch:
             input_ids[member.start: member.start + member.rows] = token
             present[member.start: member.start + member.rows] = 1
         mask = torch.cat([self._mask, present], 1)
-        with at_most_threads(self.threads, device), self.step_context():
-            output = self._forward(input_ids, self._weights, cache=self._cache, attention_mask=mask,
-                                   position_ids=self._positions.view(-1, 1))
+
+        def forward():
+            with at_most_threads(self.threads, device), self.step_context():
+                return self._forward(input_ids, self._weights, cache=self._cache, attention_mask=mask,
+                                     position_ids=self._positions.view(-1, 1))
+        output = torch_thread.run(forward)
         self._mask, self._positions = mask, self._positions + present.view(-1)
         self._cache = output.cache
         logits = output.logits[:, -1].float()

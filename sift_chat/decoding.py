@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from . import torch_thread
 from .lora import row_scales
 
 DECODE_THREADS = 1  # torch threads for a decoding step on the CPU unless the engine's probe measured otherwise (module docstring)
@@ -133,9 +134,9 @@ class Rows:
             raise ValueError("no conversation to decode")
         scales = None if adapter_scales is None else list(adapter_scales)
         groups = [[row] for row in range(len(prompts))] if side_by_side else [list(range(len(prompts)))]
-        self.lanes = [Lane(model, [prompts[row] for row in group],
-                           None if scales is None else [scales[row] for row in group], prefill_context)
-                      for group in groups]
+        self.lanes = torch_thread.run(lambda: [Lane(model, [prompts[row] for row in group],
+                                                    None if scales is None else [scales[row] for row in group],
+                                                    prefill_context) for group in groups])
         self.threads = 1 if len(self.lanes) > 1 else threads  # torch threads per lane, on the CPU
         self.step_context = step_context
         self._logits = torch.cat([lane.logits for lane in self.lanes])
@@ -147,17 +148,20 @@ class Rows:
     def logits(self) -> torch.Tensor:
         if self._pending:
             tokens, self._pending = self._pending, []
-            first, others = self.lanes[0], self.lanes[1:]
-            with at_most_threads(self.threads, self._logits.device):
-                beside = _SIDE.submit(_step_all, others, tokens, self.step_context) if others else None
-                try:
-                    first.step(tokens, self.step_context)
-                finally:  # waits: the other lanes are done with the model before anything else touches it
-                    failed = beside.exception() if beside is not None else None
-            if failed is not None:
-                raise failed
-            self._logits = torch.cat([lane.logits for lane in self.lanes])
+            self._logits = torch_thread.run(self._step, tokens)
         return self._logits
+
+    def _step(self, tokens: list[int]) -> torch.Tensor:
+        first, others = self.lanes[0], self.lanes[1:]
+        with at_most_threads(self.threads, self._logits.device):
+            beside = _SIDE.submit(_step_all, others, tokens, self.step_context) if others else None
+            try:
+                first.step(tokens, self.step_context)
+            finally:  # waits: the other lanes are done with the model before anything else touches it
+                failed = beside.exception() if beside is not None else None
+        if failed is not None:
+            raise failed
+        return torch.cat([lane.logits for lane in self.lanes])
 
 
 class Lane:

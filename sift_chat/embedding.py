@@ -4,7 +4,8 @@ Hugging Face does not promise that a model and its fast tokenizer may be used fr
 once, so every call into them holds one lock: an encode call per batch (not per ingest) and a
 tokenizer call per block of text. The lock is first come, first served: the ingest releases it
 between two batches and takes it again at once, and a plain `threading.Lock` would let it win
-every time; here a prompt's embedding waits for at most the batch that is running.
+every time; here a prompt's embedding waits for at most the batch that is running. In a server
+the encode runs on the models' thread (`torch_thread`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
+
+from . import torch_thread
 
 
 class FairLock:
@@ -60,13 +63,13 @@ class SharedEmbedder:
         vectors are put back in the order of `texts`."""
         if isinstance(texts, str) or len(texts) <= batch_size:
             with self.lock:
-                return self.model.encode(texts, batch_size=batch_size, **options)
+                return torch_thread.run(self.model.encode, texts, batch_size=batch_size, **options)
         order = np.argsort([-len(text) for text in texts])  # the model's own order (its _text_length)
         parts = []
         for start in range(0, len(order), batch_size):
             batch = [texts[i] for i in order[start : start + batch_size]]
             with self.lock:
-                parts.append(self.model.encode(batch, batch_size=batch_size, **options))
+                parts.append(torch_thread.run(self.model.encode, batch, batch_size=batch_size, **options))
         back = np.argsort(order)
         if options.get("convert_to_tensor"):
             import torch

@@ -30,6 +30,7 @@ from .decoding import Rows
 from .embedding import shared
 from .generation import (answer_processors, cite, contrast, conversation, next_token, only_learned_words, repeat_start,
                          training_text)
+from . import torch_thread
 from .lora import lora_weights
 from .probe import Compute, probe
 from .record import AnswerRecord, SelectionRecord
@@ -429,14 +430,14 @@ class Engine:
                 if self.adapter.settings.together:  # one step a pass, on all its passages as one batch
                     prefixes, passages = zip(*texts)
                     for _ in range(self.adapter.settings.epochs):
-                        with self.model_lock, self.compute.context("step"):  # bf16 base matmuls where chosen
-                            losses += self.adapter.step_together(passages, prefixes)
+                        with self.model_lock:
+                            losses += torch_thread.run(self._step, self.adapter.step_together, passages, prefixes)
                         for index in range(len(losses) - len(texts) + 1, len(losses) + 1):
                             yield Step(index, len(schedule), losses[index - 1], together=True)
                 else:
                     for index, (prefix, text) in enumerate(schedule, 1):
-                        with self.model_lock, self.compute.context("step"):
-                            losses.append(self.adapter.step(text, prefix))
+                        with self.model_lock:
+                            losses.append(torch_thread.run(self._step, self.adapter.step, text, prefix))
                         yield Step(index, len(schedule), losses[-1])
                 seconds["fine-tune"] = time.perf_counter() - started
                 yield Stage("fine-tune", "finished", seconds["fine-tune"])
@@ -495,6 +496,10 @@ class Engine:
                               numbered=[p.id for p in numbered],
                               only_learned={str(p.id): words for p, words in zip(learned, only_learned) if words})
         yield Done(answer, record, raw_answer)
+
+    def _step(self, step, *args):
+        with self.compute.context("step"):  # bf16 base matmuls where chosen; fp32 LoRA and Adam
+            return step(*args)
 
     # -- generation -------------------------------------------------------------------------
 

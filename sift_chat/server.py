@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no calls home
 
     from . import config
+    from . import torch_thread
     from .engine import Engine
     from .service import Service
 
@@ -240,8 +241,10 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
     def load_service() -> Service:
         from gradio.utils import get_upload_folder
 
-        engine = Engine.load(home, embedder=args.embedder, chat_model=default_chat_model(args.chat_model),
-                             device=args.device, precision=args.precision)
+        torch_thread.enable()  # every thread answers on the models' one thread: a team of OpenMP workers, not one per thread
+        engine = torch_thread.run(Engine.load, home, embedder=args.embedder,
+                                  chat_model=default_chat_model(args.chat_model), device=args.device,
+                                  precision=args.precision)
         if args.decoding == "together":
             engine.decode_together()
         print(f"sift-chat: {engine.compute.describe()}; messages decode {args.decoding.replace('-', ' ')}",

@@ -186,3 +186,38 @@ def test_a_member_whose_reader_went_away_is_dropped_and_the_others_go_on(tokeniz
     away.append(5)
     with pytest.raises(RuntimeError, match="away too long"):
         away.logits()
+
+
+def test_in_a_server_every_forward_runs_on_the_one_models_thread_and_answers_the_same(tokenizer):
+    from sift_chat import torch_thread
+    from sift_chat.decoding import Rows
+
+    model, layers, (first,) = model_and_adapters(tokenizer, 1)
+    prompt = ids_of(tokenizer, "The quick brown fox.")
+    threads = []
+    forward = model.forward
+    model.forward = lambda *args, **kwargs: threads.append(threading.current_thread().name) or forward(*args, **kwargs)
+
+    def decode(make):
+        rows = make()
+        out = []
+        for token in (5, 9, 11):
+            rows.append(token)
+            out.append(rows.logits().clone())
+        return out
+
+    in_place = decode(lambda: Rows(model, [prompt]))
+    assert set(threads) == {threading.current_thread().name}
+    torch_thread.enable()
+    try:
+        threads.clear()
+        on_thread = decode(lambda: Rows(model, [prompt]))
+        batch = Batch(model, gather_seconds=0.0)
+        member = batch.join([prompt], [(first, 1.0)])  # the adapter the model holds, as Rows uses it
+        batched = decode(lambda: member)
+    finally:
+        torch_thread.disable()
+    assert len(set(threads)) == 1 and threads[0].startswith("sift-chat-torch")
+    for a, b, c in zip(in_place, on_thread, batched):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
