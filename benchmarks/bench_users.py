@@ -107,8 +107,8 @@ def main() -> None:
     embedder = torch_thread.run(load_embedder, config.DEFAULT_EMBEDDER, None)
     model, tokenizer = torch_thread.run(load_chat_model, config.DEFAULT_CHAT_MODEL, None, config.data_dir() / "models")
     with tempfile.TemporaryDirectory() as folder, Store(Path(folder) / "store") as store:
-        torch_thread.run(ingest, store, embedder, [ROOT / "corpora" / "brindlemoor"], embedder_name=config.DEFAULT_EMBEDDER,
-               progress=False)
+        torch_thread.run(ingest, store, embedder, [ROOT / "corpora" / "brindlemoor"],
+                         embedder_name=config.DEFAULT_EMBEDDER, progress=False)
         engine = Engine(store, embedder, model, tokenizer, embedder_name=config.DEFAULT_EMBEDDER)
         engine.compute = torch_thread.run(probe, engine.model, config.data_dir(),
                                           None if args.precision == "auto" else args.precision)

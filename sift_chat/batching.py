@@ -91,25 +91,25 @@ class Batch:
             self._reserved += len(prompts)
         try:
             with self.lock:
-                caches, logits = torch_thread.run(self._prefill, prompts, adapters)
-                member = Member(self, list(adapters), torch.cat(logits))
-                with self._changed:
-                    self._compact()
-                    self._add(member, caches, [ids.shape[1] for ids in prompts])
+                member = torch_thread.run(self._prefill_and_add, prompts, adapters)
         finally:
             with self._changed:
                 self._reserved -= len(prompts)
                 self._changed.notify_all()
         return member
 
-    def _prefill(self, prompts, adapters) -> tuple[list, list[torch.Tensor]]:
+    def _prefill_and_add(self, prompts, adapters) -> "Member":
         caches, logits = [], []
         for ids, adapter in zip(prompts, adapters):  # each alone: prefill is compute-bound, padding would cost
             with self.prefill_context():
                 output = self._forward(ids, stack_row_weights(self.model, [adapter]))
             caches.append(output.cache)
             logits.append(output.logits[:, -1].float())
-        return caches, logits
+        member = Member(self, list(adapters), torch.cat(logits))
+        with self._changed:
+            self._compact()
+            self._add(member, caches, [ids.shape[1] for ids in prompts])
+        return member
 
     def _forward(self, input_ids, weights, **inputs):
         with torch.no_grad(), row_weights(self.model, weights):
@@ -202,15 +202,15 @@ class Batch:
                     now = time.monotonic()
                     for idle in [m for m in self._members if m.pending is None and now - m.asked > self.idle_seconds]:
                         idle.gone = True  # its reader went away without closing it
-                    self._compact()
+                    torch_thread.run(self._compact)
                     tokens = [(m, m.pending) for m in self._members if m.pending is not None]
                 try:
-                    self._run(tokens)
+                    torch_thread.run(self._run, tokens)
                 except BaseException as error:  # the cache may be half-written: every member fails, the batch empties
                     with self._changed:
                         for m in self._members:
                             m.failed, m.gone = m.failed or (str(error) or type(error).__name__), True
-                        self._compact()
+                        torch_thread.run(self._compact)
                     raise
         finally:
             with self._changed:
@@ -227,12 +227,9 @@ class Batch:
             input_ids[member.start: member.start + member.rows] = token
             present[member.start: member.start + member.rows] = 1
         mask = torch.cat([self._mask, present], 1)
-
-        def forward():
-            with at_most_threads(self.threads, device), self.step_context():
-                return self._forward(input_ids, self._weights, cache=self._cache, attention_mask=mask,
-                                     position_ids=self._positions.view(-1, 1))
-        output = torch_thread.run(forward)
+        with at_most_threads(self.threads, device), self.step_context():
+            output = self._forward(input_ids, self._weights, cache=self._cache, attention_mask=mask,
+                                   position_ids=self._positions.view(-1, 1))
         self._mask, self._positions = mask, self._positions + present.view(-1)
         self._cache = output.cache
         logits = output.logits[:, -1].float()

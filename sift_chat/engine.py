@@ -329,9 +329,9 @@ class Engine:
             found = self.preselect(query, prompt, settings, owners)
             candidates = torch.from_numpy(found.vectors)
             method = method or settings.method
-            selection = select(query, candidates, method, settings.passages, settings.lam,
-                               settings.min_reduction, settings.alpha)
-            nn = select(query, candidates, "nn", settings.passages, settings.lam)
+            selection = torch_thread.run(select, query, candidates, method, settings.passages, settings.lam,
+                                         settings.min_reduction, settings.alpha)
+            nn = torch_thread.run(select, query, candidates, "nn", settings.passages, settings.lam)
             return self._describe(selection, found, nn)
 
     def _describe(self, selection: Selection, found: Candidates, nn: Selection) -> Selected:
@@ -599,7 +599,7 @@ class Engine:
         prompts = [input_ids.to(device)] + ([unread_ids.to(device)] if contrasted else [])
         scales = (reading_scale, prior_scale)[:len(prompts)]
         if self.batch is not None:
-            weights = lora_weights(self.model) if learned else None
+            weights = torch_thread.run(lora_weights, self.model) if learned else None
             return self.batch.join(prompts, [(weights, scale) for scale in scales]), None
         how = {"threads": self.compute.decode_threads,  # as the probe measured this machine
                "side_by_side": self.compute.decode_side_by_side,

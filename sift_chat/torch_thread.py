@@ -8,8 +8,11 @@ would add a team. Measured on 2 cores (README: Several users), a decoding step o
 model took 75 ms on a second thread once the first had run a matmul, against 47 ms with all the
 work on one thread.
 
-`enable()` (the server calls it before loading the models) starts the thread; `run(fn, ...)` then
-calls fn there and returns its result (or raises its exception) in the caller's thread. Without
+`enable()` (the server calls it before loading the models) starts the thread with torch's thread
+count and sets every other thread's to 1 (a thread on one torch thread starts no team: a copy of
+10 MB or a 200 × 384 matmul in another thread was enough to slow the models' thread for good);
+`run(fn, ...)` then calls fn there and returns its result (or raises its exception) in the
+caller's thread. Without
 `enable()` (the CLI, the tests, the benchmarks: one thread does everything anyway) `run` calls fn
 in place. Thread-local state (grad mode, `lora.base_matmuls`, `lora.row_scales`) belongs to the
 thread that runs fn: set it inside fn.
@@ -33,18 +36,37 @@ def enable() -> None:
     global _executor, _thread
     with _starting:
         if _executor is None:
-            executor = ThreadPoolExecutor(1, thread_name_prefix="sift-chat-torch")
+            import torch
+
+            threads = torch.get_num_threads()
+            executor = ThreadPoolExecutor(1, thread_name_prefix="sift-chat-torch",
+                                          initializer=_use_threads, initargs=(threads,))
             _thread = executor.submit(threading.current_thread).result()
             _executor = executor
+            # torch's count for every thread that first touches it from now on, and for this one: a
+            # thread with one torch thread never starts a team (the small ops of a request stay there)
+            torch.set_num_threads(1)
+
+
+def _use_threads(count: int) -> None:
+    import torch
+
+    torch.get_num_threads()  # torch's lazy per-thread set-up first: it would reset the count to the global one
+    torch.set_num_threads(count)
 
 
 def disable() -> None:
-    """Back to running in place; the thread ends once the work handed to it is done."""
+    """Back to running in place (at the models' thread count); the thread ends once the work
+    handed to it is done."""
     global _executor, _thread
     with _starting:
         executor, _executor, _thread = _executor, None, None
     if executor is not None:
+        import torch
+
+        threads = executor.submit(torch.get_num_threads).result()
         executor.shutdown(wait=True)
+        torch.set_num_threads(threads)
 
 
 def enabled() -> bool:
