@@ -23,6 +23,7 @@ from sift_chat.service import Answered, Service, Stopped, Stored, Waiting
 from sift_chat.store import Store
 from sift_chat.turns import Busy, QueueFull
 from sift_chat.ui import Handlers
+from sift_chat.vocabulary import DECODINGS
 
 from .tiny import logits, tiny_model, tiny_tokenizer
 
@@ -53,9 +54,11 @@ def at_base(engine) -> bool:
 
 
 def nothing_left(service: Service) -> bool:
-    """No chat, no message, the model at base, nobody holding it."""
+    """No chat, no message, the model at base, nobody holding it or writing in its batch."""
+    batch = service.engine.batch
     return (service.store.chats(OWNER) == [] and at_base(service.engine)
-            and not service.engine.lock.locked() and service.queue.waiting == 0)
+            and not service.engine.lock.locked() and service.queue.waiting == 0
+            and service.queue.answering == 0 and (batch is None or batch.members == 0))
 
 
 STOP_POINTS = {
@@ -70,10 +73,14 @@ STOP_POINTS = {
 WHERE = {"after the last token": "while writing the answer"}  # what the user saw last
 
 
+@pytest.mark.parametrize("decoding", DECODINGS)
 @pytest.mark.parametrize("point", STOP_POINTS)
-def test_stop_at_any_point_stores_nothing_and_says_where(service, point):
+def test_stop_at_any_point_stores_nothing_and_says_where(service, point, decoding):
     """Stop lands before the turn runs, while it selects, after step i, mid-answer, or after the
-    last token (before the exchange is stored): no chat, no message, no panel, and it says where."""
+    last token (before the exchange is stored): no chat, no message, no panel, and it says where;
+    also where the answer is written in the batch of all messages (the app's default)."""
+    if decoding == "together":
+        service.engine.decode_together(gather_seconds=0.001)
     turn = service.new_turn(ME.key)
     seen = []
     if STOP_POINTS[point](None, seen):
