@@ -268,6 +268,7 @@ class Member:
         self._next = token
 
     def logits(self) -> torch.Tensor:
+        torch_thread.one_torch_thread_here()  # the caller's own ops on these logits start no team
         if self._next is not None:
             if self.gone:
                 raise RuntimeError(f"decoding failed: {self.failed}" if self.failed else

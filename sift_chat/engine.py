@@ -369,6 +369,7 @@ class Engine:
         prompt = prompt.strip() if isinstance(prompt, str) else ""
         if not prompt:
             raise ValueError("the message is empty: type a question")
+        torch_thread.one_torch_thread_here()  # a server's request thread: its small ops start no team of workers
         held = self.lock.acquire()
 
         def hand_over() -> None:  # the adapter is free for the next message (decoding together)

@@ -9,8 +9,9 @@ model took 75 ms on a second thread once the first had run a matmul, against 47 
 work on one thread.
 
 `enable()` (the server calls it before loading the models) starts the thread with torch's thread
-count and sets every other thread's to 1 (a thread on one torch thread starts no team: a copy of
-10 MB or a 200 × 384 matmul in another thread was enough to slow the models' thread for good);
+count and sets every other thread's to 1, again whenever one hands work over (a thread on one
+torch thread starts no team: a copy of 10 MB or a 200 × 384 matmul in another thread was enough
+to slow the models' thread for good);
 `run(fn, ...)` then calls fn there and returns its result (or raises its exception) in the
 caller's thread. Without
 `enable()` (the CLI, the tests, the benchmarks: one thread does everything anyway) `run` calls fn
@@ -78,4 +79,18 @@ def run(fn: Callable[..., T], /, *args, **kwargs) -> T:
     from that thread), its result or its exception here."""
     if _executor is None or threading.current_thread() is _thread:
         return fn(*args, **kwargs)
+    one_torch_thread_here()
     return _executor.submit(fn, *args, **kwargs).result()
+
+
+def one_torch_thread_here() -> None:
+    """When enabled and called elsewhere than on the models' thread: this thread on one torch
+    thread, whatever it started with (the models' thread may have set torch's count for new
+    threads back to its own: `decoding.at_most_threads` restores it, the start-up probe tries 1
+    and 2). Called before a request's own small ops (and by `run`)."""
+    if _executor is None or threading.current_thread() is _thread:
+        return
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
