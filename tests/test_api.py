@@ -51,6 +51,7 @@ def server(tmp_path_factory, embedder):
         ingest(store, embedder, [SAMPLE], embedder_name=EMBEDDER, progress=False)
         engine = Engine(store, embedder, words_only(tiny_model(tokenizer), tokenizer), tokenizer, embedder_name=EMBEDDER,
                         adaptation=AdaptationSettings(max_passage_tokens=64))
+        engine.decode_together()  # as app.py serves it by default
         service = Service(engine, home, max_waiting=8)
         app = create_server(service)
         port = free_port()
@@ -100,7 +101,8 @@ def idle(service) -> bool:
     ids = torch.tensor([service.engine.tokenizer("The lantern festival.")["input_ids"]])
     with service.engine.adapter.disabled() as base:
         at_base = torch.equal(logits(service.engine.model, ids), logits(base, ids))
-    return at_base and not service.engine.lock.locked() and service.queue.waiting == 0
+    return (at_base and not service.engine.lock.locked() and service.queue.waiting == 0
+            and service.queue.answering == 0 and service.engine.batch.members == 0)
 
 
 def test_models_and_a_completion_with_the_panel_in_it(client, server):
@@ -367,6 +369,26 @@ def test_a_client_that_goes_away_mid_stream_leaves_the_model_at_base(server, mon
         time.sleep(0.05)
     assert idle(server.service) and time.monotonic() - started < 2  # within a step or two, not 8
     assert server.service.store.chats() == [] and server.service.store.chats(None) == []
+
+
+def test_a_client_that_goes_away_while_its_answer_is_written_leaves_the_batch(server, monkeypatch):
+    batch = server.service.engine.batch
+    run = batch._run
+    monkeypatch.setattr(batch, "_run", lambda tokens: time.sleep(0.05) or run(tokens))  # 64 tokens: 3 s at least
+    body = {"model": "sift-chat", "stream": True, "max_tokens": 64, "messages": [{"role": "user", "content": QUESTION}],
+            "sift": {"mode": "both", "passages": 2}}
+    with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():  # until the first words of the answer
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break
+        assert batch.members == 1 and server.service.queue.answering == 1  # written in the batch, out of the line
+    started = time.monotonic()
+    while not idle(server.service) and time.monotonic() - started < 10:
+        time.sleep(0.02)
+    assert idle(server.service) and time.monotonic() - started < 1.0  # within a token or two
+    monkeypatch.undo()
+    assert ask(openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120),
+               max_tokens=4)[1] in ("stop", "length")  # the next one is answered
 
 
 def test_a_client_that_hangs_up_frees_the_model_and_its_ticket_while_stepping_and_while_waiting(server, monkeypatch):
