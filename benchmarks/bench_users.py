@@ -40,12 +40,10 @@ from sift_chat.probe import probe  # noqa: E402
 from sift_chat.service import Answered, Service  # noqa: E402
 from sift_chat.store import Store  # noqa: E402
 
+from bench_message import PROMPTS as MESSAGE_PROMPTS  # noqa: E402  (this folder is on the path when run)
+
 PROMPTS = [
-    "Who founded Brindlemoor and who keeps the lighthouse?",
-    "When is the lantern festival and what is eaten there?",
-    "How many people live in Brindlemoor, and when does the ferry leave?",
-    "What are the bottles of the glassworks coloured with?",
-    "Tell me about the history of the town.",
+    *MESSAGE_PROMPTS,
     "Which river runs through Brindlemoor?",
     "What does the lighthouse keeper do in winter?",
     "What is the glassworks known for?",
