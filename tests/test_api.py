@@ -463,6 +463,7 @@ def test_app_py_serves_the_app_and_the_api_on_one_port(tmp_path):
             assert browser.get(f"http://127.0.0.1:{port}/?token={'t' * 20}").status_code == 200
         text, reason, extension = ask(keyed, sift={"mode": "off"}, max_tokens=3)
         assert reason in ("stop", "length") and extension["selection"] is None  # an empty corpus
+        assert "messages decode together" in log.read_text()  # the default: answers written in one batch
     finally:
         process.terminate()
         process.wait(30)
