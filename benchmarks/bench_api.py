@@ -1,6 +1,7 @@
 """What `/v1` costs over calling the application layer directly: one message, the same settings,
 run in the same process through `Service.run` and through HTTP (not streamed, and streamed) to
-the server that `app.py` starts (FastAPI with the Gradio app mounted on it).
+the server that `app.py` starts (FastAPI with the Gradio app mounted on it), with the models'
+thread and decoding together as `app.py` runs them.
 
     .venv/bin/python benchmarks/bench_api.py [--runs 5] [--max-tokens 16] [--data-dir DIR]
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from sift_chat import config
+from sift_chat import config, torch_thread
 from sift_chat.access import LOCAL
 from sift_chat.corpus import ingest
 from sift_chat.engine import Engine, Token
@@ -40,7 +41,9 @@ def main() -> None:
     args = parser.parse_args()
 
     home = config.data_dir(args.data_dir)
-    engine = Engine.load(home, device="cpu")
+    torch_thread.enable()  # as app.py runs: the direct calls and the server's threads on one models' thread
+    engine = torch_thread.run(Engine.load, home, device="cpu")
+    engine.decode_together()
     if engine.store.passage_count() == 0:
         ingest(engine.store, engine.embedder, [SAMPLE], embedder_name=engine.embedder_name, progress=False)
     service = Service(engine, home)
