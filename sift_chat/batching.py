@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import torch_thread
-from .decoding import DECODE_THREADS, at_most_threads, growing
+from .decoding import DECODE_THREADS, at_most_threads, forward_last, growing, left_padded
 from .lora import LayerWeights, row_weights, stack_row_weights
 
 GATHER_SECONDS = 0.01  # how long a forward waits for members that have not asked for their next token yet
@@ -112,9 +112,7 @@ class Batch:
         return member
 
     def _forward(self, input_ids, weights, **inputs):
-        with torch.no_grad(), row_weights(self.model, weights):
-            # logits for the last position only: the head over a large vocabulary is costly
-            return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **inputs)
+        return forward_last(self.model, input_ids, row_weights(self.model, weights), **inputs)
 
     def _rows(self) -> int:
         return sum(m.rows for m in self._members if not m.gone)
@@ -125,14 +123,8 @@ class Batch:
         """The member's prefilled caches, left-padded with the batch's to the longer of the two."""
         held = 0 if self._mask is None else self._mask.shape[1]
         longest = max(held, *lengths)
-        layers = []
-        for index, new_layers in enumerate(zip(*(cache.layers for cache in caches))):
-            keys = [_pad_left(layer.keys, longest) for layer in new_layers]
-            values = [_pad_left(layer.values, longest) for layer in new_layers]
-            if self._cache is not None:
-                old = self._cache.layers[index]
-                keys, values = [_pad_left(old.keys, longest), *keys], [_pad_left(old.values, longest), *values]
-            layers.append((torch.cat(keys), torch.cat(values)))
+        self._cache = left_padded([*([self._cache] if self._cache is not None else []), *caches],
+                                  self.model.config, self.model.dtype)
         device = caches[0].layers[0].keys.device
         masks = [torch.tensor([[0] * (longest - n) + [1] * n], device=device) for n in lengths]
         if self._mask is not None:
@@ -140,7 +132,6 @@ class Batch:
         self._mask = torch.cat(masks)
         counts = torch.tensor(lengths, device=device)
         self._positions = counts if self._positions is None else torch.cat([self._positions, counts])
-        self._cache = growing(layers, self.model.config, self.model.dtype)
         self._members.append(member)
         self._restack()
 
@@ -202,7 +193,6 @@ class Batch:
                     now = time.monotonic()
                     for idle in [m for m in self._members if m.pending is None and now - m.asked > self.idle_seconds]:
                         idle.gone = True  # its reader went away without closing it
-                    torch_thread.run(self._compact)
                     tokens = [(m, m.pending) for m in self._members if m.pending is not None]
                 try:
                     torch_thread.run(self._run, tokens)
@@ -218,7 +208,10 @@ class Batch:
                 self._changed.notify_all()
 
     def _run(self, tokens: list[tuple["Member", int]]) -> None:
-        """One forward: each ready member's token in its rows, a masked column in the others'."""
+        """One forward: each ready member's token in its rows, a masked column in the others'
+        (the rows of members that left dropped first)."""
+        with self._changed:
+            self._compact()
         rows = self._mask.shape[0]
         device = self._mask.device
         input_ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -239,11 +232,6 @@ class Batch:
             for member, _ in tokens:
                 member.current = logits[member.start: member.start + member.rows]
                 member.pending = None
-
-
-def _pad_left(states: torch.Tensor, length: int) -> torch.Tensor:
-    """[rows, heads, T, d] zero-padded on the left to `length` positions."""
-    return F.pad(states, (0, 0, length - states.shape[-2], 0)) if states.shape[-2] < length else states
 
 
 class Member:

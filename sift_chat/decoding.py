@@ -105,6 +105,14 @@ def left_padded(caches: Sequence[DynamicCache], config, dtype: torch.dtype | Non
                     for layers in zip(*(cache.layers for cache in caches))], config, dtype)
 
 
+def forward_last(model, input_ids: torch.Tensor, adapters: ContextManager, **inputs):
+    """One cached forward under torch.no_grad() with the rows' adapters set (`lora.row_scales` or
+    `lora.row_weights`), keeping the logits of the last position only: the head over a large
+    vocabulary is costly."""
+    with torch.no_grad(), adapters:
+        return model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **inputs)
+
+
 class Rows:
     """Conversations [1, T_i] decoded together by a causal LM, each row weighing the adapter by
     `adapter_scales[i]` (None: every row adapted). `logits()` are the next-token logits of every
@@ -193,9 +201,7 @@ class Lane:
         self.logits = torch.cat(logits).float()
 
     def _forward(self, input_ids, scales, **inputs):
-        with torch.no_grad(), row_scales(self.model, scales):
-            # logits for the last position only: the head over a large vocabulary is costly
-            return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **inputs)
+        return forward_last(self.model, input_ids, row_scales(self.model, scales), **inputs)
 
     def step(self, tokens: Sequence[int], step_context: Callable[[], ContextManager] = nullcontext) -> None:
         """Append `tokens` to every row: one forward, in the calling thread."""

@@ -271,10 +271,13 @@ class Engine:
         """From now on a message, once its steps are taken, decodes as rows of one batch with the
         other messages being answered (`batching`), and hands the adapter to the next message
         while it does: for a server with several users."""
-        self.batch = Batch(self.model, self.model_lock, threads=self.compute.decode_threads,
-                           prefill_context=lambda: self.compute.context("prefill"),
-                           step_context=lambda: self.compute.context("decode"),
+        self.batch = Batch(self.model, self.model_lock, threads=self.compute.decode_threads, **self._decoding_contexts(),
                            max_rows=max_rows, gather_seconds=gather_seconds)
+
+    def _decoding_contexts(self) -> dict:
+        """The precision the probe chose for a prefill and for a decoding step, entered around each."""
+        return {"prefill_context": lambda: self.compute.context("prefill"),
+                "step_context": lambda: self.compute.context("decode")}
 
     @property
     def model(self):
@@ -603,9 +606,7 @@ class Engine:
             weights = torch_thread.run(lora_weights, self.model) if learned else None
             return self.batch.join(prompts, [(weights, scale) for scale in scales]), None
         how = {"threads": self.compute.decode_threads,  # as the probe measured this machine
-               "side_by_side": self.compute.decode_side_by_side,
-               "prefill_context": lambda: self.compute.context("prefill"),
-               "step_context": lambda: self.compute.context("decode")}
+               "side_by_side": self.compute.decode_side_by_side, **self._decoding_contexts()}
         if contrasted and self.compute.contrast_on_demand:  # the second conversation's forward only when asked
             return Rows(self.model, prompts[:1], scales[:1], **how), Rows(self.model, prompts[1:], scales[1:], **how)
         return Rows(self.model, prompts, scales, **how), None

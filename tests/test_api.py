@@ -469,6 +469,49 @@ def test_app_py_serves_the_app_and_the_api_on_one_port(tmp_path):
         process.wait(30)
 
 
+def test_app_py_answers_clients_at_once_each_as_alone(tmp_path, embedder):
+    """Served as app.py serves it (decoding together, the models' thread), over HTTP: two clients'
+    answers written at the same time are the ones each gets alone, each with what it learned."""
+    model = save_tiny_chat_model(tmp_path / "tiny-model")
+    with Store(tmp_path / "data" / "store") as store:
+        ingest(store, embedder, [SAMPLE], embedder_name=EMBEDDER, progress=False)
+    port = free_port()
+    log = tmp_path / "app.log"
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--chat-model", model,
+                                    "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--no-token"],
+                                   cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+                                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    try:
+        clients = [openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=name, max_retries=0, timeout=120)
+                   for name in ("first-client", "second-client")]
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                clients[0].models.list()
+                break
+            except (openai.APIConnectionError, openai.InternalServerError):  # not listening, or loading
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+        questions = [QUESTION, "What are the bottles of the glassworks coloured with?"]
+        learning = {"mode": "both", "passages": 2, "learning_rate": 0.05}
+        alone = [ask(client, question, sift=learning, max_tokens=12)[0] for client, question in zip(clients, questions)]
+        unlearned = ask(clients[0], questions[0], sift={**learning, "mode": "context"}, max_tokens=12)[0]
+        assert alone[0] != unlearned  # what a message learned shows in its answer: a leak would show too
+        together: dict[int, str] = {}
+        threads = [threading.Thread(target=lambda i=i: together.setdefault(
+            i, ask(clients[i], questions[i], sift=learning, max_tokens=12, stream=i == 1)[0])) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert [together.get(0), together.get(1)] == alone
+        assert "messages decode together" in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
 def test_app_py_says_why_it_cannot_load_and_exits(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "app.py"), "--port", str(free_port()), "--chat-model",
                              str(tmp_path / "no-such-model"), "--data-dir", str(tmp_path / "data")],
