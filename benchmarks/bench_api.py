@@ -24,7 +24,8 @@ import uvicorn
 from sift_chat import config, torch_thread
 from sift_chat.access import LOCAL
 from sift_chat.corpus import ingest
-from sift_chat.engine import Engine, Token
+from sift_chat.engine import Engine
+from sift_chat.events import Token
 from sift_chat.panel import parse_settings
 from sift_chat.server import create_server
 from sift_chat.service import Service

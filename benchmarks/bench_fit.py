@@ -27,7 +27,7 @@ def dropping_two_per_rendering(engine: Engine, prompt: str, history: list[dict],
     """The reference: what `chat_input` did before (quadratic in the turns)."""
     turns = [m for m in history if m.get("role") in ("user", "assistant") and m.get("content")]
     while True:
-        ids = engine._template(conversation(prompt, turns, []))
+        ids = engine.template.ids(conversation(prompt, turns, []))
         if len(ids) <= budget or not turns:
             return ids
         turns = turns[2:] if len(turns) > 1 else []

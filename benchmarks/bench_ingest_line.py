@@ -74,7 +74,7 @@ def timed_ingest(store, embedder, path: Path, parse_seconds: float | None) -> di
 
 
 def answer_seconds(engine, question: str, settings) -> float:
-    from sift_chat.engine import Done
+    from sift_chat.events import Done
 
     started = time.perf_counter()
     assert any(isinstance(e, Done) for e in engine.respond(question, settings=settings))

@@ -40,7 +40,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .engine import ChatSettings, Done, Engine, Prompted, Selected, Step
+from .engine import ChatSettings, Engine
+from .events import Done, Prompted, Selected, Step
 from .evaluation import mean_and_error
 
 NO_METHOD = "-"  # the "off" mode selects nothing

@@ -261,7 +261,7 @@ def _answer(service, prompt: str, chat_id: int | None, settings: ChatSettings,
 
 def _show(event) -> bool:
     """Print one event of a turn; True when it was the last (the exchange was stored)."""
-    from .engine import Notice, Selected, Stage, Step, Token
+    from .events import Notice, Selected, Stage, Step, Token
     from .service import Answered, Stored
 
     if isinstance(event, Notice):
@@ -300,7 +300,7 @@ def _selection_table(selected, marked: set[int] | None = None) -> str:
 
 def _compare(service, prompt: str, settings: ChatSettings, adaptation: AdaptationSettings) -> int:
     """Both selections (each made once) with the shared picks marked, then both answers."""
-    from .engine import Selected
+    from .events import Selected
     from .service import Answered
 
     selections: dict[str, Selected] = {}

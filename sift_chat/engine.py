@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Generator, Iterable, Iterator, Sequence
 
@@ -28,11 +28,12 @@ from .adaptation import AdaptationSettings, Adapter, decoder_layers
 from .batching import GATHER_SECONDS, MAX_ROWS, Batch
 from .decoding import Rows
 from .embedding import shared
-from .generation import (answer_processors, cite, contrast, conversation, next_token, only_learned_words, repeat_start,
-                         training_text)
+from .events import Done, Event, Notice, Picked, Prompted, Selected, Stage, Step, Token
+from .generation import answer_processors, cite, contrast, next_token, only_learned_words, repeat_start, training_text
 from . import torch_thread
 from .lora import lora_weights
 from .probe import Compute, probe
+from .prompting import ChatTemplate
 from .record import AnswerRecord, SelectionRecord
 from .retrieval import FUSION, Candidates, preselect
 from .selection import Selection, select
@@ -117,116 +118,6 @@ class ChatSettings:
         return self.mode in ("context", "both")
 
 
-# -- events ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str  # embed, select, fine-tune, generate
-    state: str  # started, finished
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class Picked:
-    """One selected passage: which, and what it did to the prompt's uncertainty."""
-
-    step: int
-    passage: Passage
-    similarity: float
-    posterior_variance: float
-    uncertainty_reduction: float
-    repeat: bool  # the same passage was picked at an earlier step
-
-
-@dataclass(frozen=True)
-class Selected:
-    """The picks, and the pre-selection they were made from: `lead` is its best candidate (fused
-    rank 1), which the context modes read first, picked or not (README: Retrieval)."""
-
-    method: str
-    picks: list[Picked]
-    prior_variance: float
-    stop_reason: str
-    nn_posterior_variance: list[float]  # NN's σ² after each of its picks, for the same prompt
-    lead: Passage | None = None
-    candidates: list[int] = field(default_factory=list)  # the K pre-selected passage ids, best fused first
-    terms: list[str] = field(default_factory=list)  # the prompt's words searched in the lexical index
-    seconds: dict[str, float] = field(default_factory=dict)  # pre-selection: vector, lexical, fuse
-
-    def reading_order(self, uses_context: bool) -> list[Passage]:
-        """The passages the answer numbers [1], [2] …: in the context modes the lead first, then
-        the distinct picks in pick order; else the distinct picks."""
-        distinct = [p.passage for p in self.picks if not p.repeat]
-        if not uses_context or self.lead is None:
-            return distinct
-        return [self.lead, *(p for p in distinct if p.id != self.lead.id)]
-
-    @property
-    def final_variance(self) -> float:
-        return self.picks[-1].posterior_variance if self.picks else self.prior_variance
-
-
-@dataclass(frozen=True)
-class Step:
-    """Passage `index` of `total` (1-based, pass after pass) was learned from: `loss` is its
-    next-token loss before its step, which it took alone or, `together`, with the other passages
-    of its pass (one step on all of them, `AdaptationSettings.together`)."""
-
-    index: int
-    total: int
-    loss: float
-    together: bool = False
-
-    @property
-    def words(self) -> str:
-        """For a status line: "step 2 of 3", or "passage 2 of 4 (one step on all 4)"."""
-        if self.together:
-            return f"passage {self.index} of {self.total} (one step on all {self.total})"
-        return f"step {self.index} of {self.total}"
-
-
-@dataclass(frozen=True)
-class Prompted:
-    """What the model reads for the answer: the conversation's token ids, and the passages in
-    it (none outside the context modes), numbered from 1 as the answer cites them."""
-
-    input_ids: torch.Tensor = field(repr=False)
-    passages: list[Passage]
-
-
-@dataclass(frozen=True)
-class Token:
-    text: str
-
-
-@dataclass(frozen=True)
-class Notice:
-    message: str
-
-
-@dataclass(frozen=True)
-class Done:
-    """The answer as stored: with its citation markers [n], where n numbers the passages in the
-    order they were picked (repeats keep their first number; in the context modes [1]… are the
-    passages read). `raw_answer` is the text the model generated."""
-
-    answer: str
-    record: AnswerRecord
-    raw_answer: str = ""  # the text the model generated, before citation markers
-
-    @property
-    def citations(self) -> tuple[int, ...]:
-        return tuple(self.record.citations)
-
-    @property
-    def ended(self) -> str:
-        return self.record.ended
-
-
-Event = Stage | Selected | Step | Prompted | Token | Notice | Done
-
-
 # -- the engine -----------------------------------------------------------------------------
 
 
@@ -241,14 +132,13 @@ class Engine:
         self.embedder = shared(embedder)  # the ingest embeds beside the chat: one batch at a time
         self.embedder_name = embedder_name
         self.tokenizer = tokenizer
-        self.stop_ids = _stop_ids(tokenizer)
+        self.template = ChatTemplate(tokenizer)  # what the model reads, fitted into its context
         self.default_adaptation = adaptation or AdaptationSettings()  # for a message that names none
         self.adapter = Adapter(model, tokenizer, self.default_adaptation)
         self.lock = threading.Lock()  # one adaptation at a time per loaded model
         self.model_lock = threading.Lock()  # one forward at a time: a step, a prefill, a batch's token
         self.batch: Batch | None = None  # messages decoding together (`decode_together`), or one at a time
         self.fusion = FUSION  # how pre-selection combines the vector and the lexical search
-        self._overhead: dict[str, int] | None = None  # tokens the chat template adds around a message
 
     @classmethod
     def load(cls, data_dir: str | Path | None = None, *, embedder: str | None = None,
@@ -406,19 +296,7 @@ class Engine:
         if selected is not None:
             yield selected
         elif wants_passages:
-            yield Stage("embed", "started")
-            started = time.perf_counter()
-            query = self.embed(prompt)
-            seconds["embed"] = time.perf_counter() - started
-            yield Stage("embed", "finished", seconds["embed"])
-
-            yield Stage("select", "started")
-            started = time.perf_counter()
-            selected = self.select(query, settings, owners=owners, prompt=prompt)
-            seconds["select"] = time.perf_counter() - started
-            seconds["preselect"] = sum(selected.seconds.values())  # of which: finding the K candidates
-            yield selected
-            yield Stage("select", "finished", seconds["select"])
+            selected = yield from self._embed_and_select(prompt, settings, owners, seconds)
         if selected is not None and not selected.picks:
             yield Notice(f"no passage was selected ({selected.stop_reason}): answering with the base model")
 
@@ -428,21 +306,7 @@ class Engine:
             if selected and selected.picks and settings.fine_tunes:
                 yield Stage("fine-tune", "started")
                 started = time.perf_counter()
-                training = self.adapter.settings.training
-                texts = [training_text(prompt, pick.passage.text, training, self._render) for pick in selected.picks]
-                schedule = texts * self.adapter.settings.epochs  # pass after pass, picks in order
-                if self.adapter.settings.together:  # one step a pass, on all its passages as one batch
-                    prefixes, passages = zip(*texts)
-                    for _ in range(self.adapter.settings.epochs):
-                        with self.model_lock:
-                            losses += torch_thread.run(self._step, self.adapter.step_together, passages, prefixes)
-                        for index in range(len(losses) - len(texts) + 1, len(losses) + 1):
-                            yield Step(index, len(schedule), losses[index - 1], together=True)
-                else:
-                    for index, (prefix, text) in enumerate(schedule, 1):
-                        with self.model_lock:
-                            losses.append(torch_thread.run(self._step, self.adapter.step, text, prefix))
-                        yield Step(index, len(schedule), losses[-1])
+                yield from self._learn(prompt, selected.picks, losses)
                 seconds["fine-tune"] = time.perf_counter() - started
                 yield Stage("fine-tune", "finished", seconds["fine-tune"])
 
@@ -501,6 +365,43 @@ class Engine:
                               only_learned={str(p.id): words for p, words in zip(learned, only_learned) if words})
         yield Done(answer, record, raw_answer)
 
+    def _embed_and_select(self, prompt, settings, owners, seconds) -> Generator[Event, None, Selected]:
+        """Embed the prompt and select its passages, timing both into `seconds`; return the selection."""
+        yield Stage("embed", "started")
+        started = time.perf_counter()
+        query = self.embed(prompt)
+        seconds["embed"] = time.perf_counter() - started
+        yield Stage("embed", "finished", seconds["embed"])
+
+        yield Stage("select", "started")
+        started = time.perf_counter()
+        selected = self.select(query, settings, owners=owners, prompt=prompt)
+        seconds["select"] = time.perf_counter() - started
+        seconds["preselect"] = sum(selected.seconds.values())  # of which: finding the K candidates
+        yield selected
+        yield Stage("select", "finished", seconds["select"])
+        return selected
+
+    def _learn(self, prompt: str, picks: list[Picked], losses: list[float]) -> Iterator[Step]:
+        """A step on each pick in pick order, pass after pass (`epochs`), or with `together` one
+        step a pass on all its passages as one batch; each under the model lock on the models'
+        thread, appending each passage's loss to `losses`."""
+        settings = self.adapter.settings
+        texts = [training_text(prompt, pick.passage.text, settings.training, self.template.render) for pick in picks]
+        total = len(texts) * settings.epochs
+        if settings.together:
+            prefixes, passages = zip(*texts)
+            for _ in range(settings.epochs):
+                with self.model_lock:
+                    losses += torch_thread.run(self._step, self.adapter.step_together, passages, prefixes)
+                for index in range(len(losses) - len(texts) + 1, len(losses) + 1):
+                    yield Step(index, total, losses[index - 1], together=True)
+            return
+        for index, (prefix, text) in enumerate(texts * settings.epochs, 1):
+            with self.model_lock:
+                losses.append(torch_thread.run(self._step, self.adapter.step, text, prefix))
+            yield Step(index, total, losses[-1])
+
     def _step(self, step, *args):
         with self.compute.context("step"):  # bf16 base matmuls where chosen; fp32 LoRA and Adam
             return step(*args)
@@ -509,82 +410,10 @@ class Engine:
 
     def chat_input(self, prompt: str, history: list[dict], context: list[Passage],
                    settings: ChatSettings) -> tuple[torch.Tensor, str | None]:
-        """The token ids of the conversation in the model's chat template (`generation.conversation`),
-        and a notice when it had to be shortened to fit `max_context_tokens - max_new_tokens`
-        (oldest turns first, two at a time, then the start of the prompt).
-
-        In time linear in the conversation's length: each turn is tokenised once, the length
-        without its oldest turns estimated from a running sum (`_kept_from`), and the template
-        rendered for the estimate and its neighbour only (O(log turns) renderings where the
-        template is not a plain sum of its messages)."""
+        """The conversation's token ids in the model's chat template, fitted into
+        `max_context_tokens - max_new_tokens` (`ChatTemplate.fit`), and a notice when it was shortened."""
         budget = max(settings.max_context_tokens - settings.max_new_tokens, 32)
-        passages = [p.text for p in context]
-        notice = None
-        turns = [m for m in history if m.get("role") in ("user", "assistant") and m.get("content")]
-        start, ids = self._kept_from(prompt, turns, passages, budget)
-        if start > 0:
-            notice = "the conversation is longer than the model's context: older turns were left out"
-        if len(ids) > budget:
-            overflow = len(ids) - budget
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            prompt = self.tokenizer.decode(prompt_ids[overflow + 8:])
-            ids = self._template(conversation(prompt, [], passages))[-budget:]
-            notice = (f"the message is longer than the model's context ({budget} tokens): "
-                      f"only its last part was read")
-        return torch.tensor([ids], dtype=torch.long), notice
-
-    def _kept_from(self, prompt: str, turns: list[dict], passages: list[str], budget: int) -> tuple[int, list[int]]:
-        """(s, ids): the conversation keeps `turns[s:]`, the fewest dropped (two at a time, the
-        oldest first, a last odd one alone) for its ids to fit in `budget`; all dropped when even
-        none fits. The same s and ids as rendering after each drop, found with a few renderings:
-
-            length(s) ≈ length(no turns) + Σ_{i ≥ s} (tokens(content_i) + overhead(role_i))
-
-        where tokens are counted once per turn and the overhead of a message (the template's
-        markers) once per role; the first s whose estimate fits is rendered, and so is the one
-        before it (`first_fitting` walks on from there when the estimate was off)."""
-        starts = [*range(0, len(turns), 2), len(turns)]
-        rendered: dict[int, list[int]] = {}
-
-        def fits(i: int) -> bool:
-            if i not in rendered:
-                rendered[i] = self._template(conversation(prompt, turns[starts[i]:], passages))
-            return len(rendered[i]) <= budget
-
-        last = len(starts) - 1
-        if fits(last) and last > 0:  # with no turns it fits: estimate where the turns start to fit
-            overhead = self._message_overhead()
-            counts = self.tokenizer([t["content"] for t in turns], add_special_tokens=False)["input_ids"]
-            costs = [len(ids) + overhead.get(t["role"], 0) for ids, t in zip(counts, turns)]
-            length, estimates = len(rendered[last]), [0] * len(starts)
-            for i in range(last - 1, -1, -1):  # a running sum, from the newest turns back
-                length += sum(costs[starts[i]:starts[i + 1]])
-                estimates[i] = length
-            guess = next((i for i in range(last) if estimates[i] <= budget), last)
-            found = first_fitting(len(starts), fits, guess)
-        else:
-            found = None
-        kept = last if found is None else found
-        fits(kept)
-        return starts[kept], rendered[kept]
-
-    def _message_overhead(self) -> dict[str, int]:
-        """Tokens the chat template adds around one message, by role (measured once)."""
-        if self._overhead is None:
-            frame = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
-            without, word = len(self._template(frame)), len(self.tokenizer("x", add_special_tokens=False)["input_ids"])
-            self._overhead = {role: len(self._template([frame[0], {"role": role, "content": "x"}, frame[1]]))
-                              - without - word for role in ("user", "assistant")}
-        return self._overhead
-
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
-
-    def _template(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return self.template.fit(prompt, history, [p.text for p in context], budget)
 
     def _conversations(self, input_ids: torch.Tensor, unread_ids: torch.Tensor | None, settings: ChatSettings):
         """(rows, prior): what `generate` decodes. Row 0 reads the passages with the adapter as the
@@ -639,7 +468,7 @@ class Engine:
             else:
                 logits = logits[0]
             token = next_token(logits, generated, processors, settings.temperature, sampler)
-            if token in self.stop_ids:
+            if token in self.template.stop_ids:
                 ended = "end"
                 break
             generated.append(token)
@@ -665,39 +494,3 @@ def _real(value) -> bool:
 
 def _integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def first_fitting(n: int, fits, guess: int) -> int | None:
-    """The smallest i in [0, n) with fits(i), for fits False … False True … True (None when none
-    fits), searched from `guess`: 2 calls when the guess is right, O(log n) when it is off (a walk
-    in steps of 1, 2, 4 … away from the guess, then bisection)."""
-    lo, hi = -1, n  # fits(lo) is False and fits(hi) True, as if both were asked
-    if fits(guess):
-        hi, candidate, step = guess, guess - 1, 1
-        while candidate > lo and fits(candidate):
-            hi, step = candidate, step * 2
-            candidate = hi - step
-        lo = max(candidate, lo)
-    else:
-        lo, candidate, step = guess, guess + 1, 1
-        while candidate < hi and not fits(candidate):
-            lo, step = candidate, step * 2
-            candidate = lo + step
-        hi = min(candidate, hi)
-    while hi - lo > 1:
-        middle = (lo + hi) // 2
-        if fits(middle):
-            hi = middle
-        else:
-            lo = middle
-    return hi if hi < n else None
-
-
-def _stop_ids(tokenizer) -> set[int]:
-    """The tokens that end an answer: EOS, and ChatML's end of turn where the vocabulary has it."""
-    eos = tokenizer.eos_token_id
-    stop = set(eos) if isinstance(eos, (list, tuple, set)) else {eos} - {None}
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if im_end is not None and im_end != tokenizer.unk_token_id:
-        stop.add(im_end)
-    return stop

@@ -12,7 +12,8 @@ from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 from .adaptation import AdaptationSettings
-from .engine import ChatSettings, Selected
+from .engine import ChatSettings
+from .events import Selected
 from .generation import cite
 from .record import AnswerRecord
 from .vocabulary import SettingError, quoted

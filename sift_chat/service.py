@@ -24,7 +24,8 @@ from typing import Iterator
 from .access import Caller
 from .adaptation import AdaptationSettings
 from .corpus_service import CorpusService
-from .engine import ChatSettings, Done, Engine, Event, Notice, Prompted, Selected, Stage, Step, Token
+from .engine import ChatSettings, Engine
+from .events import Done, Event, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel
 from .record import AnswerRecord
 from .store import Store, StoreError

@@ -29,7 +29,8 @@ from .adaptation import AdaptationSettings
 from .corpus import IngestProgress
 from .corpus_service import IngestOutcome
 from .document_view import NotReadable
-from .engine import ChatSettings, Engine, Notice, Prompted, Selected, Stage, Step, Token
+from .engine import ChatSettings, Engine
+from .events import Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel, parse_settings
 from .reading import shown as printable_path
 from .rendering import link_citations, render_document, render_search, what_differed

@@ -12,7 +12,8 @@ import torch
 
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.decoding import Rows
-from sift_chat.engine import ChatSettings, Done, Engine
+from sift_chat.engine import ChatSettings, Engine
+from sift_chat.events import Done
 from sift_chat.probe import Compute
 from sift_chat.generation import contrast
 from sift_chat.lora import add_lora
@@ -131,7 +132,7 @@ def sequential(engine, input_ids, unread_ids, settings) -> list[int]:
             unread = model(input_ids=next_unread, cache=unread_cache, use_cache=True)
         unread_cache = unread.cache
         token = int(contrast(output.logits[0, -1], unread.logits[0, -1], settings.context_contrast).argmax())
-        if token in engine.stop_ids:
+        if token in engine.template.stop_ids:
             break
         answer.append(token)
         next_input = next_unread = torch.tensor([[token]])

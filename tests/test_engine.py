@@ -13,7 +13,8 @@ import torch
 
 from sift_chat.access import Caller
 from sift_chat.adaptation import AdaptationSettings
-from sift_chat.engine import ChatSettings, Done, Engine, Notice, Prompted, Selected, Stage, Step, Token
+from sift_chat.engine import ChatSettings, Engine
+from sift_chat.events import Done, Notice, Prompted, Selected, Stage, Step, Token
 from sift_chat.generation import cite, content_words, contrast, conversation
 from sift_chat.probe import Compute
 from sift_chat.record import AnswerRecord
@@ -306,7 +307,7 @@ def fitted_by_dropping(engine, prompt, history, passages, budget):
     """The reference: render, drop the two oldest turns, render again … (quadratic in the turns)."""
     turns = [m for m in history if m.get("role") in ("user", "assistant") and m.get("content")]
     while True:
-        ids = engine._template(conversation(prompt, turns, passages))
+        ids = engine.template.ids(conversation(prompt, turns, passages))
         if len(ids) <= budget or not turns:
             return ids
         turns = turns[2:] if len(turns) > 1 else []
@@ -326,7 +327,7 @@ def test_fitting_the_conversation_keeps_what_dropping_two_turns_at_a_time_kept(e
         engine.tokenizer = tiny_tokenizer()
         engine.tokenizer.chat_template = engine.tokenizer.chat_template.replace(
             "message['content']", "message['content'] | trim | upper")
-        engine._overhead = None
+        engine.template._overhead = None
     rng = random.Random(3)
     for trial in range(120):
         history, prompt = random_conversation(rng, rng.randrange(0, 40)), f"question {trial} lantern?"
@@ -364,7 +365,7 @@ def test_first_fitting_finds_the_first_that_fits_in_few_probes():
     import math
     import random
 
-    from sift_chat.engine import first_fitting
+    from sift_chat.prompting import first_fitting
 
     rng = random.Random(1)
     for _ in range(500):

@@ -76,7 +76,7 @@ def recipe_steps(engine, name, prompt, picks, lead, settings):
     a = engine.adapter
     a.reset()
     texts = [p.passage.text for p in picks]
-    render = engine._render
+    render = engine.template.render
     if name == "base":
         return
     kind, lr, epochs, which = name.split(":")

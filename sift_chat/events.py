@@ -1,0 +1,120 @@
+"""What a message tells its consumers while it runs (`Engine.respond` yields these): the stages,
+the selection, each step's loss, what the model reads, the answer's pieces, notices, and finally
+the answer with its record. Plain frozen dataclasses: the application layer stores them, the
+shells render them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .record import AnswerRecord
+from .store import Passage
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # embed, select, fine-tune, generate
+    state: str  # started, finished
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Picked:
+    """One selected passage: which, and what it did to the prompt's uncertainty."""
+
+    step: int
+    passage: Passage
+    similarity: float
+    posterior_variance: float
+    uncertainty_reduction: float
+    repeat: bool  # the same passage was picked at an earlier step
+
+
+@dataclass(frozen=True)
+class Selected:
+    """The picks, and the pre-selection they were made from: `lead` is its best candidate (fused
+    rank 1), which the context modes read first, picked or not (README: Retrieval)."""
+
+    method: str
+    picks: list[Picked]
+    prior_variance: float
+    stop_reason: str
+    nn_posterior_variance: list[float]  # NN's σ² after each of its picks, for the same prompt
+    lead: Passage | None = None
+    candidates: list[int] = field(default_factory=list)  # the K pre-selected passage ids, best fused first
+    terms: list[str] = field(default_factory=list)  # the prompt's words searched in the lexical index
+    seconds: dict[str, float] = field(default_factory=dict)  # pre-selection: vector, lexical, fuse
+
+    def reading_order(self, uses_context: bool) -> list[Passage]:
+        """The passages the answer numbers [1], [2] …: in the context modes the lead first, then
+        the distinct picks in pick order; else the distinct picks."""
+        distinct = [p.passage for p in self.picks if not p.repeat]
+        if not uses_context or self.lead is None:
+            return distinct
+        return [self.lead, *(p for p in distinct if p.id != self.lead.id)]
+
+    @property
+    def final_variance(self) -> float:
+        return self.picks[-1].posterior_variance if self.picks else self.prior_variance
+
+
+@dataclass(frozen=True)
+class Step:
+    """Passage `index` of `total` (1-based, pass after pass) was learned from: `loss` is its
+    next-token loss before its step, which it took alone or, `together`, with the other passages
+    of its pass (one step on all of them, `AdaptationSettings.together`)."""
+
+    index: int
+    total: int
+    loss: float
+    together: bool = False
+
+    @property
+    def words(self) -> str:
+        """For a status line: "step 2 of 3", or "passage 2 of 4 (one step on all 4)"."""
+        if self.together:
+            return f"passage {self.index} of {self.total} (one step on all {self.total})"
+        return f"step {self.index} of {self.total}"
+
+
+@dataclass(frozen=True)
+class Prompted:
+    """What the model reads for the answer: the conversation's token ids, and the passages in
+    it (none outside the context modes), numbered from 1 as the answer cites them."""
+
+    input_ids: torch.Tensor = field(repr=False)
+    passages: list[Passage]
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    message: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The answer as stored: with its citation markers [n], where n numbers the passages in the
+    order they were picked (repeats keep their first number; in the context modes [1]… are the
+    passages read). `raw_answer` is the text the model generated."""
+
+    answer: str
+    record: AnswerRecord
+    raw_answer: str = ""  # the text the model generated, before citation markers
+
+    @property
+    def citations(self) -> tuple[int, ...]:
+        return tuple(self.record.citations)
+
+    @property
+    def ended(self) -> str:
+        return self.record.ended
+
+
+Event = Stage | Selected | Step | Prompted | Token | Notice | Done
