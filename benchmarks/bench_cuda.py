@@ -66,7 +66,7 @@ def main() -> int:
         ingest(store, embedder, [ROOT / "corpora" / "brindlemoor"], embedder_name=config.DEFAULT_EMBEDDER, progress=False)
         engine = Engine(store, embedder, model, tokenizer, embedder_name=config.DEFAULT_EMBEDDER)
         for precision in precisions:
-            engine.compute = Compute(precision, precision, 1, "forced")
+            engine.compute = Compute(precision, precision, 1, source="forced")
             answer(engine, prompts[0], ChatSettings(mode=modes[0], max_new_tokens=args.max_new_tokens))  # warm-up
             for prompt in prompts:  # modes interleaved: all see the same state of the GPU
                 for mode in modes:
@@ -79,7 +79,7 @@ def main() -> int:
         text = inspect.getsource(argparse)[: 8 * args.tokens]
         step = {}
         for precision in precisions:
-            compute = Compute(precision, precision, 1, "forced")
+            compute = Compute(precision, precision, 1, source="forced")
 
             def one_step():
                 with compute.context("step"):

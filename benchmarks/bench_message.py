@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_message.py [--corpus stdlib] [--modes default,context] [--contrast 0,1]
                                                  [--on-demand] [--precision fp32,bf16] [--steps each,together]
-                                                 [--prompts N] [--json PATH]
+                                                 [--drafts 0,2] [--prompts N] [--json PATH]
 
 On the sample corpus the passages are short (about 50 tokens); `--corpus stdlib` uses 60 files of
 the Python standard library instead, whose passages are full length (192 embedder tokens).
@@ -18,7 +18,9 @@ with the second conversation a forward only where the contrast can change the to
 the base matmuls of the steps and the prefill on kept bf16 copies, decoding in fp32, as the probe
 chooses where bf16 matmuls measure faster and a bf16 decoding step does not); `--steps
 each,together` runs the modes that learn with a step per passage and with one step on the passages
-together (`AdaptationSettings.together`). Targets on 2 CPU cores: the whole answer within 10 s on the sample corpus with the
+together (`AdaptationSettings.together`); `--drafts 0,2` runs every row without and with drafts of
+that many tokens guessed from what the answer reads (`Compute.draft_tokens`, prompt lookup), and
+says whether the answers with drafts are those without. Targets on 2 CPU cores: the whole answer within 10 s on the sample corpus with the
 defaults, and no default costing more than 2x plain `context`.
 """
 
@@ -39,7 +41,7 @@ from sift_chat import config  # noqa: E402
 from sift_chat.adaptation import AdaptationSettings  # noqa: E402
 from sift_chat.corpus import ingest  # noqa: E402
 from sift_chat.engine import ChatSettings, Engine  # noqa: E402
-from sift_chat.events import Done
+from sift_chat.events import Done  # noqa: E402
 from sift_chat.models import load_chat_model, load_embedder  # noqa: E402
 from sift_chat.probe import Compute  # noqa: E402
 from sift_chat.store import Store  # noqa: E402
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32",
                         help="comma-separated: fp32, bf16 (steps and prefill), each run with every row (default: %(default)s)")
     parser.add_argument("--steps", default="each", help="comma-separated: each, together (default: %(default)s)")
+    parser.add_argument("--drafts", default="0", help="comma-separated draft lengths, each run with every row (default: %(default)s)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -97,17 +100,19 @@ def main() -> None:
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     if not steps or set(steps) - {"each", "together"}:
         parser.error(f"--steps: each and/or together, got {args.steps!r}")
-    rows = list(dict.fromkeys((mode, strength, False, p, how) for p in precisions for how in steps for mode in modes
+    drafts = [int(d) for d in args.drafts.split(",") if d.strip()]
+    rows = list(dict.fromkeys((mode, strength, False, p, how, 0) for p in precisions for how in steps for mode in modes
                               for strength in strengths if how == "each" or mode in ("both", "fine-tune")))
-    rows += [(mode, strength, True, p, how) for mode, strength, _, p, how in rows if args.on_demand and strength > 0]
-    reference = ("context", 0.0, False, precisions[0], "each")
+    rows += [(mode, strength, True, p, how, 0) for mode, strength, _, p, how, _ in rows if args.on_demand and strength > 0]
+    rows = [(*row[:5], d) for row in rows for d in drafts]
+    reference = ("context", 0.0, False, precisions[0], "each", drafts[0])
 
     def settings_of(row) -> ChatSettings:
         return ChatSettings(mode=row[0], context_contrast=row[1], passages=args.passages)
 
     def label(row) -> str:
         return (f"{row[0]} α={row[1]:g}{', on demand' if row[2] else ''}{', ' + row[3] if len(precisions) > 1 else ''}"
-                f"{', steps together' if row[4] == 'together' else ''}")
+                f"{', steps together' if row[4] == 'together' else ''}{f', drafts of {row[5]}' if row[5] else ''}")
 
     def adaptation_of(row) -> AdaptationSettings:
         return AdaptationSettings(together=row[4] == "together")
@@ -128,7 +133,7 @@ def main() -> None:
         answer(engine, prompts[0], settings_of(rows[0]))  # warm-up
         for prompt in prompts[: args.prompts]:  # rows interleaved: all see the same machine load
             for row in rows:
-                engine.compute = Compute(row[3], "fp32", 1, contrast_on_demand=row[2])
+                engine.compute = Compute(row[3], "fp32", 1, contrast_on_demand=row[2], draft_tokens=row[5])
                 runs[row].append(answer(engine, prompt, settings_of(row), adaptation_of(row)))
         store_size = store.passage_count()
     stages = ["embed", "select", "fine-tune", "first_token", "generate", "whole", "tokens"]
@@ -141,15 +146,18 @@ def main() -> None:
           f"{settings.max_new_tokens} new tokens max; median of {args.prompts} prompts; default mode "
           f"{settings.mode} (α={settings.context_contrast:g}); device {engine.adapter.device}")
     print("| mode | embed | select | fine-tune | first token | generate | whole answer | vs context α=0 | "
-          "answer tokens | ended |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "answer tokens | ended | answers as without drafts |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         m = medians[row]
         ratio = f"{m['whole'] / medians[reference]['whole']:.2f}x" if reference in medians else "-"
         ended = ", ".join(f"{n} {how}" for how, n in Counter(r["ended"] for r in runs[row]).items())
+        undrafted = runs.get((*row[:5], 0))
+        same = (f"{sum(a['answer'] == b['answer'] for a, b in zip(runs[row], undrafted))} of {len(undrafted)}"
+                if row[5] and undrafted else "")
         print(f"| {label(row)} | {m['embed']:.2f} | {m['select']:.2f} | {m['fine-tune']:.2f} | {m['first_token']:.2f} | "
-              f"{m['generate']:.2f} | {m['whole']:.2f} | {ratio} | {m['tokens']:g} | {ended} |")
-    default = medians.get((settings.mode, settings.context_contrast, False, precisions[0], "each"))
+              f"{m['generate']:.2f} | {m['whole']:.2f} | {ratio} | {m['tokens']:g} | {ended} | {same} |")
+    default = medians.get((settings.mode, settings.context_contrast, False, precisions[0], "each", drafts[0]))
     if default:
         print(f"\ntarget: whole answer with the defaults <= 10 s: {'met' if default['whole'] <= 10 else 'MISSED'}")
     if args.json:

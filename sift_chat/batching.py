@@ -13,6 +13,10 @@ the adapter to the next message, and decodes as rows of one shared batch:
              token, so no one waits for a slow reader longer than `gather_seconds`
     leave    a member's rows are dropped before the next forward, and the columns that are now
              padding for every row with them
+    draft    a member may give several tokens at once (its pending token and a draft guessed
+             after it, `decoding.Rows.logits`); the forward is as wide as the most given, a
+             member with fewer has masked columns after its tokens, and the draft's tokens the
+             member does not keep are masked out before the next forward (holes in its row)
 
 A row's attention mask is 0 over its padding and over the columns where it had no token, and its
 position ids count its own tokens only: each row computes what it would alone (up to the order of
@@ -64,6 +68,7 @@ class Batch:
         self._cache = None  # the rows' keys and values, left-padded: [rows, heads, T, d] per layer
         self._mask: torch.Tensor | None = None  # [rows, T]: 1 where a row has a token
         self._positions: torch.Tensor | None = None  # [rows]: each row's own token count
+        self._first_column = 0  # the number of column 0 of `_mask`, counting every column the batch ever had
         self._weights: dict = {}  # each LoRA layer's RowWeights for the rows
         self.forwards = 0  # batched forwards run (for the benchmarks and tests)
         self.rows_forwarded = 0  # rows in them, together
@@ -111,8 +116,8 @@ class Batch:
             self._add(member, caches, [ids.shape[1] for ids in prompts])
         return member
 
-    def _forward(self, input_ids, weights, **inputs):
-        return forward_last(self.model, input_ids, row_weights(self.model, weights), **inputs)
+    def _forward(self, input_ids, weights, positions: int = 1, **inputs):
+        return forward_last(self.model, input_ids, row_weights(self.model, weights), positions, **inputs)
 
     def _rows(self) -> int:
         return sum(m.rows for m in self._members if not m.gone)
@@ -123,6 +128,7 @@ class Batch:
         """The member's prefilled caches, left-padded with the batch's to the longer of the two."""
         held = 0 if self._mask is None else self._mask.shape[1]
         longest = max(held, *lengths)
+        self._first_column = 0 if self._mask is None else self._first_column - (longest - held)
         self._cache = left_padded([*([self._cache] if self._cache is not None else []), *caches],
                                   self.model.config, self.model.dtype)
         device = caches[0].layers[0].keys.device
@@ -149,6 +155,7 @@ class Batch:
         mask = self._mask.index_select(0, index)
         first = int(mask.any(0).nonzero()[0])  # the first column some row has a token in
         self._mask, self._positions = mask[:, first:], self._positions.index_select(0, index)
+        self._first_column += first
         self._cache = growing([(layer.keys.index_select(0, index)[..., first:, :],
                                 layer.values.index_select(0, index)[..., first:, :])
                                for layer in self._cache.layers], self.model.config, self.model.dtype)
@@ -193,7 +200,7 @@ class Batch:
                     now = time.monotonic()
                     for idle in [m for m in self._members if m.pending is None and now - m.asked > self.idle_seconds]:
                         idle.gone = True  # its reader went away without closing it
-                    tokens = [(m, m.pending) for m in self._members if m.pending is not None]
+                    tokens = [(m, list(m.pending)) for m in self._members if m.pending is not None]
                 try:
                     torch_thread.run(self._run, tokens)
                 except BaseException as error:  # the cache may be half-written: every member fails, the batch empties
@@ -207,36 +214,53 @@ class Batch:
                 self._running = False
                 self._changed.notify_all()
 
-    def _run(self, tokens: list[tuple["Member", int]]) -> None:
-        """One forward: each ready member's token in its rows, a masked column in the others'
-        (the rows of members that left dropped first)."""
+    def _run(self, tokens: list[tuple["Member", list[int]]]) -> None:
+        """One forward: each ready member's tokens in its rows (as many columns as the most
+        tokens given), masked columns in the others' (the rows of members that left dropped
+        first, the drafted tokens members did not keep masked out)."""
         with self._changed:
             self._compact()
+            self._drop_rejected()
         rows = self._mask.shape[0]
         device = self._mask.device
-        input_ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        present = torch.zeros(rows, 1, dtype=self._mask.dtype, device=device)
-        for member, token in tokens:
-            input_ids[member.start: member.start + member.rows] = token
-            present[member.start: member.start + member.rows] = 1
+        width = max(len(given) for _, given in tokens)
+        input_ids = torch.zeros(rows, width, dtype=torch.long, device=device)
+        present = torch.zeros(rows, width, dtype=self._mask.dtype, device=device)
+        for member, given in tokens:
+            input_ids[member.start: member.start + member.rows, :len(given)] = torch.tensor(given, device=device)
+            present[member.start: member.start + member.rows, :len(given)] = 1
         mask = torch.cat([self._mask, present], 1)
+        first_new = self._first_column + self._mask.shape[1]
         with at_most_threads(self.threads, device), self.step_context():
-            output = self._forward(input_ids, self._weights, cache=self._cache, attention_mask=mask,
-                                   position_ids=self._positions.view(-1, 1))
-        self._mask, self._positions = mask, self._positions + present.view(-1)
+            output = self._forward(input_ids, self._weights, width, cache=self._cache, attention_mask=mask,
+                                   position_ids=self._positions.view(-1, 1) + torch.arange(width, device=device))
+        self._mask, self._positions = mask, self._positions + present.sum(1)
         self._cache = output.cache
-        logits = output.logits[:, -1].float()
+        logits = output.logits.float()
         self.forwards += 1
         self.rows_forwarded += rows
         with self._changed:
-            for member, _ in tokens:
-                member.current = logits[member.start: member.start + member.rows]
+            for member, given in tokens:
+                member.after = logits[member.start: member.start + member.rows, :len(given)]
+                member.current = member.after[:, -1]
+                member.columns = range(first_new, first_new + len(given))
                 member.pending = None
+
+    def _drop_rejected(self) -> None:
+        """Mask out the drafted tokens each member did not keep, and take them off its positions."""
+        for member in self._members:
+            if member.rejected and not member.gone:
+                local = [column - self._first_column for column in member.rejected if column >= self._first_column]
+                rows = slice(member.start, member.start + member.rows)
+                self._mask[rows, local] = 0
+                self._positions[rows] -= len(member.rejected)
+            member.rejected = []
 
 
 class Member:
-    """One message's conversations in a `Batch`: every row gets the same tokens (`append`);
-    `logits()` [rows, V] (fp32) after the last one; `leave()` when the answer is done."""
+    """One message's conversations in a `Batch`, decoded as `decoding.Rows` decodes them: every
+    row gets the same tokens (`append`); `logits()` [rows, V] (fp32) after the last one, or with a
+    draft [rows, len(draft) + 1, V] and then `keep(n)`; `leave()` when the answer is done."""
 
     def __init__(self, batch: Batch, adapters: list, logits: torch.Tensor):
         self.batch = batch
@@ -244,27 +268,48 @@ class Member:
         self.rows = len(adapters)
         self.start = 0  # its first row in the batch
         self.current = logits
-        self.pending: int | None = None  # a token given to the batch, not yet through a forward
+        self.after = logits[:, None]  # the logits at its positions in its last forward
+        self.columns = range(0)  # the batch's columns of its tokens in its last forward
+        self.rejected: list[int] = []  # columns of drafted tokens not kept, masked out before the next forward
+        self.pending: list[int] | None = None  # tokens given to the batch, not yet through a forward
         self.asked = time.monotonic()  # when it last asked for logits
-        self._next: int | None = None
+        self._next: list[int] = []
+        self._drafted: torch.Tensor | None = None
         self.gone = False
         self.failed: str | None = None  # why the batch's forward failed, when it did
 
     def append(self, token: int) -> None:
-        if self._next is not None:
-            raise RuntimeError("one token at a time: ask for the logits after each")
-        self._next = token
+        self._next.append(token)
 
-    def logits(self) -> torch.Tensor:
+    def logits(self, draft: Sequence[int] = ()) -> torch.Tensor:
         torch_thread.one_torch_thread_here()  # the caller's own ops on these logits start no team
-        if self._next is not None:
+        if self._drafted is not None:
+            raise RuntimeError("keep(n) of the last draft first")
+        before = self.current
+        tokens = [*self._next, *draft]
+        if tokens:
             if self.gone:
                 raise RuntimeError(f"decoding failed: {self.failed}" if self.failed else
                                    "this answer's reader was away too long: it left the batch")
             with self.batch._changed:
-                self.pending, self._next = self._next, None
+                self.pending, self._next = tokens, []
             self.batch._step(self)
-        return self.current
+        if not draft:
+            return self.current
+        after = self.after if len(tokens) > len(draft) else torch.cat([before[:, None], self.after], 1)
+        self._drafted = after[:, -len(draft) - 1:]
+        return self._drafted
+
+    def keep(self, n: int) -> None:
+        """Keep the first `n` tokens of the last draft; the others are masked out of its rows."""
+        drafted, self._drafted = self._drafted, None
+        if drafted is None or not 0 <= n < drafted.shape[1]:
+            raise ValueError(f"keep {n} of a draft of {0 if drafted is None else drafted.shape[1] - 1} tokens")
+        dropped = drafted.shape[1] - 1 - n
+        if dropped:
+            with self.batch._changed:
+                self.rejected = list(self.columns[len(self.columns) - dropped:])
+        self.current = drafted[:, n]
 
     def leave(self) -> None:
         """Out of the batch (its rows dropped before the next forward); again is a no-op."""

@@ -105,12 +105,12 @@ def left_padded(caches: Sequence[DynamicCache], config, dtype: torch.dtype | Non
                     for layers in zip(*(cache.layers for cache in caches))], config, dtype)
 
 
-def forward_last(model, input_ids: torch.Tensor, adapters: ContextManager, **inputs):
+def forward_last(model, input_ids: torch.Tensor, adapters: ContextManager, positions: int = 1, **inputs):
     """One cached forward under torch.no_grad() with the rows' adapters set (`lora.row_scales` or
-    `lora.row_weights`), keeping the logits of the last position only: the head over a large
-    vocabulary is costly."""
+    `lora.row_weights`), keeping the logits of the last `positions` positions only: the head over
+    a large vocabulary is costly."""
     with torch.no_grad(), adapters:
-        return model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **inputs)
+        return model(input_ids=input_ids, use_cache=True, logits_to_keep=positions, **inputs)
 
 
 class Rows:
@@ -133,7 +133,12 @@ class Rows:
                        reading the weights for one row, where one batched forward's small-M
                        matmuls cost more than one row's
 
-    One row decodes exactly as a plain loop does (no mask, no position ids)."""
+    One row decodes exactly as a plain loop does (no mask, no position ids).
+
+    A draft (`logits(draft)`: tokens guessed to come next, `generation.PromptLookup`) goes through
+    the same forward as the pending tokens, which then returns the logits after each of them, so
+    that the caller can check the guesses against its own choices at once; `keep(n)` keeps the
+    first n drafted tokens in the caches and drops the others."""
 
     def __init__(self, model, prompts: Sequence[torch.Tensor], adapter_scales: Sequence[float] | None = None,
                  threads: int = DECODE_THREADS, prefill_context: Callable[[], ContextManager] = nullcontext,
@@ -149,33 +154,57 @@ class Rows:
         self.step_context = step_context
         self._logits = torch.cat([lane.logits for lane in self.lanes])
         self._pending: list[int] = []
+        self._drafted: torch.Tensor | None = None  # the logits of the last draft's positions, until `keep`
 
     def append(self, token: int) -> None:
         self._pending.append(token)
 
-    def logits(self) -> torch.Tensor:
-        if self._pending:
-            tokens, self._pending = self._pending, []
-            self._logits = torch_thread.run(self._step, tokens)
-        return self._logits
+    def logits(self, draft: Sequence[int] = ()) -> torch.Tensor:
+        """[B, V]: every row's logits after its tokens so far. With a draft, [B, len(draft) + 1, V]:
+        after the tokens so far and after each drafted token, which the caches hold until `keep`."""
+        if self._drafted is not None:
+            raise RuntimeError("keep(n) of the last draft first")
+        if not draft:
+            if self._pending:
+                tokens, self._pending = self._pending, []
+                self._logits = torch_thread.run(self._step, tokens, 1)[:, -1]
+            return self._logits
+        tokens, self._pending = [*self._pending, *draft], []
+        after = torch_thread.run(self._step, tokens, len(draft) + (1 if len(tokens) > len(draft) else 0))
+        if after.shape[1] == len(draft):  # no token pending: the logits before the draft are known
+            after = torch.cat([self._logits[:, None], after], 1)
+        self._drafted = after
+        return after
 
-    def _step(self, tokens: list[int]) -> torch.Tensor:
+    def keep(self, n: int) -> None:
+        """Keep the first `n` tokens of the last draft (the logits after them are the current
+        ones), drop the rest from every cache."""
+        drafted, self._drafted = self._drafted, None
+        if drafted is None or not 0 <= n < drafted.shape[1]:
+            raise ValueError(f"keep {n} of a draft of {0 if drafted is None else drafted.shape[1] - 1} tokens")
+        dropped = drafted.shape[1] - 1 - n
+        if dropped:
+            torch_thread.run(lambda: [lane.drop(dropped) for lane in self.lanes])
+        self._logits = drafted[:, n]
+
+    def _step(self, tokens: list[int], positions: int) -> torch.Tensor:
         first, others = self.lanes[0], self.lanes[1:]
         with at_most_threads(self.threads, self._logits.device):
-            beside = _SIDE.submit(_step_all, others, tokens, self.step_context) if others else None
+            beside = _SIDE.submit(_step_all, others, tokens, positions, self.step_context) if others else None
             try:
-                first.step(tokens, self.step_context)
+                first.step(tokens, self.step_context, positions)
             finally:  # waits: the other lanes are done with the model before anything else touches it
                 failed = beside.exception() if beside is not None else None
         if failed is not None:
             raise failed
-        return torch.cat([lane.logits for lane in self.lanes])
+        return torch.cat([lane.after for lane in self.lanes])
 
 
 class Lane:
     """Rows decoded by one forward per token: each prefilled alone (no work on padding), their
     caches left-padded into one (`left_padded`), an attention mask 0 over each row's padding and
-    position ids counting each row's own tokens. `logits` [rows, V] (fp32) are the last step's."""
+    position ids counting each row's own tokens. `logits` [rows, V] (fp32) are the last step's,
+    `after` [rows, positions, V] the logits of its last `positions` positions."""
 
     def __init__(self, model, prompts: Sequence[torch.Tensor], adapter_scales: Sequence[float] | None,
                  prefill_context: Callable[[], ContextManager] = nullcontext):
@@ -199,12 +228,15 @@ class Lane:
             self.mask = torch.tensor([[0] * (longest - n) + [1] * n for n in lengths], device=device)
             self.positions = torch.tensor([[n] for n in lengths], device=device)
         self.logits = torch.cat(logits).float()
+        self.after = self.logits[:, None]
 
-    def _forward(self, input_ids, scales, **inputs):
-        return forward_last(self.model, input_ids, row_scales(self.model, scales), **inputs)
+    def _forward(self, input_ids, scales, positions: int = 1, **inputs):
+        return forward_last(self.model, input_ids, row_scales(self.model, scales), positions, **inputs)
 
-    def step(self, tokens: Sequence[int], step_context: Callable[[], ContextManager] = nullcontext) -> None:
-        """Append `tokens` to every row: one forward, in the calling thread."""
+    def step(self, tokens: Sequence[int], step_context: Callable[[], ContextManager] = nullcontext,
+             positions: int = 1) -> None:
+        """Append `tokens` to every row: one forward, in the calling thread, keeping the logits of
+        the last `positions` positions."""
         batch, count = self.logits.shape[0], len(tokens)
         input_ids = torch.tensor([list(tokens)] * batch, dtype=torch.long, device=self.logits.device)
         inputs = {}
@@ -214,14 +246,21 @@ class Lane:
                       "position_ids": self.positions + torch.arange(count, device=self.positions.device)}
             self.positions = self.positions + count
         with step_context():
-            output = self._forward(input_ids, self.scales, cache=self.cache, **inputs)
+            output = self._forward(input_ids, self.scales, positions, cache=self.cache, **inputs)
         self.cache = output.cache
-        self.logits = output.logits[:, -1].float()
+        self.after = output.logits.float()
+        self.logits = self.after[:, -1]
+
+    def drop(self, count: int) -> None:
+        """Forget every row's last `count` tokens (a draft's guesses that were not kept)."""
+        self.cache.crop(-count)
+        if self.mask is not None:
+            self.mask, self.positions = self.mask[:, :-count], self.positions - count
 
 
-def _step_all(lanes: Sequence[Lane], tokens: Sequence[int], step_context) -> None:
+def _step_all(lanes: Sequence[Lane], tokens: Sequence[int], positions: int, step_context) -> None:
     for lane in lanes:
-        lane.step(tokens, step_context)
+        lane.step(tokens, step_context, positions)
 
 
 # the one thread that steps side-by-side lanes beside the caller's, on one torch thread (started on first use)

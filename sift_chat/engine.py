@@ -29,7 +29,8 @@ from .batching import GATHER_SECONDS, MAX_ROWS, Batch
 from .decoding import Rows
 from .embedding import shared
 from .events import Done, Event, Notice, Picked, Prompted, Selected, Stage, Step, Token
-from .generation import answer_processors, cite, contrast, next_token, only_learned_words, repeat_start, training_text
+from .generation import (PromptLookup, answer_processors, cite, contrast, next_token, only_learned_words,
+                         repeat_start, training_text)
 from . import torch_thread
 from .lora import lora_weights
 from .probe import Compute, probe
@@ -328,7 +329,8 @@ class Engine:
             if self.batch is not None:  # what was learned travels with the rows: the adapter is free
                 self.adapter.reset()
                 hand_over()
-            generation = self.generate(rows, prior, settings)
+            lookup = PromptLookup(input_ids[0].tolist()) if self.compute.draft_tokens else None
+            generation = self.generate(rows, prior, settings, lookup=lookup)
             while True:
                 try:
                     piece = next(generation)
@@ -441,7 +443,8 @@ class Engine:
         return Rows(self.model, prompts, scales, **how), None
 
     @torch.no_grad()
-    def generate(self, rows, prior, settings: ChatSettings) -> Generator[str, None, tuple[str, str]]:
+    def generate(self, rows, prior, settings: ChatSettings,
+                 lookup: PromptLookup | None = None) -> Generator[str, None, tuple[str, str]]:
         """Stream the answer of `rows` (and `prior`, from `_conversations`) as text pieces, one
         forward pass per token with the KV cache; return (how it ended, the answer's text): "end"
         at a stop token, "limit" after max_new_tokens, "repeat" when its last `loop_tokens` tokens
@@ -449,6 +452,12 @@ class Engine:
         `prior`), each token is chosen by `generation.contrast` from both. Sampling draws from a
         generator of the message's own seed, so that other messages' draws in other threads
         change nothing.
+
+        With `lookup` (the conversation read so far), each forward also checks the next
+        `Compute.draft_tokens` tokens it guesses (`generation.PromptLookup`): the tokens are
+        chosen one after the other from the logits after each guess, exactly as without a draft,
+        and the guesses up to the first that differs from the choice are kept; so the answer is
+        the same, in fewer forwards where it quotes what it reads.
 
         Written as a loop in the caller's thread (not `generate` with a streamer thread) so that a
         consumer that stops reading, or a Ctrl-C, stops generation at the next token, and the
@@ -459,33 +468,58 @@ class Engine:
         generated: list[int] = []
         emitted = ""
         contrasted = prior is not None or rows.logits().shape[0] > 1
-        ended = "limit"
-        for _ in range(settings.max_new_tokens):
-            logits = rows.logits()
-            if contrasted:  # on demand, the prior's forward runs only for tokens where it can change the choice
-                without = (lambda: prior.logits()[0]) if prior else logits[1]
-                logits = contrast(logits[0], without, settings.context_contrast)
-            else:
-                logits = logits[0]
-            token = next_token(logits, generated, processors, settings.temperature, sampler)
-            if token in self.template.stop_ids:
-                ended = "end"
+        ended = None
+        while ended is None and len(generated) < settings.max_new_tokens:
+            room = settings.max_new_tokens - len(generated) - 1
+            draft = lookup.draft(min(self.compute.draft_tokens, room)) if lookup is not None else []
+            reading = rows.logits(draft) if draft else rows.logits()[:, None]
+            without: list[torch.Tensor] = []  # the prior's logits at the draft's positions, once asked for
+
+            def prior_at(position: int) -> torch.Tensor:
+                if not without:
+                    without.append(prior.logits(draft) if draft else prior.logits()[:, None])
+                return without[0][0, position]
+
+            chosen = []
+            for position in range(len(draft) + 1):
+                if contrasted:  # on demand, the prior's forward runs only for tokens where it can change the choice
+                    unread = (lambda at=position: prior_at(at)) if prior else reading[1, position]
+                    logits = contrast(reading[0, position], unread, settings.context_contrast)
+                else:
+                    logits = reading[0, position]
+                token = next_token(logits, generated, processors, settings.temperature, sampler)
+                if token in self.template.stop_ids:
+                    ended = "end"
+                    break
+                generated.append(token)
+                chosen.append(token)
+                repeat = repeat_start(generated, settings.loop_tokens)
+                if repeat is not None:
+                    generated = generated[:repeat]
+                    ended = "repeat"
+                    break
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if not text.endswith("\ufffd") and len(text) > len(emitted):  # not half of a multi-byte character
+                    yield text[len(emitted):]
+                    emitted = text
+                if position == len(draft) or token != draft[position]:
+                    break
+            if ended is not None:
                 break
-            generated.append(token)
-            repeat = repeat_start(generated, settings.loop_tokens)
-            if repeat is not None:
-                generated = generated[:repeat]
-                ended = "repeat"
-                break
+            kept = len(chosen) - 1  # the draft's tokens before the last choice, in the caches already
+            if draft:
+                rows.keep(kept)
+            if prior is not None:
+                if without and draft:
+                    prior.keep(kept)
+                else:
+                    for token in chosen[:-1]:
+                        prior.append(token)
             for conversation in (rows, prior) if prior else (rows,):
-                conversation.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # half of a multi-byte character: wait for the rest
-            if len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
-        return ended, self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+                conversation.append(chosen[-1])
+            if lookup is not None:
+                lookup.extend(chosen)
+        return ended or "limit", self.tokenizer.decode(generated, skip_special_tokens=True).strip()
 
 
 def _real(value) -> bool:

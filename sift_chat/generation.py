@@ -8,6 +8,7 @@ Pure functions over strings and token ids; the engine runs the token loop with t
                    applied to the answer's own tokens only: copying a name from a passage is what
                    reading is for, saying the same thing twice is not
     repeat_start   where an answer started repeating itself (the engine stops there)
+    PromptLookup   the tokens an answer will likely write next, guessed from what it reads
     cite           which passages an answer's sentences come from, as [1], [2] … markers
 """
 
@@ -117,6 +118,45 @@ def repeat_start(ids: Sequence[int], span: int) -> int | None:
         if list(ids[start:start + span]) == tail:
             return len(ids) - span
     return None
+
+
+class PromptLookup:
+    """Guesses of the next tokens from the conversation itself (prompt lookup decoding: Saxena,
+    2023; Yang et al., 2023, "Inference with Reference"): an answer that quotes the passage it
+    reads continues as the passage does. The guess after ids x_1 … x_t is what followed the latest
+    earlier occurrence of the longest suffix x_{t-n+1} … x_t (n = `longest` down to 1) that
+    occurred before:
+
+        draft(k) = x_{e+1} … x_{e+k},   e the end of that earlier occurrence
+
+    or nothing when no suffix recurs. The engine checks a draft against its own choices in one
+    forward and keeps the tokens up to the first one it would not have chosen, so the answer is
+    the same with or without drafts. Each n-gram's last two ends are indexed as tokens arrive."""
+
+    def __init__(self, ids: Sequence[int], longest: int = 3):
+        self.longest = longest
+        self.ids: list[int] = []
+        self._ends: dict[tuple[int, ...], tuple[int | None, int]] = {}  # n-gram -> (earlier end, latest end)
+        self.extend(ids)
+
+    def extend(self, ids: Sequence[int]) -> None:
+        for token in ids:
+            self.ids.append(int(token))
+            end = len(self.ids)
+            for n in range(1, min(self.longest, end) + 1):
+                gram = tuple(self.ids[end - n:end])
+                latest = self._ends.get(gram)
+                self._ends[gram] = (latest[1] if latest else None, end)
+
+    def draft(self, length: int) -> list[int]:
+        """Up to `length` tokens guessed to follow (none when no suffix occurred before)."""
+        if length <= 0:
+            return []
+        for n in range(min(self.longest, len(self.ids)), 0, -1):
+            earlier = self._ends[tuple(self.ids[-n:])][0]
+            if earlier is not None:
+                return self.ids[earlier:earlier + length]
+        return []
 
 
 # -- citations ------------------------------------------------------------------------------

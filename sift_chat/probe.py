@@ -11,7 +11,8 @@ At start-up (`Engine.load`) the probe times, on the loaded model's own shapes:
               it may run at; and, on a CPU with two threads or more, the two rows side by side
               (a forward per row, each on its own thread) at the decode precision; and the contrast
               on demand: a token of the conversation with the passages alone, the one without
-              them caught up on three tokens every third token (`demand`)
+              them caught up on three tokens every third token (`demand`); and that step with
+              a draft of k guessed tokens checked in the same forward (`draft_k`)
 
 and chooses (`choose`, a pure function of the timings):
 
@@ -25,6 +26,10 @@ and chooses (`choose`, a pure function of the timings):
     on demand         when the contrast on demand is faster than both: where a second row costs
                       little (a GPU) the rows stay in step; where it costs most of a first one
                       (a CPU reading the weights) the second runs only for the tokens that need it
+    drafts            the k among DRAFT_LENGTHS whose forward yields the most answer tokens per
+                      second, TOKENS_PER_FORWARD[k] / draft_k against 1 / the plain step, when
+                      that is MIN_DRAFT_SPEEDUP faster (on a CPU a forward over k + 1 positions
+                      costs little more than over one until the matmuls stop streaming the weights)
 
 The timings are cached per machine in <data dir>/compute.json, keyed by the CPU's model name (or
 the GPU's), torch's version and thread count, the device and the model's shapes; a key not seen
@@ -57,7 +62,12 @@ ROWS = 128  # rows of the probe's matmuls: a step's passage, a prefill's prompt
 READ_TOKENS, UNREAD_TOKENS = 96, 35
 # their adapter scales as the default decodes after its steps (the LoRA layers of the engine's model, if any)
 AFTER_STEPS = (1.0, 0.0)
-VERSION = 3  # what the probe times; cached timings of another version are measured again
+# answer tokens a forward yields with drafts of k tokens guessed from what the answer reads
+# (`generation.PromptLookup`): measured on 200 answers of the world with `context` (README: Drafts)
+TOKENS_PER_FORWARD = {1: 1.53, 2: 1.87, 3: 2.10, 4: 2.26}
+DRAFT_LENGTHS = (2, 3, 4)
+MIN_DRAFT_SPEEDUP = 1.1
+VERSION = 4  # what the probe times; cached timings of another version are measured again
 CACHE_FILE = "compute.json"
 ENV_PRECISION = "SIFT_CHAT_PRECISION"
 ENV_DECODE_THREADS = "SIFT_CHAT_DECODE_THREADS"
@@ -74,6 +84,7 @@ class Compute:
     decode_threads: int = 1
     decode_side_by_side: bool = False  # the rows of a decoding step each on its own thread (`decoding.Rows`)
     contrast_on_demand: bool = False  # the conversation without the passages a forward only where the contrast needs it
+    draft_tokens: int = 0  # tokens guessed from what the answer reads, checked in each decoding forward (0: none)
     source: str = "default"  # default, measured, cached (measured before), forced (a flag decided it)
     timings: dict = field(default_factory=dict)  # seconds, by name (Measure's)
     threads: int = 1  # torch's thread count when measured
@@ -93,6 +104,7 @@ class Compute:
         what += (" with each row on its own thread" if self.decode_side_by_side else
                  f" on {self.decode_threads} thread{'s' * (self.decode_threads != 1)}")
         what += ", the contrast on demand" if self.contrast_on_demand else ""
+        what += f", drafts of {self.draft_tokens}" if self.draft_tokens else ""
         t, n = self.timings, self.threads
         evidence = []
         if "matmul_fp32" in t and "matmul_bf16" in t:
@@ -107,6 +119,10 @@ class Compute:
                 evidence.append(f"side by side {t[f'decode_{precision}_side'] * 1e3:.0f} ms")
             if f"decode_{precision}_demand" in t:
                 evidence.append(f"on demand {t[f'decode_{precision}_demand'] * 1e3:.0f} ms")
+            drafts = [f"{k}: {t[f'decode_{precision}_draft{k}'] * 1e3:.0f} ms" for k in DRAFT_LENGTHS
+                      if f"decode_{precision}_draft{k}" in t]
+            if drafts:
+                evidence.append(f"with a draft of {', '.join(drafts)}")
         how = {"measured": "measured", "cached": "measured before", "forced": "forced; measured",
                "default": "not measured"}[self.source]
         return f"{what} ({how}{': ' if evidence else ''}{'; '.join(evidence)}{f'; kept in {self.cache}' if self.cache else ''})"
@@ -169,6 +185,23 @@ def on_demand(timings: dict, decode_precision: str, threads: int) -> bool:
     return demand is not None and bool(in_step) and demand < min(in_step)
 
 
+def draft_length(timings: dict, decode_precision: str, decode_threads: int,
+                 min_speedup: float = MIN_DRAFT_SPEEDUP) -> int:
+    """How many guessed tokens each decoding forward checks (0: none):
+
+        k* = argmax_k TOKENS_PER_FORWARD[k] / draft_k,   k ∈ DRAFT_LENGTHS,
+        drafts of k* iff TOKENS_PER_FORWARD[k*] / draft_k* ≥ min_speedup / decode_{p}_{threads}
+
+    with draft_k the two rows' step checking k guesses, p the decode precision. Never when not measured."""
+    plain = timings.get(f"decode_{decode_precision}_{decode_threads}")
+    rates = {k: TOKENS_PER_FORWARD[k] / timings[f"decode_{decode_precision}_draft{k}"] for k in DRAFT_LENGTHS
+             if timings.get(f"decode_{decode_precision}_draft{k}")}
+    if not plain or not rates:
+        return 0
+    best = max(rates, key=rates.get)
+    return best if rates[best] >= min_speedup / plain else 0
+
+
 # -- measuring --------------------------------------------------------------------------------
 
 
@@ -177,6 +210,7 @@ class Measure(Protocol):
     def decode(self, precision: str, threads: int) -> float: ...
     def decode_side_by_side(self, precision: str) -> float: ...
     def decode_on_demand(self, precision: str) -> float: ...
+    def decode_draft(self, precision: str, threads: int, draft: int) -> float: ...
 
 
 class ModelTimer:
@@ -242,6 +276,26 @@ class ModelTimer:
 
     def decode_side_by_side(self, precision: str) -> float:
         return self.decode(precision, 1, side_by_side=True)
+
+    @torch.no_grad()
+    def decode_draft(self, precision: str, threads: int, draft: int) -> float:
+        """Seconds for the two rows' decoding step that also checks `draft` guessed tokens (the
+        guesses then dropped, so every run checks them after the same conversation)."""
+        from .decoding import Rows
+
+        compute = Compute(precision=precision, decode_precision=precision, decode_threads=threads)
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        prompts = [torch.arange(n, device=self.device)[None] % vocab for n in (READ_TOKENS, UNREAD_TOKENS)]
+        rows = Rows(self.model, prompts, AFTER_STEPS, threads=threads,
+                    prefill_context=lambda: compute.context("prefill"), step_context=lambda: compute.context("decode"))
+        token = iter(range(1, 10_000))
+
+        def run():
+            rows.append(next(token) % vocab)
+            rows.logits([next(token) % vocab for _ in range(draft)])
+            rows.keep(0)
+
+        return self._timed(run)
 
     @torch.no_grad()
     def decode_on_demand(self, precision: str) -> float:
@@ -383,12 +437,16 @@ def probe(model: nn.Module, data_dir: Path | str | None, precision: str | None =
     beside = side_by_side(timings, decode_precision, threads) and not decode_threads
     need(f"decode_{decode_precision}_demand", lambda: measure.decode_on_demand(decode_precision))
     demand = on_demand(timings, decode_precision, threads) and (decode_threads or 1) == 1  # it runs on 1 thread
+    for k in DRAFT_LENGTHS:
+        need(f"decode_{decode_precision}_draft{k}",
+             lambda k=k: measure.decode_draft(decode_precision, chosen_threads, k))
+    drafts = draft_length(timings, decode_precision, chosen_threads)
     if measured and cache:
         cache.save(key, timings)
     source = ("forced" if precision != "auto" or decode_threads else
               "measured" if measured else "cached")
     return Compute(chosen, decode_precision, 1 if beside or demand else chosen_threads, beside and not demand, demand,
-                   source, timings, threads, str(cache.path) if cache else "")
+                   drafts, source, timings, threads, str(cache.path) if cache else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         if threads >= 2 and args.device == "cpu":
             timings[f"decode_{p}_side"] = timer.decode_side_by_side(p)
         timings[f"decode_{p}_demand"] = timer.decode_on_demand(p)
+        for k in DRAFT_LENGTHS:
+            timings[f"decode_{p}_draft{k}"] = timer.decode_draft(p, 1, k)
     shapes = ", ".join(f"{i}→{o}" for i, o in timer.shapes)
     print(f"{machine_key(model, args.device, threads)}; matmuls: one F.linear per shape ({shapes}) on {ROWS} rows; "
           f"decoding step: two rows; medians of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
@@ -426,13 +486,16 @@ def main(argv: list[str] | None = None) -> int:
     if "decode_fp32_side" in timings:
         rows.append(("decoding step, each row on its own thread", "decode_{}_side"))
     rows.append(("decoding step, the second row on demand (every third token)", "decode_{}_demand"))
+    rows += [(f"decoding step checking a draft of {k}, 1 thread", f"decode_{{}}_draft{k}") for k in DRAFT_LENGTHS]
     for label, name in rows:
         fp32, bf16 = timings[name.format("fp32")], timings[name.format("bf16")]
         print(f"| {label} | {fp32 * 1e3:.1f} ms | {bf16 * 1e3:.1f} ms | {fp32 / bf16:.2f}x |")
     precision, decode_precision, decode_threads = choose(timings, threads)
     beside, demand = side_by_side(timings, decode_precision, threads), on_demand(timings, decode_precision, threads)
+    timings[f"decode_{decode_precision}_{decode_threads}"] = timings[f"decode_{decode_precision}_1"]  # drafts timed on 1
     print(Compute(precision, decode_precision, 1 if beside or demand else decode_threads, beside and not demand, demand,
-                  source="measured", timings=timings, threads=threads).describe())
+                  draft_length(timings, decode_precision, 1), source="measured", timings=timings,
+                  threads=threads).describe())
     return 0
 
 

@@ -135,7 +135,7 @@ def test_streamed_equals_not_streamed_and_ends_with_the_panel(client):
 def test_the_extension_says_what_was_read_what_is_cited_and_how_the_answer_ended(client, server, monkeypatch):
     said = "The lighthouse keeper is Matthias Orrey, since 1998."
 
-    def generate(rows, prior, settings):  # a model that answers from the lighthouse note
+    def generate(rows, prior, settings, lookup=None):  # a model that answers from the lighthouse note
         yield said
         return "end", said
 
@@ -187,7 +187,7 @@ def test_a_looping_answer_streams_as_it_is_returned_without_the_loop(client, ser
     looping = ["Brindlemoor", " lantern", " festival", " ferry"] + [" ferry", " lantern"] * 20
     said = "".join(looping[:4]).strip()
 
-    def generate(rows, prior, settings):  # as the engine's loop stop: up to loop_tokens - 1 pieces streamed past the cut
+    def generate(rows, prior, settings, lookup=None):  # as the engine's loop stop: up to loop_tokens - 1 pieces streamed past the cut
         for piece in looping[:4 + settings.loop_tokens - 1]:
             yield piece
         return "repeat", said

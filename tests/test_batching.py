@@ -152,6 +152,58 @@ def test_members_on_their_own_threads_share_forwards_and_each_decodes_as_alone(t
     assert batch.rows_forwarded == len(continuation) * 8
 
 
+def test_members_with_drafts_share_forwards_and_each_decodes_as_alone(tokenizer):
+    """Members giving drafts of different lengths (some guesses wrong) in the same forwards: the
+    logits after each token they keep are their own alone, whatever the others gave, and the
+    guesses they did not keep leave nothing behind (masked holes in their rows)."""
+    torch.set_num_threads(1)
+    model, layers, adapters = model_and_adapters(tokenizer, 3)
+    prompts = [ids_of(tokenizer, t) for t in ["The quick brown fox.", "SIFT selects passages that reduce",
+                                              "Nearest neighbours retrieve the most"]]
+    continuation = tokenizer(" over the lazy dog, and then returns to the base", add_special_tokens=False)["input_ids"]
+    expected = [decode_alone(model, layers, [(adapter, 1.0), (None, 1.0)], prompt, continuation)
+                for adapter, prompt in zip(adapters, prompts)]
+    batch = Batch(model, gather_seconds=1.0)
+    members = [batch.join([p, p], [(a, 1.0), (None, 1.0)]) for a, p in zip(adapters, prompts)]
+    lengths = [1, 2, 3]  # member i guesses this many tokens each time; every other guess ends wrong
+    checked, dropped = [0 for _ in members], [0 for _ in members]
+    errors = []
+
+    def decode(index):
+        member, given, cycle = members[index], 0, 0
+        try:
+            while given < len(continuation):
+                length = min(lengths[index], len(continuation) - given - 1)
+                draft = list(continuation[given:given + length])
+                if draft and cycle % 2:
+                    draft[-1] = (draft[-1] + 1) % len(tokenizer)  # the last guess wrong
+                right = next((j for j, (a, b) in enumerate(zip(draft, continuation[given:])) if a != b), len(draft))
+                logits = member.logits(draft) if draft else member.logits()[:, None]
+                for position in range(right + 1):  # after each token that is the continuation's
+                    torch.testing.assert_close(logits[:, position], expected[index][given + position], atol=1e-5, rtol=0)
+                    checked[index] += 1
+                if draft:
+                    member.keep(right)
+                    dropped[index] += len(draft) - right
+                member.append(continuation[given + right])
+                given, cycle = given + right + 1, cycle + 1
+            torch.testing.assert_close(member.logits(), expected[index][-1], atol=1e-5, rtol=0)
+        except Exception as error:  # reported in the main thread
+            errors.append(error)
+        finally:
+            member.leave()
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(members))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors[0]
+    assert checked == [len(continuation)] * 3  # the logits after every token, once
+    assert all(dropped)  # guesses not kept left holes
+    assert batch.forwards < len(continuation)  # the guesses kept saved forwards
+
+
 def test_a_failed_forward_fails_every_member_and_the_batch_starts_clean_after(tokenizer):
     model, layers, (first, second) = model_and_adapters(tokenizer, 2)
     batch = Batch(model, gather_seconds=0.0)

@@ -305,3 +305,35 @@ def test_a_sliding_window_layer_is_kept_as_the_model_declares_it():
                                                           num_attention_heads=2, num_key_value_heads=1,
                                                           intermediate_size=32, vocab_size=50))
     assert all(type(layer) is GrowingLayer for layer in full.layers) and full.layers[0].keys.shape[-2] == 6
+
+
+@pytest.mark.parametrize("how", ["batched", "on demand", "together"])
+@pytest.mark.parametrize("mode", ["context", "both", "off"])
+def test_drafts_answer_token_for_token_as_without_them_in_fewer_forwards(engine, monkeypatch, mode, how):
+    """Guesses of the next tokens from what the answer reads (`PromptLookup`), checked in the same
+    forward: the same tokens chosen as with one token per forward, greedy and sampled (the
+    draws the same), in fewer forwards once the answer repeats what came before (the tiny
+    model's greedy answers do: loops allowed here)."""
+    from sift_chat import batching, decoding, engine as engine_module
+
+    forwards, chosen = [], []
+    for module in (decoding, batching):
+        real = module.forward_last
+        monkeypatch.setattr(module, "forward_last", lambda *a, real=real, **kw: forwards.append(1) or real(*a, **kw))
+    real_next = engine_module.next_token
+    monkeypatch.setattr(engine_module, "next_token", lambda *a, **kw: chosen.append(real_next(*a, **kw)) or chosen[-1])
+    if how == "together":
+        engine.decode_together()
+    settings = ChatSettings(mode=mode, passages=3, max_new_tokens=40, loop_tokens=0, context_contrast=1.0)
+    for temperature in (0.0, 0.8):
+        tokens, counts = {}, {}
+        for drafts in (0, 3):
+            engine.compute = Compute(contrast_on_demand=how == "on demand", draft_tokens=drafts)
+            forwards.clear()
+            chosen.clear()
+            done = list(engine.respond(QUESTION, settings=replace(settings, temperature=temperature)))[-1]
+            tokens[drafts], counts[drafts] = list(chosen), len(forwards)
+        assert len(tokens[0]) > 10
+        assert tokens[3] == tokens[0]
+        if temperature == 0:  # the tiny model's greedy answers loop, its sampled ones hardly
+            assert counts[3] < counts[0] * 0.75

@@ -391,7 +391,7 @@ def test_the_record_names_the_learned_passages_that_hold_words_of_the_answer_no_
                   for word in sorted(content_words(pick.passage.text) - read) if word.isalpha())
     passage, word = taught
 
-    def answer(input_ids, settings, unread=None):  # the model "says" the learned word
+    def answer(rows, prior, settings, lookup=None):  # the model "says" the learned word
         yield f"It is {word}."
         return "end", f"It is {word}."
 

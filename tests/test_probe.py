@@ -14,7 +14,7 @@ from sift_chat import probe as probing
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import ChatSettings, Engine
 from sift_chat.events import Done
-from sift_chat.probe import Compute, choose, on_demand, probe, side_by_side
+from sift_chat.probe import Compute, choose, draft_length, on_demand, probe, side_by_side
 from sift_chat.store import Store
 
 from .tiny import logits, tiny_model, tiny_tokenizer
@@ -45,6 +45,10 @@ class FakeMeasure:
     def decode_on_demand(self, precision: str) -> float:
         self.asked.append(("on demand", precision))
         return self.decode_timings.get((precision, "demand"), 1.0)
+
+    def decode_draft(self, precision: str, threads: int, draft: int) -> float:
+        self.asked.append(("draft", precision, threads, draft))
+        return self.decode_timings.get((precision, f"draft{draft}"), 1.0)
 
 
 @pytest.fixture
@@ -82,6 +86,7 @@ def test_the_probe_measures_once_per_machine_and_again_when_the_key_changes(tmp_
     assert (compute.precision, compute.decode_precision, compute.decode_threads, compute.source) == \
         ("fp32", "fp32", 1, "measured")
     assert sorted(slow_bf16.asked) == [("decode", "fp32", 1), ("decode", "fp32", 2),
+                                       *(("draft", "fp32", 1, k) for k in probing.DRAFT_LENGTHS),
                                        ("matmuls", "bf16"), ("matmuls", "fp32"), ("on demand", "fp32"),
                                        ("side by side", "fp32")]
     assert compute.describe().startswith("compute: fp32, decode on 1 thread (measured: bf16 matmuls 0.33x")
@@ -159,6 +164,26 @@ def test_the_contrast_runs_on_demand_only_where_measured_faster_than_both_rows_i
     assert not probe(model, tmp_path / "c", measure=forced).contrast_on_demand
     monkeypatch.setenv(probing.ENV_DECODE_THREADS, "1")  # one: on demand runs on one thread
     assert probe(model, tmp_path / "d", measure=forced).contrast_on_demand
+
+
+def test_drafts_are_checked_only_where_a_wider_forward_yields_more_tokens_per_second(tmp_path, two_threads):
+    plain = {"decode_fp32_1": 0.100}
+    # a CPU streaming the weights: 3 positions cost 1.14x one, 4 cost 1.6x, 5 cost 1.7x
+    cpu = {**plain, "decode_fp32_draft2": 0.114, "decode_fp32_draft3": 0.160, "decode_fp32_draft4": 0.170}
+    assert draft_length(cpu, "fp32", 1) == 2  # 1.87 tokens for 1.14x the time
+    gpu = {**plain, "decode_fp32_draft2": 0.101, "decode_fp32_draft3": 0.101, "decode_fp32_draft4": 0.102}
+    assert draft_length(gpu, "fp32", 1) == 4  # a wider forward costs nothing: the longest
+    costly = {**plain, "decode_fp32_draft2": 0.180, "decode_fp32_draft3": 0.200, "decode_fp32_draft4": 0.210}
+    assert draft_length(costly, "fp32", 1) == 0  # 1.87 tokens for 1.8x: under the 1.1x margin
+    assert draft_length(plain, "fp32", 1) == 0 and draft_length({"decode_fp32_draft2": 0.1}, "fp32", 1) == 0
+
+    model = tiny_model(tiny_tokenizer())
+    measure = FakeMeasure(matmul_bf16=3.0, decode={("fp32", 1): 0.1, ("fp32", 2): 0.2, ("fp32", "draft2"): 0.114,
+                                                   ("fp32", "draft3"): 0.16, ("fp32", "draft4"): 0.17})
+    compute = probe(model, tmp_path / "a", measure=measure)
+    assert compute.draft_tokens == 2 and ("draft", "fp32", 1, 3) in measure.asked  # timed as it decodes: 1 thread
+    assert "drafts of 2" in compute.describe() and "with a draft of 2: 114 ms, 3: 160 ms, 4: 170 ms" in compute.describe()
+    assert probe(model, tmp_path / "b", measure=FakeMeasure(matmul_bf16=3.0)).draft_tokens == 0
 
 
 def test_a_forced_choice_is_honoured(tmp_path, two_threads, monkeypatch):
@@ -248,7 +273,8 @@ def test_app_py_prints_what_it_measured_and_honours_a_forced_precision(tmp_path)
                     env={"SIFT_CHAT_TOKEN": "T"}, ready_headers={"Authorization": "Bearer T"}) as served:
         printed = served.printed()
     line = next(line for line in printed.splitlines() if "compute:" in line)
-    # the contrast on demand or in step is measured, not forced: either may follow
-    assert re.match(r"sift-chat: compute: bf16, decode on 1 thread(, the contrast on demand)? \(forced; measured", line)
+    # the contrast on demand or in step, and drafts, are measured, not forced: either may follow
+    assert re.match(r"sift-chat: compute: bf16, decode on 1 thread(, the contrast on demand)?(, drafts of \d)? "
+                    r"\(forced; measured", line)
     [entry] = json.loads((tmp_path / "data" / "compute.json").read_text())
     assert entry["key"]["threads"] == 1 and "decode_bf16_1" in entry["timings"]  # served_app: OMP_NUM_THREADS=1

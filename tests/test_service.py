@@ -238,7 +238,7 @@ def test_compare_selects_once_per_method_and_answers_as_a_chat_turn_would(servic
 def test_an_answer_is_stored_with_what_it_read_cites_and_how_it_ended_and_reopens_so(service, monkeypatch):
     said = "The lighthouse keeper is Matthias Orrey, since 1998."
 
-    def generate(rows, prior, settings):  # a model that answers from the lighthouse note
+    def generate(rows, prior, settings, lookup=None):  # a model that answers from the lighthouse note
         yield said
         return "end", said
 
