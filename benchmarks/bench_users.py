@@ -1,7 +1,8 @@
 """Several users at once: answers per minute and each answer's time, one message at a time against decoding together.
 
     .venv/bin/python benchmarks/bench_users.py [--users 1,2,4,8] [--messages 2] [--precision auto]
-                                               [--gather 0.01] [--torch-thread on|off] [--json PATH]
+                                               [--gather 0.01] [--torch-thread on|off] [--drafts auto|0,2]
+                                               [--json PATH]
 
 On the sample corpus with the default models and chat settings, U users each send `--messages`
 questions one after the other (the next when its answer is done), all U at once, through the
@@ -13,6 +14,8 @@ U, alternating which goes first:
                     decodes as rows of one batch with the others (`batching`) while the next
                     message steps
 
+`--drafts 0,2` runs the together line once per draft length (guessed tokens checked in each
+forward, `Compute.draft_tokens`; auto: the probe's choice), one at a time always without drafts.
 For each: answers per minute (all answers over the wall time), the median and worst whole answer
 (from sending, waiting in the line included), the batch's mean rows per forward, and whether every
 answer is the one the same question gets alone (isolation). Target (issue 19): with 4 users,
@@ -27,6 +30,7 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +99,8 @@ def main() -> None:
     parser.add_argument("--torch-thread", choices=("on", "off"), default="on",
                         help="on: every forward on the models' one thread, as app.py runs (torch_thread); "
                              "off: on each user's own thread (default: %(default)s)")
+    parser.add_argument("--drafts", default="auto",
+                        help="comma-separated draft lengths for the together line, or auto: the probe's (default: %(default)s)")
     parser.add_argument("--json", help="also write every answer here")
     args = parser.parse_args()
     counts = [int(u) for u in args.users.split(",") if u.strip()]
@@ -111,6 +117,10 @@ def main() -> None:
         engine.compute = torch_thread.run(probe, engine.model, config.data_dir(),
                                           None if args.precision == "auto" else args.precision)
         print(engine.compute.describe())
+        probed = engine.compute
+        drafts = ([probed.draft_tokens] if args.drafts == "auto" else
+                  [int(d) for d in args.drafts.split(",") if d.strip()])
+        lines = [("one at a time", 0), *(("together", d) for d in drafts)]
         service = Service(engine, Path(folder), max_waiting=64)
         alone = {}
         for prompt in PROMPTS:  # warm-up, and each question's answer alone
@@ -118,19 +128,21 @@ def main() -> None:
         rows = []
         for index, users in enumerate(counts):
             measured = {}
-            for line in (("one at a time", "together") if index % 2 == 0 else ("together", "one at a time")):
+            for line in (lines if index % 2 == 0 else lines[::-1]):
                 engine.batch = None
-                if line == "together":
+                engine.compute = replace(probed, draft_tokens=line[1])
+                if line[0] == "together":
                     engine.decode_together(gather_seconds=args.gather)
                 run = run_line(service, users, args.messages, settings)
                 if engine.batch is not None:
                     run["rows_per_forward"] = engine.batch.rows_forwarded / max(engine.batch.forwards, 1)
                 measured[line] = run
-            for line in ("one at a time", "together"):
+            for line in lines:
                 run = measured[line]
                 answers = run["answers"]
                 wholes = [a["whole"] for a in answers]
-                rows.append({"users": users, "line": line, "wall": run["wall"],
+                rows.append({"users": users, "line": line[0] + (f", drafts of {line[1]}" if line[1] else ""),
+                             "wall": run["wall"],
                              "per_minute": 60 * len(answers) / run["wall"],
                              "median": statistics.median(wholes), "worst": max(wholes),
                              "rows_per_forward": run.get("rows_per_forward"),

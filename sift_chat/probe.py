@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Callable, ContextManager, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .lora import base_linear, base_matmuls

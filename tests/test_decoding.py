@@ -331,7 +331,7 @@ def test_drafts_answer_token_for_token_as_without_them_in_fewer_forwards(engine,
             engine.compute = Compute(contrast_on_demand=how == "on demand", draft_tokens=drafts)
             forwards.clear()
             chosen.clear()
-            done = list(engine.respond(QUESTION, settings=replace(settings, temperature=temperature)))[-1]
+            assert isinstance(list(engine.respond(QUESTION, settings=replace(settings, temperature=temperature)))[-1], Done)
             tokens[drafts], counts[drafts] = list(chosen), len(forwards)
         assert len(tokens[0]) > 10
         assert tokens[3] == tokens[0]
