@@ -49,7 +49,8 @@ def main() -> int:
 
     from sift_chat import config
     from sift_chat.corpus import ingest
-    from sift_chat.engine import ChatSettings, Engine
+    from sift_chat.engine import Engine
+    from sift_chat.settings import ChatSettings
     from sift_chat.models import load_chat_model, load_embedder
     from sift_chat.probe import Compute
     from sift_chat.store import Store

@@ -62,7 +62,8 @@ ROOT = Path(__file__).resolve().parent.parent
 from sift_chat import config, decoding  # noqa: E402
 from sift_chat.corpus import ingest  # noqa: E402
 from sift_chat.decoding import DECODE_THREADS, Rows, at_most_threads  # noqa: E402
-from sift_chat.engine import ChatSettings, Engine  # noqa: E402
+from sift_chat.engine import Engine  # noqa: E402
+from sift_chat.settings import ChatSettings
 from sift_chat.generation import contrast  # noqa: E402
 from sift_chat.models import load_chat_model, load_embedder  # noqa: E402
 from sift_chat.store import Store  # noqa: E402

@@ -19,7 +19,8 @@ import time
 import torch
 
 from sift_chat import config
-from sift_chat.engine import ChatSettings, Engine
+from sift_chat.engine import Engine
+from sift_chat.settings import ChatSettings
 from sift_chat.generation import conversation
 
 

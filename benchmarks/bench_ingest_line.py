@@ -145,7 +145,7 @@ def main() -> None:
                 question = "Who founded Brindlemoor and who keeps the lighthouse?"
                 from dataclasses import replace
 
-                from sift_chat.engine import ChatSettings
+                from sift_chat.settings import ChatSettings
 
                 settings = ChatSettings()
                 if args.max_new_tokens:

@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 from sift_chat import config  # noqa: E402
 from sift_chat.adaptation import AdaptationSettings  # noqa: E402
 from sift_chat.corpus import ingest  # noqa: E402
-from sift_chat.engine import ChatSettings, Engine  # noqa: E402
+from sift_chat.engine import Engine  # noqa: E402
+from sift_chat.settings import ChatSettings
 from sift_chat.events import Done  # noqa: E402
 from sift_chat.models import load_chat_model, load_embedder  # noqa: E402
 from sift_chat.probe import Compute  # noqa: E402

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 from sift_chat import config, torch_thread  # noqa: E402
 from sift_chat.access import Caller  # noqa: E402
 from sift_chat.corpus import ingest  # noqa: E402
-from sift_chat.engine import ChatSettings, Engine  # noqa: E402
+from sift_chat.engine import Engine  # noqa: E402
+from sift_chat.settings import ChatSettings
 from sift_chat.models import load_chat_model, load_embedder  # noqa: E402
 from sift_chat.probe import probe  # noqa: E402
 from sift_chat.service import Answered, Service  # noqa: E402

@@ -40,9 +40,10 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .engine import ChatSettings, Engine
-from .events import Done, Prompted, Selected, Step
+from .engine import Engine
 from .evaluation import mean_and_error
+from .events import Done, Prompted, Selected, Step
+from .settings import ChatSettings
 
 NO_METHOD = "-"  # the "off" mode selects nothing
 

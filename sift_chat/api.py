@@ -38,10 +38,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .access import LOCAL
-from .engine import ChatSettings
 from .events import Notice, Prompted, Selected, Step, Token
 from .panel import SETTING_NAMES, Panel, parse_settings
 from .service import Answered, Service, Stopped, Waiting
+from .settings import ChatSettings
 from .turns import Busy, QueueFull, Turn
 from .vocabulary import SettingError, first_line, quoted
 

@@ -19,8 +19,8 @@ from .access import LOCAL, UsersFile
 from .adaptation import AdaptationSettings
 from .cli_common import open_embedder, open_store
 from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS, shown
-from .engine import ChatSettings
 from .retrieval import preselect
+from .settings import ChatSettings
 from .vocabulary import METHODS, MODES, method_label
 
 

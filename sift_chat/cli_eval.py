@@ -12,8 +12,8 @@ from . import config
 from .adaptation import TRAINING_FORMATS, AdaptationSettings
 from .cli_common import open_embedder
 from .corpus import DEFAULT_PASSAGE_TOKENS
-from .engine import ChatSettings
 from .evaluation import SETTINGS as EVAL_SETTINGS
+from .settings import ChatSettings
 from .vocabulary import CONTRAST_TARGETS, EVAL_METHODS, EVAL_MODES
 
 

@@ -25,7 +25,8 @@ from . import config
 from .access import QUOTA_BYTES, QUOTA_DOCUMENTS, SHARED, Caller
 from .corpus import DEFAULT_MAX_FILE_BYTES, IngestProgress, IngestReport, ingest
 from .document_view import DocumentView, read_document
-from .engine import ChatSettings, Engine
+from .engine import Engine
+from .settings import ChatSettings
 from .store import Store, StoreError
 from .sync import SyncOptions, SyncReport, folder_refusal, stop_syncing
 from .uploads import collection_folder, private_copy, quota_refusal, safe_name, upload_refusal

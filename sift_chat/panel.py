@@ -12,10 +12,10 @@ from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 from .adaptation import AdaptationSettings
-from .engine import ChatSettings
 from .events import Selected
 from .generation import cite
 from .record import AnswerRecord
+from .settings import ChatSettings
 from .vocabulary import SettingError, quoted
 
 SETTING_NAMES = ("method", "mode", "context_contrast", "contrast_against", "passages", "lam", "adaptive",

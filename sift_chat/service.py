@@ -24,10 +24,11 @@ from typing import Iterator
 from .access import Caller
 from .adaptation import AdaptationSettings
 from .corpus_service import CorpusService
-from .engine import ChatSettings, Engine
+from .engine import Engine
 from .events import Done, Event, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel
 from .record import AnswerRecord
+from .settings import ChatSettings
 from .store import Store, StoreError
 from .turns import Kept, Turn, TurnQueue
 from .vocabulary import one_line

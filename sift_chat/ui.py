@@ -29,12 +29,13 @@ from .adaptation import AdaptationSettings
 from .corpus import IngestProgress
 from .corpus_service import IngestOutcome
 from .document_view import NotReadable
-from .engine import ChatSettings, Engine
+from .engine import Engine
 from .events import Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel, parse_settings
 from .reading import shown as printable_path
 from .rendering import link_citations, render_document, render_search, what_differed
 from .service import Answered, Service, Stopped, Stored, Waiting
+from .settings import ChatSettings
 from .store import Store
 from .turns import Busy, Turn
 from .vocabulary import METHOD_LABELS, first_line

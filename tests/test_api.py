@@ -22,7 +22,8 @@ openai = pytest.importorskip("openai", reason="the API tests need the openai cli
 
 from sift_chat.adaptation import AdaptationSettings  # noqa: E402
 from sift_chat.corpus import ingest  # noqa: E402
-from sift_chat.engine import ChatSettings, Engine  # noqa: E402
+from sift_chat.engine import Engine  # noqa: E402
+from sift_chat.settings import ChatSettings
 from sift_chat.server import create_server  # noqa: E402
 from sift_chat.service import Service  # noqa: E402
 from sift_chat.store import Store  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sift_chat.engine import ChatSettings
+from sift_chat.settings import ChatSettings
 
 from .served import served_app
 from .tiny import tiny_model, tiny_tokenizer

@@ -12,7 +12,8 @@ import torch
 
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.decoding import Rows
-from sift_chat.engine import ChatSettings, Engine
+from sift_chat.engine import Engine
+from sift_chat.settings import ChatSettings
 from sift_chat.events import Done
 from sift_chat.probe import Compute
 from sift_chat.generation import contrast

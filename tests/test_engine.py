@@ -13,7 +13,8 @@ import torch
 
 from sift_chat.access import Caller
 from sift_chat.adaptation import AdaptationSettings
-from sift_chat.engine import ChatSettings, Engine
+from sift_chat.engine import Engine
+from sift_chat.settings import ChatSettings
 from sift_chat.events import Done, Notice, Prompted, Selected, Stage, Step, Token
 from sift_chat.generation import cite, content_words, contrast, conversation
 from sift_chat.probe import Compute

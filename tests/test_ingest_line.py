@@ -22,7 +22,8 @@ from sift_chat.access import LOCAL, UsersFile
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.corpus import ingest
 from sift_chat.embedding import SharedEmbedder
-from sift_chat.engine import ChatSettings, Engine
+from sift_chat.engine import Engine
+from sift_chat.settings import ChatSettings
 from sift_chat.panel import SETTING_NAMES, default_settings
 from sift_chat.parsing import ParseWorker
 from sift_chat.reading import UnreadableFile, parse_here

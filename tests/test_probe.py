@@ -12,7 +12,8 @@ import torch
 
 from sift_chat import probe as probing
 from sift_chat.adaptation import AdaptationSettings
-from sift_chat.engine import ChatSettings, Engine
+from sift_chat.engine import Engine
+from sift_chat.settings import ChatSettings
 from sift_chat.events import Done
 from sift_chat.probe import Compute, choose, draft_length, on_demand, probe, side_by_side
 from sift_chat.store import Store

@@ -16,7 +16,8 @@ import torch
 
 from sift_chat.access import LOCAL, Caller
 from sift_chat.adaptation import AdaptationSettings
-from sift_chat.engine import ChatSettings, Engine
+from sift_chat.engine import Engine
+from sift_chat.settings import ChatSettings
 from sift_chat.events import Selected, Stage, Step, Token
 from sift_chat.panel import parse_settings
 from sift_chat.record import AnswerRecord

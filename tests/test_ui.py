@@ -14,7 +14,8 @@ import torch
 
 from sift_chat.access import LOCAL, Caller, visitor
 from sift_chat.adaptation import AdaptationSettings
-from sift_chat.engine import ChatSettings, Engine
+from sift_chat.engine import Engine
+from sift_chat.settings import ChatSettings
 from sift_chat.service import Service
 from sift_chat.store import Store
 from sift_chat.layout import build

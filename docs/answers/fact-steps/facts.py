@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3]))
-from sift_chat.engine import Engine, ChatSettings
+from sift_chat.engine import Engine
+from sift_chat.settings import ChatSettings
 from sift_chat.answers import is_correct, continuation_bits
 from sift_chat.generation import conversation
 
