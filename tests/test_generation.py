@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from sift_chat.generation import (INSTRUCTION, INSTRUCTION_WITH_PASSAGES, answer_processors, cite, content_words, contrast,
-                                  conversation, next_token, only_learned_words, repeat_start, training_text)
+from sift_chat.generation import (INSTRUCTION, INSTRUCTION_WITH_PASSAGES, PromptLookup, answer_processors, cite,
+                                  content_words, contrast, conversation, next_token, only_learned_words,
+                                  repeat_start, training_text)
 
 from .tiny import tiny_tokenizer
 
@@ -146,3 +147,21 @@ def test_only_learned_words_are_the_answers_words_no_passage_read_holds():
     assert words == [["quentin", "larkfield"], ["1200"], []]
     assert only_learned_words(answer, learned, read + learned[:1], "")[0] == []  # read as well: not only learned
     assert only_learned_words("", learned, read, "") == [[], [], []]
+
+
+def test_prompt_lookup_guesses_what_followed_the_longest_suffix_seen_before():
+    # "… founded by Ottilie Vance in 1673 …" read; the answer so far "… by Ottilie"
+    read = [10, 11, 12, 13, 14, 15, 16, 17]  # by=12 Ottilie=13 Vance=14 in=15 1673=16
+    lookup = PromptLookup(read + [99, 12, 13])
+    assert lookup.draft(3) == [14, 15, 16]  # after "by Ottilie": "Vance in 1673"
+    assert lookup.draft(1) == [14] and lookup.draft(0) == []
+    assert PromptLookup([1, 2, 3]).draft(2) == []  # no suffix occurred before
+    # the longest suffix wins over a shorter one seen later: (5, 6) → 7, not (6,) → 8
+    assert PromptLookup([5, 6, 7, 0, 6, 8, 0, 5, 6]).draft(1) == [7]
+    # the latest earlier occurrence, and a guess may run into what was just written
+    assert PromptLookup([4, 1, 4, 2, 4]).draft(3) == [2, 4]
+    # built token by token it guesses as built at once
+    grown = PromptLookup(read)
+    grown.extend([99, 12])
+    grown.extend([13])
+    assert grown.draft(3) == lookup.draft(3) and grown.ids == lookup.ids
