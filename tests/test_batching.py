@@ -204,6 +204,35 @@ def test_members_with_drafts_share_forwards_and_each_decodes_as_alone(tokenizer)
     assert batch.forwards < len(continuation)  # the guesses kept saved forwards
 
 
+def test_a_guess_not_kept_stays_masked_when_others_join_longer_and_leave(tokenizer):
+    """A member's rejected guesses are masked at its next forward, wherever its columns moved in
+    between: a longer prompt joining pads the batch on the left, a member leaving drops columns."""
+    model, layers, (first, second, third) = model_and_adapters(tokenizer, 3)
+    batch = Batch(model, gather_seconds=0.0)  # one thread: each forward carries only the caller's tokens
+    short = ids_of(tokenizer, "The quick brown fox.")
+    longer = ids_of(tokenizer, "Nearest neighbours retrieve the most similar passages, duplicates included.")
+    continuation = tokenizer(" over the lazy dog, and then", add_special_tokens=False)["input_ids"]
+    expected = decode_alone(model, layers, [(first, 1.0)], short, continuation)
+    leaving = batch.join([short], [(third, 1.0)])
+    member = batch.join([short], [(first, 1.0)])
+    wrong = (continuation[1] + 1) % len(tokenizer)
+    logits = member.logits([continuation[0], wrong])  # the first guess right, the second wrong
+    torch.testing.assert_close(logits[:, 0], expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[:, 1], expected[1], atol=1e-5, rtol=0)
+    member.keep(1)
+    member.append(continuation[1])
+    leaving.leave()  # its rows go at the next forward
+    width = batch._mask.shape[1]
+    joined = batch.join([longer], [(second, 1.0)])  # longer than the batch: padded on the left
+    assert longer.shape[1] > width and batch._first_column < 0  # the member's columns moved right
+    torch.testing.assert_close(member.logits(), expected[2], atol=1e-5, rtol=0)
+    for given in range(2, len(continuation)):
+        member.append(continuation[given])
+        torch.testing.assert_close(member.logits(), expected[given + 1], atol=1e-5, rtol=0)
+    alone_second = decode_alone(model, layers, [(second, 1.0)], longer, [])
+    torch.testing.assert_close(joined.logits(), alone_second[0], atol=1e-5, rtol=0)
+
+
 def test_a_failed_forward_fails_every_member_and_the_batch_starts_clean_after(tokenizer):
     model, layers, (first, second) = model_and_adapters(tokenizer, 2)
     batch = Batch(model, gather_seconds=0.0)
