@@ -203,8 +203,8 @@ class Rows:
 class Lane:
     """Rows decoded by one forward per token: each prefilled alone (no work on padding), their
     caches left-padded into one (`left_padded`), an attention mask 0 over each row's padding and
-    position ids counting each row's own tokens. `logits` [rows, V] (fp32) are the last step's,
-    `after` [rows, positions, V] the logits of its last `positions` positions."""
+    position ids counting each row's own tokens. `after` [rows, positions, V] (fp32) are the
+    logits of the last step's last `positions` positions, `logits` [rows, V] its last."""
 
     def __init__(self, model, prompts: Sequence[torch.Tensor], adapter_scales: Sequence[float] | None,
                  prefill_context: Callable[[], ContextManager] = nullcontext):
@@ -227,8 +227,7 @@ class Lane:
             longest = max(lengths)
             self.mask = torch.tensor([[0] * (longest - n) + [1] * n for n in lengths], device=device)
             self.positions = torch.tensor([[n] for n in lengths], device=device)
-        self.logits = torch.cat(logits).float()
-        self.after = self.logits[:, None]
+        self.after = torch.cat(logits).float()[:, None]
 
     def _forward(self, input_ids, scales, positions: int = 1, **inputs):
         return forward_last(self.model, input_ids, row_scales(self.model, scales), positions, **inputs)
@@ -249,7 +248,10 @@ class Lane:
             output = self._forward(input_ids, self.scales, positions, cache=self.cache, **inputs)
         self.cache = output.cache
         self.after = output.logits.float()
-        self.logits = self.after[:, -1]
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.after[:, -1]
 
     def drop(self, count: int) -> None:
         """Forget every row's last `count` tokens (a draft's guesses that were not kept)."""

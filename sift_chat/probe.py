@@ -254,9 +254,10 @@ class ModelTimer:
         return self._timed(run)
 
     @torch.no_grad()
-    def decode(self, precision: str, threads: int, side_by_side: bool = False) -> float:
+    def decode(self, precision: str, threads: int, side_by_side: bool = False, draft: int = 0) -> float:
         """Seconds for one decoding step of two rows (READ_TOKENS and UNREAD_TOKENS) on `threads` threads,
-        or each row on its own thread."""
+        or each row on its own thread; with `draft`, the step also checks that many guessed tokens
+        (then dropped, so every run checks them after the same conversation)."""
         from .decoding import Rows
 
         compute = Compute(precision=precision, decode_precision=precision, decode_threads=threads)
@@ -269,32 +270,19 @@ class ModelTimer:
 
         def run():
             rows.append(next(token) % vocab)
-            rows.logits()
+            if draft:
+                rows.logits([next(token) % vocab for _ in range(draft)])
+                rows.keep(0)
+            else:
+                rows.logits()
 
         return self._timed(run)
 
     def decode_side_by_side(self, precision: str) -> float:
         return self.decode(precision, 1, side_by_side=True)
 
-    @torch.no_grad()
     def decode_draft(self, precision: str, threads: int, draft: int) -> float:
-        """Seconds for the two rows' decoding step that also checks `draft` guessed tokens (the
-        guesses then dropped, so every run checks them after the same conversation)."""
-        from .decoding import Rows
-
-        compute = Compute(precision=precision, decode_precision=precision, decode_threads=threads)
-        vocab = self.model.get_input_embeddings().weight.shape[0]
-        prompts = [torch.arange(n, device=self.device)[None] % vocab for n in (READ_TOKENS, UNREAD_TOKENS)]
-        rows = Rows(self.model, prompts, AFTER_STEPS, threads=threads,
-                    prefill_context=lambda: compute.context("prefill"), step_context=lambda: compute.context("decode"))
-        token = iter(range(1, 10_000))
-
-        def run():
-            rows.append(next(token) % vocab)
-            rows.logits([next(token) % vocab for _ in range(draft)])
-            rows.keep(0)
-
-        return self._timed(run)
+        return self.decode(precision, threads, draft=draft)
 
     @torch.no_grad()
     def decode_on_demand(self, precision: str) -> float:
@@ -436,15 +424,16 @@ def probe(model: nn.Module, data_dir: Path | str | None, precision: str | None =
     beside = side_by_side(timings, decode_precision, threads) and not decode_threads
     need(f"decode_{decode_precision}_demand", lambda: measure.decode_on_demand(decode_precision))
     demand = on_demand(timings, decode_precision, threads) and (decode_threads or 1) == 1  # it runs on 1 thread
-    for k in DRAFT_LENGTHS:
+    decoding_threads = 1 if beside or demand else chosen_threads
+    for k in DRAFT_LENGTHS:  # the draft lengths' timings are kept under this one thread count's name
         need(f"decode_{decode_precision}_draft{k}",
-             lambda k=k: measure.decode_draft(decode_precision, chosen_threads, k))
-    drafts = draft_length(timings, decode_precision, chosen_threads)
+             lambda k=k: measure.decode_draft(decode_precision, decoding_threads, k))
+    drafts = draft_length(timings, decode_precision, decoding_threads)
     if measured and cache:
         cache.save(key, timings)
     source = ("forced" if precision != "auto" or decode_threads else
               "measured" if measured else "cached")
-    return Compute(chosen, decode_precision, 1 if beside or demand else chosen_threads, beside and not demand, demand,
+    return Compute(chosen, decode_precision, decoding_threads, beside and not demand, demand,
                    drafts, source, timings, threads, str(cache.path) if cache else "")
 
 
@@ -491,7 +480,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {fp32 * 1e3:.1f} ms | {bf16 * 1e3:.1f} ms | {fp32 / bf16:.2f}x |")
     precision, decode_precision, decode_threads = choose(timings, threads)
     beside, demand = side_by_side(timings, decode_precision, threads), on_demand(timings, decode_precision, threads)
-    timings[f"decode_{decode_precision}_{decode_threads}"] = timings[f"decode_{decode_precision}_1"]  # drafts timed on 1
     print(Compute(precision, decode_precision, 1 if beside or demand else decode_threads, beside and not demand, demand,
                   draft_length(timings, decode_precision, 1), source="measured", timings=timings,
                   threads=threads).describe())
