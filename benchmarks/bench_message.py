@@ -142,7 +142,7 @@ def main() -> None:
                for row in rows}
     settings, adaptation = ChatSettings(passages=args.passages), AdaptationSettings()
     print(f"corpus {args.corpus} ({store_size} passages); {settings.passages} passages ({settings.method}), "
-          f"{settings.context_passages} read in context; LoRA rank {adaptation.rank} on "
+          f"{settings.read_passages} read in context; LoRA rank {adaptation.rank} on "
           f"{adaptation.top_layers or 'all'} layers, training on the {adaptation.training}; "
           f"{settings.max_new_tokens} new tokens max; median of {args.prompts} prompts; default mode "
           f"{settings.mode} (α={settings.context_contrast:g}); device {engine.adapter.device}")

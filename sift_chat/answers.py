@@ -135,13 +135,21 @@ def question_location(locations: Sequence[str]) -> str:
 
 
 @torch.no_grad()
-def continuation_bits(model, tokenizer, input_ids: torch.Tensor, text: str) -> float:
-    """Σ −log₂ p(text's tokens | input_ids) under `model` as it is now (input_ids: [1, T])."""
+def continuation_bits(model, tokenizer, readings: Sequence[torch.Tensor], text: str,
+                      weights: torch.Tensor | None = None) -> float:
+    """Σ −log₂ p(text's tokens | what is read) under `model` as it is now: one conversation
+    (readings [[1, T]]), or one per passage read with the answer's tokens drawn from their
+    mixture, p(y_t) = Σᵢ wᵢ p(y_t | reading i, y_<t) (`generation.mixture`)."""
     target = tokenizer(text, add_special_tokens=False)["input_ids"]
     device = next(model.parameters()).device
-    ids = torch.cat([input_ids[0], torch.tensor(target)]).to(device)[None]
-    logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(target) + 1).logits[0, :-1].float()
-    nats = F.cross_entropy(logits, torch.tensor(target, device=device), reduction="sum")
+    targets = torch.tensor(target, device=device)
+    log_probs = []
+    for input_ids in readings:
+        ids = torch.cat([input_ids[0].to(device), targets])[None]
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(target) + 1).logits[0, :-1].float()
+        log_probs.append(-F.cross_entropy(logits, targets, reduction="none"))
+    weights = torch.ones(1) if weights is None else weights
+    nats = -torch.logsumexp(torch.stack(log_probs) + weights.to(device).log()[:, None], 0).sum()
     return float(nats) / math.log(2)
 
 
@@ -201,7 +209,7 @@ def answer_question(engine: Engine, index: int, question: Question, configuratio
         elif isinstance(event, Prompted):
             read = list(event.passages)
             paused = time.perf_counter()
-            bits = continuation_bits(engine.model, engine.tokenizer, event.input_ids, question.reference)
+            bits = continuation_bits(engine.model, engine.tokenizer, event.readings, question.reference, event.weights)
             started += time.perf_counter() - paused  # measuring is not answering
         elif isinstance(event, Done):
             done = event

@@ -76,10 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("prompt", nargs="?", help="the question; omit it for an interactive chat")
     chat.add_argument("--method", default="sift", choices=METHODS, help="selection (default: %(default)s)")
     chat.add_argument("--mode", default=ChatSettings.mode, choices=MODES,
-                      help="read the first passage in the prompt (context), learn from the passages (fine-tune), "
-                           "both (not more accurate on our question sets, 1.4x slower), or neither (default: %(default)s)")
+                      help="read the best passages (context), learn from the passages (fine-tune), "
+                           "both, or neither (default: %(default)s)")
     chat.add_argument("-n", "--passages", type=int, default=ChatSettings.passages,
                       help="at most this many passages, one LoRA step each (default: %(default)s)")
+    chat.add_argument("--read", type=int, default=ChatSettings.read_passages,
+                      help="passages read (the best matches), each in its own row of the decoding: more than one "
+                           "answers questions about several facts (default: %(default)s)")
+    chat.add_argument("--lead-weight", type=float, default=ChatSettings.lead_weight,
+                      help="with --read above 1, how much the best match weighs in the answer (default: all alike)")
     chat.add_argument("--candidates", type=int, default=ChatSettings.candidates,
                       help="K, pre-selected from the index (default: %(default)s)")
     chat.add_argument("--lam", type=float, default=ChatSettings.lam, help="SIFT's λ (default: %(default)s)")
@@ -216,7 +221,7 @@ def cmd_chat(args) -> int:
     from .service import Service
 
     settings = ChatSettings(method=args.method, mode=args.mode, passages=args.passages,
-                            candidates=args.candidates, lam=args.lam, min_reduction=args.min_reduction,
+                            read_passages=args.read, lead_weight=args.lead_weight, candidates=args.candidates, lam=args.lam, min_reduction=args.min_reduction,
                             alpha=args.alpha, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, seed=args.seed)
     adaptation = AdaptationSettings(learning_rate=args.lr, rank=args.rank, top_layers=args.top_layers,

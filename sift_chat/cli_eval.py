@@ -74,7 +74,10 @@ def add_eval_parsers(commands) -> None:
     qa.add_argument("--max-minutes", type=float,
                     help="start no question after this long (the first always runs): report those answered by then")
     qa.add_argument("-n", "--passages", type=int, default=ChatSettings.passages)
-    qa.add_argument("--context-passages", type=int, default=ChatSettings.context_passages)
+    qa.add_argument("--read-passages", "--context-passages", type=int, default=ChatSettings.read_passages,
+                    help="passages read, each in its own row (default: %(default)s)")
+    qa.add_argument("--lead-weight", type=float, default=ChatSettings.lead_weight,
+                    help="the best match's weight among the passages read (default: all alike)")
     qa.add_argument("--lam", type=float, default=ChatSettings.lam)
     qa.add_argument("--max-new-tokens", type=int, default=ChatSettings.max_new_tokens)
     qa.add_argument("--repetition-penalty", type=float, default=ChatSettings.repetition_penalty)
@@ -170,7 +173,8 @@ def cmd_eval_qa(args) -> int:
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes:g}")
     configs = qa.configurations(_names(args.modes), _names(args.methods))
-    settings = ChatSettings(passages=args.passages, context_passages=args.context_passages, lam=args.lam,
+    settings = ChatSettings(passages=args.passages, read_passages=args.read_passages,
+                            lead_weight=args.lead_weight, lam=args.lam,
                             max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                             no_repeat_ngram=args.no_repeat_ngram, context_contrast=args.context_contrast,
                             contrast_against=args.contrast_against, seed=args.seed)
@@ -204,7 +208,8 @@ def cmd_eval_qa(args) -> int:
         print(f"stopped after {args.max_minutes:g} minutes: {answered} of {len(questions)} questions answered",
               file=sys.stderr)
     title = (f"{corpus.name}: {answered} questions, {settings.passages} passages "
-             f"({settings.context_passages} in context), lr {adaptation.learning_rate}, "
+             f"({settings.read_passages} read, the first weighing {settings.lead_weight or 1 / settings.read_passages:.2g}), "
+             f"lr {adaptation.learning_rate}, "
              f"{adaptation.epochs} pass{'es' * (adaptation.epochs > 1)} over them, "
              f"training on {adaptation.training}; context-aware decoding α = {settings.context_contrast:g} "
              f"against the {settings.contrast_against} model")

@@ -28,8 +28,8 @@ from .batching import GATHER_SECONDS, MAX_ROWS, Batch
 from .decoding import Rows
 from .embedding import shared
 from .events import Done, Event, Notice, Picked, Prompted, Selected, Stage, Step, Token
-from .generation import (PromptLookup, answer_processors, cite, contrast, next_token, only_learned_words,
-                         repeat_start, training_text)
+from .generation import (PromptLookup, answer_processors, cite, contrast, mixture, next_token, only_learned_words,
+                         reading_weights, repeat_start, training_text)
 from . import torch_thread
 from .lora import lora_weights
 from .probe import Compute, probe
@@ -147,13 +147,13 @@ class Engine:
             selection = torch_thread.run(select, query, candidates, method, settings.passages, settings.lam,
                                          settings.min_reduction, settings.alpha)
             nn = torch_thread.run(select, query, candidates, "nn", settings.passages, settings.lam)
-            return self._describe(selection, found, nn)
+            return self._describe(selection, found, nn, settings.read_passages)
 
-    def _describe(self, selection: Selection, found: Candidates, nn: Selection) -> Selected:
+    def _describe(self, selection: Selection, found: Candidates, nn: Selection, reading: int) -> Selected:
         ids = found.ids
         passage_ids = [int(ids[i]) for i in selection.indices.tolist()]
-        lead = int(ids[0]) if len(ids) else None
-        passages = self.store.passages([*passage_ids, *([lead] if lead is not None else [])])
+        leads = [int(i) for i in ids[:reading]]  # what the context modes read: the best fused candidates
+        passages = self.store.passages([*passage_ids, *leads])
         picks, seen = [], set()
         for step, passage_id in enumerate(passage_ids):
             picks.append(Picked(
@@ -165,7 +165,7 @@ class Engine:
             ))
             seen.add(passage_id)
         return Selected(selection.method, picks, selection.prior_variance, selection.stop_reason,
-                        nn.posterior_variance.tolist(), passages.get(lead) if lead is not None else None,
+                        nn.posterior_variance.tolist(), [passages[i] for i in leads if i in passages],
                         [int(i) for i in ids.tolist()], list(found.terms), dict(found.seconds))
 
     # -- one message ------------------------------------------------------------------------
@@ -233,11 +233,16 @@ class Engine:
                 yield Stage("fine-tune", "finished", seconds["fine-tune"])
 
             numbered = selected.reading_order(settings.uses_context) if selected else []
-            context = numbered[: settings.context_passages] if settings.uses_context else []
-            input_ids, truncated = self.chat_input(prompt, history, context, settings)
+            context = list(selected.leads) if selected and settings.uses_context else []
+            # each passage read in a conversation of its own (a row): the small model reads one well
+            fitted = [self.chat_input(prompt, history, [passage], settings) for passage in context] or \
+                [self.chat_input(prompt, history, [], settings)]
+            readings = [ids for ids, _ in fitted]
+            truncated = next((notice for _, notice in fitted if notice), None)
             if truncated:
                 yield Notice(truncated)
-            yield Prompted(input_ids, context)
+            weights = reading_weights(len(readings), settings.lead_weight)
+            yield Prompted(readings, context, weights)
             # the same conversation without the passages, for context-aware decoding; against the
             # base model it differs from the adapted one reading the same words once steps were taken
             contrasts = context or (settings.contrast_against == "base" and self.adapter.steps > 0)
@@ -246,12 +251,13 @@ class Engine:
             yield Stage("generate", "started")
             started = time.perf_counter()
             pieces: list[str] = []
-            rows, prior = self._conversations(input_ids, unread, settings)
+            rows, prior = self._conversations(readings, unread, settings)
             if self.batch is not None:  # what was learned travels with the rows: the adapter is free
                 self.adapter.reset()
                 hand_over()
-            lookup = PromptLookup(input_ids[0].tolist()) if self.compute.draft_tokens else None
-            generation = self.generate(rows, prior, settings, lookup=lookup)
+            lookup = (PromptLookup([token for ids in readings for token in ids[0].tolist()])
+                      if self.compute.draft_tokens else None)
+            generation = self.generate(rows, prior, settings, lookup=lookup, weights=weights)
             while True:
                 try:
                     piece = next(generation)
@@ -338,10 +344,10 @@ class Engine:
         budget = max(settings.max_context_tokens - settings.max_new_tokens, 32)
         return self.template.fit(prompt, history, [p.text for p in context], budget)
 
-    def _conversations(self, input_ids: torch.Tensor, unread_ids: torch.Tensor | None, settings: ChatSettings):
-        """(rows, prior): what `generate` decodes. Row 0 reads the passages with the adapter as the
-        steps left it; with `unread_ids` (the conversation without its passages) and
-        `settings.context_contrast` > 0, a second row without them, under the base model when
+    def _conversations(self, readings: list[torch.Tensor], unread_ids: torch.Tensor | None, settings: ChatSettings):
+        """(rows, prior): what `generate` decodes. The first rows read the passages (a row each,
+        `readings`) with the adapter as the steps left it; with `unread_ids` (the conversation
+        without passages) and `settings.context_contrast` > 0, a last row without them, under the base model when
         `settings.contrast_against` is "base". Both as rows of one forward per token
         (`decoding.Rows`), or, where the probe measured it faster, the second a forward only for
         the tokens where the contrast can change the choice (`Compute.contrast_on_demand`, then
@@ -352,25 +358,27 @@ class Engine:
         learned = self.adapter.steps > 0  # else the adapter adds zeros: the rows run the base layers alone
         reading_scale = 1.0 if learned else 0.0
         prior_scale = 0.0 if not learned or settings.contrast_against == "base" else 1.0
-        prompts = [input_ids.to(device)] + ([unread_ids.to(device)] if contrasted else [])
-        scales = (reading_scale, prior_scale)[:len(prompts)]
+        prompts = [ids.to(device) for ids in readings] + ([unread_ids.to(device)] if contrasted else [])
+        scales = [reading_scale] * len(readings) + [prior_scale] * contrasted
         if self.batch is not None:
             weights = torch_thread.run(lora_weights, self.model) if learned else None
             return self.batch.join(prompts, [(weights, scale) for scale in scales]), None
         how = {"threads": self.compute.decode_threads,  # as the probe measured this machine
                "side_by_side": self.compute.decode_side_by_side, **self._decoding_contexts()}
-        if contrasted and self.compute.contrast_on_demand:  # the second conversation's forward only when asked
-            return Rows(self.model, prompts[:1], scales[:1], **how), Rows(self.model, prompts[1:], scales[1:], **how)
+        if contrasted and self.compute.contrast_on_demand:  # the last conversation's forward only when asked
+            return (Rows(self.model, prompts[:-1], scales[:-1], **how),
+                    Rows(self.model, prompts[-1:], scales[-1:], **how))
         return Rows(self.model, prompts, scales, **how), None
 
     @torch.no_grad()
-    def generate(self, rows, prior, settings: ChatSettings,
-                 lookup: PromptLookup | None = None) -> Generator[str, None, tuple[str, str]]:
+    def generate(self, rows, prior, settings: ChatSettings, lookup: PromptLookup | None = None,
+                 weights: torch.Tensor | None = None) -> Generator[str, None, tuple[str, str]]:
         """Stream the answer of `rows` (and `prior`, from `_conversations`) as text pieces, one
         forward pass per token with the KV cache; return (how it ended, the answer's text): "end"
         at a stop token, "limit" after max_new_tokens, "repeat" when its last `loop_tokens` tokens
-        repeated earlier ones (the text then ends before the repeat). With a second row (or
-        `prior`), each token is chosen by `generation.contrast` from both. Sampling draws from a
+        repeated earlier ones (the text then ends before the repeat). With `weights` [R], the first
+        R rows each read a passage and the token is chosen from their `generation.mixture`; with a
+        row after them (or `prior`), by `generation.contrast` from the mixture and it. Sampling draws from a
         generator of the message's own seed, so that other messages' draws in other threads
         change nothing.
 
@@ -388,7 +396,9 @@ class Engine:
         sampler = torch.Generator().manual_seed(settings.seed) if settings.temperature > 0 else None
         generated: list[int] = []
         emitted = ""
-        contrasted = prior is not None or rows.logits().shape[0] > 1
+        weights = torch.ones(1) if weights is None else weights
+        reading_rows = len(weights)
+        contrasted = prior is not None or rows.logits().shape[0] > reading_rows
         ended = None
         while ended is None and len(generated) < settings.max_new_tokens:
             room = settings.max_new_tokens - len(generated) - 1
@@ -403,11 +413,12 @@ class Engine:
 
             chosen = []
             for position in range(len(draft) + 1):
+                read = mixture(reading[:reading_rows, position], weights) if reading_rows > 1 else reading[0, position]
                 if contrasted:  # on demand, the prior's forward runs only for tokens where it can change the choice
-                    unread = (lambda at=position: prior_at(at)) if prior else reading[1, position]
-                    logits = contrast(reading[0, position], unread, settings.context_contrast)
+                    unread = (lambda at=position: prior_at(at)) if prior else reading[reading_rows, position]
+                    logits = contrast(read, unread, settings.context_contrast)
                 else:
-                    logits = reading[0, position]
+                    logits = read
                 token = next_token(logits, generated, processors, settings.temperature, sampler)
                 if token in self.template.stop_ids:
                     ended = "end"

@@ -34,26 +34,33 @@ class Picked:
 
 @dataclass(frozen=True)
 class Selected:
-    """The picks, and the pre-selection they were made from: `lead` is its best candidate (fused
-    rank 1), which the context modes read first, picked or not (README: Retrieval)."""
+    """The picks, and the pre-selection they were made from: `leads` are its best candidates (fused
+    rank 1, 2, …; `ChatSettings.read_passages` of them), which the context modes read, picked or
+    not (README: Retrieval)."""
 
     method: str
     picks: list[Picked]
     prior_variance: float
     stop_reason: str
     nn_posterior_variance: list[float]  # NN's σ² after each of its picks, for the same prompt
-    lead: Passage | None = None
+    leads: list[Passage] = field(default_factory=list)
     candidates: list[int] = field(default_factory=list)  # the K pre-selected passage ids, best fused first
     terms: list[str] = field(default_factory=list)  # the prompt's words searched in the lexical index
     seconds: dict[str, float] = field(default_factory=dict)  # pre-selection: vector, lexical, fuse
 
+    @property
+    def lead(self) -> Passage | None:
+        """The pre-selection's best candidate, read first."""
+        return self.leads[0] if self.leads else None
+
     def reading_order(self, uses_context: bool) -> list[Passage]:
-        """The passages the answer numbers [1], [2] …: in the context modes the lead first, then
+        """The passages the answer numbers [1], [2] …: in the context modes the leads first, then
         the distinct picks in pick order; else the distinct picks."""
         distinct = [p.passage for p in self.picks if not p.repeat]
-        if not uses_context or self.lead is None:
+        if not uses_context:
             return distinct
-        return [self.lead, *(p for p in distinct if p.id != self.lead.id)]
+        read = {p.id for p in self.leads}
+        return [*self.leads, *(p for p in distinct if p.id not in read)]
 
     @property
     def final_variance(self) -> float:
@@ -81,11 +88,19 @@ class Step:
 
 @dataclass(frozen=True)
 class Prompted:
-    """What the model reads for the answer: the conversation's token ids, and the passages in
-    it (none outside the context modes), numbered from 1 as the answer cites them."""
+    """What the model reads for the answer: the conversation's token ids (one conversation per
+    passage read, each in its own row: `readings`), and the passages read (none outside the
+    context modes), numbered from 1 as the answer cites them; `weights`, how much each reading
+    weighs in the answer's tokens (`generation.mixture`)."""
 
-    input_ids: torch.Tensor = field(repr=False)
+    readings: list[torch.Tensor] = field(repr=False)
     passages: list[Passage]
+    weights: torch.Tensor = field(default_factory=lambda: torch.ones(1), repr=False)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """The first conversation: the one reading the best passage (or none)."""
+        return self.readings[0]
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,32 @@ def answer_processors(repetition_penalty: float, no_repeat_ngram: int) -> Logits
     return processors
 
 
+def reading_weights(count: int, lead_weight: float | None = None) -> torch.Tensor:
+    """[count]: how much each passage read weighs in `mixture`: the first (the best match) w₁ =
+    `lead_weight`, the others share the rest equally, wᵢ = (1 − w₁) / (count − 1); without a
+    lead weight all alike, wᵢ = 1 / count; one passage: [1]."""
+    if count == 1:
+        return torch.ones(1)
+    if lead_weight is None:
+        return torch.full((count,), 1 / count)
+    return torch.tensor([lead_weight] + [(1 - lead_weight) / (count - 1)] * (count - 1))
+
+
+def mixture(readings: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The next token's log-probabilities when R passages are each read in a row of their own:
+
+        log p(y) = log Σᵢ wᵢ · p(y | passage i, question),     i = 1 … R,
+
+    from the rows' logits `readings` [R, V] and `weights` [R] (`reading_weights`), so that a
+    token the row that holds a fact is sure of wins where the other rows do not know it; the
+    model reads one passage well and several in one prompt badly (README: Answers). One row
+    gives its own log-probabilities."""
+    log_probs = torch.log_softmax(readings.float(), -1)
+    if log_probs.shape[0] == 1:
+        return log_probs[0]
+    return torch.logsumexp(log_probs + weights.to(log_probs.device).log()[:, None], 0)
+
+
 def contrast(with_passages: torch.Tensor, without_passages: torch.Tensor | Callable[[], torch.Tensor],
              strength: float, plausible: float = 0.1) -> torch.Tensor:
     """Context-aware decoding (Shi et al., 2023, "Trusting Your Evidence"): scores that favour what

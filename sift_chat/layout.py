@@ -12,6 +12,7 @@ import gradio as gr
 
 from .access import SHARED, Access, Caller
 from .adaptation import LEARNING_RATE_MAX
+from .settings import READ_PASSAGES_MAX
 from .corpus_service import MAX_UPLOAD_BYTES
 from .document_view import NotReadable
 from .guard import PRIVATE, GuardedBlocks
@@ -119,6 +120,8 @@ HELP = {
     "contrast_against": "What the answer is contrasted with: the model without the passage as the steps "
                         "adapted it, or the base model (which keeps what the steps taught in the contrast).",
     "passages": "At most this many passages, one fine-tuning step each (0: none).",
+    "read_passages": "How many of the best-matching passages the model reads, each on its own: more than one "
+                     "helps questions about several facts, and costs single-fact accuracy and time (README).",
     "lam": "SIFT's λ: small favours diverse passages, large the most similar ones (λ→∞ repeats the nearest, as NN-F).",
     "adaptive": "Stop selecting once another passage would remove little uncertainty.",
     "min_reduction": "…when a pick removes less than this share of the prompt's initial uncertainty.",
@@ -170,6 +173,8 @@ def build(handlers: Handlers, *, access: Access | None = None):
                                             info=HELP["contrast_against"])
                 passages = gr.Slider(0, 32, value=defaults["passages"], step=1, label="Passages",
                                      info=HELP["passages"])
+                read_passages = gr.Slider(1, READ_PASSAGES_MAX, value=defaults["read_passages"], step=1,
+                                          label="Passages read", info=HELP["read_passages"])
                 lam = gr.Number(value=defaults["lam"], label="λ", minimum=1e-6, info=HELP["lam"])
                 adaptive = gr.Checkbox(value=defaults["adaptive"], label="Adaptive stopping", info=HELP["adaptive"])
                 min_reduction = gr.Slider(0.001, 0.2, value=defaults["min_reduction"], step=0.001,
@@ -182,7 +187,8 @@ def build(handlers: Handlers, *, access: Access | None = None):
                 max_new_tokens = gr.Slider(16, 1024, value=defaults["max_new_tokens"], step=16,
                                            label="Maximum new tokens", info=HELP["max_new_tokens"],
                                            elem_id="max-new-tokens")
-        settings = [method, mode, context_contrast, contrast_against, passages, lam, adaptive, min_reduction, learning_rate, lora_layers, max_new_tokens]
+        settings = [method, mode, context_contrast, contrast_against, passages, read_passages, lam, adaptive,
+                    min_reduction, learning_rate, lora_layers, max_new_tokens]
 
         gr.Markdown("# sift-chat\nChat with your documents. For every message the model picks the passages "
                     "that most reduce its uncertainty about your question (SIFT), takes one fine-tuning step "

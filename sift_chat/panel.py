@@ -18,15 +18,16 @@ from .record import AnswerRecord
 from .settings import ChatSettings
 from .vocabulary import SettingError, quoted
 
-SETTING_NAMES = ("method", "mode", "context_contrast", "contrast_against", "passages", "lam", "adaptive",
-                 "min_reduction", "learning_rate", "lora_layers", "max_new_tokens")
+SETTING_NAMES = ("method", "mode", "context_contrast", "contrast_against", "passages", "read_passages", "lam",
+                 "adaptive", "min_reduction", "learning_rate", "lora_layers", "max_new_tokens")
 
 
 def default_settings() -> dict:
     """The settings panel's starting values: the engine's own defaults."""
     chat, adaptation = ChatSettings(), AdaptationSettings()
     return {"method": chat.method, "mode": chat.mode, "context_contrast": chat.context_contrast,
-            "contrast_against": chat.contrast_against, "passages": chat.passages, "lam": chat.lam,
+            "contrast_against": chat.contrast_against, "passages": chat.passages,
+            "read_passages": chat.read_passages, "lam": chat.lam,
             "adaptive": chat.min_reduction is not None, "min_reduction": chat.min_reduction or 0.02,
             "learning_rate": adaptation.learning_rate, "lora_layers": adaptation.top_layers or 0,
             "max_new_tokens": chat.max_new_tokens}
@@ -65,7 +66,7 @@ def parse_settings(values: dict, base: AdaptationSettings, chat_base: ChatSettin
         chat_base or ChatSettings(),
         method=values["method"], mode=values["mode"], context_contrast=number("context_contrast"),
         contrast_against=values["contrast_against"],
-        passages=number("passages", int),
+        passages=number("passages", int), read_passages=number("read_passages", int),
         lam=number("lam"), min_reduction=number("min_reduction") if values["adaptive"] else None,
         max_new_tokens=number("max_new_tokens", int),
     )
@@ -83,7 +84,7 @@ class Panel:
     """What one answer used: the picks, σ² after each, NN's σ² for the same prompt, the loss of
     each step, the passages read in the prompt, the ones the answer cites and the seconds of
     each stage. Passages are numbered [1], [2] … as the answer cites them: in the context modes
-    the selection's lead (its best candidate, read first, picked or not) first, then the picks in
+    the selection's leads (its best candidates, read, picked or not) first, then the picks in
     the order they were first picked."""
 
     method: str
@@ -98,7 +99,8 @@ class Panel:
     mode: str = "fine-tune"
     read: list[int] = field(default_factory=list)  # passage ids in the prompt
     citations: list[int] = field(default_factory=list)  # numbers the answer cites
-    lead: dict | None = None  # passage_id, document_id, path, start_char, end_char, text of the passage read first
+    # passage_id, document_id, path, start_char, end_char, text of each passage read, best first
+    leads: list[dict] = field(default_factory=list)
     # passage id -> the answer's words that this passage, learned from, holds and no passage read does
     only_learned: dict[int, list[str]] = field(default_factory=dict)
     together: bool = False  # the passages were learned from in one step (`AdaptationSettings.together`)
@@ -126,10 +128,9 @@ class Panel:
 
     @property
     def numbered(self) -> list[dict]:
-        """The passages in citation order: the lead (when there is one), then the distinct picks."""
-        if self.lead is None:
-            return self.distinct_picks
-        return [self.lead, *(p for p in self.distinct_picks if p["passage_id"] != self.lead["passage_id"])]
+        """The passages in citation order: the leads (the passages read), then the distinct picks."""
+        read = {lead["passage_id"] for lead in self.leads}
+        return [*self.leads, *(p for p in self.distinct_picks if p["passage_id"] not in read)]
 
     @property
     def numbered_ids(self) -> list[int]:
@@ -142,8 +143,9 @@ class Panel:
         return {p["passage_id"]: n for n, p in enumerate(self.numbered, 1)}
 
     @property
-    def lead_picked(self) -> bool:
-        return self.lead is not None and self.lead["passage_id"] in self.passage_ids
+    def unpicked_leads(self) -> list[dict]:
+        """The passages read that the method did not pick."""
+        return [lead for lead in self.leads if lead["passage_id"] not in self.passage_ids]
 
     def cite(self, answer: str, question: str = "") -> tuple[str, list[int]]:
         """The answer with citation markers [n] for these passages' numbers (`generation.cite`)."""
@@ -161,9 +163,9 @@ class Panel:
                   "similarity": p.similarity, "posterior_variance": p.posterior_variance,
                   "uncertainty_reduction": p.uncertainty_reduction, "repeat": p.repeat}
                  for p in selected.picks]
-        lead = selected.lead if mode in ("context", "both") else None
+        leads = [_passage(p.id, p) for p in selected.leads] if mode in ("context", "both") else []
         return cls(selected.method, selected.prior_variance, picks, list(selected.nn_posterior_variance),
-                   selected.stop_reason, mode=mode, lead=_passage(lead.id, lead) if lead else None)
+                   selected.stop_reason, mode=mode, leads=leads)
 
     @classmethod
     def from_stored(cls, record: AnswerRecord | None, rows: list[dict], passages: dict) -> "Panel | None":
@@ -187,11 +189,10 @@ class Panel:
         selection = record.selection
         losses = record.losses or [row["loss"] for row in rows]
         mode = record.settings.get("mode", "fine-tune")
-        lead = (_passage(selection.lead, passages.get(selection.lead))
-                if selection.lead is not None and mode in ("context", "both") else None)
+        leads = [_passage(i, passages.get(i)) for i in record.read] if mode in ("context", "both") else []
         return cls(selection.method, selection.prior_variance, picks, list(selection.nn_posterior_variance),
                    selection.stop_reason, list(losses), dict(record.seconds), mode=mode, read=list(record.read),
-                   citations=list(record.citations), lead=lead,
+                   citations=list(record.citations), leads=leads,
                    only_learned={int(k): list(v) for k, v in record.only_learned.items()},
                    together=bool(record.adaptation.get("together", False)))
 
@@ -212,7 +213,8 @@ class Panel:
                 "prior_variance": self.prior_variance,
                 "final_variance": self.final_variance, "stop_reason": self.stop_reason,
                 "nn_posterior_variance": self.nn_variance, "picks": picks,
-                "lead": {**self.lead, "number": 1} if self.lead else None,
+                "lead": {**self.leads[0], "number": 1} if self.leads else None,
+                "leads": [{**lead, "number": n} for n, lead in enumerate(self.leads, 1)],
                 "read": list(self.read), "citations": list(self.citations)}
 
 

@@ -132,15 +132,16 @@ def render_passages(panel: Panel | None, shared: set[int] | frozenset = frozense
             f"{html.escape(Path(pick['path']).name)}{where}</span> {badges}</div>"
             f"<div class='sc-bar'><span style='width:{max(0.0, min(share, 1.0)) * 100:.1f}%'></span></div>"
             f"<div class='sc-text'>{html.escape(text)}</div></div>")
-    if panel.lead is not None and not panel.lead_picked:  # read first, though the method did not pick it
-        lead, where = panel.lead, _where(panel.lead)
+    for lead in reversed(panel.unpicked_leads):  # read, though the method did not pick it
+        number, where = numbers[lead["passage_id"]], _where(lead)
         badges = "".join(f"<span class='sc-badge {cls}'>{label}</span>" for label, cls, on in (
-            ("cited", "sc-cited", 1 in panel.citations), ("read", "sc-read", lead["passage_id"] in read)) if on)
+            ("cited", "sc-cited", number in panel.citations), ("read", "sc-read", lead["passage_id"] in read)) if on)
         text = " ".join(lead["text"].split())
         text = text if len(text) <= 700 else text[:699] + "…"
+        match = "best match" if number == 1 else f"match {number}"
         cards.insert(0,
-            f"<div class='sc-pick sc-lead' data-passage='{lead['passage_id']}' data-number='1'{_opens(lead)}>"
-            f"<div class='sc-head'><b>[1]</b> the pre-selection's best match (by words and meaning), not picked "
+            f"<div class='sc-pick sc-lead' data-passage='{lead['passage_id']}' data-number='{number}'{_opens(lead)}>"
+            f"<div class='sc-head'><b>[{number}]</b> the pre-selection's {match} (by words and meaning), not picked "
             f"by {html.escape(panel.method)} · <span class='sc-source' title='{html.escape(lead['path'], quote=True)}"
             f"{where}'>{html.escape(Path(lead['path']).name)}{where}</span> {badges}</div>"
             f"<div class='sc-text'>{html.escape(text)}</div></div>")

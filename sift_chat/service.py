@@ -143,8 +143,8 @@ class Service:
     def answer_panel(self, message: dict) -> Panel | None:
         rows = self.store.selection_rows(message["id"])
         record = AnswerRecord.from_json(message.get("record"))
-        lead = [record.selection.lead] if record and record.selection and record.selection.lead is not None else []
-        return Panel.from_stored(record, rows, self.store.passages([*(r["passage_id"] for r in rows), *lead]))
+        read = list(record.read) if record else []
+        return Panel.from_stored(record, rows, self.store.passages([*(r["passage_id"] for r in rows), *read]))
 
     def message_panel(self, chat_id, caller: Caller, index) -> Panel | None:
         """The panel of the answer at position `index` of the chat; for a question, the answer after it."""

@@ -10,6 +10,7 @@ from .vocabulary import CONTRAST_TARGETS, METHODS, MODES, SettingError, quoted
 
 # Bounds of the settings a request may carry (the app's sliders and the API check the same ones)
 SEED_MAX = 2**63 - 1  # seed in [0, SEED_MAX]: what torch's generators take
+READ_PASSAGES_MAX = 8  # each passage read is a row of every decoding forward
 MIN_REDUCTION_MAX = 1.0  # min_reduction in [0, 1]: a share of the prompt's prior uncertainty σ₀² = 1
 
 
@@ -33,7 +34,10 @@ class ChatSettings:
     no_repeat_ngram: int = 0  # no n-gram twice in an answer (0: off)
     loop_tokens: int = 12  # stop when the answer's last this many tokens repeat earlier ones (0: never)
     max_context_tokens: int = 2048  # prompt + history + passages in context
-    context_passages: int = 1  # distinct passages read in the prompt in "context"/"both": the small model answers best from one (README)
+    # the best R candidates read in "context"/"both", each in a row of its own, the answer's tokens
+    # drawn from their mixture (`generation.mixture`); the first weighs lead_weight, the others share the rest
+    read_passages: int = 1  # R: one answered single-fact questions best (README: Reading several passages)
+    lead_weight: float | None = None  # None: every passage read weighs 1/R (answered two-fact questions best)
     context_contrast: float = 1.0  # α of context-aware decoding (0: off): α = 1 answered best of 0, 0.5, 1 (README)
     # the conversation without the passages under the adapted or the base model: contrasting the
     # adapted model with itself cancels what the steps taught (README: Answers)
@@ -67,6 +71,10 @@ class ChatSettings:
               f"loop_tokens must be an integer in [0, 256], got {quoted(self.loop_tokens)}")
         check(isinstance(self.context_contrast, (int, float)) and 0 <= self.context_contrast <= 3,
               f"context_contrast must be in [0, 3], got {quoted(self.context_contrast)}")
+        check(_integer(self.read_passages) and 1 <= self.read_passages <= READ_PASSAGES_MAX,
+              f"read_passages must be an integer in [1, {READ_PASSAGES_MAX}], got {quoted(self.read_passages)}")
+        check(self.lead_weight is None or (_real(self.lead_weight) and 0 < self.lead_weight <= 1),
+              f"lead_weight must be a number in (0, 1], got {quoted(self.lead_weight)}")
         check(self.contrast_against in CONTRAST_TARGETS,
               f"contrast_against must be one of {', '.join(CONTRAST_TARGETS)}, got {quoted(self.contrast_against)}")
         check(self.min_reduction is None or (_real(self.min_reduction) and 0 <= self.min_reduction <= MIN_REDUCTION_MAX),

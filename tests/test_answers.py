@@ -115,17 +115,24 @@ def test_the_report_gives_accuracy_and_bits_by_answer_location():
 def test_answer_bits_are_the_sum_of_the_reference_tokens_surprisal():
     tokenizer = tiny_tokenizer()
     model = tiny_model(tokenizer)
-    prompt = torch.tensor([tokenizer("The quick brown fox")["input_ids"]])
+    prompts = [torch.tensor([tokenizer(text)["input_ids"]]) for text in ("The quick brown fox", "A slow red hen")]
     reference = " jumps over the lazy dog."
-    bits = qa.continuation_bits(model, tokenizer, prompt, reference)
-    ids = prompt[0].tolist()
-    expected = 0.0
-    with torch.no_grad():
-        for token in tokenizer(reference, add_special_tokens=False)["input_ids"]:
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            expected -= torch.log_softmax(logits.double(), -1)[token].item() / math.log(2)
-            ids.append(token)
-    assert bits == pytest.approx(expected, rel=1e-5)
+
+    def expected(weights) -> float:  # token by token: −log₂ Σ_i w_i p(y_t | prompt i, y_<t)
+        ids, total = [prompt[0].tolist() for prompt in prompts], 0.0
+        with torch.no_grad():
+            for token in tokenizer(reference, add_special_tokens=False)["input_ids"]:
+                p = sum(w * torch.softmax(model(input_ids=torch.tensor([row])).logits[0, -1].double(), -1)[token].item()
+                        for w, row in zip(weights, ids))
+                total -= math.log2(p)
+                ids = [row + [token] for row in ids]
+        return total
+
+    one = qa.continuation_bits(model, tokenizer, prompts[:1], reference)
+    assert one == pytest.approx(expected([1.0, 0.0]), abs=3e-5)
+    two = qa.continuation_bits(model, tokenizer, prompts, reference, torch.tensor([0.7, 0.3]))
+    assert two == pytest.approx(expected([0.7, 0.3]), abs=3e-5)
+    assert abs(two - one) > 3e-4  # the second reading counts (a random tiny model: nearly uniform either way)
 
 
 def test_paired_differences_are_per_question():

@@ -136,7 +136,7 @@ def test_streamed_equals_not_streamed_and_ends_with_the_panel(client):
 def test_the_extension_says_what_was_read_what_is_cited_and_how_the_answer_ended(client, server, monkeypatch):
     said = "The lighthouse keeper is Matthias Orrey, since 1998."
 
-    def generate(rows, prior, settings, lookup=None):  # a model that answers from the lighthouse note
+    def generate(rows, prior, settings, lookup=None, weights=None):  # a model that answers from the lighthouse note
         yield said
         return "end", said
 
@@ -155,7 +155,7 @@ def test_the_extension_says_what_was_read_what_is_cited_and_how_the_answer_ended
         assert extension["cited_answer"] == f"The lighthouse keeper is Matthias Orrey, since 1998 [{number}]."
         cited = {1: lead, **{p["number"]: p for p in selection["picks"] if not p["repeat"]}}[number]
         assert Path(cited["path"]).name == "lighthouse.md"
-        assert extension["read"] == selection["read"] == numbered[:ChatSettings().context_passages]
+        assert extension["read"] == selection["read"] == numbered[:ChatSettings().read_passages]
         assert selection["citations"] == [number] and selection["mode"] == "context"
     monkeypatch.undo()
 
@@ -188,7 +188,7 @@ def test_a_looping_answer_streams_as_it_is_returned_without_the_loop(client, ser
     looping = ["Brindlemoor", " lantern", " festival", " ferry"] + [" ferry", " lantern"] * 20
     said = "".join(looping[:4]).strip()
 
-    def generate(rows, prior, settings, lookup=None):  # as the engine's loop stop: up to loop_tokens - 1 pieces streamed past the cut
+    def generate(rows, prior, settings, lookup=None, weights=None):  # as the engine's loop stop: up to loop_tokens - 1 pieces streamed past the cut
         for piece in looping[:4 + settings.loop_tokens - 1]:
             yield piece
         return "repeat", said

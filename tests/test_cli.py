@@ -152,7 +152,7 @@ def test_chat_lists_the_passages_its_answer_cites(tiny_chat, monkeypatch):
 
     said = "The lighthouse keeper is Matthias Orrey, since 1998."
 
-    def generate(self, rows, prior, settings, lookup=None):  # a model that answers from the lighthouse note
+    def generate(self, rows, prior, settings, lookup=None, weights=None):  # a model that answers from the lighthouse note
         yield said
         return "end", said
 

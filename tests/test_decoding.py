@@ -120,29 +120,37 @@ def engine(sample_store, embedder, tokenizer):
 
 
 @torch.no_grad()
-def sequential(engine, input_ids, unread_ids, settings) -> list[int]:
-    """Context-aware decoding as two forwards one after the other, each with its own cache (the
-    engine's loop before the rows were batched), the second with the adapter off against the base."""
+def sequential(engine, readings, unread_ids, settings) -> list[int]:
+    """Context-aware decoding as forwards one after the other, each conversation with its own
+    cache (the engine's loop before the rows were batched), the last with the adapter off against
+    the base; several passages read: p(y) = Σ w_i p_i(y), the first weighing lead_weight."""
     model, answer = engine.model, []
-    cache = unread_cache = None
-    next_input, next_unread = input_ids, unread_ids
+    count = len(readings)
+    weights = [1.0] if count == 1 else [settings.lead_weight] + [(1 - settings.lead_weight) / (count - 1)] * (count - 1)
+    caches, unread_cache = [None] * count, None
+    next_inputs, next_unread = list(readings), unread_ids
     for _ in range(settings.max_new_tokens):
-        output = model(input_ids=next_input, cache=cache, use_cache=True)
-        cache = output.cache
+        probabilities = 0
+        for i in range(count):
+            output = model(input_ids=next_inputs[i], cache=caches[i], use_cache=True)
+            caches[i] = output.cache
+            probabilities = probabilities + weights[i] * torch.softmax(output.logits[0, -1].double(), -1)
         with engine.adapter.disabled() if settings.contrast_against == "base" else nullcontext():
             unread = model(input_ids=next_unread, cache=unread_cache, use_cache=True)
         unread_cache = unread.cache
-        token = int(contrast(output.logits[0, -1], unread.logits[0, -1], settings.context_contrast).argmax())
+        token = int(contrast(probabilities.log().float(), unread.logits[0, -1], settings.context_contrast).argmax())
         if token in engine.template.stop_ids:
             break
         answer.append(token)
-        next_input = next_unread = torch.tensor([[token]])
+        next_inputs = [torch.tensor([[token]])] * count
+        next_unread = torch.tensor([[token]])
     return answer
 
 
+@pytest.mark.parametrize("reading", [1, 3])
 @pytest.mark.parametrize("how", ["batched", "on demand", "together"])
 @pytest.mark.parametrize("mode", ["context", "both", "fine-tune"])
-def test_batched_contrast_answers_token_for_token_as_the_two_sequential_passes(engine, monkeypatch, mode, how):
+def test_batched_contrast_answers_token_for_token_as_the_sequential_passes(engine, monkeypatch, mode, how, reading):
     # in step, or the second row when the contrast asks, or as a member of the batch of all messages
     engine.compute = Compute(contrast_on_demand=how == "on demand")
     if how == "together":
@@ -150,13 +158,15 @@ def test_batched_contrast_answers_token_for_token_as_the_two_sequential_passes(e
     seen = []  # per message: (unread ids given, the sequential reference's answer)
     conversations = engine._conversations
 
-    def checked(input_ids, unread_ids, settings):
+    def checked(readings, unread_ids, settings):
         # the reference runs on the model as adapted for this message, before the engine answers
-        seen.append((unread_ids, None if unread_ids is None else sequential(engine, input_ids, unread_ids, settings)))
-        return conversations(input_ids, unread_ids, settings)
+        assert len(readings) == (reading if mode != "fine-tune" else 1)  # a conversation per passage read
+        seen.append((unread_ids, None if unread_ids is None else sequential(engine, readings, unread_ids, settings)))
+        return conversations(readings, unread_ids, settings)
 
     monkeypatch.setattr(engine, "_conversations", checked)
-    settings = ChatSettings(mode=mode, passages=3, max_new_tokens=12, loop_tokens=0, context_contrast=1.0)
+    settings = ChatSettings(mode=mode, passages=3, max_new_tokens=12, loop_tokens=0, context_contrast=1.0,
+                            read_passages=reading, lead_weight=0.5)
     answers = {}
     for against in ("adapted", "base"):
         done = list(engine.respond(QUESTION, settings=replace(settings, contrast_against=against)))[-1]
@@ -338,3 +348,46 @@ def test_drafts_answer_token_for_token_as_without_them_in_fewer_forwards(engine,
         assert tokens[3] == tokens[0]
         if temperature == 0:  # the tiny model's greedy answers loop, its sampled ones hardly
             assert counts[3] < counts[0] * 0.75
+
+
+def test_the_best_match_weighs_in_each_token_as_much_as_lead_weight_says(engine):
+    """Three passages read, each in a row: the best match's row says one word, the other two
+    another. p(y) = Σ w_i p_i(y): at a lead weight of 0.9 the best match's word wins, at 1/3 the
+    word the other two say; the contrast with a row that knows nothing changes neither."""
+    from sift_chat.generation import reading_weights
+
+    tokenizer = engine.tokenizer
+    lead_word, other_word = (tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in (" river", " ferry"))
+    assert lead_word != other_word
+
+    class Fixed:  # the same logits after every token: rows reading, then the row without passages
+        def __init__(self, logits):
+            self._logits = logits
+
+        def logits(self, draft=()):
+            return self._logits
+
+        def append(self, token):
+            pass
+
+    logits = torch.full((4, engine.model.config.vocab_size), -30.0)
+    logits[0, lead_word], logits[0, other_word] = 0.0, -1.0  # the best match: its word at p ≈ 0.73
+    logits[1:3, other_word] = 0.0  # the other two: the other word
+    logits[3] = 0.0  # without passages: every word alike
+    settings = ChatSettings(max_new_tokens=1, context_contrast=1.0, loop_tokens=0)
+
+    def answer(lead_weight: float) -> str:
+        generation = engine.generate(Fixed(logits), None, settings, weights=reading_weights(3, lead_weight))
+        while True:
+            try:
+                next(generation)
+            except StopIteration as end:
+                return end.value[1]
+
+    said = {word: tokenizer.decode([word], skip_special_tokens=True).strip() for word in (lead_word, other_word)}
+    assert answer(0.9) == said[lead_word]
+    assert answer(1 / 3) == said[other_word]
+    assert reading_weights(3, 0.6).tolist() == pytest.approx([0.6, 0.2, 0.2]) and reading_weights(1, 0.6).tolist() == [1.0]
+    assert reading_weights(4).tolist() == [0.25] * 4  # no lead weight: all alike
+    with pytest.raises(ValueError, match="lead_weight must be a number in"):
+        ChatSettings(lead_weight=0)

@@ -190,7 +190,7 @@ def test_citations_link_to_the_passages_they_stand_for():
 def test_an_answers_citation_links_to_the_passage_it_cites_and_that_opens_its_document(h, monkeypatch):
     said = "The lighthouse keeper is Matthias Orrey, since 1998."
 
-    def generate(rows, prior, settings, lookup=None):  # a model that answers from the lighthouse note
+    def generate(rows, prior, settings, lookup=None, weights=None):  # a model that answers from the lighthouse note
         yield said
         return "end", said
 

@@ -148,17 +148,19 @@ def test_each_mode_reads_and_learns_what_it_says(engine, probe, monkeypatch):
     assert not any(isinstance(e, (Selected, Step)) for e in off) and isinstance(off[-1], Done)
     assert stepped == [] and _prompted(off).passages == [] and contexts.pop() == []
 
-    reading = ChatSettings(mode="context", passages=3, context_passages=2, max_new_tokens=4)
+    reading = ChatSettings(mode="context", passages=3, read_passages=2, max_new_tokens=4)
     context = list(engine.respond(QUESTION, settings=reading))
     [selected] = [e for e in context if isinstance(e, Selected)]
     read = _prompted(context)
     assert not any(isinstance(e, Step) for e in context)
-    distinct = [p.passage for p in selected.picks if not p.repeat]
     assert selected.lead is not None and selected.lead.id == selected.candidates[0]
-    assert stepped == [] and read.passages == [selected.lead, *(p for p in distinct if p != selected.lead)][:2]
-    assert contexts[-2:] == [read.passages, []]
-    text = " ".join(engine.tokenizer.decode(read.input_ids[0]).split())
-    assert all(" ".join(p.text.split()) in text for p in read.passages)
+    # the pre-selection's best two, each read in a conversation of its own
+    assert stepped == [] and [p.id for p in read.passages] == [p.id for p in selected.leads] == selected.candidates[:2]
+    assert contexts[-3:] == [[read.passages[0]], [read.passages[1]], []]
+    assert len(read.readings) == 2 and read.weights.tolist() == pytest.approx([0.5, 0.5])  # all alike by default
+    for ids, passage, other in zip(read.readings, read.passages, reversed(read.passages)):
+        text = " ".join(engine.tokenizer.decode(ids[0]).split())
+        assert " ".join(passage.text.split()) in text and " ".join(other.text.split()) not in text
     assert context[-1].record.read == [p.id for p in read.passages]
     assert context[-1].record.selection.lead == selected.lead.id and context[-1].record.numbered[0] == selected.lead.id
     assert context[-1].record.selection.candidates == len(selected.candidates) and selected.terms
@@ -392,7 +394,7 @@ def test_the_record_names_the_learned_passages_that_hold_words_of_the_answer_no_
                   for word in sorted(content_words(pick.passage.text) - read) if word.isalpha())
     passage, word = taught
 
-    def answer(rows, prior, settings, lookup=None):  # the model "says" the learned word
+    def answer(rows, prior, settings, lookup=None, weights=None):  # the model "says" the learned word
         yield f"It is {word}."
         return "end", f"It is {word}."
 

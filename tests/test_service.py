@@ -229,8 +229,8 @@ def test_compare_selects_once_per_method_and_answers_as_a_chat_turn_would(servic
     assert [m for m, _ in reading] == ["nn", "sift"]
     for _, answered in reading:  # each panel says what its answer read and cites
         numbered = [p["passage_id"] for p in answered.panel.numbered]  # the lead first, then the picks
-        assert numbered[0] == answered.panel.lead["passage_id"] == answered.record.numbered[0]
-        assert answered.panel.read == answered.record.read == numbered[:ChatSettings().context_passages]
+        assert numbered[0] == answered.panel.leads[0]["passage_id"] == answered.record.numbered[0]
+        assert answered.panel.read == answered.record.read == numbered[:ChatSettings().read_passages]
         assert answered.panel.citations == answered.record.citations
         # both methods would read the same first pick: a comparison in context mode learns too
         assert answered.panel.mode == "both" and answered.record.losses
@@ -239,19 +239,22 @@ def test_compare_selects_once_per_method_and_answers_as_a_chat_turn_would(servic
 def test_an_answer_is_stored_with_what_it_read_cites_and_how_it_ended_and_reopens_so(service, monkeypatch):
     said = "The lighthouse keeper is Matthias Orrey, since 1998."
 
-    def generate(rows, prior, settings, lookup=None):  # a model that answers from the lighthouse note
+    def generate(rows, prior, settings, lookup=None, weights=None):  # a model that answers from the lighthouse note
         yield said
         return "end", said
 
     monkeypatch.setattr(service.engine, "generate", generate)
-    settings = ChatSettings(mode="both", passages=3, context_passages=2, max_new_tokens=8)
+    settings = ChatSettings(mode="both", passages=3, read_passages=2, max_new_tokens=8)
     events = list(service.chat_turn(service.new_turn(ME.key), "Who keeps the lighthouse?", None, ME, settings))
     answered, stored = events[-2:]
     assert isinstance(answered, Answered) and isinstance(stored, Stored)
     [selected] = [e for e in events if isinstance(e, Selected)]
     distinct = list(dict.fromkeys(p.passage.id for p in selected.picks))
+    leads = [p.id for p in selected.leads]  # the pre-selection's best two, each read in its own row
+    assert len(leads) == 2 and leads == selected.candidates[:2]
     record = answered.record
-    assert (record.ended, record.numbered, record.read) == ("end", distinct, distinct[:2])
+    assert (record.ended, record.read) == ("end", leads)
+    assert record.numbered == [*leads, *(i for i in distinct if i not in leads)]
     [number] = record.citations
     assert answered.raw_answer == said and answered.answer == f"{said[:-1]} [{number}]."
     assert answered.panel.read == record.read and answered.panel.citations == record.citations

@@ -53,7 +53,7 @@ def endless(engine, pieces: list[str], stop_after: int | None = None, on_stop=No
     """engine.generate made to write `word0 word1 …` (64 tokens, then the end) and to remember what
     it wrote; `on_stop()` is called before the piece number `stop_after` goes out."""
 
-    def generate(rows, prior, settings, lookup=None):
+    def generate(rows, prior, settings, lookup=None, weights=None):
         for i in range(settings.max_new_tokens):
             piece = f" word{i}"
             pieces.append(piece)

@@ -149,9 +149,9 @@ def test_the_panel_says_which_passages_were_read_and_which_learned_from(sample, 
     cards = render_passages(panel)
     distinct = list(dict.fromkeys(p["passage_id"] for p in panel.picks))
     numbered = [p["passage_id"] for p in panel.numbered]  # the context modes: the pre-selection's lead first
-    assert numbered == (distinct if mode == "fine-tune" else
-                        [panel.lead["passage_id"], *(i for i in distinct if i != panel.lead["passage_id"])])
-    read = ChatSettings().context_passages
+    leads = [lead["passage_id"] for lead in panel.leads]
+    assert numbered == (distinct if mode == "fine-tune" else [*leads, *(i for i in distinct if i not in leads)])
+    read = ChatSettings().read_passages
     assert panel.read == (numbered[:read] if mode != "fine-tune" else [])
     assert cards.count("sc-badge sc-read") == len(panel.read)
     assert cards.count("sc-badge sc-learned") == (len(panel.picks) if mode != "context" else 0)
@@ -169,7 +169,7 @@ def test_the_panel_says_which_passages_were_read_and_which_learned_from(sample, 
     assert f"{Path(pick['path']).name}:{pick['start_char']}–{pick['end_char']}" in cards
     # the stored answer reopens with the same reading, learning and citations
     stored = sample.open_chat(last(updates, "chat_id"), owner)["panel"]
-    assert (stored.mode, stored.read, stored.citations, stored.lead) == (mode, panel.read, panel.citations, panel.lead)
+    assert (stored.mode, stored.read, stored.citations, stored.leads) == (mode, panel.read, panel.citations, panel.leads)
     assert [p["passage_id"] for p in stored.numbered] == numbered
 
 
@@ -184,11 +184,21 @@ def test_cited_passages_are_marked_under_the_numbers_the_answer_uses():
     assert cards.index("sc-badge sc-cited") > cards.index("data-passage='9'")  # on [2], the passage with id 9
 
     lead = {"passage_id": 3, "path": "/docs/3.md", "start_char": 5, "end_char": 9, "text": "Varnholt lies on the river Esk."}
-    panel = Panel("sift", 1.0, picks, [], "max_steps", mode="context", read=[3], citations=[1, 3], lead=lead)
+    panel = Panel("sift", 1.0, picks, [], "max_steps", mode="context", read=[3], citations=[1, 3], leads=[lead])
     assert panel.numbers == {3: 1, 7: 2, 9: 3} and panel.cite("It lies on the river Esk.")[1] == [1]
     cards = render_passages(panel)  # read first though SIFT did not pick it: its own card, [1]
     assert cards.index("data-passage='3' data-number='1'") < cards.index("data-passage='7' data-number='2'")
     assert "3.md:5–9" in cards and cards.count("sc-badge sc-cited") == 2 and cards.count("sc-badge sc-read") == 1
+    # several passages read, each in its own row: the unpicked ones each a card, in reading order
+    second = {**lead, "passage_id": 4, "path": "/docs/4.md", "text": "Varnholt trades in salt cod."}
+    picked = {k: picks[1][k] for k in ("passage_id", "path", "start_char", "end_char", "text")}  # SIFT's pick 9
+    panel = Panel("sift", 1.0, picks, [], "max_steps", mode="context", read=[3, 9, 4], citations=[3],
+                  leads=[lead, picked, second])
+    assert panel.numbers == {3: 1, 9: 2, 4: 3, 7: 4} and panel.cite("It trades in salt cod.")[1] == [3]
+    cards = render_passages(panel)
+    assert (cards.index("data-passage='3' data-number='1'") < cards.index("data-passage='4' data-number='3'")
+            < cards.index("data-passage='7' data-number='4'"))
+    assert "match 3" in cards and cards.count("sc-lead") == 2 and cards.count("sc-badge sc-read") == 3
     assert Panel.from_stored(None, [], {}) is None
 
 
@@ -402,10 +412,14 @@ def test_settings_become_engine_settings_and_the_adapter_follows_them(sample):
     chat, adaptation = parse_settings({"method": "nn", "mode": "both", "passages": 5.0, "lam": 0.1,
                                        "adaptive": True, "min_reduction": 0.05, "learning_rate": 0.01,
                                        "lora_layers": 2, "max_new_tokens": 32.0, "context_contrast": 0.5,
-                                       "contrast_against": "base"},
+                                       "contrast_against": "base", "read_passages": 3},
                                       h.base_adaptation)
     assert (chat.method, chat.mode, chat.passages, chat.lam, chat.min_reduction, chat.max_new_tokens,
-            chat.context_contrast, chat.contrast_against) == ("nn", "both", 5, 0.1, 0.05, 32, 0.5, "base")
+            chat.context_contrast, chat.contrast_against, chat.read_passages) == (
+        "nn", "both", 5, 0.1, 0.05, 32, 0.5, "base", 3)
+    for wrong in (0, 9, 1.5, "two"):  # one line naming the setting, whatever is sent
+        with pytest.raises(ValueError, match=r"read.passages must be (an integer|a number)"):
+            parse_settings({"read_passages": wrong}, h.base_adaptation)
     assert adaptation.learning_rate == 0.01 and adaptation.top_layers == 2
     assert adaptation.max_passage_tokens == 64  # the engine's other settings are kept
     chat, adaptation = parse_settings({"adaptive": False, "lora_layers": 0}, h.base_adaptation)
@@ -421,6 +435,8 @@ def test_settings_become_engine_settings_and_the_adapter_follows_them(sample):
     list(h.respond(QUESTION, None, user(), FAST))  # back to every layer
     assert any(".layers.0." in n for n in h.engine.adapter.lora_modules) and at_base(h.engine)
 
+    read = last(list(h.respond(QUESTION, None, user(), {**FAST, "mode": "context", "read_passages": 2})), "panel")
+    assert len(read.read) == 2 and [lead["passage_id"] for lead in read.leads] == read.read  # each in its own row
     failed = list(h.respond(QUESTION, None, user(), {**FAST, "lora_layers": 9}))[-1]
     assert "Check the settings: lora_layers must be an integer in [0, 4]" in failed["status"]  # before the model
     assert h.engine.adapter.settings.top_layers is None and at_base(h.engine)
