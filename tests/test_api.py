@@ -213,10 +213,12 @@ def test_history_reaches_the_model(client, server, monkeypatch):
 
 def test_the_extension_round_trips_and_is_validated_like_the_app(client):
     sift = {"method": "nn", "mode": "both", "passages": 2, "lam": 0.1, "learning_rate": 0.005, "lora_layers": 2,
-            "context_contrast": 0.5, "contrast_against": "base"}
+            "context_contrast": 0.5, "contrast_against": "base", "read_passages": 2}
     _, _, extension = ask(client, sift=sift, max_tokens=3)
     assert {k: extension[k] for k in sift} == sift
     assert extension["selection"]["method"] == "nn" and len(extension["selection"]["picks"]) == 2
+    leads = extension["selection"]["leads"]  # two passages read, each in its own row, numbered 1 and 2
+    assert [lead["number"] for lead in leads] == [1, 2] and extension["read"] == [lead["passage_id"] for lead in leads]
     for bad, message in [({"method": "random"}, "method must be one of"), ({"lam": 0}, "lam must be"),
                          ({"passages": "many"}, "passages must be a number"),
                          ({"learning_rate": -1}, "learning_rate must be a finite number > 0 and <= 1"),
@@ -226,6 +228,8 @@ def test_the_extension_round_trips_and_is_validated_like_the_app(client):
                          ({"min_reduction": -1}, "min_reduction must be a number in [0, 1]"),
                          ({"context_contrast": 9}, "context_contrast must be in [0, 3]"),
                          ({"contrast_against": "other"}, "contrast_against must be one of adapted, base"),
+                         ({"read_passages": 0}, "read_passages must be an integer in [1, 8]"),
+                         ({"read_passages": 2.5}, "read passages must be an integer"),
                          ({"temperature": 1}, "unknown sift setting")]:
         with pytest.raises(openai.BadRequestError) as caught:
             ask(client, sift=bad, max_tokens=2)
