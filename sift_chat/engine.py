@@ -235,8 +235,9 @@ class Engine:
             numbered = selected.reading_order(settings.uses_context) if selected else []
             context = list(selected.leads) if selected and settings.uses_context else []
             # each passage read in a conversation of its own (a row): the small model reads one well
-            fitted = [self.chat_input(prompt, history, [passage], settings) for passage in context] or \
-                [self.chat_input(prompt, history, [], settings)]
+            fitted = [self.chat_input(prompt, history, [passage], settings) for passage in context]
+            if not fitted:  # nothing read: the conversation alone
+                fitted = [self.chat_input(prompt, history, [], settings)]
             readings = [ids for ids, _ in fitted]
             truncated = next((notice for _, notice in fitted if notice), None)
             if truncated:
