@@ -414,7 +414,7 @@ class Engine:
 
             chosen = []
             for position in range(len(draft) + 1):
-                read = mixture(reading[:reading_rows, position], weights) if reading_rows > 1 else reading[0, position]
+                read = mixture(reading[:reading_rows, position], weights)
                 if contrasted:  # on demand, the prior's forward runs only for tokens where it can change the choice
                     unread = (lambda at=position: prior_at(at)) if prior else reading[reading_rows, position]
                     logits = contrast(read, unread, settings.context_contrast)

@@ -90,10 +90,10 @@ def mixture(readings: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     from the rows' logits `readings` [R, V] and `weights` [R] (`reading_weights`), so that a
     token the row that holds a fact is sure of wins where the other rows do not know it; the
     model reads one passage well and several in one prompt badly (README: Answers). One row
-    gives its own log-probabilities."""
+    gives its logits unchanged (what the answer's logits processors have always been given)."""
+    if readings.shape[0] == 1:
+        return readings[0]
     log_probs = torch.log_softmax(readings.float(), -1)
-    if log_probs.shape[0] == 1:
-        return log_probs[0]
     return torch.logsumexp(log_probs + weights.to(log_probs.device).log()[:, None], 0)
 
 
