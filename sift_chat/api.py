@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   messages (with history), max_tokens, temperature, stop, seed, stream;
                                 and the extension "sift": {method, mode, context_contrast, contrast_against,
-                                passages, read_passages, lam, min_reduction, learning_rate, lora_layers}, checked as the
+                                passages, read_passages, read_min_match, lam, min_reduction, learning_rate, lora_layers}, checked as the
                                 app's settings are
     GET  /v1/models             the one model this server answers with
 
@@ -316,7 +316,7 @@ def _answer(service: Service, turn: Turn, request: CompletionRequest) -> Iterato
         chat, adaptation = request.chat, request.adaptation
         return {"method": chat.method, "mode": chat.mode, "context_contrast": chat.context_contrast,
                 "contrast_against": chat.contrast_against, "passages": chat.passages,
-                "read_passages": chat.read_passages, "lam": chat.lam,
+                "read_passages": chat.read_passages, "read_min_match": chat.read_min_match, "lam": chat.lam,
                 "min_reduction": chat.min_reduction, "learning_rate": adaptation.learning_rate,
                 "lora_layers": adaptation.top_layers or 0,
                 "selection": panel.to_json() if panel else None,

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--read", type=int, default=ChatSettings.read_passages,
                       help="passages read (the best matches), each in its own row of the decoding: more than one "
                            "answers questions about several facts (default: %(default)s)")
+    chat.add_argument("--read-min-match", type=float, default=ChatSettings.read_min_match,
+                      help="with --read above 1, a passage after the first is read when it matches at least this "
+                           "share of the first's score (default: %(default)s)")
     chat.add_argument("--lead-weight", type=float, default=ChatSettings.lead_weight,
                       help="with --read above 1, how much the best match weighs in the answer (default: all alike)")
     chat.add_argument("--candidates", type=int, default=ChatSettings.candidates,
@@ -221,7 +224,7 @@ def cmd_chat(args) -> int:
     from .service import Service
 
     settings = ChatSettings(method=args.method, mode=args.mode, passages=args.passages,
-                            read_passages=args.read, lead_weight=args.lead_weight, candidates=args.candidates, lam=args.lam, min_reduction=args.min_reduction,
+                            read_passages=args.read, read_min_match=args.read_min_match, lead_weight=args.lead_weight, candidates=args.candidates, lam=args.lam, min_reduction=args.min_reduction,
                             alpha=args.alpha, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, seed=args.seed)
     adaptation = AdaptationSettings(learning_rate=args.lr, rank=args.rank, top_layers=args.top_layers,

@@ -76,6 +76,9 @@ def add_eval_parsers(commands) -> None:
     qa.add_argument("-n", "--passages", type=int, default=ChatSettings.passages)
     qa.add_argument("--read-passages", "--context-passages", type=int, default=ChatSettings.read_passages,
                     help="passages read, each in its own row (default: %(default)s)")
+    qa.add_argument("--read-min-match", type=float, default=ChatSettings.read_min_match,
+                    help="a passage after the first is read when it matches at least this share of the "
+                         "first's score (default: %(default)s)")
     qa.add_argument("--lead-weight", type=float, default=ChatSettings.lead_weight,
                     help="the best match's weight among the passages read (default: all alike)")
     qa.add_argument("--lam", type=float, default=ChatSettings.lam)
@@ -174,7 +177,7 @@ def cmd_eval_qa(args) -> int:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes:g}")
     configs = qa.configurations(_names(args.modes), _names(args.methods))
     settings = ChatSettings(passages=args.passages, read_passages=args.read_passages,
-                            lead_weight=args.lead_weight, lam=args.lam,
+                            read_min_match=args.read_min_match, lead_weight=args.lead_weight, lam=args.lam,
                             max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                             no_repeat_ngram=args.no_repeat_ngram, context_contrast=args.context_contrast,
                             contrast_against=args.contrast_against, seed=args.seed)
@@ -208,7 +211,7 @@ def cmd_eval_qa(args) -> int:
         print(f"stopped after {args.max_minutes:g} minutes: {answered} of {len(questions)} questions answered",
               file=sys.stderr)
     title = (f"{corpus.name}: {answered} questions, {settings.passages} passages "
-             f"({settings.read_passages} read, the first weighing {settings.lead_weight or 1 / settings.read_passages:.2g}), "
+             f"({settings.read_passages} read at most, those matching ≥ {settings.read_min_match:g} of the best; the first weighing {settings.lead_weight or 1 / settings.read_passages:.2g}), "
              f"lr {adaptation.learning_rate}, "
              f"{adaptation.epochs} pass{'es' * (adaptation.epochs > 1)} over them, "
              f"training on {adaptation.training}; context-aware decoding α = {settings.context_contrast:g} "

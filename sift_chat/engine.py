@@ -35,7 +35,7 @@ from .lora import lora_weights
 from .probe import Compute, probe
 from .prompting import ChatTemplate
 from .record import AnswerRecord, SelectionRecord
-from .retrieval import FUSION, Candidates, preselect
+from .retrieval import FUSION, Candidates, preselect, read_count
 from .selection import Selection, select
 from .settings import ChatSettings
 from .store import Passage, Store
@@ -147,7 +147,8 @@ class Engine:
             selection = torch_thread.run(select, query, candidates, method, settings.passages, settings.lam,
                                          settings.min_reduction, settings.alpha)
             nn = torch_thread.run(select, query, candidates, "nn", settings.passages, settings.lam)
-            return self._describe(selection, found, nn, settings.read_passages)
+            reading = read_count(found.match, settings.read_passages, settings.read_min_match)
+            return self._describe(selection, found, nn, reading)
 
     def _describe(self, selection: Selection, found: Candidates, nn: Selection, reading: int) -> Selected:
         ids = found.ids

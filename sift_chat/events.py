@@ -35,8 +35,9 @@ class Picked:
 @dataclass(frozen=True)
 class Selected:
     """The picks, and the pre-selection they were made from: `leads` are its best candidates (fused
-    rank 1, 2, …; `ChatSettings.read_passages` of them), which the context modes read, picked or
-    not (README: Retrieval)."""
+    rank 1, 2, …; at most `ChatSettings.read_passages` of them, those after the first matching the
+    prompt nearly as well: `retrieval.read_count`), which the context modes read, picked or not
+    (README: Retrieval)."""
 
     method: str
     picks: list[Picked]

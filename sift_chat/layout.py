@@ -122,6 +122,8 @@ HELP = {
     "passages": "At most this many passages, one fine-tuning step each (0: none).",
     "read_passages": "How many of the best-matching passages the model reads, each on its own: more than one "
                      "helps questions about several facts, and costs single-fact accuracy and time (README).",
+    "read_min_match": "Of those, a passage after the best is read only when it matches the question at least "
+                      "this well relative to the best (0: always read them all).",
     "lam": "SIFT's λ: small favours diverse passages, large the most similar ones (λ→∞ repeats the nearest, as NN-F).",
     "adaptive": "Stop selecting once another passage would remove little uncertainty.",
     "min_reduction": "…when a pick removes less than this share of the prompt's initial uncertainty.",
@@ -175,6 +177,8 @@ def build(handlers: Handlers, *, access: Access | None = None):
                                      info=HELP["passages"])
                 read_passages = gr.Slider(1, READ_PASSAGES_MAX, value=defaults["read_passages"], step=1,
                                           label="Passages read", info=HELP["read_passages"])
+                read_min_match = gr.Slider(0, 1, value=defaults["read_min_match"], step=0.05,
+                                           label="Read others matching at least", info=HELP["read_min_match"])
                 lam = gr.Number(value=defaults["lam"], label="λ", minimum=1e-6, info=HELP["lam"])
                 adaptive = gr.Checkbox(value=defaults["adaptive"], label="Adaptive stopping", info=HELP["adaptive"])
                 min_reduction = gr.Slider(0.001, 0.2, value=defaults["min_reduction"], step=0.001,
@@ -187,8 +191,8 @@ def build(handlers: Handlers, *, access: Access | None = None):
                 max_new_tokens = gr.Slider(16, 1024, value=defaults["max_new_tokens"], step=16,
                                            label="Maximum new tokens", info=HELP["max_new_tokens"],
                                            elem_id="max-new-tokens")
-        settings = [method, mode, context_contrast, contrast_against, passages, read_passages, lam, adaptive,
-                    min_reduction, learning_rate, lora_layers, max_new_tokens]
+        settings = [method, mode, context_contrast, contrast_against, passages, read_passages, read_min_match, lam,
+                    adaptive, min_reduction, learning_rate, lora_layers, max_new_tokens]
 
         gr.Markdown("# sift-chat\nChat with your documents. For every message the model picks the passages "
                     "that most reduce its uncertainty about your question (SIFT), takes one fine-tuning step "

@@ -18,8 +18,8 @@ from .record import AnswerRecord
 from .settings import ChatSettings
 from .vocabulary import SettingError, quoted
 
-SETTING_NAMES = ("method", "mode", "context_contrast", "contrast_against", "passages", "read_passages", "lam",
-                 "adaptive", "min_reduction", "learning_rate", "lora_layers", "max_new_tokens")
+SETTING_NAMES = ("method", "mode", "context_contrast", "contrast_against", "passages", "read_passages",
+                 "read_min_match", "lam", "adaptive", "min_reduction", "learning_rate", "lora_layers", "max_new_tokens")
 
 
 def default_settings() -> dict:
@@ -27,7 +27,7 @@ def default_settings() -> dict:
     chat, adaptation = ChatSettings(), AdaptationSettings()
     return {"method": chat.method, "mode": chat.mode, "context_contrast": chat.context_contrast,
             "contrast_against": chat.contrast_against, "passages": chat.passages,
-            "read_passages": chat.read_passages, "lam": chat.lam,
+            "read_passages": chat.read_passages, "read_min_match": chat.read_min_match, "lam": chat.lam,
             "adaptive": chat.min_reduction is not None, "min_reduction": chat.min_reduction or 0.02,
             "learning_rate": adaptation.learning_rate, "lora_layers": adaptation.top_layers or 0,
             "max_new_tokens": chat.max_new_tokens}
@@ -67,6 +67,7 @@ def parse_settings(values: dict, base: AdaptationSettings, chat_base: ChatSettin
         method=values["method"], mode=values["mode"], context_contrast=number("context_contrast"),
         contrast_against=values["contrast_against"],
         passages=number("passages", int), read_passages=number("read_passages", int),
+        read_min_match=number("read_min_match"),
         lam=number("lam"), min_reduction=number("min_reduction") if values["adaptive"] else None,
         max_new_tokens=number("max_new_tokens", int),
     )

@@ -89,10 +89,16 @@ class Candidates:
     ids: np.ndarray  # (K,) passage ids
     vectors: np.ndarray  # (K, d) their stored vectors
     similarities: np.ndarray  # (K,) cosine to the prompt
+    scores: np.ndarray | None = None  # (K,) the fusion's score, best first (None: the cosines)
     terms: list[str] = field(default_factory=list)  # the prompt's words searched in the lexical index
     lexical: int = 0  # candidates the lexical search found
     lexical_only: int = 0  # candidates the vector search alone would not have had
     seconds: dict[str, float] = field(default_factory=dict)  # vector, lexical, fuse
+
+    @property
+    def match(self) -> np.ndarray:
+        """(K,) how well each candidate matches the prompt: the score it was ranked by."""
+        return self.similarities if self.scores is None else self.scores
 
     @property
     def rank(self) -> dict[int, int]:
@@ -141,5 +147,23 @@ def preselect(store: Store, query: np.ndarray, prompt: str, k: int, owners: Iter
     rows = [row[i] for i, _ in fused[:k]]
     chosen = vector_ids[rows]
     seconds["fuse"] = time.perf_counter() - started
-    return Candidates(chosen, vectors[rows], similarities[rows], terms, len(lexical_ids),
+    scores = np.array([score for _, score in fused[:k]], dtype=np.float32)
+    return Candidates(chosen, vectors[rows], similarities[rows], scores, terms, len(lexical_ids),
                       len(set(chosen.tolist()) - known), seconds)
+
+
+def read_count(match: np.ndarray, most: int, min_match: float) -> int:
+    """How many of the best candidates to read: the first, and each of the next `most` − 1 whose
+    match is close to the first's::
+
+        R = 1 + |{ i ∈ 2..most : match_i ≥ min_match · match_1 }|      (match best first)
+
+    A prompt with one clear best passage reads that one; where several match about as well (two
+    facts in two documents, or passages retrieval cannot tell apart) it reads them all. With
+    `min_match` 0 it reads `most`; a first match ≤ 0 reads only the first."""
+    count = min(most, len(match))
+    if count <= 1 or min_match <= 0:
+        return count
+    if match[0] <= 0:
+        return 1
+    return 1 + int(np.sum(np.asarray(match[1:count]) >= min_match * match[0]))

@@ -37,6 +37,9 @@ class ChatSettings:
     # the best R candidates read in "context"/"both", each in a row of its own, the answer's tokens
     # drawn from their mixture (`generation.mixture`); the first weighs lead_weight, the others share the rest
     read_passages: int = 1  # R: one answered single-fact questions best (README: Reading several passages)
+    # a passage after the first is read when it matches at least this share of the first's fused
+    # score (`retrieval.read_count`): a prompt with one clear best passage reads only that one
+    read_min_match: float = 0.0  # 0: always read_passages
     lead_weight: float | None = None  # None: every passage read weighs 1/R (answered two-fact questions best)
     context_contrast: float = 1.0  # α of context-aware decoding (0: off): α = 1 answered best of 0, 0.5, 1 (README)
     # the conversation without the passages under the adapted or the base model: contrasting the
@@ -73,6 +76,8 @@ class ChatSettings:
               f"context_contrast must be in [0, 3], got {quoted(self.context_contrast)}")
         check(_integer(self.read_passages) and 1 <= self.read_passages <= READ_PASSAGES_MAX,
               f"read_passages must be an integer in [1, {READ_PASSAGES_MAX}], got {quoted(self.read_passages)}")
+        check(_real(self.read_min_match) and 0 <= self.read_min_match <= 1,
+              f"read_min_match must be a number in [0, 1], got {quoted(self.read_min_match)}")
         check(self.lead_weight is None or (_real(self.lead_weight) and 0 < self.lead_weight <= 1),
               f"lead_weight must be a number in (0, 1], got {quoted(self.lead_weight)}")
         check(self.contrast_against in CONTRAST_TARGETS,

@@ -213,7 +213,7 @@ def test_history_reaches_the_model(client, server, monkeypatch):
 
 def test_the_extension_round_trips_and_is_validated_like_the_app(client):
     sift = {"method": "nn", "mode": "both", "passages": 2, "lam": 0.1, "learning_rate": 0.005, "lora_layers": 2,
-            "context_contrast": 0.5, "contrast_against": "base", "read_passages": 2}
+            "context_contrast": 0.5, "contrast_against": "base", "read_passages": 2, "read_min_match": 0.0}
     _, _, extension = ask(client, sift=sift, max_tokens=3)
     assert {k: extension[k] for k in sift} == sift
     assert extension["selection"]["method"] == "nn" and len(extension["selection"]["picks"]) == 2
@@ -230,6 +230,8 @@ def test_the_extension_round_trips_and_is_validated_like_the_app(client):
                          ({"contrast_against": "other"}, "contrast_against must be one of adapted, base"),
                          ({"read_passages": 0}, "read_passages must be an integer in [1, 8]"),
                          ({"read_passages": 2.5}, "read passages must be an integer"),
+                         ({"read_min_match": 1.5}, "read_min_match must be a number in [0, 1]"),
+                         ({"read_min_match": "all"}, "read min match must be a number"),
                          ({"temperature": 1}, "unknown sift setting")]:
         with pytest.raises(openai.BadRequestError) as caught:
             ask(client, sift=bad, max_tokens=2)

@@ -166,7 +166,7 @@ def test_batched_contrast_answers_token_for_token_as_the_sequential_passes(engin
 
     monkeypatch.setattr(engine, "_conversations", checked)
     settings = ChatSettings(mode=mode, passages=3, max_new_tokens=12, loop_tokens=0, context_contrast=1.0,
-                            read_passages=reading, lead_weight=0.5)
+                            read_passages=reading, read_min_match=0, lead_weight=0.5)
     answers = {}
     for against in ("adapted", "base"):
         done = list(engine.respond(QUESTION, settings=replace(settings, contrast_against=against)))[-1]

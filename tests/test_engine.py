@@ -148,7 +148,7 @@ def test_each_mode_reads_and_learns_what_it_says(engine, probe, monkeypatch):
     assert not any(isinstance(e, (Selected, Step)) for e in off) and isinstance(off[-1], Done)
     assert stepped == [] and _prompted(off).passages == [] and contexts.pop() == []
 
-    reading = ChatSettings(mode="context", passages=3, read_passages=2, max_new_tokens=4)
+    reading = ChatSettings(mode="context", passages=3, read_passages=2, read_min_match=0, max_new_tokens=4)
     context = list(engine.respond(QUESTION, settings=reading))
     [selected] = [e for e in context if isinstance(e, Selected)]
     read = _prompted(context)
@@ -256,6 +256,26 @@ def test_context_mode_puts_the_selected_passages_in_the_prompt(engine):
     assert notice is None and QUESTION in text
     assert all(" ".join(p.passage.text.split())[:40] in text for p in selected.picks)
     assert "(" + Path(selected.picks[0].passage.path).name not in text  # no file names to recite
+
+
+def test_a_passage_after_the_best_is_read_only_when_it_matches_about_as_well(engine):
+    """read_min_match: of the best read_passages candidates, those after the first whose fused
+    score is at least that share of the first's are read, each in a row of its own."""
+    found = engine.preselect(engine.embed(QUESTION), QUESTION, ChatSettings())
+    second, third = (float(found.match[i] / found.match[0]) for i in (1, 2))
+    assert 0 < third < second < 1  # the sample store: the second and third match less, and differently
+
+    def read(min_match: float) -> list[int]:
+        settings = ChatSettings(mode="context", read_passages=3, read_min_match=min_match, max_new_tokens=2)
+        events = list(engine.respond(QUESTION, settings=settings))
+        [selected] = [e for e in events if isinstance(e, Selected)]
+        assert _prompted(events).passages == selected.leads and len(_prompted(events).readings) == len(selected.leads)
+        return [p.id for p in selected.leads]
+
+    candidates = [int(i) for i in found.ids]
+    assert read(0.0) == candidates[:3]
+    assert read((second + third) / 2) == candidates[:2]
+    assert read(min(1.0, second + 1e-3)) == candidates[:1]
 
 
 def test_bad_input_gets_a_clear_message(engine, tmp_path, embedder):

@@ -12,7 +12,7 @@ import pytest
 
 from sift_chat.access import SHARED
 from sift_chat.lexical_search import bm25_scores
-from sift_chat.retrieval import (preselect, prompt_terms, rare_terms, reciprocal_rank_fusion,
+from sift_chat.retrieval import (preselect, prompt_terms, rare_terms, read_count, reciprocal_rank_fusion,
                                  weighted_fusion)
 from sift_chat.store import SCHEMA_VERSION, NewDocument, NewPassage, Store
 
@@ -126,6 +126,14 @@ def test_fusion_brings_the_passage_that_names_the_rare_word_into_the_candidates(
             assert np.allclose(fused.vectors[row], far[0])  # its stored vector, for SIFT
             assert np.isclose(fused.similarities[row], float(far[0] @ query), atol=1e-5)
         assert preselect(store, query, prompt, 10, fusion="weighted").ids[0] == target
+        for fusion in ("weighted", "rrf", "vector"):  # the score each was ranked by, best first
+            candidates = preselect(store, query, prompt, 10, fusion=fusion)
+            assert len(candidates.match) == len(candidates.ids)
+            assert list(candidates.match) == sorted(candidates.match, reverse=True)
+        weighted = preselect(store, query, prompt, 10, fusion="weighted")
+        bm25 = dict(zip(*(a.tolist() for a in store.lexical(weighted.terms, 10))))
+        expected = dict(weighted_fusion(weighted.ids.tolist(), weighted.similarities, bm25))
+        assert weighted.match == pytest.approx([expected[i] for i in weighted.ids.tolist()], rel=1e-5)
 
 
 def test_an_older_store_gets_its_lexical_index_built_on_upgrade(tmp_path):
@@ -209,3 +217,16 @@ def test_fusion_math():
     assert bm25_scores(frequencies, 10) == pytest.approx(expected)
     assert bm25_scores(np.array([[1.0]]), 1)[0] > 0  # a word every passage holds still counts a little
 
+
+
+def test_further_passages_are_read_only_when_they_match_about_as_well_as_the_best():
+    two_facts = np.array([0.80, 0.78, 0.70, 0.30])  # two documents answer, a third nearly
+    one_clear_best = np.array([0.90, 0.50, 0.45, 0.40])
+    assert read_count(two_facts, 3, 0.8) == 3 and read_count(two_facts, 3, 0.9) == 2
+    assert read_count(two_facts, 3, 0.99) == 1 and read_count(two_facts, 4, 0.8) == 3
+    assert read_count(one_clear_best, 3, 0.8) == 1
+    assert read_count(one_clear_best, 3, 0.0) == 3  # 0: always the most allowed
+    assert read_count(one_clear_best, 1, 0.5) == 1 and read_count(two_facts[:2], 5, 0.0) == 2
+    assert read_count(np.array([0.5, 0.5]), 2, 1.0) == 2  # a tie reads both
+    assert read_count(np.array([-0.1, -0.1]), 2, 0.8) == 1  # no ratio of a first match ≤ 0
+    assert read_count(np.array([]), 3, 0.8) == 0

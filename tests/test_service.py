@@ -244,7 +244,7 @@ def test_an_answer_is_stored_with_what_it_read_cites_and_how_it_ended_and_reopen
         return "end", said
 
     monkeypatch.setattr(service.engine, "generate", generate)
-    settings = ChatSettings(mode="both", passages=3, read_passages=2, max_new_tokens=8)
+    settings = ChatSettings(mode="both", passages=3, read_passages=2, read_min_match=0, max_new_tokens=8)
     events = list(service.chat_turn(service.new_turn(ME.key), "Who keeps the lighthouse?", None, ME, settings))
     answered, stored = events[-2:]
     assert isinstance(answered, Answered) and isinstance(stored, Stored)

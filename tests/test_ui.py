@@ -412,14 +412,18 @@ def test_settings_become_engine_settings_and_the_adapter_follows_them(sample):
     chat, adaptation = parse_settings({"method": "nn", "mode": "both", "passages": 5.0, "lam": 0.1,
                                        "adaptive": True, "min_reduction": 0.05, "learning_rate": 0.01,
                                        "lora_layers": 2, "max_new_tokens": 32.0, "context_contrast": 0.5,
-                                       "contrast_against": "base", "read_passages": 3},
+                                       "contrast_against": "base", "read_passages": 3,
+                                       "read_min_match": 0.75},
                                       h.base_adaptation)
     assert (chat.method, chat.mode, chat.passages, chat.lam, chat.min_reduction, chat.max_new_tokens,
-            chat.context_contrast, chat.contrast_against, chat.read_passages) == (
-        "nn", "both", 5, 0.1, 0.05, 32, 0.5, "base", 3)
+            chat.context_contrast, chat.contrast_against, chat.read_passages, chat.read_min_match) == (
+        "nn", "both", 5, 0.1, 0.05, 32, 0.5, "base", 3, 0.75)
     for wrong in (0, 9, 1.5, "two"):  # one line naming the setting, whatever is sent
         with pytest.raises(ValueError, match=r"read.passages must be (an integer|a number)"):
             parse_settings({"read_passages": wrong}, h.base_adaptation)
+    for wrong in (-0.1, 1.01, "most", True):
+        with pytest.raises(ValueError, match=r"read.min.match must be (a number|true)"):
+            parse_settings({"read_min_match": wrong}, h.base_adaptation)
     assert adaptation.learning_rate == 0.01 and adaptation.top_layers == 2
     assert adaptation.max_passage_tokens == 64  # the engine's other settings are kept
     chat, adaptation = parse_settings({"adaptive": False, "lora_layers": 0}, h.base_adaptation)
@@ -435,7 +439,7 @@ def test_settings_become_engine_settings_and_the_adapter_follows_them(sample):
     list(h.respond(QUESTION, None, user(), FAST))  # back to every layer
     assert any(".layers.0." in n for n in h.engine.adapter.lora_modules) and at_base(h.engine)
 
-    read = last(list(h.respond(QUESTION, None, user(), {**FAST, "mode": "context", "read_passages": 2})), "panel")
+    read = last(list(h.respond(QUESTION, None, user(), {**FAST, "mode": "context", "read_passages": 2, "read_min_match": 0})), "panel")
     assert len(read.read) == 2 and [lead["passage_id"] for lead in read.leads] == read.read  # each in its own row
     failed = list(h.respond(QUESTION, None, user(), {**FAST, "lora_layers": 9}))[-1]
     assert "Check the settings: lora_layers must be an integer in [0, 4]" in failed["status"]  # before the model
