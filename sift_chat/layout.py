@@ -120,8 +120,8 @@ HELP = {
     "contrast_against": "What the answer is contrasted with: the model without the passage as the steps "
                         "adapted it, or the base model (which keeps what the steps taught in the contrast).",
     "passages": "At most this many passages, one fine-tuning step each (0: none).",
-    "read_passages": "How many of the best-matching passages the model reads, each on its own: more than one "
-                     "helps questions about several facts, and costs single-fact accuracy and time (README).",
+    "read_passages": "At most this many of the best-matching passages are read, each on its own, the answer "
+                     "drawn from all of them: questions about facts in several documents need more than one.",
     "read_min_match": "Of those, a passage after the best is read only when it matches the question at least "
                       "this well relative to the best (0: always read them all).",
     "lam": "SIFT's λ: small favours diverse passages, large the most similar ones (λ→∞ repeats the nearest, as NN-F).",
@@ -176,7 +176,7 @@ def build(handlers: Handlers, *, access: Access | None = None):
                 passages = gr.Slider(0, 32, value=defaults["passages"], step=1, label="Passages",
                                      info=HELP["passages"])
                 read_passages = gr.Slider(1, READ_PASSAGES_MAX, value=defaults["read_passages"], step=1,
-                                          label="Passages read", info=HELP["read_passages"])
+                                          label="Passages read (at most)", info=HELP["read_passages"])
                 read_min_match = gr.Slider(0, 1, value=defaults["read_min_match"], step=0.05,
                                            label="Read others matching at least", info=HELP["read_min_match"])
                 lam = gr.Number(value=defaults["lam"], label="λ", minimum=1e-6, info=HELP["lam"])

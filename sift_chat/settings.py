@@ -35,11 +35,11 @@ class ChatSettings:
     loop_tokens: int = 12  # stop when the answer's last this many tokens repeat earlier ones (0: never)
     max_context_tokens: int = 2048  # prompt + history + passages in context
     # the best R candidates read in "context"/"both", each in a row of its own, the answer's tokens
-    # drawn from their mixture (`generation.mixture`); the first weighs lead_weight, the others share the rest
-    read_passages: int = 1  # R: one answered single-fact questions best (README: Reading several passages)
-    # a passage after the first is read when it matches at least this share of the first's fused
-    # score (`retrieval.read_count`): a prompt with one clear best passage reads only that one
-    read_min_match: float = 0.0  # 0: always read_passages
+    # drawn from their mixture (`generation.mixture`); the first weighs lead_weight, the others share the rest.
+    # Those after the first are read only when their fused score is at least read_min_match of the
+    # first's (`retrieval.read_count`): a prompt with one clear best passage reads that one alone
+    read_passages: int = 3  # R at most (README: Reading several passages, and when)
+    read_min_match: float = 0.8  # 0: always R
     lead_weight: float | None = None  # None: every passage read weighs 1/R (answered two-fact questions best)
     context_contrast: float = 1.0  # α of context-aware decoding (0: off): α = 1 answered best of 0, 0.5, 1 (README)
     # the conversation without the passages under the adapted or the base model: contrasting the

@@ -11,6 +11,7 @@ import torch
 
 from sift_chat import answers as qa
 from sift_chat.cli import main
+from sift_chat.settings import ChatSettings
 from sift_chat.world import write_world
 
 from .tiny import save_tiny_chat_model, tiny_model, tiny_tokenizer
@@ -278,7 +279,7 @@ def test_eval_qa_reports_where_the_answer_was_for_mixed_question_sets(tmp_path):
         files = lambda places: {p.split(":")[0] for p in places}  # noqa: E731
         picked, read = files(a["picked"]), files(a["read"])
         learned = files(a["picked"][: a["steps"]])
-        assert len(read) == 1 and a["steps"] == (3 if a["configuration"] == "both sift" else 0)
+        assert 1 <= len(read) <= ChatSettings().read_passages and a["steps"] == (3 if a["configuration"] == "both sift" else 0)
         listed = records[a["question"]]["documents"]
         for location, names in zip(a["fact_locations"], listed if len(facts) > 1 else [listed]):
             names = set(names)

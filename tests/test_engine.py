@@ -19,6 +19,7 @@ from sift_chat.events import Done, Notice, Prompted, Selected, Stage, Step, Toke
 from sift_chat.generation import cite, content_words, contrast, conversation
 from sift_chat.probe import Compute
 from sift_chat.record import AnswerRecord
+from sift_chat.retrieval import read_count
 from sift_chat.service import Answered, Service, Stored
 from sift_chat.store import Store
 
@@ -175,8 +176,12 @@ def test_each_mode_reads_and_learns_what_it_says(engine, probe, monkeypatch):
     [selected] = [e for e in both if isinstance(e, Selected)]
     assert len([e for e in both if isinstance(e, Step)]) == 2 == len(stepped)
     assert stepped == [p.passage.text for p in selected.picks]
-    assert _prompted(both).passages == [selected.lead]  # by default the lead alone is read
-    assert contexts[-2:] == [_prompted(both).passages, []]
+    # by default the lead, and of the next two those that match nearly as well, each read on its own
+    defaults = ChatSettings()
+    found = engine.preselect(engine.embed(QUESTION), QUESTION, defaults)
+    reading = read_count(found.match, defaults.read_passages, defaults.read_min_match)
+    assert [p.id for p in _prompted(both).passages] == selected.candidates[:reading]
+    assert contexts[-reading - 1:] == [*([p] for p in _prompted(both).passages), []]
     assert_at_base(engine, probe)
 
 
@@ -225,7 +230,8 @@ def test_contrast_decoding_weighs_the_prompt_with_passages_against_the_prompt_wi
         return contrast(*seen[-1])
 
     monkeypatch.setattr(engine_module, "contrast", contrasted)
-    settings = ChatSettings(mode="context", passages=2, max_new_tokens=4, loop_tokens=0, context_contrast=2.0)
+    settings = ChatSettings(mode="context", passages=2, read_passages=1, max_new_tokens=4, loop_tokens=0,
+                            context_contrast=2.0)
     events = list(engine.respond(QUESTION, settings=settings))
     read = _prompted(events)
     unread, _ = engine.chat_input(QUESTION, [], [], settings)
@@ -407,7 +413,7 @@ def test_first_fitting_finds_the_first_that_fits_in_few_probes():
 
 def test_the_record_names_the_learned_passages_that_hold_words_of_the_answer_no_read_passage_holds(engine, monkeypatch):
     """What the panel shows a step did: a word of the answer that only a passage learned from holds."""
-    settings = replace(FAST, passages=4, max_new_tokens=8)
+    settings = replace(FAST, passages=4, max_new_tokens=8, read_passages=1)
     selected = engine.select(engine.embed(QUESTION), settings, prompt=QUESTION)
     read = content_words(selected.lead.text) | content_words(QUESTION)
     taught = next((pick.passage, word) for pick in selected.picks if pick.passage.id != selected.lead.id

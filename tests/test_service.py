@@ -230,7 +230,9 @@ def test_compare_selects_once_per_method_and_answers_as_a_chat_turn_would(servic
     for _, answered in reading:  # each panel says what its answer read and cites
         numbered = [p["passage_id"] for p in answered.panel.numbered]  # the lead first, then the picks
         assert numbered[0] == answered.panel.leads[0]["passage_id"] == answered.record.numbered[0]
-        assert answered.panel.read == answered.record.read == numbered[:ChatSettings().read_passages]
+        read = len(answered.panel.leads)  # the lead, and those that match nearly as well (test_engine)
+        assert 1 <= read <= ChatSettings().read_passages
+        assert answered.panel.read == answered.record.read == numbered[:read]
         assert answered.panel.citations == answered.record.citations
         # both methods would read the same first pick: a comparison in context mode learns too
         assert answered.panel.mode == "both" and answered.record.losses
