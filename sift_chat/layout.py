@@ -112,7 +112,7 @@ watch('value', () => {
 HELP = {
     "method": "SIFT picks passages that each remove the most remaining uncertainty, skipping what "
               "an earlier pick already said. NN takes the most similar ones, duplicates included.",
-    "mode": "Both (the default): read the best passage and take one LoRA step on each selected passage, "
+    "mode": "Both (the default): read the best-matching passages and take one LoRA step on each selected passage, "
             "so the answer can use what the model learned. Context: read only (faster). "
             "Fine-tune: the steps alone. Off: the base model.",
     "context_contrast": "How much the answer favours what the passage says over what the model would say "
@@ -196,7 +196,7 @@ def build(handlers: Handlers, *, access: Access | None = None):
 
         gr.Markdown("# sift-chat\nChat with your documents. For every message the model picks the passages "
                     "that most reduce its uncertainty about your question (SIFT), takes one fine-tuning step "
-                    "on each, reads the best one and answers, citing what it used; then it forgets the steps "
+                    "on each, reads the best-matching ones and answers, citing what it used; then it forgets the steps "
                     "again. (*Context* mode only reads.)")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
