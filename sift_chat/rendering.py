@@ -86,14 +86,16 @@ def _usage(panel: Panel) -> str:
     else:
         each = ("one fine-tuning step each" if passes <= 1 else f"{passes} fine-tuning steps each, pass after pass"
                 ) + ", in this order"
+    apart = " It read each on its own and drew every word of the answer from all of them." if len(panel.read) > 1 else ""
     if panel.learned and panel.read:
-        return f"The model read {read} in its prompt and learned from {len(panel.picks)} ({each}).{taught}"
+        return f"The model read {read} in its prompt and learned from {len(panel.picks)} ({each}).{apart}{taught}"
     if panel.learned:
         return (f"The model learned from these {len(panel.picks)} passages ({each}"
                 f"{'' if steps else '; the steps are still to come'}); it did not read them in its prompt."
                 f"{taught}")
     if panel.read:
-        return f"The model read {read} in its prompt; it learned from none ({panel.mode} mode takes no fine-tuning step)."
+        return (f"The model read {read} in its prompt; it learned from none ({panel.mode} mode takes no "
+                f"fine-tuning step).{apart}")
     return "Selected passages (the model has not used them yet)."
 
 

@@ -158,6 +158,7 @@ def test_the_panel_says_which_passages_were_read_and_which_learned_from(sample, 
     assert cards.count("sc-badge sc-learned") == (len(panel.picks) if mode != "context" else 0)
     caption = cards.split("</div>")[0]
     said = "passage [1]" if read == 1 else f"passages [1]–[{min(read, len(numbered))}]"
+    assert ("read each on its own" in caption) == (read > 1)  # several read: each apart, the answer from all
     if mode == "context":
         assert "learned from none" in caption and f"read {said}" in caption
     elif mode == "fine-tune":
@@ -442,6 +443,7 @@ def test_settings_become_engine_settings_and_the_adapter_follows_them(sample):
 
     read = last(list(h.respond(QUESTION, None, user(), {**FAST, "mode": "context", "read_passages": 2, "read_min_match": 0})), "panel")
     assert len(read.read) == 2 and [lead["passage_id"] for lead in read.leads] == read.read  # each in its own row
+    assert "read passages [1]–[2] in its prompt" in render_passages(read) and "read each on its own" in render_passages(read)
     failed = list(h.respond(QUESTION, None, user(), {**FAST, "lora_layers": 9}))[-1]
     assert "Check the settings: lora_layers must be an integer in [0, 4]" in failed["status"]  # before the model
     assert h.engine.adapter.settings.top_layers is None and at_base(h.engine)
