@@ -17,7 +17,7 @@ from pathlib import Path
 from . import cli_eval, cli_sync, config
 from .access import LOCAL, UsersFile
 from .adaptation import AdaptationSettings
-from .cli_common import open_embedder, open_store
+from .cli_common import add_reading_options, open_embedder, open_store, reading_settings
 from .corpus import DEFAULT_OVERLAP_TOKENS, DEFAULT_PASSAGE_TOKENS, shown
 from .retrieval import preselect
 from .settings import ChatSettings
@@ -80,14 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "both, or neither (default: %(default)s)")
     chat.add_argument("-n", "--passages", type=int, default=ChatSettings.passages,
                       help="at most this many passages, one LoRA step each (default: %(default)s)")
-    chat.add_argument("--read", type=int, default=ChatSettings.read_passages,
-                      help="passages read (the best matches), each in its own row of the decoding: more than one "
-                           "answers questions about several facts (default: %(default)s)")
-    chat.add_argument("--read-min-match", type=float, default=ChatSettings.read_min_match,
-                      help="with --read above 1, a passage after the first is read when it matches at least this "
-                           "share of the first's score (default: %(default)s)")
-    chat.add_argument("--lead-weight", type=float, default=ChatSettings.lead_weight,
-                      help="with --read above 1, how much the best match weighs in the answer (default: all alike)")
+    add_reading_options(chat, "--read")
     chat.add_argument("--candidates", type=int, default=ChatSettings.candidates,
                       help="K, pre-selected from the index (default: %(default)s)")
     chat.add_argument("--lam", type=float, default=ChatSettings.lam, help="SIFT's λ (default: %(default)s)")
@@ -223,8 +216,8 @@ def cmd_chat(args) -> int:
     from .engine import Engine
     from .service import Service
 
-    settings = ChatSettings(method=args.method, mode=args.mode, passages=args.passages,
-                            read_passages=args.read, read_min_match=args.read_min_match, lead_weight=args.lead_weight, candidates=args.candidates, lam=args.lam, min_reduction=args.min_reduction,
+    settings = ChatSettings(method=args.method, mode=args.mode, passages=args.passages, **reading_settings(args),
+                            candidates=args.candidates, lam=args.lam, min_reduction=args.min_reduction,
                             alpha=args.alpha, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, seed=args.seed)
     adaptation = AdaptationSettings(learning_rate=args.lr, rank=args.rank, top_layers=args.top_layers,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import config
 from .adaptation import TRAINING_FORMATS, AdaptationSettings
-from .cli_common import open_embedder
+from .cli_common import add_reading_options, open_embedder, reading_settings
 from .corpus import DEFAULT_PASSAGE_TOKENS
 from .evaluation import SETTINGS as EVAL_SETTINGS
 from .settings import ChatSettings
@@ -74,13 +74,7 @@ def add_eval_parsers(commands) -> None:
     qa.add_argument("--max-minutes", type=float,
                     help="start no question after this long (the first always runs): report those answered by then")
     qa.add_argument("-n", "--passages", type=int, default=ChatSettings.passages)
-    qa.add_argument("--read-passages", "--context-passages", type=int, default=ChatSettings.read_passages,
-                    help="passages read, each in its own row (default: %(default)s)")
-    qa.add_argument("--read-min-match", type=float, default=ChatSettings.read_min_match,
-                    help="a passage after the first is read when it matches at least this share of the "
-                         "first's score (default: %(default)s)")
-    qa.add_argument("--lead-weight", type=float, default=ChatSettings.lead_weight,
-                    help="the best match's weight among the passages read (default: all alike)")
+    add_reading_options(qa, "--read-passages", "--context-passages")
     qa.add_argument("--lam", type=float, default=ChatSettings.lam)
     qa.add_argument("--max-new-tokens", type=int, default=ChatSettings.max_new_tokens)
     qa.add_argument("--repetition-penalty", type=float, default=ChatSettings.repetition_penalty)
@@ -176,8 +170,7 @@ def cmd_eval_qa(args) -> int:
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes:g}")
     configs = qa.configurations(_names(args.modes), _names(args.methods))
-    settings = ChatSettings(passages=args.passages, read_passages=args.read_passages,
-                            read_min_match=args.read_min_match, lead_weight=args.lead_weight, lam=args.lam,
+    settings = ChatSettings(passages=args.passages, **reading_settings(args), lam=args.lam,
                             max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                             no_repeat_ngram=args.no_repeat_ngram, context_contrast=args.context_contrast,
                             contrast_against=args.contrast_against, seed=args.seed)
@@ -211,7 +204,8 @@ def cmd_eval_qa(args) -> int:
         print(f"stopped after {args.max_minutes:g} minutes: {answered} of {len(questions)} questions answered",
               file=sys.stderr)
     title = (f"{corpus.name}: {answered} questions, {settings.passages} passages "
-             f"({settings.read_passages} read at most, those matching ≥ {settings.read_min_match:g} of the best; the first weighing {settings.lead_weight or 1 / settings.read_passages:.2g}), "
+             f"({settings.read_passages} read at most, those matching ≥ {settings.read_min_match:g} of the best; "
+             f"the first weighing {settings.lead_weight or 1 / settings.read_passages:.2g}), "
              f"lr {adaptation.learning_rate}, "
              f"{adaptation.epochs} pass{'es' * (adaptation.epochs > 1)} over them, "
              f"training on {adaptation.training}; context-aware decoding α = {settings.context_contrast:g} "

@@ -89,16 +89,11 @@ class Candidates:
     ids: np.ndarray  # (K,) passage ids
     vectors: np.ndarray  # (K, d) their stored vectors
     similarities: np.ndarray  # (K,) cosine to the prompt
-    scores: np.ndarray | None = None  # (K,) the fusion's score, best first (None: the cosines)
+    match: np.ndarray  # (K,) how well each matches the prompt: the score it was ranked by, best first
     terms: list[str] = field(default_factory=list)  # the prompt's words searched in the lexical index
     lexical: int = 0  # candidates the lexical search found
     lexical_only: int = 0  # candidates the vector search alone would not have had
     seconds: dict[str, float] = field(default_factory=dict)  # vector, lexical, fuse
-
-    @property
-    def match(self) -> np.ndarray:
-        """(K,) how well each candidate matches the prompt: the score it was ranked by."""
-        return self.similarities if self.scores is None else self.scores
 
     @property
     def rank(self) -> dict[int, int]:
@@ -121,7 +116,7 @@ def preselect(store: Store, query: np.ndarray, prompt: str, k: int, owners: Iter
     vector_ids, similarities, vectors = store.nearest(query, k, owners)
     seconds["vector"] = time.perf_counter() - started
     if fusion == "vector" or k <= 0:
-        return Candidates(vector_ids, vectors, similarities, seconds=seconds)
+        return Candidates(vector_ids, vectors, similarities, similarities, seconds=seconds)
 
     started = time.perf_counter()
     terms = rare_terms(store.term_counts(prompt_terms(prompt), MATCH_BUDGET))
@@ -147,8 +142,8 @@ def preselect(store: Store, query: np.ndarray, prompt: str, k: int, owners: Iter
     rows = [row[i] for i, _ in fused[:k]]
     chosen = vector_ids[rows]
     seconds["fuse"] = time.perf_counter() - started
-    scores = np.array([score for _, score in fused[:k]], dtype=np.float32)
-    return Candidates(chosen, vectors[rows], similarities[rows], scores, terms, len(lexical_ids),
+    match = np.array([score for _, score in fused[:k]], dtype=np.float32)
+    return Candidates(chosen, vectors[rows], similarities[rows], match, terms, len(lexical_ids),
                       len(set(chosen.tolist()) - known), seconds)
 
 

@@ -92,6 +92,14 @@ MALFORMED = [
     ("learning_rate 1e999", b'{"model": "sift-chat", "messages": [{"role": "user", "content": "hi"}], '
                             b'"sift": {"learning_rate": 1e999}}', "sift.learning_rate"),
     ("passages 10**30", body(sift={"passages": 10**30}), "sift.passages"),
+    # each passage read is a row of every decoding forward: what one request may cost
+    ("read_passages 9", body(sift={"read_passages": 9}), "sift.read_passages"),
+    ("read_passages 10**30", body(sift={"read_passages": 10**30}), "sift.read_passages"),
+    ("read_passages 0", body(sift={"read_passages": 0}), "sift.read_passages"),
+    ("read_passages a list", body(sift={"read_passages": [3]}), "sift.read_passages"),
+    ("read_min_match -0.1", body(sift={"read_min_match": -0.1}), "sift.read_min_match"),
+    ("read_min_match 1.5", body(sift={"read_min_match": 1.5}), "sift.read_min_match"),
+    ("read_min_match a word", body(sift={"read_min_match": "all"}), "sift.read_min_match"),
     ("lam 0", body(sift={"lam": 0}), "sift.lam"), ("method a list", body(sift={"method": ["sift"]}), "sift.method"),
     ("mode an object", body(sift={"mode": {"a": 1}}), "sift.mode"),
     ("a huge method", body(sift={"method": "x" * 500_000}), "sift.method"),
@@ -114,6 +122,8 @@ def test_malformed_bodies_get_an_openai_error_naming_the_field_and_no_traceback(
                                                         "lora_layers": 4}}),
                          ("min_reduction 0, lora_layers 0", {"sift": {"mode": "off", "min_reduction": 0,
                                                                       "lora_layers": 0}}),
+                         ("the reading bounds", {"sift": {"mode": "off", "read_passages": 8, "read_min_match": 1}}),
+                         ("read_min_match 0", {"sift": {"mode": "off", "read_passages": 1, "read_min_match": 0}}),
                          ("unicode", {"messages": [{"role": "user", "content": "Wer hütet den Leuchtturm? 灯台 🙂"}]})]:
         response = post(served_api, body(**fields))
         assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"], (case, response.text)
