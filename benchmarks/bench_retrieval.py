@@ -19,6 +19,10 @@ of the passage read first under each reading order:
 - rare words: of the distinct picks, the one holding most of the prompt's searched words, by
   inverse document frequency (ties: pick order)
 
+and "read (defaults)": some passage the chat reads with the default settings holds it (the best
+fused candidate and each of the next `read_passages` − 1 matching at least `read_min_match` of its
+score, `retrieval.read_count`), with how many it read on average.
+
 Paired: fused − vector-only recall@1 per question (first pick vs the reading order the engine
 uses), wins / losses. Needs only the embedder: no generation.
 """
@@ -44,6 +48,7 @@ from sift_chat.lexical_search import LexicalSearch, _fts_term
 from sift_chat.models import load_embedder
 from sift_chat.retrieval import preselect, prompt_terms
 from sift_chat.selection import select
+from sift_chat.settings import ChatSettings
 from sift_chat.store import Store
 from sift_chat.world import TEMPLATES, write_world
 
@@ -55,6 +60,7 @@ CONFIGURATIONS = (("vector only", "vector", "store"), ("fused (RRF)", "rrf", "st
                   ("fused (weighted, FTS5's bm25: before)", "weighted", "fts5"),
                   ("fused (weighted)", "weighted", "store"))
 STORE_LEXICAL = LexicalSearch.lexical
+DEFAULTS = ChatSettings()
 
 
 def fts5_lexical(store: Store, terms, k: int, owners=None):
@@ -132,10 +138,13 @@ def measure(embedder, store: Store, questions: list[dict], k: int, n: int, lam: 
             picks = [int(candidates.ids[i]) for i in selection.indices.tolist()]
             texts = {p: t.text for p, t in store.passages([*candidates.ids.tolist()]).items()}
             reads = read_orders(store, candidates, picks, prompt)
+            read = [int(i) for i in candidates.ids[:retrieval.read_count(candidates.match, DEFAULTS.read_passages,
+                                                                       DEFAULTS.read_min_match)]]
             rows[label].append({
                 "at_k": any(holds(texts[int(i)], question) for i in candidates.ids.tolist()),
                 "at_n": any(holds(texts[p], question) for p in picks),
                 **{order: bool(p is not None and holds(texts[p], question)) for order, p in reads.items()},
+                "read": any(holds(texts[p], question) for p in read), "read_count": len(read),
             })
     return rows
 
@@ -177,16 +186,20 @@ def main() -> None:
             print(f"## {name}: {len(questions)} questions, {passages} passages "
                   f"({time.perf_counter() - started:.0f} s)\n")
             print("| pre-selection | recall@K | recall@N (SIFT's picks) | "
-                  + " | ".join(f"recall@1, {order}" for order in ORDERS) + " |")
-            print("|---" * (3 + len(ORDERS)) + "|")
+                  + " | ".join(f"recall@1, {order}" for order in ORDERS)
+                  + f" | read (defaults: up to {DEFAULTS.read_passages} at ≥ {DEFAULTS.read_min_match}) | passages read |")
+            print("|---" * (5 + len(ORDERS)) + "|")
             for label, _, _ in CONFIGURATIONS:
                 print(f"| {label} | {share(rows[label], 'at_k')} | {share(rows[label], 'at_n')} | "
-                      + " | ".join(share(rows[label], order) for order in ORDERS) + " |")
+                      + " | ".join(share(rows[label], order) for order in ORDERS)
+                      + f" | {share(rows[label], 'read')} | {np.mean([r['read_count'] for r in rows[label]]):.2f} |")
             print()
             for label, _, _ in CONFIGURATIONS[1:]:
                 for order in ORDERS[1:]:
                     print(f"paired recall@1, {label} + {order} − vector only + first pick: "
                           f"{paired(rows[label], order, rows['vector only'], 'first pick')} points (wins / losses)")
+            print(f"paired, read (defaults) − top fused alone, weighted: "
+                  f"{paired(rows['fused (weighted)'], 'read', rows['fused (weighted)'], 'top fused')} points")
             print(f"paired recall@1, top fused: weighted − weighted with FTS5's bm25 (before): "
                   f"{paired(rows['fused (weighted)'], 'top fused', rows[CONFIGURATIONS[2][0]], 'top fused')} points")
             print()
