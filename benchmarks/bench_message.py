@@ -1,11 +1,15 @@
 """Message latency by stage, per mode, on the sample corpus and the default models.
 
-    .venv/bin/python benchmarks/bench_message.py [--corpus stdlib] [--modes default,context] [--contrast 0,1]
+    .venv/bin/python benchmarks/bench_message.py [--corpus sample|stdlib|world] [--modes default,context] [--contrast 0,1]
                                                  [--on-demand] [--precision fp32,bf16] [--steps each,together]
-                                                 [--drafts 0,2] [--prompts N] [--json PATH]
+                                                 [--drafts 0,2] [--read 1,3] [--prompts N] [--json PATH]
 
 On the sample corpus the passages are short (about 50 tokens); `--corpus stdlib` uses 60 files of
-the Python standard library instead, whose passages are full length (192 embedder tokens).
+the Python standard library instead, whose passages are full length (192 embedder tokens);
+`--corpus world` the generated world of the answer evaluations (`make-world`, seed 0), its
+two-fact and single-fact questions taken in turn as prompts: there several passages match a
+question about as well, so the default reads up to three (`--read 1,3` times reading one against
+the default's up to three, `ChatSettings.read_passages`).
 For each mode (`default` is the chat default) and context-aware decoding strength α (`--contrast`,
 default: the chat default), prints the median seconds of each stage (embed,
 select, fine-tune, first token from sending, generation, the whole answer from sending to its
@@ -46,6 +50,7 @@ from sift_chat.events import Done  # noqa: E402
 from sift_chat.models import load_chat_model, load_embedder  # noqa: E402
 from sift_chat.probe import Compute  # noqa: E402
 from sift_chat.store import Store  # noqa: E402
+from sift_chat.world import write_world  # noqa: E402
 
 CODE_PROMPTS = [
     "How does json.dumps handle the indent argument?",
@@ -69,12 +74,13 @@ def answer(engine, prompt: str, settings: ChatSettings, adaptation: AdaptationSe
     whole = time.perf_counter() - started
     tokens = len(engine.tokenizer(done.raw_answer, add_special_tokens=False)["input_ids"])
     return done.record.seconds | {"whole": whole, "steps": len(done.record.losses), "tokens": tokens,
+                                  "read": len(done.record.read),
                                   "ended": done.ended, "answer": done.raw_answer}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", choices=("sample", "stdlib"), default="sample")
+    parser.add_argument("--corpus", choices=("sample", "stdlib", "world"), default="sample")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS))
     parser.add_argument("--device", default=None)
     parser.add_argument("--modes", default="default,context",
@@ -90,6 +96,8 @@ def main() -> None:
                         help="comma-separated: fp32, bf16 (steps and prefill), each run with every row (default: %(default)s)")
     parser.add_argument("--steps", default="each", help="comma-separated: each, together (default: %(default)s)")
     parser.add_argument("--drafts", default="0", help="comma-separated draft lengths, each run with every row (default: %(default)s)")
+    parser.add_argument("--read", default=str(ChatSettings.read_passages),
+                        help="comma-separated: passages read at most, each run with every row (default: %(default)s)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -105,27 +113,35 @@ def main() -> None:
     rows = list(dict.fromkeys((mode, strength, False, p, how, 0) for p in precisions for how in steps for mode in modes
                               for strength in strengths if how == "each" or mode in ("both", "fine-tune")))
     rows += [(mode, strength, True, p, how, 0) for mode, strength, _, p, how, _ in rows if args.on_demand and strength > 0]
-    rows = [(*row[:5], d) for row in rows for d in drafts]
-    reference = ("context", 0.0, False, precisions[0], "each", drafts[0])
+    reads = [int(r) for r in args.read.split(",") if r.strip()]
+    rows = [(*row[:5], d, r) for row in rows for d in drafts for r in reads]
+    reference = ("context", 0.0, False, precisions[0], "each", drafts[0], reads[0])
 
     def settings_of(row) -> ChatSettings:
-        return ChatSettings(mode=row[0], context_contrast=row[1], passages=args.passages)
+        return ChatSettings(mode=row[0], context_contrast=row[1], passages=args.passages, read_passages=row[6])
 
     def label(row) -> str:
         return (f"{row[0]} α={row[1]:g}{', on demand' if row[2] else ''}{', ' + row[3] if len(precisions) > 1 else ''}"
-                f"{', steps together' if row[4] == 'together' else ''}{f', drafts of {row[5]}' if row[5] else ''}")
+                f"{', steps together' if row[4] == 'together' else ''}{f', drafts of {row[5]}' if row[5] else ''}"
+                f"{f', read {row[6]} at most' if len(reads) > 1 else ''}")
 
     def adaptation_of(row) -> AdaptationSettings:
         return AdaptationSettings(together=row[4] == "together")
 
     embedder = load_embedder(config.DEFAULT_EMBEDDER, args.device)
     model, tokenizer = load_chat_model(config.DEFAULT_CHAT_MODEL, args.device, config.data_dir() / "models")
-    with tempfile.TemporaryDirectory() as folder, Store(folder) as store:
+    with tempfile.TemporaryDirectory() as folder, Store(Path(folder) / "store") as store:
         if args.corpus == "stdlib":
             stdlib = Path(sysconfig.get_paths()["stdlib"])
             paths, prompts = sorted(stdlib.glob("*.py"))[:60], CODE_PROMPTS
             paths += [stdlib / name for name in ("json/encoder.py", "textwrap.py", "bisect.py", "shlex.py",
                                                  "functools.py") if (stdlib / name) not in paths]
+        elif args.corpus == "world":
+            questions = write_world(Path(folder) / "world", seed=0)
+            two_fact = questions.with_name("two-fact-questions.jsonl")
+            pairs = zip(*(p.read_text().splitlines() for p in (two_fact, questions)))
+            paths, prompts = [Path(folder) / "world" / "documents"], [json.loads(q)["question"]
+                                                                       for pair in pairs for q in pair]
         else:
             paths, prompts = [ROOT / "corpora" / "brindlemoor"], PROMPTS
         ingest(store, embedder, paths, embedder_name=config.DEFAULT_EMBEDDER, progress=False)
@@ -137,7 +153,7 @@ def main() -> None:
                 engine.compute = Compute(row[3], "fp32", 1, contrast_on_demand=row[2], draft_tokens=row[5])
                 runs[row].append(answer(engine, prompt, settings_of(row), adaptation_of(row)))
         store_size = store.passage_count()
-    stages = ["embed", "select", "fine-tune", "first_token", "generate", "whole", "tokens"]
+    stages = ["embed", "select", "fine-tune", "first_token", "generate", "whole", "tokens", "read"]
     medians = {row: {stage: statistics.median(run.get(stage, 0.0) for run in runs[row]) for stage in stages}
                for row in rows}
     settings, adaptation = ChatSettings(passages=args.passages), AdaptationSettings()
@@ -147,18 +163,20 @@ def main() -> None:
           f"{settings.max_new_tokens} new tokens max; median of {args.prompts} prompts; default mode "
           f"{settings.mode} (α={settings.context_contrast:g}); device {engine.adapter.device}")
     print("| mode | embed | select | fine-tune | first token | generate | whole answer | vs context α=0 | "
-          "answer tokens | ended | answers as without drafts |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "answer tokens | passages read, mean | ended | answers as without drafts |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         m = medians[row]
         ratio = f"{m['whole'] / medians[reference]['whole']:.2f}x" if reference in medians else "-"
         ended = ", ".join(f"{n} {how}" for how, n in Counter(r["ended"] for r in runs[row]).items())
-        undrafted = runs.get((*row[:5], 0))
+        undrafted = runs.get((*row[:5], 0, row[6]))
         same = (f"{sum(a['answer'] == b['answer'] for a, b in zip(runs[row], undrafted))} of {len(undrafted)}"
                 if row[5] and undrafted else "")
         print(f"| {label(row)} | {m['embed']:.2f} | {m['select']:.2f} | {m['fine-tune']:.2f} | {m['first_token']:.2f} | "
-              f"{m['generate']:.2f} | {m['whole']:.2f} | {ratio} | {m['tokens']:g} | {ended} | {same} |")
-    default = medians.get((settings.mode, settings.context_contrast, False, precisions[0], "each", drafts[0]))
+              f"{m['generate']:.2f} | {m['whole']:.2f} | {ratio} | {m['tokens']:g} | "
+              f"{statistics.mean(r['read'] for r in runs[row]):.2f} | {ended} | {same} |")
+    default = medians.get((settings.mode, settings.context_contrast, False, precisions[0], "each", drafts[0],
+                           settings.read_passages))
     if default:
         print(f"\ntarget: whole answer with the defaults <= 10 s: {'met' if default['whole'] <= 10 else 'MISSED'}")
     if args.json:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_users.py [--users 1,2,4,8] [--messages 2] [--precision auto]
                                                [--gather 0.01] [--torch-thread on|off] [--drafts auto|0,2]
-                                               [--json PATH]
+                                               [--learning each,together] [--json PATH]
 
 On the sample corpus with the default models and chat settings, U users each send `--messages`
 questions one after the other (the next when its answer is done), all U at once, through the
@@ -10,14 +10,15 @@ service's line as the app's handlers do (`Service.run`). Two lines, measured in 
 U, alternating which goes first:
 
     one at a time   today's line: a message holds the model from its first step to its last token
-    together        `Engine.decode_together`: a message holds the adapter for its steps, then
-                    decodes as rows of one batch with the others (`batching`) while the next
-                    message steps
+    together        `Engine.decode_together`: a message decodes as rows of one batch with the
+                    others (`batching`); it learns its own adapter, its steps in rounds with the
+                    other messages' steps (`learning`), or with `--learning each` holds the
+                    model's adapter for its steps while the next message waits
 
 `--drafts 0,2` runs the together line once per draft length (guessed tokens checked in each
-forward, `Compute.draft_tokens`; auto: the probe's choice), one at a time always without drafts.
-For each: answers per minute (all answers over the wall time), the median and worst whole answer
-(from sending, waiting in the line included), the batch's mean rows per forward, and whether every
+forward, `Compute.draft_tokens`; auto: the probe's choice), one at a time always without drafts;
+`--learning each,together` runs it with each way of taking the steps. For each: answers per minute (all answers over the wall time), the median and worst whole answer
+(from sending, waiting in the line included), the batch's mean rows per forward, the learners' mean steps per round, and whether every
 answer is the one the same question gets alone (isolation). Target (issue 19): with 4 users,
 answers per minute >= 2.5x one at a time, and no answer differs.
 """
@@ -102,6 +103,9 @@ def main() -> None:
                              "off: on each user's own thread (default: %(default)s)")
     parser.add_argument("--drafts", default="auto",
                         help="comma-separated draft lengths for the together line, or auto: the probe's (default: %(default)s)")
+    parser.add_argument("--learning", default="together",
+                        help="comma-separated: together (the steps of several messages in one round), each "
+                             "(a message's steps on the model's adapter), for the together line (default: %(default)s)")
     parser.add_argument("--json", help="also write every answer here")
     args = parser.parse_args()
     counts = [int(u) for u in args.users.split(",") if u.strip()]
@@ -121,7 +125,10 @@ def main() -> None:
         probed = engine.compute
         drafts = ([probed.draft_tokens] if args.drafts == "auto" else
                   [int(d) for d in args.drafts.split(",") if d.strip()])
-        lines = [("one at a time", 0), *(("together", d) for d in drafts)]
+        learning = [w.strip() for w in args.learning.split(",") if w.strip()]
+        if not learning or set(learning) - {"each", "together"}:
+            parser.error(f"--learning: each and/or together, got {args.learning!r}")
+        lines = [("one at a time", 0, "each"), *(("together", d, w) for d in drafts for w in learning)]
         service = Service(engine, Path(folder), max_waiting=64)
         alone = {}
         for prompt in PROMPTS:  # warm-up, and each question's answer alone
@@ -130,23 +137,29 @@ def main() -> None:
         for index, users in enumerate(counts):
             measured = {}
             for line in (lines if index % 2 == 0 else lines[::-1]):
-                engine.batch = None
+                engine.batch = engine.learning = None
                 engine.compute = replace(probed, draft_tokens=line[1])
                 if line[0] == "together":
-                    engine.decode_together(gather_seconds=args.gather)
+                    engine.decode_together(gather_seconds=args.gather, learn_together=line[2] == "together")
                 run = run_line(service, users, args.messages, settings)
                 if engine.batch is not None:
                     run["rows_per_forward"] = engine.batch.rows_forwarded / max(engine.batch.forwards, 1)
+                if engine.learning is not None:
+                    run["steps_per_round"] = engine.learning.steps / max(engine.learning.rounds, 1)
                 measured[line] = run
             for line in lines:
                 run = measured[line]
                 answers = run["answers"]
                 wholes = [a["whole"] for a in answers]
-                rows.append({"users": users, "line": line[0] + (f", drafts of {line[1]}" if line[1] else ""),
+                label = line[0] + (f", drafts of {line[1]}" if line[1] else "")
+                if line[0] == "together" and len(learning) > 1:
+                    label += ", steps " + ("in rounds" if line[2] == "together" else "one message at a time")
+                rows.append({"users": users, "line": label,
                              "wall": run["wall"],
                              "per_minute": 60 * len(answers) / run["wall"],
                              "median": statistics.median(wholes), "worst": max(wholes),
                              "rows_per_forward": run.get("rows_per_forward"),
+                             "steps_per_round": run.get("steps_per_round"),
                              "differ": sum(a["answer"] != alone[a["prompt"]] for a in answers),
                              "answers": answers})
     one = {r["users"]: r["per_minute"] for r in rows if r["line"] == "one at a time"}
@@ -154,12 +167,13 @@ def main() -> None:
           f"α={settings.context_contrast:g} against the {settings.contrast_against} model); "
           f"{args.messages} messages per user; gather {args.gather * 1000:g} ms; the models' thread {args.torch_thread}")
     print("| users | line | answers per minute | vs one at a time | whole answer, median | worst | "
-          "rows per forward | answers not as alone |")
-    print("|---|---|---|---|---|---|---|---|")
+          "rows per forward | steps per round | answers not as alone |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rpf = f"{r['rows_per_forward']:.1f}" if r["rows_per_forward"] is not None else "-"
+        spr = f"{r['steps_per_round']:.1f}" if r["steps_per_round"] is not None else "-"
         print(f"| {r['users']} | {r['line']} | {r['per_minute']:.1f} | {r['per_minute'] / one[r['users']]:.2f}x | "
-              f"{r['median']:.2f} s | {r['worst']:.2f} s | {rpf} | {r['differ']} of {len(r['answers'])} |")
+              f"{r['median']:.2f} s | {r['worst']:.2f} s | {rpf} | {spr} | {r['differ']} of {len(r['answers'])} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"alone": alone, "rows": rows}, indent=2))
 

@@ -227,6 +227,37 @@ def passage_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
     return tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"]
 
 
+def training_tokens(tokenizer, text: str, prefix: str, max_tokens: int,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
+    """The passage as a [1, T] tensor, after the `prefix` it is read in (formatted text such as a
+    chat template's, tokenised as it is; none: the passage alone, `passage_ids`), and the position
+    of the passage's first token: where its loss starts."""
+    if not prefix:
+        return torch.tensor([passage_ids(tokenizer, text, max_tokens)], dtype=torch.long, device=device), 1
+    before = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    ids = before + tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    return torch.tensor([ids], dtype=torch.long, device=device), max(len(before), 1)
+
+
+def initial_lora_a(layers: Iterable[nn.Module], seed: int) -> list[torch.Tensor]:
+    """Each LoRA layer's A as a fresh adapter starts (B = 0): drawn from `seed` as peft draws it
+    (Kaiming-uniform, a = √5), layer after layer in the given order, on the CPU so that the draw
+    is the same on every device."""
+    generator = torch.Generator().manual_seed(seed)
+    drawn = []
+    for layer in layers:
+        a = torch.empty(layer.lora_A.shape, dtype=layer.lora_A.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        drawn.append(a.to(layer.lora_A.device))
+    return drawn
+
+
+def new_optimizer(parameters: Sequence[torch.Tensor], settings: AdaptationSettings) -> torch.optim.Optimizer:
+    """A fresh optimizer of the settings' kind and learning rate over `parameters`."""
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    return kinds[settings.optimizer](parameters, lr=settings.learning_rate, fused=True)
+
+
 def lora_target_names(model: nn.Module, target_modules: str | tuple[str, ...]) -> list[str]:
     """The module names (last component) that get LoRA: q/k/v/o for "attention"; for "all-linear"
     every nn.Linear of the model except the output head (the MLP projections too)."""
@@ -303,28 +334,16 @@ class Adapter:
 
     @torch.no_grad()
     def reset(self) -> None:
-        """A fresh adapter: B = 0 (the model equals the base), A drawn from the seed as peft draws
-        it (Kaiming-uniform, a = √5), on the CPU so the draw is the same on every device; a new
-        optimizer; eval mode."""
-        generator = torch.Generator().manual_seed(self.settings.seed)
-        for layer in self.lora_modules.values():
-            a = torch.empty(layer.lora_A.shape, dtype=layer.lora_A.dtype)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        """A fresh adapter: B = 0 (the model equals the base), A drawn from the seed
+        (`initial_lora_a`); a new optimizer; eval mode."""
+        for layer, a in zip(self.lora_modules.values(), initial_lora_a(self.lora_modules.values(), self.settings.seed)):
             layer.lora_A.copy_(a)
             layer.lora_B.zero_()
         for p in self.trainable:
             p.grad = None
-        self.optimizer = self._new_optimizer()
+        self.optimizer = new_optimizer(self.trainable, self.settings)
         self.steps = 0
         self.model.eval()
-
-    def _new_optimizer(self) -> torch.optim.Optimizer:
-        lr = self.settings.learning_rate
-        if self.settings.optimizer == "adam":
-            return torch.optim.Adam(self.trainable, lr=lr, fused=True)
-        if self.settings.optimizer == "adamw":
-            return torch.optim.AdamW(self.trainable, lr=lr, fused=True)
-        return torch.optim.SGD(self.trainable, lr=lr, fused=True)
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -334,13 +353,8 @@ class Adapter:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     def training_tokens(self, text: str, prefix: str = "") -> tuple[torch.Tensor, int]:
-        """The passage as a [1, T] tensor, after the `prefix` it is read in (formatted text such as
-        a chat template's, tokenised as it is), and the position of the passage's first token."""
-        if not prefix:
-            return self.tokens(text), 1
-        before = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        ids = before + self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.settings.max_passage_tokens]
-        return torch.tensor([ids], dtype=torch.long, device=self.device), max(len(before), 1)
+        """`training_tokens` with this adapter's tokenizer, passage length and device."""
+        return training_tokens(self.tokenizer, text, prefix, self.settings.max_passage_tokens, self.device)
 
     def step(self, text: str, prefix: str = "") -> float:
         """One optimizer step on the next-token loss of `text` (read after `prefix`, which is not

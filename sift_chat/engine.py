@@ -27,6 +27,7 @@ from .adaptation import AdaptationSettings, Adapter, decoder_layers
 from .batching import GATHER_SECONDS, MAX_ROWS, Batch
 from .decoding import Rows
 from .embedding import shared
+from .learning import Learner, Learning
 from .events import Done, Event, Notice, Picked, Prompted, Selected, Stage, Step, Token
 from .generation import (PromptLookup, answer_processors, cite, contrast, mixture, next_token, only_learned_words,
                          reading_weights, repeat_start, training_text)
@@ -60,6 +61,7 @@ class Engine:
         self.lock = threading.Lock()  # one adaptation at a time per loaded model
         self.model_lock = threading.Lock()  # one forward at a time: a step, a prefill, a batch's token
         self.batch: Batch | None = None  # messages decoding together (`decode_together`), or one at a time
+        self.learning: Learning | None = None  # messages taking their steps together (`decode_together`)
         self.fusion = FUSION  # how pre-selection combines the vector and the lexical search
 
     @classmethod
@@ -79,12 +81,17 @@ class Engine:
         engine.compute = probe(engine.model, home, precision)  # with its LoRA layers, as it decodes
         return engine
 
-    def decode_together(self, max_rows: int = MAX_ROWS, gather_seconds: float = GATHER_SECONDS) -> None:
-        """From now on a message, once its steps are taken, decodes as rows of one batch with the
-        other messages being answered (`batching`), and hands the adapter to the next message
-        while it does: for a server with several users."""
+    def decode_together(self, max_rows: int = MAX_ROWS, gather_seconds: float = GATHER_SECONDS,
+                        learn_together: bool = True) -> None:
+        """From now on a message decodes as rows of one batch with the other messages being
+        answered (`batching`), and hands the adapter to the next message when it starts writing;
+        with `learn_together`, it learns an adapter of its own (`learning.Learner`), its steps in
+        rounds with the other messages' (`learning`), and hands the adapter on before its first
+        step: for a server with several users."""
         self.batch = Batch(self.model, self.model_lock, threads=self.compute.decode_threads, **self._decoding_contexts(),
                            max_rows=max_rows, gather_seconds=gather_seconds)
+        self.learning = (Learning(self.model_lock, step_context=lambda: self.compute.context("step"),
+                                  gather_seconds=gather_seconds) if learn_together else None)
 
     def _decoding_contexts(self) -> dict:
         """The precision the probe chose for a prefill and for a decoding step, entered around each."""
@@ -115,6 +122,8 @@ class Engine:
             self.adapter.settings = adaptation
             self.adapter.reset()
             return
+        if self.learning is not None:  # learners of the current LoRA layers finish first
+            self.learning.wait_until_empty()
         if self.batch is not None:  # rows decoding with weights of the current LoRA layers finish first
             self.batch.wait_until_empty()
         base = self.adapter.remove()  # the base model, LoRA layers taken out
@@ -224,12 +233,15 @@ class Engine:
             yield Notice(f"no passage was selected ({selected.stop_reason}): answering with the base model")
 
         self.adapter.reset()
-        rows = None
+        rows = learner = None
         try:
             if selected and selected.picks and settings.fine_tunes:
+                if self.learning is not None:  # learns its own matrices: the adapter is free for the next message
+                    learner = self.learning.join(self.adapter)
+                    hand_over()
                 yield Stage("fine-tune", "started")
                 started = time.perf_counter()
-                yield from self._learn(prompt, selected.picks, losses)
+                yield from self._learn(prompt, selected.picks, losses, learner)
                 seconds["fine-tune"] = time.perf_counter() - started
                 yield Stage("fine-tune", "finished", seconds["fine-tune"])
 
@@ -247,14 +259,15 @@ class Engine:
             yield Prompted(readings, context, weights)
             # the same conversation without the passages, for context-aware decoding; against the
             # base model it differs from the adapted one reading the same words once steps were taken
-            contrasts = context or (settings.contrast_against == "base" and self.adapter.steps > 0)
+            learned = (learner or self.adapter).steps > 0
+            contrasts = context or (settings.contrast_against == "base" and learned)
             unread = (self.chat_input(prompt, history, [], settings)[0]
                       if contrasts and settings.context_contrast > 0 else None)
             yield Stage("generate", "started")
             started = time.perf_counter()
             pieces: list[str] = []
-            rows, prior = self._conversations(readings, unread, settings)
-            if self.batch is not None:  # what was learned travels with the rows: the adapter is free
+            rows, prior = self._conversations(readings, unread, settings, learned, learner)
+            if self.batch is not None and learner is None:  # what was learned travels with the rows: the adapter is free
                 self.adapter.reset()
                 hand_over()
             lookup = (PromptLookup([token for ids in readings for token in ids[0].tolist()])
@@ -273,9 +286,11 @@ class Engine:
             seconds["generate"] = time.perf_counter() - started
             yield Stage("generate", "finished", seconds["generate"])
         finally:
+            if learner is not None:
+                learner.leave()
             if rows is not None and self.batch is not None:
                 rows.leave()
-            else:
+            elif learner is None:
                 self.adapter.reset()
 
         if ended == "limit":
@@ -313,25 +328,33 @@ class Engine:
         yield Stage("select", "finished", seconds["select"])
         return selected
 
-    def _learn(self, prompt: str, picks: list[Picked], losses: list[float]) -> Iterator[Step]:
+    def _learn(self, prompt: str, picks: list[Picked], losses: list[float],
+               learner: Learner | None = None) -> Iterator[Step]:
         """A step on each pick in pick order, pass after pass (`epochs`), or with `together` one
-        step a pass on all its passages as one batch; each under the model lock on the models'
-        thread, appending each passage's loss to `losses`."""
-        settings = self.adapter.settings
+        step a pass on all its passages as one batch, appending each passage's loss to `losses`:
+        on the model's adapter, each under the model lock on the models' thread, or on the
+        message's own `learner`, in rounds with the other messages' steps."""
+        settings = (learner or self.adapter).settings
         texts = [training_text(prompt, pick.passage.text, settings.training, self.template.render) for pick in picks]
         total = len(texts) * settings.epochs
         if settings.together:
             prefixes, passages = zip(*texts)
             for _ in range(settings.epochs):
-                with self.model_lock:
-                    losses += torch_thread.run(self._step, self.adapter.step_together, passages, prefixes)
+                losses += self._take_step("step_together", learner, passages, prefixes)
                 for index in range(len(losses) - len(texts) + 1, len(losses) + 1):
                     yield Step(index, total, losses[index - 1], together=True)
             return
         for index, (prefix, text) in enumerate(texts * settings.epochs, 1):
-            with self.model_lock:
-                losses.append(torch_thread.run(self._step, self.adapter.step, text, prefix))
+            losses.append(self._take_step("step", learner, text, prefix))
             yield Step(index, total, losses[-1])
+
+    def _take_step(self, kind: str, learner: Learner | None, *args):
+        """`Adapter.step` or `step_together` (`kind`) on the learner, or on the model's adapter
+        under the model lock on the models' thread."""
+        if learner is not None:
+            return getattr(learner, kind)(*args)
+        with self.model_lock:
+            return torch_thread.run(self._step, getattr(self.adapter, kind), *args)
 
     def _step(self, step, *args):
         with self.compute.context("step"):  # bf16 base matmuls where chosen; fp32 LoRA and Adam
@@ -346,7 +369,8 @@ class Engine:
         budget = max(settings.max_context_tokens - settings.max_new_tokens, 32)
         return self.template.fit(prompt, history, [p.text for p in context], budget)
 
-    def _conversations(self, readings: list[torch.Tensor], unread_ids: torch.Tensor | None, settings: ChatSettings):
+    def _conversations(self, readings: list[torch.Tensor], unread_ids: torch.Tensor | None, settings: ChatSettings,
+                       learned: bool, learner: Learner | None = None):
         """(rows, prior): what `generate` decodes. The first rows read the passages (a row each,
         `readings`) with the adapter as the steps left it; with `unread_ids` (the conversation
         without passages) and `settings.context_contrast` > 0, a last row without them, under the base model when
@@ -354,16 +378,17 @@ class Engine:
         (`decoding.Rows`), or, where the probe measured it faster, the second a forward only for
         the tokens where the contrast can change the choice (`Compute.contrast_on_demand`, then
         `prior`); or, decoding together (`decode_together`), as a member of the shared batch
-        with a copy of the adapter's weights."""
+        with a copy of the adapter's weights (or the `learner`'s own). Not `learned`: the
+        adapter adds zeros, and the rows run the base layers alone."""
         device = self.adapter.device
         contrasted = unread_ids is not None and settings.context_contrast > 0
-        learned = self.adapter.steps > 0  # else the adapter adds zeros: the rows run the base layers alone
         reading_scale = 1.0 if learned else 0.0
         prior_scale = 0.0 if not learned or settings.contrast_against == "base" else 1.0
         prompts = [ids.to(device) for ids in readings] + ([unread_ids.to(device)] if contrasted else [])
         scales = [reading_scale] * len(readings) + [prior_scale] * contrasted
         if self.batch is not None:
-            weights = torch_thread.run(lora_weights, self.model) if learned else None
+            weights = (None if not learned else learner.lora_weights() if learner is not None
+                       else torch_thread.run(lora_weights, self.model))
             return self.batch.join(prompts, [(weights, scale) for scale in scales]), None
         how = {"threads": self.compute.decode_threads,  # as the probe measured this machine
                "side_by_side": self.compute.decode_side_by_side, **self._decoding_contexts()}

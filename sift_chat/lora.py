@@ -30,7 +30,10 @@ that is m_i over row i's own adapter's r columns and 0 elsewhere,
 
     y_i = x_i Wᵀ + b + s · ((x_i Aᵀ) ⊙ M_i) Bᵀ = x_i Wᵀ + b + m_i · s · (x_i A_uᵢᵀ) B_uᵢᵀ
 
-two plain matmuls that read each adapter once, however many rows use it.
+two plain matmuls that read each adapter once, however many rows use it. The same with gradients
+(a step of several messages at once, `learning`): A and B are the concatenation of each message's
+own matrices, so the backward above, with h and ∂L/∂h masked by M, gives each message's matrices
+the gradient of its own rows' loss alone.
 
 The scales and weights belong to the thread that set them, so two threads may decode on one
 model at once, each with its own rows (`decoding.Rows`).
@@ -121,11 +124,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         row_scale = self.row_scale
-        if row_scale is not None and torch.is_grad_enabled():
+        if row_scale is not None and not isinstance(row_scale, RowWeights) and torch.is_grad_enabled():
             raise RuntimeError("per-row adapter scales are for generation: run under torch.no_grad()")
         dtype = matmul_dtype()
         if not self.enabled or row_scale is BASE:
             return base_linear(x, self.base.weight, self.base.bias, dtype)
+        if isinstance(row_scale, RowWeights) and torch.is_grad_enabled():  # steps of several adapters at once
+            return _LoRALinearFunction.apply(x, self.base.weight, self.base.bias, row_scale.a, row_scale.b,
+                                             self.scaling, dtype, row_scale.mask)
         if isinstance(row_scale, RowWeights):
             return _per_row_lora_linear(x, self.base.weight, self.base.bias, row_scale, self.scaling, dtype)
         if row_scale is not None:
@@ -144,14 +150,17 @@ class LoRALinear(nn.Module):
         return f"rank={self.lora_A.shape[0]}, scaling={self.scaling:g}, enabled={self.enabled}"
 
 
-def _lora_linear(x, weight, bias, lora_a, lora_b, scaling, row_scale=None, dtype=None):
+def _lora_linear(x, weight, bias, lora_a, lora_b, scaling, row_scale=None, dtype=None, mask=None):
     """(y, rows, h): y = x Wᵀ + b + s (x Aᵀ) Bᵀ, and x as rows and h = x Aᵀ for the backward;
-    with `row_scale` m [batch] (x: [batch, …, in]), row i's h is m_i (x_i Aᵀ); x Wᵀ in `dtype`."""
+    with `row_scale` m [batch] (x: [batch, …, in]), row i's h is m_i (x_i Aᵀ); with `mask` M
+    [batch, U·r], (x_i Aᵀ) ⊙ M_i (`RowWeights`); x Wᵀ in `dtype`."""
     rows = x.reshape(-1, x.shape[-1])
     y = base_linear(x, weight, bias, dtype)  # the base layer's own op, so that B = 0 gives its output bit for bit
     h = rows @ lora_a.T
     if row_scale is not None:
         h = (h.view(row_scale.shape[0], -1, h.shape[-1]) * row_scale.view(-1, 1, 1).to(h.dtype)).view_as(h)
+    if mask is not None:
+        h = _masked(h, mask)
     y.view(-1, y.shape[-1]).addmm_(h, lora_b.T.to(h.dtype), alpha=scaling)  # under bf16 autocast y and h are bf16
     return y, rows, h
 
@@ -159,11 +168,17 @@ def _lora_linear(x, weight, bias, lora_a, lora_b, scaling, row_scale=None, dtype
 class RowWeights(NamedTuple):
     """One layer's LoRA matrices for the rows of a batch (module docstring): the adapters in use
     side by side, A [U·r, in] and B [out, U·r], and which of their columns each row uses, M
-    [batch, U·r] (the row's scale there, 0 elsewhere; a row of zeros is the base layer)."""
+    [batch, U·r] (the row's scale there, 0 elsewhere; a row of zeros is the base layer). With
+    gradients (steps), M may be None: one adapter for every row."""
 
     a: torch.Tensor
     b: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
+
+
+def _masked(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """h [batch·T, U·r] with row i's positions multiplied by mask[i] [U·r]."""
+    return (h.view(mask.shape[0], -1, h.shape[-1]) * mask[:, None, :].to(h.dtype)).view_as(h)
 
 
 def _per_row_lora_linear(x, weight, bias, rows: RowWeights, scaling, dtype=None):
@@ -175,12 +190,13 @@ def _per_row_lora_linear(x, weight, bias, rows: RowWeights, scaling, dtype=None)
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """y = x Wᵀ + b + s (x Aᵀ) Bᵀ with the backward of the module docstring (W and b get none)."""
+    """y = x Wᵀ + b + s (x Aᵀ) Bᵀ with the backward of the module docstring (W and b get none);
+    with `mask` [batch, U·r], h and ∂L/∂h masked per row (`RowWeights`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dtype=None):
-        y, rows, h = _lora_linear(x, weight, bias, lora_a, lora_b, scaling, dtype=dtype)
-        ctx.save_for_backward(rows, h, weight, lora_a, lora_b)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dtype=None, mask=None):
+        y, rows, h = _lora_linear(x, weight, bias, lora_a, lora_b, scaling, dtype=dtype, mask=mask)
+        ctx.save_for_backward(rows, h, weight, lora_a, lora_b, mask)
         ctx.scaling = scaling
         ctx.x_shape = x.shape
         ctx.matmul_dtype = dtype
@@ -188,11 +204,13 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        rows, h, weight, lora_a, lora_b = ctx.saved_tensors
+        rows, h, weight, lora_a, lora_b, mask = ctx.saved_tensors
         s = ctx.scaling
         grad_rows = grad_y.reshape(-1, grad_y.shape[-1])
         dtype = grad_rows.dtype  # bf16 when the forward ran under bf16 autocast (autograd casts the grads back)
         grad_h = grad_rows @ (lora_b * s).to(dtype)
+        if mask is not None:
+            grad_h = _masked(grad_h, mask)
         grad_b = grad_rows.T @ (h * s).to(dtype)
         grad_a = grad_h.T @ rows.to(dtype)
         grad_x = None
@@ -201,7 +219,7 @@ class _LoRALinearFunction(torch.autograd.Function):
             through_weight = (grad_rows @ weight.to(dtype) if low is None or low == weight.dtype else
                               (grad_rows.to(low) @ low_precision(weight, low)).to(dtype))
             grad_x = through_weight.addmm_(grad_h, lora_a.to(dtype)).view(ctx.x_shape)
-        return grad_x, None, None, grad_a, grad_b, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 @contextmanager

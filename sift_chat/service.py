@@ -272,7 +272,8 @@ class Service:
                 adaptation: AdaptationSettings | None, selected: Selected | None = None,
                 owners: tuple[str, ...] = (), step_aside: bool = False) -> Iterator[TurnEvent]:
         """The engine's events for one answer, as the turn's; with `step_aside`, where messages
-        decode together, the turn lets the next one in once it starts writing."""
+        decode together, the turn lets the next one in once it starts writing, or where they
+        learn together, once it starts its steps."""
         where = "before it started"
         stream = self.engine.respond(prompt, history, chat, adaptation=adaptation, selected=selected, owners=owners)
         panel, notices = None, []
@@ -290,7 +291,9 @@ class Service:
                     where = {"embed": "while reading the question", "select": "while selecting",
                              "fine-tune": "before the first step", "generate": "before the first word"
                              }.get(event.name, f"while in {event.name}")
-                    if event.name == "generate" and step_aside and self.engine.batch is not None:
+                    # the next message may start once this one learns on its own (`Engine.learning`) or writes
+                    if step_aside and (event.name == "generate" and self.engine.batch is not None
+                                       or event.name == "fine-tune" and self.engine.learning is not None):
                         self.queue.step_aside(turn)
                 elif isinstance(event, Step):
                     panel.add_step(event)

@@ -103,7 +103,8 @@ def idle(service) -> bool:
     with service.engine.adapter.disabled() as base:
         at_base = torch.equal(logits(service.engine.model, ids), logits(base, ids))
     return (at_base and not service.engine.lock.locked() and service.queue.waiting == 0
-            and service.queue.answering == 0 and service.engine.batch.members == 0)
+            and service.queue.answering == 0 and service.engine.batch.members == 0
+            and (service.engine.learning is None or service.engine.learning.learners == 0))
 
 
 def test_models_and_a_completion_with_the_panel_in_it(client, server):
@@ -364,9 +365,19 @@ def test_six_clients_at_once_complete_in_arrival_order_without_leaking_adaptatio
     assert idle(server.service)
 
 
+def slow_steps(engine, monkeypatch, seconds: float) -> None:
+    """Every step takes `seconds` longer: each round of the messages learning together (as app.py
+    serves them), or each step on the model's adapter."""
+    if engine.learning is not None:
+        run = engine.learning._run
+        monkeypatch.setattr(engine.learning, "_run", lambda learners: time.sleep(seconds) or run(learners))
+    else:
+        step = engine.adapter.step
+        monkeypatch.setattr(engine.adapter, "step", lambda text, prefix="": time.sleep(seconds) or step(text, prefix))
+
+
 def test_a_client_that_goes_away_mid_stream_leaves_the_model_at_base(server, monkeypatch):
-    step = server.service.engine.adapter.step
-    monkeypatch.setattr(server.service.engine.adapter, "step", lambda text, prefix="": time.sleep(0.3) or step(text, prefix))
+    slow_steps(server.service.engine, monkeypatch, 0.3)
     body = {"model": "sift-chat", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": QUESTION}],
             "sift": {"mode": "both", "passages": 8}}
     with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=60) as response:
@@ -403,8 +414,7 @@ def test_a_client_that_goes_away_while_its_answer_is_written_leaves_the_batch(se
 def test_a_client_that_hangs_up_frees_the_model_and_its_ticket_while_stepping_and_while_waiting(server, monkeypatch):
     import hashlib
 
-    step = server.service.engine.adapter.step
-    monkeypatch.setattr(server.service.engine.adapter, "step", lambda text, prefix="": time.sleep(0.5) or step(text, prefix))
+    slow_steps(server.service.engine, monkeypatch, 0.5)
     body = {"model": "sift-chat", "max_tokens": 4, "messages": [{"role": "user", "content": QUESTION}],
             "sift": {"mode": "both", "passages": 8}}
     key = "hangs-up"

@@ -147,6 +147,22 @@ def sequential(engine, readings, unread_ids, settings) -> list[int]:
     return answer
 
 
+@contextmanager
+def adapted_as(engine, learner):
+    """The model's adapter holding the learner's matrices inside (none: as it is); reset after."""
+    if learner is None:
+        yield
+        return
+    with torch.no_grad():
+        for layer, (a, b) in zip(engine.adapter.lora_modules.values(), learner.lora_weights()):
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+    try:
+        yield
+    finally:
+        engine.adapter.reset()
+
+
 @pytest.mark.parametrize("reading", [1, 3])
 @pytest.mark.parametrize("how", ["batched", "on demand", "together"])
 @pytest.mark.parametrize("mode", ["context", "both", "fine-tune"])
@@ -158,11 +174,15 @@ def test_batched_contrast_answers_token_for_token_as_the_sequential_passes(engin
     seen = []  # per message: (unread ids given, the sequential reference's answer)
     conversations = engine._conversations
 
-    def checked(readings, unread_ids, settings):
-        # the reference runs on the model as adapted for this message, before the engine answers
+    def checked(readings, unread_ids, settings, learned, learner=None):
+        # the reference runs on the model as adapted for this message (decoding together: with
+        # what its own learner learned, put into the model's adapter), before the engine answers
         assert len(readings) == (reading if mode != "fine-tune" else 1)  # a conversation per passage read
-        seen.append((unread_ids, None if unread_ids is None else sequential(engine, readings, unread_ids, settings)))
-        return conversations(readings, unread_ids, settings)
+        assert (learner is not None) == (how == "together" and mode != "context")
+        with adapted_as(engine, learner):
+            reference = None if unread_ids is None else sequential(engine, readings, unread_ids, settings)
+        seen.append((unread_ids, reference))
+        return conversations(readings, unread_ids, settings, learned, learner)
 
     monkeypatch.setattr(engine, "_conversations", checked)
     settings = ChatSettings(mode=mode, passages=3, max_new_tokens=12, loop_tokens=0, context_contrast=1.0,
