@@ -1,9 +1,10 @@
 """Several messages decoded together: one forward per token for every conversation being answered.
 
 Decoding a small model on a CPU is bound by reading its weights: a forward over eight rows costs
-little more than over one. So when several users wait, each message takes its steps on the model's
-adapter alone (they need the whole machine), keeps what it learned (`lora.lora_weights`), hands
-the adapter to the next message, and decodes as rows of one shared batch:
+little more than over one. So when several users wait, each message takes its steps (on an adapter
+of its own, in rounds with the other messages' steps: `learning`; or on the model's adapter,
+keeping a copy of what it learned, `lora.lora_weights`), and decodes with what it learned as rows
+of one shared batch:
 
     join     each new conversation prefilled alone (its own LoRA weights), its cache then
              left-padded into the batch's one cache (or the batch's into its length)
@@ -65,6 +66,7 @@ class Batch:
         self._members: list[Member] = []  # in row order
         self._reserved = 0  # rows of members being prefilled
         self._running = False  # a forward is being run (or waits for the model's lock)
+        self._free_since = 0.0  # when the last forward ended
         self._cache = None  # the rows' keys and values, left-padded: [rows, heads, T, d] per layer
         self._mask: torch.Tensor | None = None  # [rows, T]: 1 where a row has a token
         self._positions: torch.Tensor | None = None  # [rows]: each row's own token count
@@ -175,7 +177,8 @@ class Batch:
     def _step(self, member: "Member") -> None:
         """Wait until the member's pending token has been through a forward: as its leader when
         no forward runs and every member is ready or the first ready one has waited
-        `gather_seconds`, else as a passenger of the forward another member leads."""
+        `gather_seconds` (since it asked and since the last forward ended), else as a passenger
+        of the forward another member leads."""
         with self._changed:
             member.asked = time.monotonic()
             self._changed.notify_all()
@@ -185,7 +188,8 @@ class Batch:
                 if not self._running:
                     active = [m for m in self._members if not m.gone]
                     ready = [m for m in active if m.pending is not None]
-                    waited = time.monotonic() - min(m.asked for m in ready)
+                    # from the end of the last forward too: its members ask again a moment after it
+                    waited = time.monotonic() - max(min(m.asked for m in ready), self._free_since)
                     if len(ready) == len(active) or waited >= self.gather_seconds:
                         self._running = True
                         break
@@ -211,7 +215,7 @@ class Batch:
                     raise
         finally:
             with self._changed:
-                self._running = False
+                self._running, self._free_since = False, time.monotonic()
                 self._changed.notify_all()
 
     def _run(self, tokens: list[tuple["Member", list[int]]]) -> None:

@@ -153,9 +153,10 @@ class Engine:
             found = self.preselect(query, prompt, settings, owners)
             candidates = torch.from_numpy(found.vectors)
             method = method or settings.method
-            selection = torch_thread.run(select, query, candidates, method, settings.passages, settings.lam,
-                                         settings.min_reduction, settings.alpha)
-            nn = torch_thread.run(select, query, candidates, "nn", settings.passages, settings.lam)
+            selection, nn = torch_thread.run(lambda: (  # one call: the models' thread may be between steps
+                select(query, candidates, method, settings.passages, settings.lam, settings.min_reduction,
+                       settings.alpha),
+                select(query, candidates, "nn", settings.passages, settings.lam)))
             reading = read_count(found.match, settings.read_passages, settings.read_min_match)
             return self._describe(selection, found, nn, reading)
 
@@ -235,13 +236,18 @@ class Engine:
         self.adapter.reset()
         rows = learner = None
         try:
-            if selected and selected.picks and settings.fine_tunes:
-                if self.learning is not None:  # learns its own matrices: the adapter is free for the next message
-                    learner = self.learning.join(self.adapter)
-                    hand_over()
+            learns = bool(selected and selected.picks and settings.fine_tunes)
+            if self.learning is not None and learns:  # learns its own matrices: the adapter is free for the next message
+                learner = self.learning.join(self.adapter)
+                hand_over()
+            elif self.learning is not None:
+                self.learning.arrived()  # if this one was expected to learn, the rounds wait for it no more
+            if learns:
                 yield Stage("fine-tune", "started")
                 started = time.perf_counter()
                 yield from self._learn(prompt, selected.picks, losses, learner)
+                if learner is not None:  # the rounds wait for it no more; what it learned stays with it
+                    learner.leave()
                 seconds["fine-tune"] = time.perf_counter() - started
                 yield Stage("fine-tune", "finished", seconds["fine-tune"])
 
@@ -267,7 +273,9 @@ class Engine:
             started = time.perf_counter()
             pieces: list[str] = []
             rows, prior = self._conversations(readings, unread, settings, learned, learner)
-            if self.batch is not None and learner is None:  # what was learned travels with the rows: the adapter is free
+            if learner is not None:  # what it learned is in the batch now: the LoRA layers may change
+                learner.close()
+            elif self.batch is not None:  # what was learned travels with the rows: the adapter is free
                 self.adapter.reset()
                 hand_over()
             lookup = (PromptLookup([token for ids in readings for token in ids[0].tolist()])
@@ -287,7 +295,7 @@ class Engine:
             yield Stage("generate", "finished", seconds["generate"])
         finally:
             if learner is not None:
-                learner.leave()
+                learner.close()
             if rows is not None and self.batch is not None:
                 rows.leave()
             elif learner is None:

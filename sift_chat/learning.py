@@ -16,7 +16,12 @@ the wider matmuls, and its own optimizer steps its own matrices. A learner alone
 the same layers without a mask: the step `Adapter.step` takes, on the learner's matrices.
 
 A round runs once every learner has asked for its step or the first to ask has waited
-`gather_seconds`. It holds the model's lock on the models' thread (`torch_thread`), as the
+`gather_seconds`, counted from the end of the last round and from the last learner's joining
+too, so that the learners of that round, which ask again a moment after it, and a learner just
+arrived are waited for rather than left to the next round. A message that
+is known to be on its way (`expect`: the server let the next one in as this one began its steps)
+is waited for too, until it joins or `expect_seconds` have passed: its selection takes the models'
+thread between rounds, and without the wait it would join rounds behind and learn alone. It holds the model's lock on the models' thread (`torch_thread`), as the
 decoding batch's forwards do, so steps and decoding take turns. The model's own adapter is not
 touched: a learner's matrices travel with it, to the decoding batch (`lora_weights`).
 """
@@ -37,47 +42,84 @@ from .adaptation import (Adapter, AdaptationSettings, initial_lora_a, new_optimi
 from .lora import LayerWeights, RowWeights, row_weights
 
 GATHER_SECONDS = 0.01  # how long a round waits for learners that have not asked for their next step yet
+EXPECT_SECONDS = 0.25  # how long rounds wait for a message on its way to its first step
 
 
 class Learning:
     """The learners of the messages now taking steps, and their rounds (module docstring)."""
 
     def __init__(self, lock=None, *, step_context: Callable[[], ContextManager] = nullcontext,
-                 gather_seconds: float = GATHER_SECONDS):
+                 gather_seconds: float = GATHER_SECONDS, expect_seconds: float = EXPECT_SECONDS):
         self.lock = lock or threading.Lock()  # the model's: held for every round
         self.step_context = step_context  # the precision the probe chose for steps, entered around each round
-        self.gather_seconds = gather_seconds
+        self.gather_seconds, self.expect_seconds = gather_seconds, expect_seconds
         self._changed = threading.Condition()
-        self._learners: list[Learner] = []
+        self._learners: list[Learner] = []  # those taking steps: in the rounds
+        self._open: set[Learner] = set()  # those whose matrices are still in use with the model's LoRA layers
+        self._expected: list[float] = []  # when each message on its way was announced
         self._running = False
+        self._gather_from = 0.0  # when the last round ended or the last learner joined
         self.rounds = 0  # rounds run (for the benchmarks and tests)
         self.steps = 0  # learners' steps in them, together
 
     @property
     def learners(self) -> int:
+        """Learners taking steps (in the rounds)."""
         with self._changed:
             return len(self._learners)
 
+    @property
+    def open(self) -> int:
+        """Learners not closed: their matrices are in the LoRA layers' shapes still in use."""
+        with self._changed:
+            return len(self._open)
+
     def join(self, adapter: Adapter, settings: AdaptationSettings | None = None) -> "Learner":
         """A fresh learner for one message, in the shapes of `adapter`'s LoRA layers, learning
-        with `settings` (default: the adapter's): from now on its steps share rounds."""
+        with `settings` (default: the adapter's): from now on its steps share rounds. It is the
+        message `expect` announced, if one was."""
         learner = Learner(self, adapter, settings or adapter.settings)
         with self._changed:
-            if self._learners and self._learners[0].layers != learner.layers:
-                raise RuntimeError("a learner of other LoRA layers is still learning: wait_until_empty first")
+            if any(other.layers != learner.layers for other in self._open):
+                raise RuntimeError("a learner of other LoRA layers is still open: wait_until_empty first")
             self._learners.append(learner)
-            self._changed.notify_all()
+            self._open.add(learner)
+            self._gather_from = time.monotonic()
+            self._arrived()
         return learner
 
-    def wait_until_empty(self) -> None:
-        """Return once no learner is learning (before the LoRA layers change)."""
+    def expect(self) -> None:
+        """Another message is on its way to its steps: rounds wait for it (`expect_seconds` at most)."""
         with self._changed:
-            self._changed.wait_for(lambda: not self._learners)
+            self._expected.append(time.monotonic())
 
-    def _leave(self, learner: "Learner") -> None:
+    def arrived(self) -> None:
+        """A message `expect` announced takes no steps after all: rounds wait for it no more."""
+        with self._changed:
+            self._arrived()
+
+    def _arrived(self) -> None:
+        if self._expected:
+            self._expected.pop(0)
+        self._changed.notify_all()
+
+    def _still_expected(self, now: float) -> float:
+        """Seconds until the last announced message stops being waited for (0: none is)."""
+        self._expected = [t for t in self._expected if now - t < self.expect_seconds]
+        return max((t + self.expect_seconds - now for t in self._expected), default=0.0)
+
+    def wait_until_empty(self) -> None:
+        """Return once every learner is closed (before the LoRA layers change: a learner's
+        matrices are in their shapes until its message has joined the decoding batch)."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._open)
+
+    def _leave(self, learner: "Learner", close: bool) -> None:
         with self._changed:
             if learner in self._learners:
                 self._learners.remove(learner)
+            if close:
+                self._open.discard(learner)
             learner.pending = None
             self._changed.notify_all()
 
@@ -87,18 +129,23 @@ class Learning:
         """The losses of the learner's passages (`requests`: [1, T] ids and where the loss
         starts) before the step they take together in the next round: run it as its leader when
         no round runs and every learner is ready or the first ready one has waited
-        `gather_seconds`, else wait as a passenger of the round another learner leads."""
+        `gather_seconds` since it asked, since the last round ended and since the last learner
+        joined (and no message
+        announced by `expect` is still on its way), else wait as a passenger of the round another
+        learner leads."""
         with self._changed:
             learner.pending, learner.result, learner.asked = requests, None, time.monotonic()
             self._changed.notify_all()
             while learner.pending is not None:
                 if not self._running:
+                    now = time.monotonic()
                     ready = [l for l in self._learners if l.pending is not None]
-                    waited = time.monotonic() - min(l.asked for l in ready)
-                    if len(ready) == len(self._learners) or waited >= self.gather_seconds:
+                    waited = now - max(min(l.asked for l in ready), self._gather_from)
+                    expected = self._still_expected(now)
+                    if not expected and (len(ready) == len(self._learners) or waited >= self.gather_seconds):
                         self._running = True
                         break
-                    self._changed.wait(self.gather_seconds - waited)
+                    self._changed.wait(max(expected, self.gather_seconds - waited, 0.001))
                 else:
                     self._changed.wait()
             else:
@@ -118,7 +165,7 @@ class Learning:
                     raise
         finally:
             with self._changed:
-                self._running = False
+                self._running, self._gather_from = False, time.monotonic()
                 self._changed.notify_all()
         return learner.result
 
@@ -179,8 +226,9 @@ def _stacked(learners: Sequence["Learner"], owners: list[int]) -> dict[int, RowW
 
 
 class Learner:
-    """One message's adapter, learned in `Learning`'s rounds: `step`, `step_together`, then
-    `lora_weights` for decoding, and `leave` when the message is done (also when it failed)."""
+    """One message's adapter, learned in `Learning`'s rounds: `step`, `step_together`; `leave`
+    the rounds once its steps are taken; `lora_weights` for decoding; `close` once the decoding
+    batch holds them or the message is done (also when it failed)."""
 
     def __init__(self, learning: Learning, adapter: Adapter, settings: AdaptationSettings):
         self.learning = learning
@@ -226,5 +274,10 @@ class Learner:
         return [(a.detach(), b.detach()) for a, b in self.weights]
 
     def leave(self) -> None:
-        """Out of the rounds; again is a no-op."""
-        self.learning._leave(self)
+        """Out of the rounds (its matrices still in use); again is a no-op."""
+        self.learning._leave(self, close=False)
+
+    def close(self) -> None:
+        """Out of the rounds, and its matrices no longer tied to the model's LoRA layers (which may
+        change after this); again is a no-op."""
+        self.learning._leave(self, close=True)

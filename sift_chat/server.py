@@ -71,9 +71,10 @@ def parse_args(argv: list[str] | None = None, prog: str = "python app.py") -> ar
                         help="the chat model's compute precision (default: $SIFT_CHAT_PRECISION or auto: measured "
                              "at start-up, cached per machine)")
     parser.add_argument("--decoding", choices=DECODINGS, default=os.environ.get("SIFT_CHAT_DECODING", "together"),
-                        help="together: a message that has taken its steps writes its answer in one batch with "
-                             "the others being answered while the next one steps; one-at-a-time: a message "
-                             "holds the model until its last word (default: $SIFT_CHAT_DECODING or %(default)s)")
+                        help="together: messages take their steps in shared rounds, each learning its own "
+                             "adapter, and write their answers in one batch; one-at-a-time: a message "
+                             "holds the model from its first step to its last word, and answers exactly as "
+                             "alone (default: $SIFT_CHAT_DECODING or %(default)s)")
     args = parser.parse_args(argv)
     if args.decoding not in DECODINGS:  # from the environment: argparse checks only what was typed
         parser.error(f"$SIFT_CHAT_DECODING must be one of {', '.join(DECODINGS)}, got {args.decoding!r}")
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None, prog: str = "python app.py") -> int:
                                   precision=args.precision)
         if args.decoding == "together":
             engine.decode_together()
-        print(f"sift-chat: {engine.compute.describe()}; messages decode {args.decoding.replace('-', ' ')}",
+        print(f"sift-chat: {engine.compute.describe()}; messages " + ("learn and decode together" if args.decoding == "together"
+                                                                 else "take the model one at a time"),
               file=sys.stderr, flush=True)
         service = Service(engine, home, allow_server_paths=not (args.share or os.environ.get("SPACE_ID")),
                           upload_folder=get_upload_folder(), max_waiting=args.max_queue,

@@ -292,8 +292,12 @@ class Service:
                              "fine-tune": "before the first step", "generate": "before the first word"
                              }.get(event.name, f"while in {event.name}")
                     # the next message may start once this one learns on its own (`Engine.learning`) or writes
-                    if step_aside and (event.name == "generate" and self.engine.batch is not None
-                                       or event.name == "fine-tune" and self.engine.learning is not None):
+                    learning = self.engine.learning
+                    if step_aside and event.name == "fine-tune" and learning is not None:
+                        if self.queue.waiting:  # the next one's steps will share this one's rounds
+                            learning.expect()
+                        self.queue.step_aside(turn)
+                    elif step_aside and event.name == "generate" and self.engine.batch is not None:
                         self.queue.step_aside(turn)
                 elif isinstance(event, Step):
                     panel.add_step(event)

@@ -20,8 +20,8 @@ MODE_LABELS = {"fine-tune": "Fine-tune", "context": "Context", "both": "Both", "
 CONTRAST_TARGETS = ("adapted", "base")
 CONTRAST_TARGET_LABELS = {"adapted": "The adapted model", "base": "The base model"}
 
-# How a server's messages share the model once their steps are taken: decoding together in one
-# batch while the next message steps (`batching`), or each holding it to its last word.
+# How a server's messages share the model: their steps in shared rounds and their answers in one
+# batch (`learning`, `batching`), or each holding it from its first step to its last word.
 DECODINGS = ("together", "one-at-a-time")
 
 # The evaluation's baseline: the base model, no selection. It is what mode "off" answers with in a

@@ -104,7 +104,7 @@ def idle(service) -> bool:
         at_base = torch.equal(logits(service.engine.model, ids), logits(base, ids))
     return (at_base and not service.engine.lock.locked() and service.queue.waiting == 0
             and service.queue.answering == 0 and service.engine.batch.members == 0
-            and (service.engine.learning is None or service.engine.learning.learners == 0))
+            and (service.engine.learning is None or service.engine.learning.open == 0))
 
 
 def test_models_and_a_completion_with_the_panel_in_it(client, server):
@@ -482,7 +482,7 @@ def test_app_py_serves_the_app_and_the_api_on_one_port(tmp_path):
             assert browser.get(f"http://127.0.0.1:{port}/?token={'t' * 20}").status_code == 200
         text, reason, extension = ask(keyed, sift={"mode": "off"}, max_tokens=3)
         assert reason in ("stop", "length") and extension["selection"] is None  # an empty corpus
-        assert "messages decode together" in log.read_text()  # the default: answers written in one batch
+        assert "messages learn and decode together" in log.read_text()  # the default: steps in rounds, answers in one batch
     finally:
         process.terminate()
         process.wait(30)
@@ -525,7 +525,7 @@ def test_app_py_answers_clients_at_once_each_as_alone(tmp_path, embedder):
         for thread in threads:
             thread.join(120)
         assert [together.get(0), together.get(1)] == alone
-        assert "messages decode together" in log.read_text()
+        assert "messages learn and decode together" in log.read_text()
     finally:
         process.terminate()
         process.wait(30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def learn_at_once(adapter: Adapter, plans: list[tuple[AdaptationSettings, list[l
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
         finally:
-            learner.leave()
+            learner.close()
 
     threads = [threading.Thread(target=run, args=(learner, passages)) for learner, (_, passages) in zip(learners, plans)]
     for thread in threads:
@@ -95,7 +96,7 @@ def test_learners_in_one_round_each_take_the_step_they_take_alone(adapter, optim
             else:
                 assert (learned - expected).abs().gt(1e-4).float().mean() < 0.01
     assert all(layer.lora_B.abs().sum() == 0 for layer in adapter.lora_modules.values())  # the model's own: untouched
-    assert learning.learners == 0
+    assert learning.learners == 0 and learning.open == 0
 
 
 def test_a_learner_alone_steps_as_the_adapter_does_and_answers_with_what_it_learned(adapter, tokenizer):
@@ -118,8 +119,9 @@ def test_a_learner_alone_steps_as_the_adapter_does_and_answers_with_what_it_lear
     assert learner.step("") != learner.step("")  # nothing to predict: nan, no step
     assert learner.steps == 2
     learner.leave()
-    learner.leave()
-    assert learning.learners == 0
+    learner.close()
+    learner.close()
+    assert learning.learners == 0 and learning.open == 0
 
 
 def test_a_failed_round_fails_its_learners_and_the_next_learner_steps(adapter, monkeypatch):
@@ -140,7 +142,7 @@ def test_a_failed_round_fails_its_learners_and_the_next_learner_steps(adapter, m
         except RuntimeError as error:
             failures.append(str(error))
         finally:
-            learner.leave()
+            learner.close()
 
     threads = [threading.Thread(target=step, args=(learner,)) for learner in (first, second)]
     for thread in threads:
@@ -153,14 +155,61 @@ def test_a_failed_round_fails_its_learners_and_the_next_learner_steps(adapter, m
     monkeypatch.setattr(learning_module, "next_token_losses", real)
     third = learning.join(adapter, settings)
     assert third.step(PASSAGES[1]) > 0 and learning.rounds == 1
-    third.leave()
+    third.close()
 
 
 def test_learners_of_other_lora_layers_wait_their_turn(adapter, tokenizer):
+    """The LoRA layers may change (another rank, other layers) only once no learner's matrices are
+    tied to them: not while one steps, nor after its steps until its message decodes with them."""
     learning = Learning()
     learner = learning.join(adapter)
     other = Adapter(tiny_model(tokenizer), tokenizer, AdaptationSettings(rank=2))
     with pytest.raises(RuntimeError, match="other LoRA layers"):
         learning.join(other)
-    learner.leave()
-    learning.join(other).leave()
+    learner.leave()  # its steps are taken: out of the rounds, its matrices still to be decoded with
+    assert learning.learners == 0 and learning.open == 1
+    with pytest.raises(RuntimeError, match="other LoRA layers"):
+        learning.join(other)
+    waited = threading.Event()
+    waiter = threading.Thread(target=lambda: (learning.wait_until_empty(), waited.set()))
+    waiter.start()
+    assert not waited.wait(0.2)
+    learner.close()
+    waiter.join(5)
+    assert waited.is_set()
+    learning.join(other).close()
+
+
+def test_rounds_wait_for_a_message_on_its_way_until_it_joins_or_for_a_while(adapter):
+    """A message announced by `expect` (the server let it in as another began its steps) is
+    waited for before a round runs, so that its first step shares that round; `arrived` (it takes
+    no steps after all) releases the rounds at once, and one that never comes holds them back for
+    `expect_seconds` only."""
+    settings = AdaptationSettings(rank=4, learning_rate=1e-2)
+    learning = Learning(gather_seconds=1.0, expect_seconds=30.0)
+    first = learning.join(adapter, settings)
+    learning.expect()
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (first.step(PASSAGES[0]), done.set()))
+    thread.start()
+    assert not done.wait(0.3)  # the round waits for the message on its way
+    second = learning.join(adapter, settings)  # it arrives, and asks
+    second.step(PASSAGES[1])
+    thread.join(10)
+    assert done.is_set() and learning.rounds == 1 and learning.steps == 2
+    second.close()
+
+    learning.expect()
+    learning.arrived()
+    started = time.monotonic()
+    first.step(PASSAGES[2])
+    assert time.monotonic() - started < 5.0 and learning.rounds == 2
+    first.close()
+
+    impatient = Learning(gather_seconds=0.001, expect_seconds=0.2)
+    lone = impatient.join(adapter, settings)
+    impatient.expect()
+    started = time.monotonic()
+    lone.step(PASSAGES[0])
+    assert 0.15 < time.monotonic() - started < 5.0  # waited for the announced one, not for ever
+    lone.close()

@@ -60,7 +60,8 @@ def nothing_left(service: Service) -> bool:
     batch = service.engine.batch
     return (service.store.chats(OWNER) == [] and at_base(service.engine)
             and not service.engine.lock.locked() and service.queue.waiting == 0
-            and service.queue.answering == 0 and (batch is None or batch.members == 0))
+            and service.queue.answering == 0 and (batch is None or batch.members == 0)
+            and (service.engine.learning is None or service.engine.learning.open == 0))
 
 
 STOP_POINTS = {
@@ -154,6 +155,44 @@ def test_stop_in_the_app_leaves_no_chat_and_puts_the_message_back(service):
     assert h.stop(ME) == "Nothing to stop."
     list(h.respond(QUESTION, None, ME, settings, h.new_turn(ME)))
     assert h.stop(ME).startswith("Too late to stop: the answer was complete")
+
+
+def test_messages_arriving_together_learn_in_shared_rounds_and_answer_as_alone(service, monkeypatch):
+    """Decoding together (the app's default), the next message is let in as one starts its steps,
+    and its steps share that one's rounds (one forward and backward for both, each row through its
+    own message's adapter): both answers are those each gets alone, and nothing is left behind."""
+    settings = replace(FAST, max_new_tokens=8, loop_tokens=0)
+    first, second = Caller("user:una", "una"), Caller("user:dev", "dev")
+    questions = {first: QUESTION, second: "What are the bottles of the glassworks coloured with?"}
+
+    def answer(caller) -> Answered:
+        events = service.run(service.new_turn(caller.owner), questions[caller], [], settings, caller=caller)
+        return [e for e in events if isinstance(e, Answered)][0]
+
+    alone = {caller: answer(caller).raw_answer for caller in questions}  # one message at a time
+    service.engine.decode_together(gather_seconds=0.05)
+    learning, select, calls = service.engine.learning, service.engine.select, []
+
+    def select_once_the_second_waits(*args, **kwargs):  # so that both are on their way at once
+        calls.append(1)
+        deadline = time.monotonic() + 30
+        while len(calls) == 1 and service.queue.waiting == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(service.engine, "select", select_once_the_second_waits)
+    results = {}
+    threads = [threading.Thread(target=lambda c=caller: results.setdefault(c, answer(c))) for caller in questions]
+    threads[0].start()
+    while not calls:
+        time.sleep(0.005)
+    threads[1].start()
+    for thread in threads:
+        thread.join(60)
+    assert {caller: results[caller].raw_answer for caller in questions} == alone
+    assert all(len(results[caller].record.losses) == 3 for caller in questions)
+    assert learning.steps == 6 and learning.rounds < 6  # some rounds took a step of each
+    assert nothing_left(service)
 
 
 def test_two_turns_at_once_take_turns_in_arrival_order_and_the_second_sees_its_place(service, monkeypatch):
