@@ -127,12 +127,11 @@ class Learning:
 
     def _step(self, learner: "Learner", requests: list[tuple[torch.Tensor, int]]) -> list[float]:
         """The losses of the learner's passages (`requests`: [1, T] ids and where the loss
-        starts) before the step they take together in the next round: run it as its leader when
-        no round runs and every learner is ready or the first ready one has waited
-        `gather_seconds` since it asked, since the last round ended and since the last learner
-        joined (and no message
-        announced by `expect` is still on its way), else wait as a passenger of the round another
-        learner leads."""
+        starts) before the step they take together in the next round. It leads the round when
+        none runs, no message announced by `expect` is still on its way, and every learner is
+        ready or the first ready one has waited `gather_seconds` (since it asked, since the last
+        round ended and since the last learner joined); else it waits as a passenger of the
+        round another learner leads."""
         with self._changed:
             learner.pending, learner.result, learner.asked = requests, None, time.monotonic()
             self._changed.notify_all()
