@@ -237,7 +237,9 @@ class Engine:
         rows = learner = None
         try:
             learns = bool(selected and selected.picks and settings.fine_tunes)
-            if self.learning is not None and learns:  # learns its own matrices: the adapter is free for the next message
+            # learns its own matrices, the adapter free for the next message (rounds take no dropout:
+            # a message with dropout steps on the model's adapter, holding it to its first token)
+            if self.learning is not None and learns and self.adapter.settings.dropout == 0:
                 learner = self.learning.join(self.adapter)
                 hand_over()
             elif self.learning is not None:

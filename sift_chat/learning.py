@@ -77,8 +77,12 @@ class Learning:
     def join(self, adapter: Adapter, settings: AdaptationSettings | None = None) -> "Learner":
         """A fresh learner for one message, in the shapes of `adapter`'s LoRA layers, learning
         with `settings` (default: the adapter's): from now on its steps share rounds. It is the
-        message `expect` announced, if one was."""
-        learner = Learner(self, adapter, settings or adapter.settings)
+        message `expect` announced, if one was. Rounds apply no dropout: settings with dropout
+        are refused."""
+        settings = settings or adapter.settings
+        if settings.dropout > 0:
+            raise ValueError("steps in shared rounds take no LoRA dropout: step on the adapter itself")
+        learner = Learner(self, adapter, settings)
         with self._changed:
             if any(other.layers != learner.layers for other in self._open):
                 raise RuntimeError("a learner of other LoRA layers is still open: wait_until_empty first")

@@ -54,6 +54,23 @@ def assert_at_base(engine, probe):
 FAST = ChatSettings(mode="both", passages=4, max_new_tokens=6)
 
 
+def test_learning_together_each_message_learns_its_own_matrices_and_dropout_steps_on_the_adapter(engine, probe):
+    """Decoding together, a message learns in the shared rounds on matrices of its own (the model's
+    adapter untouched) and answers as on the model's adapter alone; a message with LoRA dropout,
+    which rounds do not apply, takes its steps on the model's adapter as before. Both leave the
+    model at base and no learner open."""
+    alone = list(engine.respond(QUESTION, settings=FAST))[-1]
+    engine.decode_together()
+    together = list(engine.respond(QUESTION, settings=FAST))[-1]
+    assert together.raw_answer == alone.raw_answer and engine.learning.steps == 4
+    assert together.record.losses == pytest.approx(alone.record.losses, rel=1e-5)
+    dropout = replace(engine.default_adaptation, dropout=0.1)
+    answered = list(engine.respond(QUESTION, settings=FAST, adaptation=dropout))[-1]
+    assert len(answered.record.losses) == 4 and engine.learning.steps == 4  # not in the rounds
+    assert engine.learning.open == 0 and engine.batch.members == 0
+    assert_at_base(engine, probe)
+
+
 def test_a_message_selects_fine_tunes_streams_and_is_recorded(engine, probe, tmp_path):
     service = Service(engine, tmp_path)
     events = list(service.chat_turn(service.new_turn(), QUESTION, None, Caller("recorded"), FAST))

@@ -213,3 +213,9 @@ def test_rounds_wait_for_a_message_on_its_way_until_it_joins_or_for_a_while(adap
     lone.step(PASSAGES[0])
     assert 0.15 < time.monotonic() - started < 5.0  # waited for the announced one, not for ever
     lone.close()
+
+
+
+def test_a_learner_with_lora_dropout_is_refused(adapter):
+    with pytest.raises(ValueError, match="dropout"):  # rounds take none: the engine steps on the adapter
+        Learning().join(adapter, AdaptationSettings(rank=4, dropout=0.1))
