@@ -39,7 +39,7 @@ import torch
 from . import torch_thread
 from .adaptation import (Adapter, AdaptationSettings, initial_lora_a, new_optimizer, next_token_losses,
                          training_tokens)
-from .lora import LayerWeights, RowWeights, row_weights
+from .lora import LayerWeights, RowWeights, row_weights, stack_row_weights
 
 GATHER_SECONDS = 0.01  # how long a round waits for learners that have not asked for their next step yet
 EXPECT_SECONDS = 0.25  # how long rounds wait for a message on its way to its first step
@@ -182,7 +182,7 @@ class Learning:
                 firsts.append(first)
                 owners.append(u)
         model = learners[0].model
-        stacked = _stacked(learners, owners)
+        stacked = _stacked(model, learners, owners)
         model.train()
         try:
             with row_weights(model, stacked), self.step_context():
@@ -208,24 +208,14 @@ class Learning:
                 learner.result, learner.pending = own.tolist(), None
 
 
-def _stacked(learners: Sequence["Learner"], owners: list[int]) -> dict[int, RowWeights]:
+def _stacked(model, learners: Sequence["Learner"], owners: list[int]) -> dict[int, RowWeights]:
     """Each LoRA layer's `RowWeights` for rows owned by `owners[i]` (an index into `learners`):
-    the learners' matrices concatenated (gradients flow back to each), and the mask keeping each
-    row's own columns; one learner: its own matrices, no mask."""
+    the learners' matrices concatenated with the mask keeping each row's own columns
+    (`lora.stack_row_weights`; the gradients flow back to each learner's own); one learner: its
+    own matrices, no mask (the layer's own step)."""
     if len(learners) == 1:
         return {key: RowWeights(a, b, None) for key, (a, b) in zip(learners[0].layers, learners[0].weights)}
-    masks: dict[int, torch.Tensor] = {}
-    stacked = {}
-    for index, key in enumerate(learners[0].layers):
-        a0 = learners[0].weights[index][0]
-        rank = a0.shape[0]
-        if rank not in masks:
-            masks[rank] = mask = a0.new_zeros(len(owners), len(learners) * rank)
-            for row, u in enumerate(owners):
-                mask[row, u * rank:(u + 1) * rank] = 1
-        stacked[key] = RowWeights(torch.cat([l.weights[index][0] for l in learners]),
-                                  torch.cat([l.weights[index][1] for l in learners], 1), masks[rank])
-    return stacked
+    return stack_row_weights(model, [(learners[u].weights, 1.0) for u in owners])
 
 
 class Learner:
@@ -240,9 +230,8 @@ class Learner:
         self.tokenizer = adapter.tokenizer
         layers = list(adapter.lora_modules.values())
         self.layers = [id(layer) for layer in layers]  # the model's LoRA layers, in module order
-        with torch.no_grad():
-            self.weights = [(a.requires_grad_(), torch.zeros_like(layer.lora_B).requires_grad_())
-                            for a, layer in zip(initial_lora_a(layers, settings.seed), layers)]
+        self.weights = [(a.requires_grad_(), torch.zeros_like(layer.lora_B, requires_grad=True))
+                        for a, layer in zip(initial_lora_a(layers, settings.seed), layers)]
         self.optimizer = new_optimizer([p for pair in self.weights for p in pair], settings)
         self.device = layers[0].lora_A.device
         self.steps = 0

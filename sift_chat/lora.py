@@ -260,7 +260,8 @@ def stack_row_weights(model: nn.Module, rows: Sequence[tuple[LayerWeights | None
     """For each LoRA layer of `model`, its `RowWeights` for a batch whose row i decodes with
     rows[i] = (weights from `lora_weights`, or None for the base model; the scale m_i), as
     `row_weights` takes them: each adapter once (rows holding the same weights object share it),
-    BASE where no row is adapted. Every row's weights must come from this model's current layers."""
+    BASE where no row is adapted. Every row's weights must come from this model's current layers;
+    weights that require gradients (a `learning.Learner`'s) get them through the concatenation."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     adapters: dict[int, LayerWeights] = {}
     for weights, scale in rows:
