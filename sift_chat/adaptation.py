@@ -223,8 +223,18 @@ class _HeadLoss(torch.autograd.Function):
 
 def passage_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
     """The token ids of a passage as the model reads it: the tokenizer's own special tokens
-    (a BOS where the tokenizer adds one), truncated to `max_tokens` in all."""
-    return tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"]
+    (a BOS where the tokenizer adds one), the text cut at its end to `max_tokens` in all.
+
+    Cut here, not by the tokenizer's `truncation=True`: a fast tokenizer keeps truncation as state
+    of its one Rust tokenizer, shared by every thread, so with several messages at once a passage
+    came out whole and another thread's prompt came out cut."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if len(ids) <= max_tokens:
+        return ids
+    words = tokenizer(text, add_special_tokens=False)["input_ids"]
+    specials = len(ids) - len(words)
+    before = next((b for b in range(specials + 1) if ids[b:b + len(words)] == words), specials)
+    return ids[:before] + words[:max(max_tokens - specials, 0)] + ids[before + len(words):]
 
 
 def training_tokens(tokenizer, text: str, prefix: str, max_tokens: int,

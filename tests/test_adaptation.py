@@ -4,6 +4,9 @@ Most tests use a tiny random Llama and a byte-level BPE tokenizer trained in mem
 one runs the real default chat model end to end.
 """
 
+import sys
+import threading
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -356,6 +359,36 @@ def test_passages_are_truncated_with_bos(setup, tokenizer):
     assert passage_ids(tokenizer, TEXT, 16) == tokenizer(TEXT)["input_ids"][:16]
     short = adapter.tokens("fox")
     assert short.shape[1] < 16 and short[0, 0].item() == tokenizer.bos_token_id
+
+
+def test_passages_cut_in_one_thread_leave_other_threads_tokenising_uncut(tokenizer):
+    """Several messages tokenise on one tokenizer at once: a passage cut to 16 tokens in one thread
+    never comes out whole, and another thread's plain call never comes out cut (a fast tokenizer's
+    own truncation is state shared by every thread: with it, both happened tens of times here)."""
+    text = TEXT * 8
+    whole = tokenizer(text)["input_ids"]
+    assert len(whole) > 16
+    wrong = {"cut": 0, "whole": 0}
+
+    def cut():
+        for _ in range(1500):
+            wrong["cut"] += passage_ids(tokenizer, text, 16) != whole[:16]
+
+    def plain():
+        for _ in range(1500):
+            wrong["whole"] += tokenizer(text)["input_ids"] != whole
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can
+    try:
+        threads = [threading.Thread(target=cut), threading.Thread(target=plain)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == {"cut": 0, "whole": 0}
 
 
 def test_passage_with_nothing_to_predict_takes_no_step(setup):
