@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_message.py [--corpus sample|stdlib|world] [--modes default,context] [--contrast 0,1]
                                                  [--on-demand] [--precision fp32,bf16] [--steps each,together]
-                                                 [--drafts 0,2] [--read 1,3] [--prompts N] [--json PATH]
+                                                 [--drafts 0,2] [--read 1,3] [--min-reduction none,0.02]
+                                                 [--prompts N] [--json PATH]
 
 On the sample corpus the passages are short (about 50 tokens); `--corpus stdlib` uses 60 files of
 the Python standard library instead, whose passages are full length (192 embedder tokens);
@@ -98,6 +99,9 @@ def main() -> None:
     parser.add_argument("--drafts", default="0", help="comma-separated draft lengths, each run with every row (default: %(default)s)")
     parser.add_argument("--read", default=str(ChatSettings.read_passages),
                         help="comma-separated: passages read at most, each run with every row (default: %(default)s)")
+    parser.add_argument("--min-reduction", default="default",
+                        help="comma-separated: each modes that learn run with every row, stopping the selection when a "
+                             "pick would remove less than this share of σ₀² (none: 4 picks always; default: the chat's)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -114,16 +118,22 @@ def main() -> None:
                               for strength in strengths if how == "each" or mode in ("both", "fine-tune")))
     rows += [(mode, strength, True, p, how, 0) for mode, strength, _, p, how, _ in rows if args.on_demand and strength > 0]
     reads = [int(r) for r in args.read.split(",") if r.strip()]
-    rows = [(*row[:5], d, r) for row in rows for d in drafts for r in reads]
-    reference = ("context", 0.0, False, precisions[0], "each", drafts[0], reads[0])
+    stops = [ChatSettings.min_reduction if m.strip() == "default" else None if m.strip() == "none" else float(m)
+             for m in args.min_reduction.split(",") if m.strip()]
+    rows = [(*row[:5], d, r, m) for row in rows for d in drafts for r in reads
+            for m in (stops if row[0] in ("both", "fine-tune") else [ChatSettings.min_reduction])]
+    rows = list(dict.fromkeys(rows))
+    reference = ("context", 0.0, False, precisions[0], "each", drafts[0], reads[0], ChatSettings.min_reduction)
 
     def settings_of(row) -> ChatSettings:
-        return ChatSettings(mode=row[0], context_contrast=row[1], passages=args.passages, read_passages=row[6])
+        return ChatSettings(mode=row[0], context_contrast=row[1], passages=args.passages, read_passages=row[6],
+                            min_reduction=row[7])
 
     def label(row) -> str:
         return (f"{row[0]} α={row[1]:g}{', on demand' if row[2] else ''}{', ' + row[3] if len(precisions) > 1 else ''}"
                 f"{', steps together' if row[4] == 'together' else ''}{f', drafts of {row[5]}' if row[5] else ''}"
-                f"{f', read {row[6]} at most' if len(reads) > 1 else ''}")
+                f"{f', read {row[6]} at most' if len(reads) > 1 else ''}"
+                f"{f', min reduction {row[7]}' if len(stops) > 1 and row[0] in ('both', 'fine-tune') else ''}")
 
     def adaptation_of(row) -> AdaptationSettings:
         return AdaptationSettings(together=row[4] == "together")
@@ -160,23 +170,24 @@ def main() -> None:
     print(f"corpus {args.corpus} ({store_size} passages); {settings.passages} passages ({settings.method}), "
           f"{settings.read_passages} read in context; LoRA rank {adaptation.rank} on "
           f"{adaptation.top_layers or 'all'} layers, training on the {adaptation.training}; "
-          f"{settings.max_new_tokens} new tokens max; median of {args.prompts} prompts; default mode "
+          f"{settings.max_new_tokens} new tokens max; median of {min(args.prompts, len(prompts))} prompts; default mode "
           f"{settings.mode} (α={settings.context_contrast:g}); device {engine.adapter.device}")
     print("| mode | embed | select | fine-tune | first token | generate | whole answer | vs context α=0 | "
-          "answer tokens | passages read, mean | ended | answers as without drafts |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "answer tokens | passages read, mean | steps, mean | ended | answers as without drafts |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         m = medians[row]
         ratio = f"{m['whole'] / medians[reference]['whole']:.2f}x" if reference in medians else "-"
         ended = ", ".join(f"{n} {how}" for how, n in Counter(r["ended"] for r in runs[row]).items())
-        undrafted = runs.get((*row[:5], 0, row[6]))
+        undrafted = runs.get((*row[:5], 0, *row[6:]))
         same = (f"{sum(a['answer'] == b['answer'] for a, b in zip(runs[row], undrafted))} of {len(undrafted)}"
                 if row[5] and undrafted else "")
         print(f"| {label(row)} | {m['embed']:.2f} | {m['select']:.2f} | {m['fine-tune']:.2f} | {m['first_token']:.2f} | "
               f"{m['generate']:.2f} | {m['whole']:.2f} | {ratio} | {m['tokens']:g} | "
-              f"{statistics.mean(r['read'] for r in runs[row]):.2f} | {ended} | {same} |")
+              f"{statistics.mean(r['read'] for r in runs[row]):.2f} | {statistics.mean(r['steps'] for r in runs[row]):.2f} | "
+              f"{ended} | {same} |")
     default = medians.get((settings.mode, settings.context_contrast, False, precisions[0], "each", drafts[0],
-                           settings.read_passages))
+                           settings.read_passages, settings.min_reduction))
     if default:
         print(f"\ntarget: whole answer with the defaults <= 10 s: {'met' if default['whole'] <= 10 else 'MISSED'}")
     if args.json:

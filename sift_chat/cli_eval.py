@@ -76,6 +76,8 @@ def add_eval_parsers(commands) -> None:
     qa.add_argument("-n", "--passages", type=int, default=ChatSettings.passages)
     add_reading_options(qa, "--read-passages", "--context-passages")
     qa.add_argument("--lam", type=float, default=ChatSettings.lam)
+    qa.add_argument("--min-reduction", type=float, default=ChatSettings.min_reduction,
+                    help="stop selecting when a pick would remove less than this share of σ₀² (default: %(default)s)")
     qa.add_argument("--max-new-tokens", type=int, default=ChatSettings.max_new_tokens)
     qa.add_argument("--repetition-penalty", type=float, default=ChatSettings.repetition_penalty)
     qa.add_argument("--no-repeat-ngram", type=int, default=ChatSettings.no_repeat_ngram)
@@ -171,6 +173,7 @@ def cmd_eval_qa(args) -> int:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes:g}")
     configs = qa.configurations(_names(args.modes), _names(args.methods))
     settings = ChatSettings(passages=args.passages, **reading_settings(args), lam=args.lam,
+                            min_reduction=args.min_reduction,
                             max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                             no_repeat_ngram=args.no_repeat_ngram, context_contrast=args.context_contrast,
                             contrast_against=args.contrast_against, seed=args.seed)

@@ -243,6 +243,23 @@ def test_eval_qa_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert {("both sift", "both nn"), ("fine-tune sift", "fine-tune nn"), ("fine-tune sift", "off")} <= pairs
     assert "| both sift |" in (out / "answers.md").read_text()
     assert "answers.md" in capsys.readouterr().out
+    assert all(a["steps"] == 2 for a in result["answers"] if a["configuration"] == "both sift")
+
+
+def test_eval_qa_stops_selecting_where_a_pick_removes_little(tmp_path):
+    """--min-reduction reaches the selection: no step on a pick that removes less than that share
+    of σ₀² (a second pick removes far less than 0.3 here), and the report says so."""
+    world = tmp_path / "world"
+    assert main(["make-world", str(world), "--towns", "2"]) == 0
+    out = tmp_path / "out"
+    code = main(["--data-dir", str(tmp_path / "home"), "--chat-model", save_tiny_chat_model(tmp_path / "tiny"),
+                 "--device", "cpu", "eval-qa", "--corpus", str(world / "documents"),
+                 "--questions", str(world / "questions.jsonl"), "--limit", "2", "--modes", "both", "--methods", "sift",
+                 "-n", "2", "--min-reduction", "0.3", "--max-new-tokens", "3", "--out", str(out), "--quiet"])
+    assert code == 0
+    result = json.loads((out / "answers.json").read_text())
+    assert result["settings"]["min_reduction"] == 0.3
+    assert [a["steps"] for a in result["answers"]] == [1, 1]
 
 
 def test_eval_qa_refuses_an_unknown_mode_before_loading_anything(tmp_path, capsys):
