@@ -28,7 +28,7 @@ from .batching import GATHER_SECONDS, MAX_ROWS, Batch
 from .decoding import Rows
 from .embedding import shared
 from .learning import Learner, Learning
-from .events import Done, Event, Notice, Picked, Prompted, Selected, Stage, Step, Token
+from .events import Done, Event, HandedOver, Notice, Picked, Prompted, Selected, Stage, Step, Token
 from .generation import (PromptLookup, answer_processors, cite, contrast, mixture, next_token, only_learned_words,
                          reading_weights, repeat_start, training_text)
 from . import torch_thread
@@ -242,6 +242,7 @@ class Engine:
             if self.learning is not None and learns and self.adapter.settings.dropout == 0:
                 learner = self.learning.join(self.adapter)
                 hand_over()
+                yield HandedOver(learning=True)
             elif self.learning is not None:
                 self.learning.arrived()  # if this one was expected to learn, the rounds wait for it no more
             if learns:
@@ -280,6 +281,7 @@ class Engine:
             elif self.batch is not None:  # what was learned travels with the rows: the adapter is free
                 self.adapter.reset()
                 hand_over()
+                yield HandedOver(learning=False)
             lookup = (PromptLookup([token for ids in readings for token in ids[0].tolist()])
                       if self.compute.draft_tokens else None)
             generation = self.generate(rows, prior, settings, lookup=lookup, weights=weights)

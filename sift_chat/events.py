@@ -105,6 +105,15 @@ class Prompted:
 
 
 @dataclass(frozen=True)
+class HandedOver:
+    """The model is free for the next message while this one goes on (decoding together): it
+    learns on its own, its steps in rounds that a message let in now can share (`learning`), or it
+    has joined the shared batch to write its answer."""
+
+    learning: bool
+
+
+@dataclass(frozen=True)
 class Token:
     text: str
 
@@ -133,4 +142,4 @@ class Done:
         return self.record.ended
 
 
-Event = Stage | Selected | Step | Prompted | Token | Notice | Done
+Event = Stage | Selected | Step | Prompted | HandedOver | Token | Notice | Done

@@ -25,7 +25,7 @@ from .access import Caller
 from .adaptation import AdaptationSettings
 from .corpus_service import CorpusService
 from .engine import Engine
-from .events import Done, Event, Notice, Prompted, Selected, Stage, Step, Token
+from .events import Done, Event, HandedOver, Notice, Prompted, Selected, Stage, Step, Token
 from .panel import Panel
 from .record import AnswerRecord
 from .settings import ChatSettings
@@ -272,8 +272,8 @@ class Service:
                 adaptation: AdaptationSettings | None, selected: Selected | None = None,
                 owners: tuple[str, ...] = (), step_aside: bool = False) -> Iterator[TurnEvent]:
         """The engine's events for one answer, as the turn's; with `step_aside`, where messages
-        decode together, the turn lets the next one in once it starts writing, or where they
-        learn together, once it starts its steps."""
+        decode together, the turn lets the next one in once the engine hands the model over
+        (`HandedOver`: as it starts its steps in shared rounds, or once it joins the shared batch)."""
         where = "before it started"
         stream = self.engine.respond(prompt, history, chat, adaptation=adaptation, selected=selected, owners=owners)
         panel, notices = None, []
@@ -291,14 +291,12 @@ class Service:
                     where = {"embed": "while reading the question", "select": "while selecting",
                              "fine-tune": "before the first step", "generate": "before the first word"
                              }.get(event.name, f"while in {event.name}")
-                    # the next message may start once this one learns on its own (`Engine.learning`) or writes
-                    learning = self.engine.learning
-                    if step_aside and event.name == "fine-tune" and learning is not None:
-                        if self.queue.waiting:  # the next one's steps will share this one's rounds
-                            learning.expect()
+                elif isinstance(event, HandedOver):  # the engine is free: the next message may start
+                    if step_aside:
+                        if event.learning and self.queue.waiting:  # its steps will share this one's rounds
+                            self.engine.learning.expect()
                         self.queue.step_aside(turn)
-                    elif step_aside and event.name == "generate" and self.engine.batch is not None:
-                        self.queue.step_aside(turn)
+                    continue  # the line's business, not the caller's
                 elif isinstance(event, Step):
                     panel.add_step(event)
                     where = f"after {event.words}"

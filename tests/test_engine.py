@@ -15,7 +15,7 @@ from sift_chat.access import Caller
 from sift_chat.adaptation import AdaptationSettings
 from sift_chat.engine import Engine
 from sift_chat.settings import ChatSettings
-from sift_chat.events import Done, Notice, Prompted, Selected, Stage, Step, Token
+from sift_chat.events import Done, HandedOver, Notice, Prompted, Selected, Stage, Step, Token
 from sift_chat.generation import cite, content_words, contrast, conversation
 from sift_chat.probe import Compute
 from sift_chat.record import AnswerRecord
@@ -61,12 +61,20 @@ def test_learning_together_each_message_learns_its_own_matrices_and_dropout_step
     model at base and no learner open."""
     alone = list(engine.respond(QUESTION, settings=FAST))[-1]
     engine.decode_together()
-    together = list(engine.respond(QUESTION, settings=FAST))[-1]
+    events = list(engine.respond(QUESTION, settings=FAST))
+    together = events[-1]
     assert together.raw_answer == alone.raw_answer and engine.learning.steps == 4
     assert together.record.losses == pytest.approx(alone.record.losses, rel=1e-5)
     dropout = replace(engine.default_adaptation, dropout=0.1)
-    answered = list(engine.respond(QUESTION, settings=FAST, adaptation=dropout))[-1]
+    dropout_events = list(engine.respond(QUESTION, settings=FAST, adaptation=dropout))
+    answered = dropout_events[-1]
     assert len(answered.record.losses) == 4 and engine.learning.steps == 4  # not in the rounds
+    # the model goes to the next message before the steps in rounds, after the steps on the adapter
+    def order(stream):
+        return [("learning" if e.learning else "writing") if isinstance(e, HandedOver) else type(e).__name__
+                for e in stream if isinstance(e, (HandedOver, Step, Token))][:6]
+    assert order(events) == ["learning", "Step", "Step", "Step", "Step", "Token"]
+    assert order(dropout_events) == ["Step", "Step", "Step", "Step", "writing", "Token"]
     assert engine.learning.open == 0 and engine.batch.members == 0
     assert_at_base(engine, probe)
 
