@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 from sift_chat.adaptation import HEAD_CHUNK_ELEMENTS, AdaptationSettings, Adapter, next_token_loss  # noqa: E402
-from sift_chat.lora import base_linear, base_matmuls, low_precision, matmul_dtype  # noqa: E402
+from sift_chat.lora import base_linear, base_matmuls, low_precision_product, matmul_dtype  # noqa: E402
 from sift_chat.models import load_chat_model  # noqa: E402
 
 
@@ -141,9 +141,12 @@ def kernel_floor(adapter: Adapter, tokens: int, device: torch.device, repeats: i
     q, k, v = (torch.randn(1, heads, t, head_dim, device=device, requires_grad=True) for _ in range(3))
     attention_grad = torch.randn(1, heads, t, head_dim, device=device)
 
-    dtype = matmul_dtype()  # bf16 where the step's base matmuls run on kept bf16 copies
-    head = low_precision(head, dtype)
-    low = {id(w): low_precision(w, dtype) for ws in weights for w in ws}
+    dtype = matmul_dtype()  # bf16 where the step's base matmuls run on kept bf16 copies (packed where they are)
+
+    def product(x, weight, transposed=False):  # in the step's dtype, on the kept copy, as the step's are
+        if dtype is None:
+            return x @ weight if transposed else x @ weight.T
+        return low_precision_product(x.to(dtype), weight, dtype, transposed).float()
 
     def run():
         for i, ws in enumerate(weights):
@@ -155,12 +158,12 @@ def kernel_floor(adapter: Adapter, tokens: int, device: torch.device, repeats: i
                 with torch.no_grad():
                     F.scaled_dot_product_attention(q, k, v, is_causal=True)
         for r in rows:
-            (hidden[r].to(head.dtype) @ head.T).float()
+            product(hidden[r], head)
         for r in rows:
-            (probs[r].to(head.dtype) @ head).float()
+            product(probs[r], head, transposed=True)
         for ws in reversed(backward):
             for w in reversed(ws):
-                (grads[w.shape[0]].to(low[id(w)].dtype) @ low[id(w)]).float()
+                product(grads[w.shape[0]], w, transposed=True)
 
     return statistics.median(seconds(run, device, repeats, warmup=2))
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import add_lora, layer_index, low_precision, matmul_dtype, remove_lora
+from .lora import add_lora, layer_index, low_precision_product, matmul_dtype, remove_lora
 from .vocabulary import SettingError
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -162,28 +162,34 @@ def next_token_losses(model: nn.Module, sequences: Sequence[torch.Tensor], first
     ):
         hidden = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
         # the head's products in the dtype the engine chose for base matmuls (`lora.base_matmuls`)
-        weight = low_precision(head.weight, matmul_dtype())
-        return torch.stack([head_loss(hidden[b, s - 1:len(ids) - 1], weight, ids[s:])
+        weight, dtype = head.weight, matmul_dtype()
+        return torch.stack([head_loss(hidden[b, s - 1:len(ids) - 1], weight, ids[s:], dtype)
                             for b, (ids, s) in enumerate(zip(sequences, first_targets))])
     logits = model(input_ids=batch, use_cache=False).logits
     return torch.stack([F.cross_entropy(logits[b, s - 1:len(ids) - 1].float(), ids[s:])
                         for b, (ids, s) in enumerate(zip(sequences, first_targets))])
 
 
-def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean cross-entropy of the logits z_t = W h_t against the targets y_t (hidden: [n, d],
-    weight: [V, d], frozen), equal to F.cross_entropy(hidden @ weight.T, targets):
+    weight: [V, d], frozen), equal to F.cross_entropy(hidden @ weight.T, targets), the products
+    in `dtype` where given (on W's kept copy, `lora.low_precision_product`), else in W's:
 
         loss = 1/n · Σ_t [logsumexp(z_t) − z_t[y_t]]        ∂loss/∂h_t = (softmax(z_t) − onehot(y_t)) W / n
 
     computed over chunks of rows, the gradient in the same pass: the logits are never held whole
     nor kept for the backward (a 256-token passage over a 49k vocabulary would keep 50 MB)."""
+    if dtype is None and weight.dtype != hidden.dtype:  # a low-precision copy given as the weight
+        dtype = weight.dtype
+    if dtype == hidden.dtype:
+        dtype = None
     if torch.is_grad_enabled() and hidden.requires_grad:
-        return _HeadLoss.apply(hidden, weight, targets)
-    return _chunked_head_loss(hidden, weight, targets, with_grad=False)[0] / hidden.shape[0]
+        return _HeadLoss.apply(hidden, weight, targets, dtype)
+    return _chunked_head_loss(hidden, weight, targets, with_grad=False, dtype=dtype)[0] / hidden.shape[0]
 
 
-def _chunked_head_loss(hidden, weight, targets, with_grad: bool):
+def _chunked_head_loss(hidden, weight, targets, with_grad: bool, dtype=None):
     """(Σ_t loss_t, Σ-gradient with respect to hidden or None), chunk by chunk."""
     n = hidden.shape[0]
     chunks = max(1, math.ceil(n * weight.shape[0] / HEAD_CHUNK_ELEMENTS))
@@ -191,7 +197,8 @@ def _chunked_head_loss(hidden, weight, targets, with_grad: bool):
     total = hidden.new_zeros((), dtype=torch.float32)
     grad = torch.empty_like(hidden) if with_grad else None
     for start, end in zip(bounds, bounds[1:]):
-        logits = (hidden[start:end].to(weight.dtype) @ weight.T).float()
+        logits = (hidden[start:end] @ weight.T if dtype is None else
+                  low_precision_product(hidden[start:end].to(dtype), weight, dtype)).float()
         y = targets[start:end, None]
         target_logits = logits.gather(1, y)
         top = logits.amax(-1, keepdim=True)
@@ -201,24 +208,24 @@ def _chunked_head_loss(hidden, weight, targets, with_grad: bool):
         if with_grad:
             probs = exp.div_(norm)
             probs.scatter_add_(1, y, probs.new_full(y.shape, -1.0))
-            if weight.dtype == grad.dtype:
+            if dtype is None:
                 torch.mm(probs, weight, out=grad[start:end])
-            else:  # a bf16 copy of the head (`lora.low_precision`): the product cast back
-                grad[start:end] = probs.to(weight.dtype) @ weight
+            else:  # on the head's kept bf16 copy: the product cast back
+                grad[start:end] = low_precision_product(probs.to(dtype), weight, dtype, transposed=True)
     return total, grad
 
 
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
-        total, grad = _chunked_head_loss(hidden, weight, targets, with_grad=True)
+    def forward(ctx, hidden, weight, targets, dtype=None):
+        total, grad = _chunked_head_loss(hidden, weight, targets, with_grad=True, dtype=dtype)
         ctx.save_for_backward(grad)
         return total / hidden.shape[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * (grad_loss / grad.shape[0]).to(grad.dtype), None, None
+        return grad * (grad_loss / grad.shape[0]).to(grad.dtype), None, None, None
 
 
 def passage_ids(tokenizer, text: str, max_tokens: int) -> list[int]:

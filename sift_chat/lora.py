@@ -39,11 +39,14 @@ The scales and weights belong to the thread that set them, so two threads may de
 model at once, each with its own rows (`decoding.Rows`).
 
 Inside `base_matmuls(torch.bfloat16)` the base term x Wᵀ (and, in the backward, (∂L/∂y) W) runs
-on a bf16 copy of W kept beside it (`low_precision`), x cast to bf16 and the product back to x's
-dtype; the bias, the LoRA term, its gradients and Adam's state stay fp32, and so does everything
-outside the linear layers. Where a CPU multiplies bf16 in hardware (AMX) this is several times
-fp32's speed on a step's or a prefill's many rows, without the cast of every weight on every call
-that bf16 autocast makes (README: Precision). Which stages run so is the engine's choice (`probe`).
+on a bf16 copy of W kept beside it (`low_precision_product`), x cast to bf16 and the product back
+to x's dtype; the bias, the LoRA term, its gradients and Adam's state stay fp32, and so does
+everything outside the linear layers. Where a CPU multiplies bf16 in hardware (AMX) this is several
+times fp32's speed on a step's or a prefill's many rows, without the cast of every weight on every
+call that bf16 autocast makes (README: Precision). On a CPU the kept copy is packed once in oneDNN's
+own layout (W, and Wᵀ for the backward): a plain bf16 matmul reorders the weight on every call,
+which on these narrow layers cost as much as the product (the same bf16 results, at 1.5-2.4x the
+speed). Which stages run so is the engine's choice (`probe`).
 """
 
 from __future__ import annotations
@@ -79,25 +82,66 @@ def matmul_dtype() -> torch.dtype | None:
     return getattr(_matmuls, "dtype", None)
 
 
+def _kept(weight: torch.Tensor, key, make) -> torch.Tensor:
+    """make(), once per `key`, kept with the weight (made again once the weight is changed in place)."""
+    stamp = (weight._version, weight.data_ptr())
+    kept = getattr(weight, "_sift_kept", None)
+    if kept is None or kept[0] != stamp:
+        kept = (stamp, {})
+        weight._sift_kept = kept
+    copies = kept[1]
+    if key not in copies:
+        copies[key] = make()
+    return copies[key]
+
+
 def low_precision(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """`weight` in `dtype`: a copy made once and kept with the weight (made again if the weight is
     changed in place); the weight itself where it already is `dtype` or none is asked for."""
     if dtype is None or weight.dtype == dtype:
         return weight
-    kept = getattr(weight, "_sift_low_precision", None)
-    if kept is None or kept[0] != (dtype, weight._version, weight.data_ptr()):
-        kept = ((dtype, weight._version, weight.data_ptr()), weight.detach().to(dtype))
-        weight._sift_low_precision = kept
-    return kept[1]
+    return _kept(weight, dtype, lambda: weight.detach().to(dtype))
+
+
+PACK_ROWS = 64  # the row count oneDNN lays the packed weight out for: its products equal F.linear's at 3-256 rows
+_packing: bool | None = None  # whether this CPU's oneDNN multiplies bf16 packed weights (tried once)
+
+
+def packs(weight: torch.Tensor, dtype: torch.dtype | None) -> bool:
+    """Whether products with `weight` in `dtype` run on a oneDNN-packed copy: bf16 on a CPU whose
+    oneDNN takes it (tried on first use; where it fails, the plain kept copy)."""
+    global _packing
+    if dtype != torch.bfloat16 or weight.device.type != "cpu":
+        return False
+    if _packing is None:
+        try:
+            w, x = torch.ones(8, 8, dtype=dtype), torch.ones(2, 8, dtype=dtype)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+            _packing = torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), F.linear(x, w))
+        except (RuntimeError, AttributeError):  # no mkldnn build, or no bf16 in this CPU's oneDNN
+            _packing = False
+    return _packing
+
+
+def low_precision_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
+                          transposed: bool = False) -> torch.Tensor:
+    """x Wᵀ (x W with `transposed`) for x already in `dtype`, on a copy of W in `dtype` kept with it:
+    packed for oneDNN where `packs`, else plain (`low_precision`). The product is in `dtype`."""
+    if packs(weight, dtype):
+        packed = _kept(weight, (dtype, "packed", transposed), lambda: torch.ops.mkldnn._reorder_linear_weight(
+            (weight.detach().T if transposed else weight.detach()).to(dtype).contiguous(), PACK_ROWS))
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    low = low_precision(weight, dtype)
+    return x @ low if transposed else F.linear(x, low)
 
 
 def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x Wᵀ + b, the product in `dtype` on the kept copy of W (`low_precision`), in x's dtype;
-    F.linear itself where no other dtype is asked for (the base layer's output bit for bit)."""
+    """x Wᵀ + b, the product in `dtype` on the kept copy of W (`low_precision_product`), in x's
+    dtype; F.linear itself where no other dtype is asked for (the base layer's output bit for bit)."""
     if dtype is None or dtype == weight.dtype:
         return F.linear(x, weight, bias)
-    y = F.linear(x.to(dtype), low_precision(weight, dtype)).to(x.dtype)
+    y = low_precision_product(x.to(dtype), weight, dtype).to(x.dtype)
     return y if bias is None else y.add_(bias)
 
 
@@ -217,7 +261,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             low = ctx.matmul_dtype
             through_weight = (grad_rows @ weight.to(dtype) if low is None or low == weight.dtype else
-                              (grad_rows.to(low) @ low_precision(weight, low)).to(dtype))
+                              low_precision_product(grad_rows.to(low), weight, low, transposed=True).to(dtype))
             grad_x = through_weight.addmm_(grad_h, lora_a.to(dtype)).view(ctx.x_shape)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 

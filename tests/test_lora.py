@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from sift_chat import lora
 from sift_chat.lora import (LoRALinear, _LoRALinearFunction, add_lora, base_matmuls, layer_index, low_precision,
-                            matmul_dtype, remove_lora, row_scales)
+                            low_precision_product, matmul_dtype, packs, remove_lora, row_scales)
 from tests.tiny import logits, tiny_model, tiny_tokenizer
 
 
@@ -267,6 +268,46 @@ def test_bf16_base_matmuls_take_the_base_product_in_bf16_and_keep_the_rest_fp32(
         weight.mul_(2)
     assert torch.equal(low_precision(weight, torch.bfloat16), weight.to(torch.bfloat16))
     assert low_precision(weight, None) is weight and low_precision(weight, torch.float32) is weight
+
+
+@pytest.mark.parametrize("rows", [1, 3, 47, 130])
+def test_bf16_products_on_packed_copies_are_the_plain_bf16_products(rows):
+    """The kept bf16 copy packed for oneDNN (where this CPU's oneDNN takes bf16) gives the plain
+    bf16 matmul's product on the default model's shapes: x Wᵀ bit for bit, x W (the backward's)
+    to bf16 rounding; the packed copies are made once, and again once the weight changes in place."""
+    torch.manual_seed(rows)
+    weight = torch.randn(1536, 576)
+    x, g = torch.randn(rows, 576).to(torch.bfloat16), torch.randn(rows, 1536).to(torch.bfloat16)
+    plain = weight.to(torch.bfloat16)
+    forward = low_precision_product(x, weight, torch.bfloat16)
+    backward = low_precision_product(g, weight, torch.bfloat16, transposed=True)
+    assert forward.dtype == backward.dtype == torch.bfloat16
+    assert torch.equal(forward, torch.nn.functional.linear(x, plain))
+    torch.testing.assert_close(backward.float(), (g @ plain).float(), rtol=1e-2, atol=1e-1)
+    if packs(weight, torch.bfloat16):
+        kept = weight._sift_kept[1]
+        assert {key[1:] for key in kept if isinstance(key, tuple)} == {("packed", False), ("packed", True)}
+        before = dict(kept)
+        low_precision_product(x, weight, torch.bfloat16)
+        assert all(weight._sift_kept[1][key] is before[key] for key in before)
+    with torch.no_grad():
+        weight.mul_(-1)  # in place: the kept copies are stale
+    assert torch.equal(low_precision_product(x, weight, torch.bfloat16), -forward)
+
+
+def test_bf16_products_fall_back_to_the_plain_copy_where_onednn_refuses_bf16(monkeypatch):
+    """A CPU whose oneDNN has no bf16 (an AVX2-only machine) multiplies on the plain bf16 copy: the
+    same product, no error."""
+    def refuse(*args):
+        raise RuntimeError("mkldnn_linear: bf16 path needs the cpu support avx512bw, avx512vl and avx512dq")
+
+    monkeypatch.setattr(lora, "_packing", None)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    weight, x = torch.randn(20, 12), torch.randn(3, 12).to(torch.bfloat16)
+    assert not packs(weight, torch.bfloat16)
+    assert torch.equal(low_precision_product(x, weight, torch.bfloat16),
+                       torch.nn.functional.linear(x, weight.to(torch.bfloat16)))
+    assert not packs(weight, None) and not packs(weight, torch.float32)
 
 
 class _BF16Product(torch.autograd.Function):
