@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/bench_users.py [--users 1,2,4,8] [--messages 2] [--precision auto]
                                                [--gather 0.01] [--torch-thread on|off] [--drafts auto|0,2]
-                                               [--learning each,together] [--json PATH]
+                                               [--learning each,together] [--modes both:1,context:0]
+                                               [--lines one-at-a-time,together] [--decode-precision fp32,bf16]
+                                               [--json PATH]
 
 On the sample corpus with the default models and chat settings, U users each send `--messages`
 questions one after the other (the next when its answer is done), all U at once, through the
@@ -21,6 +23,15 @@ forward, `Compute.draft_tokens`; auto: the probe's choice), one at a time always
 (from sending, waiting in the line included), the batch's mean rows per forward, the learners' mean steps per round, and whether every
 answer is the one the same question gets alone (isolation). Target (issue 19): with 4 users,
 answers per minute >= 2.5x one at a time, and no answer differs.
+
+`--modes` runs every line with each chat mode (`mode` or `mode:α`, α the context-aware decoding's
+weight; default: the chat defaults), the modes interleaved; with more than one, each line's median
+whole answer is also printed against the last mode's in the same line and user count. One user,
+`--modes both:1,context:0 --lines together` is issue 19's bar for one message as `app.py` answers
+it: the default within 1.3x of reading with plain greedy decoding, and within 3 s.
+`--decode-precision fp32,bf16` runs every line with the decoding's base products in each (the
+steps and prefill as the probe chose); each answer is then compared with its question's answer
+alone at the same precision.
 """
 
 from __future__ import annotations
@@ -67,6 +78,18 @@ def ask(service: Service, user: int, prompt: str, settings: ChatSettings) -> dic
             "steps": len(answered.record.losses)}
 
 
+def mode_settings(spec: str, base: ChatSettings) -> ChatSettings:
+    """"both:1" → the chat defaults in mode both at α = 1; "default" → the defaults."""
+    if spec == "default":
+        return base
+    mode, _, alpha = spec.partition(":")
+    return replace(base, mode=mode, **({"context_contrast": float(alpha)} if alpha else {}))
+
+
+def mode_label(settings: ChatSettings) -> str:
+    return f"{settings.mode} α={settings.context_contrast:g}"
+
+
 def run_line(service: Service, users: int, messages: int, settings: ChatSettings) -> dict:
     """U users at once, each asking `messages` questions in turn; every answer and the wall time."""
     results: list[dict] = []
@@ -106,10 +129,20 @@ def main() -> None:
     parser.add_argument("--learning", default="together",
                         help="comma-separated: together (the steps of several messages in one round), each "
                              "(a message's steps on the model's adapter), for the together line (default: %(default)s)")
+    parser.add_argument("--modes", default="default",
+                        help="comma-separated chat modes, each mode or mode:α (default: the chat defaults)")
+    parser.add_argument("--decode-precision", default="auto",
+                        help="comma-separated: fp32, bf16 (each line run at each), or auto: the probe's (default: %(default)s)")
+    parser.add_argument("--lines", default="one-at-a-time,together",
+                        help="comma-separated: one-at-a-time, together (default: %(default)s)")
     parser.add_argument("--json", help="also write every answer here")
     args = parser.parse_args()
     counts = [int(u) for u in args.users.split(",") if u.strip()]
-    settings = ChatSettings(max_new_tokens=args.max_new_tokens)
+    base = ChatSettings(max_new_tokens=args.max_new_tokens)
+    modes = [mode_settings(spec.strip(), base) for spec in args.modes.split(",") if spec.strip()]
+    line_kinds = {w.strip() for w in args.lines.split(",") if w.strip()}
+    if not line_kinds or line_kinds - {"one-at-a-time", "together"}:
+        parser.error(f"--lines: one-at-a-time and/or together, got {args.lines!r}")
 
     if args.torch_thread == "on":
         torch_thread.enable()
@@ -128,20 +161,30 @@ def main() -> None:
         learning = [w.strip() for w in args.learning.split(",") if w.strip()]
         if not learning or set(learning) - {"each", "together"}:
             parser.error(f"--learning: each and/or together, got {args.learning!r}")
-        lines = [("one at a time", 0, "each"), *(("together", d, w) for d in drafts for w in learning)]
+        decodes = ([probed.decode_precision] if args.decode_precision == "auto" else
+                   [p.strip() for p in args.decode_precision.split(",") if p.strip()])
+        if set(decodes) - {"fp32", "bf16"}:
+            parser.error(f"--decode-precision: fp32 and/or bf16, or auto, got {args.decode_precision!r}")
+        lines = [*((("one at a time", 0, "each", m, p) for m in range(len(modes)) for p in decodes)
+                   if "one-at-a-time" in line_kinds else ()),
+                 *(("together", d, w, m, p) for d in drafts for w in learning for m in range(len(modes)) for p in decodes
+                   if "together" in line_kinds)]
         service = Service(engine, Path(folder), max_waiting=64)
         alone = {}
-        for prompt in PROMPTS:  # warm-up, and each question's answer alone
-            alone[prompt] = ask(service, 0, prompt, settings)["answer"]
+        for p in decodes:  # warm-up, and each question's answer alone (one at a time, the probe's drafts)
+            engine.compute = replace(probed, decode_precision=p)
+            for m, settings in enumerate(modes):
+                for prompt in PROMPTS:
+                    alone[m, p, prompt] = ask(service, 0, prompt, settings)["answer"]
         rows = []
         for index, users in enumerate(counts):
             measured = {}
             for line in (lines if index % 2 == 0 else lines[::-1]):
                 engine.batch = engine.learning = None
-                engine.compute = replace(probed, draft_tokens=line[1])
+                engine.compute = replace(probed, draft_tokens=line[1], decode_precision=line[4])
                 if line[0] == "together":
                     engine.decode_together(gather_seconds=args.gather, learn_together=line[2] == "together")
-                run = run_line(service, users, args.messages, settings)
+                run = run_line(service, users, args.messages, modes[line[3]])
                 if engine.batch is not None:
                     run["rows_per_forward"] = engine.batch.rows_forwarded / max(engine.batch.forwards, 1)
                 if engine.learning is not None:
@@ -154,28 +197,36 @@ def main() -> None:
                 label = line[0] + (f", drafts of {line[1]}" if line[1] else "")
                 if line[0] == "together" and len(learning) > 1:
                     label += ", steps " + ("in rounds" if line[2] == "together" else "one message at a time")
-                rows.append({"users": users, "line": label,
+                if len(decodes) > 1:
+                    label += f", decode {line[4]}"
+                rows.append({"users": users, "line": label, "mode": mode_label(modes[line[3]]), "decode": line[4],
                              "wall": run["wall"],
                              "per_minute": 60 * len(answers) / run["wall"],
                              "median": statistics.median(wholes), "worst": max(wholes),
                              "rows_per_forward": run.get("rows_per_forward"),
                              "steps_per_round": run.get("steps_per_round"),
-                             "differ": sum(a["answer"] != alone[a["prompt"]] for a in answers),
+                             "differ": sum(a["answer"] != alone[line[3], line[4], a["prompt"]] for a in answers),
                              "answers": answers})
-    one = {r["users"]: r["per_minute"] for r in rows if r["line"] == "one at a time"}
-    print(f"\nsample corpus; default settings ({settings.mode}, {settings.passages} passages, "
-          f"α={settings.context_contrast:g} against the {settings.contrast_against} model); "
+    one = {(r["users"], r["mode"], r["decode"]): r["per_minute"] for r in rows if r["line"].startswith("one at a time")}
+    reference = {(r["users"], r["line"]): r["median"] for r in rows if r["mode"] == mode_label(modes[-1])}
+    print(f"\nsample corpus; default settings ({base.mode}, {base.passages} passages, "
+          f"α={base.context_contrast:g} against the {base.contrast_against} model); "
           f"{args.messages} messages per user; gather {args.gather * 1000:g} ms; the models' thread {args.torch_thread}")
-    print("| users | line | answers per minute | vs one at a time | whole answer, median | worst | "
+    print(f"| users | line | mode | answers per minute | vs one at a time | whole answer, median | vs {mode_label(modes[-1])} | worst | "
           "rows per forward | steps per round | answers not as alone |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rpf = f"{r['rows_per_forward']:.1f}" if r["rows_per_forward"] is not None else "-"
         spr = f"{r['steps_per_round']:.1f}" if r["steps_per_round"] is not None else "-"
-        print(f"| {r['users']} | {r['line']} | {r['per_minute']:.1f} | {r['per_minute'] / one[r['users']]:.2f}x | "
-              f"{r['median']:.2f} s | {r['worst']:.2f} s | {rpf} | {spr} | {r['differ']} of {len(r['answers'])} |")
+        versus = one.get((r["users"], r["mode"], r["decode"]))
+        throughput = f"{r['per_minute'] / versus:.2f}x" if versus else "-"
+        print(f"| {r['users']} | {r['line']} | {r['mode']} | {r['per_minute']:.1f} | {throughput} | "
+              f"{r['median']:.2f} s | {r['median'] / reference[r['users'], r['line']]:.2f}x | {r['worst']:.2f} s | "
+              f"{rpf} | {spr} | {r['differ']} of {len(r['answers'])} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"alone": alone, "rows": rows}, indent=2))
+        alone_by_mode = {f"{mode_label(settings)}, decode {p}": {prompt: alone[m, p, prompt] for prompt in PROMPTS}
+                         for m, settings in enumerate(modes) for p in decodes}
+        Path(args.json).write_text(json.dumps({"alone": alone_by_mode, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

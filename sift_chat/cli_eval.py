@@ -98,6 +98,8 @@ def add_eval_parsers(commands) -> None:
     qa.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                     help="the base matmuls of steps and prefill: fp32, bf16 (decoding in fp32), or auto: what the "
                          "app's start-up probe chooses on this machine (default: %(default)s)")
+    qa.add_argument("--decode-precision", choices=("fp32", "bf16"), default="fp32",
+                    help="the base matmuls of each decoding step (not with --precision auto; default: %(default)s)")
     qa.add_argument("--drafts", type=int, default=0, choices=range(0, 9), metavar="K",
                     help="each decoding forward also checks K tokens guessed from what the answer reads: the same "
                          "answers in fewer forwards (default: %(default)s; with --precision auto the probe's choice)")
@@ -199,7 +201,7 @@ def cmd_eval_qa(args) -> int:
         engine.compute = probe(engine.model, home)
         print(f"sift-chat: {engine.compute.describe()}", file=sys.stderr)
     else:
-        engine.compute = Compute(args.precision, "fp32", 1, draft_tokens=args.drafts, source="forced")
+        engine.compute = Compute(args.precision, args.decode_precision, 1, draft_tokens=args.drafts, source="forced")
     answers = qa.run(engine, questions, configs, settings, progress=not args.quiet,
                      max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     answered = len({a.question for a in answers})

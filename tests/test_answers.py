@@ -262,6 +262,22 @@ def test_eval_qa_stops_selecting_where_a_pick_removes_little(tmp_path):
     assert [a["steps"] for a in result["answers"]] == [1, 1]
 
 
+@pytest.mark.parametrize("decode", ["fp32", "bf16"])
+def test_eval_qa_decodes_at_the_precision_asked_and_records_it(tmp_path, decode):
+    """--decode-precision reaches the engine (a question set answered with bf16 decoding is compared
+    with fp32's): the record names the steps' and the decoding's precision."""
+    world = tmp_path / "world"
+    assert main(["make-world", str(world), "--towns", "2"]) == 0
+    out = tmp_path / "out"
+    assert main(["--data-dir", str(tmp_path / "home"), "--chat-model", save_tiny_chat_model(tmp_path / "tiny"),
+                 "--device", "cpu", "eval-qa", "--corpus", str(world / "documents"),
+                 "--questions", str(world / "questions.jsonl"), "--limit", "1", "--modes", "context",
+                 "--methods", "sift", "--precision", "bf16", "--decode-precision", decode,
+                 "--max-new-tokens", "3", "--out", str(out), "--quiet"]) == 0
+    compute = json.loads((out / "answers.json").read_text())["compute"]
+    assert compute.startswith("compute: bf16, decode" if decode == "bf16" else "compute: bf16 for steps and prefill, decode fp32")
+
+
 def test_eval_qa_refuses_an_unknown_mode_before_loading_anything(tmp_path, capsys):
     (tmp_path / "q.jsonl").write_text('{"question": "Who?", "answers": ["x"]}\n')
     code = main(["--data-dir", str(tmp_path / "home"), "eval-qa", "--corpus", str(tmp_path),
