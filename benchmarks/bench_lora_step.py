@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_lora_step.py [--json] [--device cpu|cuda|all] [--tokens 128 256]
                                                    [--top-layers all 8 4] [--threads N] [--attn sdpa|eager]
-                                                   [--precision fp32 bf16]
+                                                   [--precision fp32 bf16 bf16-plain]
 
 A step is what `Adapter.step` does for one passage: tokenise, forward, next-token loss, backward,
 optimizer step. It is timed after warm-up on one passage of T tokens: median and best of a few
@@ -41,6 +41,7 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
+from sift_chat import lora  # noqa: E402
 from sift_chat.adaptation import HEAD_CHUNK_ELEMENTS, AdaptationSettings, Adapter, next_token_loss  # noqa: E402
 from sift_chat.lora import base_linear, base_matmuls, low_precision_product, matmul_dtype  # noqa: E402
 from sift_chat.models import load_chat_model  # noqa: E402
@@ -168,9 +170,18 @@ def kernel_floor(adapter: Adapter, tokens: int, device: torch.device, repeats: i
     return statistics.median(seconds(run, device, repeats, warmup=2))
 
 
+@contextmanager
 def precision_context(precision: str):
-    """What the engine runs a step in (`probe.Compute.context`): the base matmuls in bf16, or as stored."""
-    return base_matmuls(torch.bfloat16 if precision == "bf16" else None)
+    """What the engine runs a step in (`probe.Compute.context`): the base matmuls in bf16, or as
+    stored; bf16-plain: on plain bf16 copies, not packed for oneDNN (the engine before 2026-12-05)."""
+    packing = lora._packing
+    if precision == "bf16-plain":
+        lora._packing = False
+    try:
+        with base_matmuls(torch.bfloat16 if precision.startswith("bf16") else None):
+            yield
+    finally:
+        lora._packing = packing
 
 
 def bench_config(model, tokenizer, device, source, tokens, top_layers, steps, warmup, precision="fp32"):
@@ -208,8 +219,9 @@ def main(argv=None):
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--model", default=None, help="chat model (default: the packaged SmolLM2)")
     parser.add_argument("--cache-dir", default=None, help="where the converted model is kept")
-    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                        help="fp32, and/or bf16 as the engine runs a step where the probe chose it")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "bf16-plain"],
+                        help="fp32, and/or bf16 as the engine runs a step where the probe chose it, and/or "
+                             "bf16-plain: bf16 products on weight copies not packed for oneDNN (before 2026-12-05)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
     args = parser.parse_args(argv)
     if args.threads:
@@ -224,7 +236,7 @@ def main(argv=None):
         model, tokenizer = load_chat_model(args.model, device=device, cache_dir=args.cache_dir)
         model.set_attn_implementation(args.attn)
         n = 4096 if device.type == "cuda" else 2048
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-plain": torch.bfloat16}
         rate_before = {p: matmul_rate(device, n, dtype=dtypes[p]) for p in args.precision}
         results = []
         for precision in args.precision:

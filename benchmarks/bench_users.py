@@ -199,7 +199,7 @@ def main() -> None:
                     label += ", steps " + ("in rounds" if line[2] == "together" else "one message at a time")
                 if len(decodes) > 1:
                     label += f", decode {line[4]}"
-                rows.append({"users": users, "line": label, "mode": mode_label(modes[line[3]]), "decode": line[4],
+                rows.append({"users": users, "count": index, "line": label, "mode": mode_label(modes[line[3]]), "decode": line[4],
                              "wall": run["wall"],
                              "per_minute": 60 * len(answers) / run["wall"],
                              "median": statistics.median(wholes), "worst": max(wholes),
@@ -207,8 +207,8 @@ def main() -> None:
                              "steps_per_round": run.get("steps_per_round"),
                              "differ": sum(a["answer"] != alone[line[3], line[4], a["prompt"]] for a in answers),
                              "answers": answers})
-    one = {(r["users"], r["mode"], r["decode"]): r["per_minute"] for r in rows if r["line"].startswith("one at a time")}
-    reference = {(r["users"], r["line"]): r["median"] for r in rows if r["mode"] == mode_label(modes[-1])}
+    one = {(r["count"], r["mode"], r["decode"]): r["per_minute"] for r in rows if r["line"].startswith("one at a time")}
+    reference = {(r["count"], r["line"]): r["median"] for r in rows if r["mode"] == mode_label(modes[-1])}
     print(f"\nsample corpus; default settings ({base.mode}, {base.passages} passages, "
           f"α={base.context_contrast:g} against the {base.contrast_against} model); "
           f"{args.messages} messages per user; gather {args.gather * 1000:g} ms; the models' thread {args.torch_thread}")
@@ -218,10 +218,10 @@ def main() -> None:
     for r in rows:
         rpf = f"{r['rows_per_forward']:.1f}" if r["rows_per_forward"] is not None else "-"
         spr = f"{r['steps_per_round']:.1f}" if r["steps_per_round"] is not None else "-"
-        versus = one.get((r["users"], r["mode"], r["decode"]))
+        versus = one.get((r["count"], r["mode"], r["decode"]))
         throughput = f"{r['per_minute'] / versus:.2f}x" if versus else "-"
         print(f"| {r['users']} | {r['line']} | {r['mode']} | {r['per_minute']:.1f} | {throughput} | "
-              f"{r['median']:.2f} s | {r['median'] / reference[r['users'], r['line']]:.2f}x | {r['worst']:.2f} s | "
+              f"{r['median']:.2f} s | {r['median'] / reference[r['count'], r['line']]:.2f}x | {r['worst']:.2f} s | "
               f"{rpf} | {spr} | {r['differ']} of {len(r['answers'])} |")
     if args.json:
         alone_by_mode = {f"{mode_label(settings)}, decode {p}": {prompt: alone[m, p, prompt] for prompt in PROMPTS}

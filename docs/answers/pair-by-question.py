@@ -1,7 +1,8 @@
-"""Pair an eval-qa run with reference runs by question text ("both sift"): accuracy, answer bits, steps.
+"""Pair an eval-qa run with reference runs by question text (a configuration, "both sift" unless
+given): accuracy, answer bits, steps.
 
     .venv/bin/python docs/answers/pair-by-question.py docs/answers/mr02-w1/answers.json \\
-        docs/answers/g08-w1/answers.json,docs/answers/g08-w1-rest/answers.json
+        docs/answers/g08-w1/answers.json,docs/answers/g08-w1-rest/answers.json ["context sift"]
 """
 import json, sys, math, statistics
 def load(paths, config):
@@ -12,8 +13,9 @@ def load(paths, config):
             if a["configuration"] == config:
                 out[a["question_text"]] = a
     return out
-new = load([sys.argv[1]], "both sift")
-ref = load(sys.argv[2].split(","), "both sift")
+config = sys.argv[3] if len(sys.argv) > 3 else "both sift"
+new = load([sys.argv[1]], config)
+ref = load(sys.argv[2].split(","), config)
 common = [q for q in new if q in ref]
 diff = [int(new[q]["correct"]) - int(ref[q]["correct"]) for q in common]
 n = len(common)
