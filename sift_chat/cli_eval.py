@@ -202,6 +202,7 @@ def cmd_eval_qa(args) -> int:
         print(f"sift-chat: {engine.compute.describe()}", file=sys.stderr)
     else:
         engine.compute = Compute(args.precision, args.decode_precision, 1, draft_tokens=args.drafts, source="forced")
+    engine.compute.keep_copies(engine.model)  # not in the first question's time
     answers = qa.run(engine, questions, configs, settings, progress=not args.quiet,
                      max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     answered = len({a.question for a in answers})

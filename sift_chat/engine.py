@@ -79,6 +79,7 @@ class Engine:
         engine = cls(Store(home / "store"), load_embedder(embedder_name, device), model, tokenizer,
                      embedder_name=embedder_name, adaptation=adaptation)
         engine.compute = probe(engine.model, home, precision)  # with its LoRA layers, as it decodes
+        engine.compute.keep_copies(engine.model)
         return engine
 
     def decode_together(self, max_rows: int = MAX_ROWS, gather_seconds: float = GATHER_SECONDS,

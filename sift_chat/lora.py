@@ -123,16 +123,33 @@ def packs(weight: torch.Tensor, dtype: torch.dtype | None) -> bool:
     return _packing
 
 
+def kept_copy(weight: torch.Tensor, dtype: torch.dtype, transposed: bool = False) -> torch.Tensor:
+    """The copy of W in `dtype` that `low_precision_product` multiplies by, made once and kept with
+    W: packed for oneDNN (W, or Wᵀ with `transposed`) where `packs`, else W's plain copy."""
+    if packs(weight, dtype):
+        return _kept(weight, (dtype, "packed", transposed), lambda: torch.ops.mkldnn._reorder_linear_weight(
+            (weight.detach().T if transposed else weight.detach()).to(dtype).contiguous(), PACK_ROWS))
+    return low_precision(weight, dtype)
+
+
 def low_precision_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
                           transposed: bool = False) -> torch.Tensor:
-    """x Wᵀ (x W with `transposed`) for x already in `dtype`, on a copy of W in `dtype` kept with it:
-    packed for oneDNN where `packs`, else plain (`low_precision`). The product is in `dtype`."""
+    """x Wᵀ (x W with `transposed`) for x already in `dtype`, on W's copy in `dtype` (`kept_copy`).
+    The product is in `dtype`."""
+    copy = kept_copy(weight, dtype, transposed)
     if packs(weight, dtype):
-        packed = _kept(weight, (dtype, "packed", transposed), lambda: torch.ops.mkldnn._reorder_linear_weight(
-            (weight.detach().T if transposed else weight.detach()).to(dtype).contiguous(), PACK_ROWS))
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    low = low_precision(weight, dtype)
-    return x @ low if transposed else F.linear(x, low)
+        return torch.ops.mkldnn._linear_pointwise(x, copy, None, "none", [], "")
+    return x @ copy if transposed else F.linear(x, copy)
+
+
+def keep_copies(model: nn.Module, dtype: torch.dtype) -> None:
+    """Make every copy that a step and a prefill in `dtype` multiply by: each LoRA layer's base
+    weight and the output head's, both ways (`kept_copy`)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weights = [m.base.weight for m in model.modules() if isinstance(m, LoRALinear)]
+    for weight in weights + ([head.weight] if isinstance(head, nn.Linear) else []):
+        for transposed in (False, True):
+            kept_copy(weight, dtype, transposed)
 
 
 def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

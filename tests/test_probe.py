@@ -279,3 +279,26 @@ def test_app_py_prints_what_it_measured_and_honours_a_forced_precision(tmp_path)
                     r"\(forced; measured", line)
     [entry] = json.loads((tmp_path / "data" / "compute.json").read_text())
     assert entry["key"]["threads"] == 1 and "decode_bf16_1" in entry["timings"]  # served_app: OMP_NUM_THREADS=1
+
+
+def test_copies_kept_at_start_up_are_all_that_bf16_steps_multiply_by():
+    """`Compute.keep_copies` (run by `Engine.load`) makes every bf16 copy a step multiplies by, so the
+    first message makes none of its own; with fp32 steps it makes none at all."""
+    from sift_chat.adaptation import Adapter
+    from sift_chat.lora import base_matmuls
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    adapter = Adapter(model, tokenizer, AdaptationSettings())
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    Compute(precision="fp32").keep_copies(model)
+    assert not any(hasattr(w, "_sift_kept") for w in weights)
+    Compute(precision="bf16").keep_copies(model)
+    def copies():  # each weight's kept copies, by key, as the objects they are
+        return {id(w): {key: id(copy) for key, copy in w._sift_kept[1].items()} for w in weights if hasattr(w, "_sift_kept")}
+
+    kept = copies()
+    assert len(kept) == sum(1 for _ in adapter.lora_modules) + 1  # each LoRA layer's base weight, and the head
+    with base_matmuls(torch.bfloat16):
+        adapter.step("the lighthouse keeper rows out at dawn")
+    assert copies() == kept
