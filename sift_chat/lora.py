@@ -142,6 +142,13 @@ def low_precision_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dt
     return x @ copy if transposed else F.linear(x, copy)
 
 
+def drop_copies(model: nn.Module) -> None:
+    """Free every copy kept with the model's weights (the probe's bf16 timings leave some where fp32 is chosen)."""
+    for parameter in model.parameters():
+        if hasattr(parameter, "_sift_kept"):
+            del parameter._sift_kept
+
+
 def keep_copies(model: nn.Module, dtype: torch.dtype) -> None:
     """Make every copy that a step and a prefill in `dtype` multiply by: each LoRA layer's base
     weight and the output head's, both ways (`kept_copy`)."""

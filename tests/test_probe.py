@@ -283,7 +283,7 @@ def test_app_py_prints_what_it_measured_and_honours_a_forced_precision(tmp_path)
 
 def test_copies_kept_at_start_up_are_all_that_bf16_steps_multiply_by():
     """`Compute.keep_copies` (run by `Engine.load`) makes every bf16 copy a step multiplies by, so the
-    first message makes none of its own; with fp32 steps it makes none at all."""
+    first message makes none of its own; with fp32 steps it makes none, and frees any made before."""
     from sift_chat.adaptation import Adapter
     from sift_chat.lora import base_matmuls
 
@@ -302,3 +302,5 @@ def test_copies_kept_at_start_up_are_all_that_bf16_steps_multiply_by():
     with base_matmuls(torch.bfloat16):
         adapter.step("the lighthouse keeper rows out at dawn")
     assert copies() == kept
+    Compute(precision="fp32").keep_copies(model)
+    assert not any(hasattr(w, "_sift_kept") for w in weights)
