@@ -44,6 +44,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,6 +77,17 @@ def ask(service: Service, user: int, prompt: str, settings: ChatSettings) -> dic
             answered = event
     return {"prompt": prompt, "answer": answered.raw_answer, "whole": time.perf_counter() - started,
             "steps": len(answered.record.losses)}
+
+
+class Line(NamedTuple):
+    """One way of serving the users: the line, drafts, how steps are taken, the mode (index into
+    the modes) and the decoding's precision."""
+
+    kind: str  # "one at a time" or "together"
+    drafts: int
+    learning: str  # "each" or "together"
+    mode: int
+    decode: str
 
 
 def mode_settings(spec: str, base: ChatSettings) -> ChatSettings:
@@ -165,10 +177,10 @@ def main() -> None:
                    [p.strip() for p in args.decode_precision.split(",") if p.strip()])
         if set(decodes) - {"fp32", "bf16"}:
             parser.error(f"--decode-precision: fp32 and/or bf16, or auto, got {args.decode_precision!r}")
-        lines = [*((("one at a time", 0, "each", m, p) for m in range(len(modes)) for p in decodes)
+        lines = [*((Line("one at a time", 0, "each", m, p) for m in range(len(modes)) for p in decodes)
                    if "one-at-a-time" in line_kinds else ()),
-                 *(("together", d, w, m, p) for d in drafts for w in learning for m in range(len(modes)) for p in decodes
-                   if "together" in line_kinds)]
+                 *(Line("together", d, w, m, p) for d in drafts for w in learning for m in range(len(modes))
+                   for p in decodes if "together" in line_kinds)]
         service = Service(engine, Path(folder), max_waiting=64)
         alone = {}
         for p in decodes:  # warm-up, and each question's answer alone (one at a time, the probe's drafts)
@@ -181,10 +193,10 @@ def main() -> None:
             measured = {}
             for line in (lines if index % 2 == 0 else lines[::-1]):
                 engine.batch = engine.learning = None
-                engine.compute = replace(probed, draft_tokens=line[1], decode_precision=line[4])
-                if line[0] == "together":
-                    engine.decode_together(gather_seconds=args.gather, learn_together=line[2] == "together")
-                run = run_line(service, users, args.messages, modes[line[3]])
+                engine.compute = replace(probed, draft_tokens=line.drafts, decode_precision=line.decode)
+                if line.kind == "together":
+                    engine.decode_together(gather_seconds=args.gather, learn_together=line.learning == "together")
+                run = run_line(service, users, args.messages, modes[line.mode])
                 if engine.batch is not None:
                     run["rows_per_forward"] = engine.batch.rows_forwarded / max(engine.batch.forwards, 1)
                 if engine.learning is not None:
@@ -194,20 +206,21 @@ def main() -> None:
                 run = measured[line]
                 answers = run["answers"]
                 wholes = [a["whole"] for a in answers]
-                label = line[0] + (f", drafts of {line[1]}" if line[1] else "")
-                if line[0] == "together" and len(learning) > 1:
-                    label += ", steps " + ("in rounds" if line[2] == "together" else "one message at a time")
+                label = line.kind + (f", drafts of {line.drafts}" if line.drafts else "")
+                if line.kind == "together" and len(learning) > 1:
+                    label += ", steps " + ("in rounds" if line.learning == "together" else "one message at a time")
                 if len(decodes) > 1:
-                    label += f", decode {line[4]}"
-                rows.append({"users": users, "count": index, "line": label, "mode": mode_label(modes[line[3]]), "decode": line[4],
+                    label += f", decode {line.decode}"
+                rows.append({"users": users, "count": index, "kind": line.kind, "line": label,
+                             "mode": mode_label(modes[line.mode]), "decode": line.decode,
                              "wall": run["wall"],
                              "per_minute": 60 * len(answers) / run["wall"],
                              "median": statistics.median(wholes), "worst": max(wholes),
                              "rows_per_forward": run.get("rows_per_forward"),
                              "steps_per_round": run.get("steps_per_round"),
-                             "differ": sum(a["answer"] != alone[line[3], line[4], a["prompt"]] for a in answers),
+                             "differ": sum(a["answer"] != alone[line.mode, line.decode, a["prompt"]] for a in answers),
                              "answers": answers})
-    one = {(r["count"], r["mode"], r["decode"]): r["per_minute"] for r in rows if r["line"].startswith("one at a time")}
+    one = {(r["count"], r["mode"], r["decode"]): r["per_minute"] for r in rows if r["kind"] == "one at a time"}
     reference = {(r["count"], r["line"]): r["median"] for r in rows if r["mode"] == mode_label(modes[-1])}
     print(f"\nsample corpus; default settings ({base.mode}, {base.passages} passages, "
           f"α={base.context_contrast:g} against the {base.contrast_against} model); "

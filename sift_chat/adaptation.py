@@ -180,9 +180,7 @@ def head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
     computed over chunks of rows, the gradient in the same pass: the logits are never held whole
     nor kept for the backward (a 256-token passage over a 49k vocabulary would keep 50 MB)."""
-    if dtype is None and weight.dtype != hidden.dtype:  # a low-precision copy given as the weight
-        dtype = weight.dtype
-    if dtype == hidden.dtype:
+    if dtype == weight.dtype:
         dtype = None
     if torch.is_grad_enabled() and hidden.requires_grad:
         return _HeadLoss.apply(hidden, weight, targets, dtype)

@@ -137,7 +137,7 @@ def low_precision_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dt
     """x Wᵀ (x W with `transposed`) for x already in `dtype`, on W's copy in `dtype` (`kept_copy`).
     The product is in `dtype`."""
     copy = kept_copy(weight, dtype, transposed)
-    if packs(weight, dtype):
+    if copy.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, copy, None, "none", [], "")
     return x @ copy if transposed else F.linear(x, copy)
 

@@ -14,7 +14,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sift_chat import adaptation
 from sift_chat.adaptation import AdaptationSettings, Adapter, next_token_loss, next_token_losses, passage_ids
-from sift_chat.lora import low_precision
 
 
 TEXT = (
@@ -198,7 +197,7 @@ def test_the_head_loss_in_bf16_is_the_cross_entropy_of_bf16_logits(monkeypatch, 
     hidden = torch.randn(9, 16, requires_grad=True)
     weight = torch.randn(50, 16)
     targets = torch.randint(0, 50, (9,))
-    ours = adaptation.head_loss(hidden, low_precision(weight, torch.bfloat16), targets)
+    ours = adaptation.head_loss(hidden, weight, targets, torch.bfloat16)
     (grad,) = torch.autograd.grad(ours, hidden)
     low = weight.to(torch.bfloat16)
     reference = torch.nn.functional.cross_entropy(

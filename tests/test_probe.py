@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from sift_chat import probe as probing
-from sift_chat.adaptation import AdaptationSettings
+from sift_chat.adaptation import AdaptationSettings, Adapter
 from sift_chat.engine import Engine
 from sift_chat.settings import ChatSettings
 from sift_chat.events import Done
+from sift_chat.lora import base_matmuls
 from sift_chat.probe import Compute, choose, draft_length, on_demand, probe, side_by_side
 from sift_chat.store import Store
 
@@ -284,19 +285,17 @@ def test_app_py_prints_what_it_measured_and_honours_a_forced_precision(tmp_path)
 def test_copies_kept_at_start_up_are_all_that_bf16_steps_multiply_by():
     """`Compute.keep_copies` (run by `Engine.load`) makes every bf16 copy a step multiplies by, so the
     first message makes none of its own; with fp32 steps it makes none, and frees any made before."""
-    from sift_chat.adaptation import Adapter
-    from sift_chat.lora import base_matmuls
-
     tokenizer = tiny_tokenizer()
     model = tiny_model(tokenizer)
     adapter = Adapter(model, tokenizer, AdaptationSettings())
     weights = [p for p in model.parameters() if p.dim() == 2]
     Compute(precision="fp32").keep_copies(model)
     assert not any(hasattr(w, "_sift_kept") for w in weights)
-    Compute(precision="bf16").keep_copies(model)
+
     def copies():  # each weight's kept copies, by key, as the objects they are
         return {id(w): {key: id(copy) for key, copy in w._sift_kept[1].items()} for w in weights if hasattr(w, "_sift_kept")}
 
+    Compute(precision="bf16").keep_copies(model)
     kept = copies()
     assert len(kept) == sum(1 for _ in adapter.lora_modules) + 1  # each LoRA layer's base weight, and the head
     with base_matmuls(torch.bfloat16):
